@@ -1,0 +1,34 @@
+"""llmbatch's one error hierarchy.
+
+    LLMBatchError                 base of every error llmbatch raises on purpose
+    +-- ConfigError               bad flags, settings or environment; the message says the fix
+    +-- InputError                bad user input (a file, a line, a value); names where and why
+    +-- EngineError               an engine could not be created or started
+    +-- StateError                a stored object is not in a state that allows the operation
+
+The CLI turns any of these into a one-line message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LLMBatchError", "ConfigError", "InputError", "EngineError", "StateError"]
+
+
+class LLMBatchError(Exception):
+    """Base class of every error llmbatch raises on purpose."""
+
+
+class ConfigError(LLMBatchError):
+    """A flag, setting or environment variable is missing or invalid."""
+
+
+class InputError(LLMBatchError):
+    """User input is invalid; the message names the file, line and reason where known."""
+
+
+class EngineError(LLMBatchError):
+    """An engine could not be created or started."""
+
+
+class StateError(LLMBatchError):
+    """A stored object is not in a state that allows the requested transition."""

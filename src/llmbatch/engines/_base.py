@@ -1,0 +1,126 @@
+"""The engine seam: anything that answers individual OpenAI-format requests.
+
+The server's batch worker and its direct endpoints both call `Engine.handle`. An engine
+never raises for a bad request or an upstream failure: it answers with an HTTP status and
+an OpenAI-format body, which the worker writes to the output or error file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "EMBEDDINGS",
+    "RESPONSES",
+    "MODERATIONS",
+    "KNOWN_ENDPOINTS",
+    "Engine",
+    "EngineRequest",
+    "EngineResponse",
+    "Usage",
+    "error_body",
+    "usage_from_body",
+]
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+MODERATIONS = "/v1/moderations"
+#: Endpoints OpenAI's Batch API accepts for text models; an engine serves a subset.
+KNOWN_ENDPOINTS: frozenset[str] = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MODERATIONS})
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token usage of one answered request, normalised across endpoints."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request: the endpoint path (e.g. "/v1/chat/completions") and its JSON body."""
+
+    endpoint: str
+    body: dict[str, Any]
+    #: The batch row's custom_id; None for direct API calls.
+    custom_id: str | None = None
+
+
+@dataclass(slots=True)
+class EngineResponse:
+    """An answer: an HTTP status and an OpenAI-format JSON body.
+
+    `body` is a dict, or the raw JSON bytes of an upstream answer passed through unchanged.
+    `usage` is set for successful answers that report token usage.
+    """
+
+    status_code: int
+    body: dict[str, Any] | bytes
+    usage: Usage | None = None
+    #: Extra response headers for direct calls (e.g. Retry-After); not part of batch output.
+    headers: dict[str, str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+def error_body(message: str, type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def usage_from_body(body: dict[str, Any]) -> Usage | None:
+    """Reads usage from a chat / completions / embeddings / responses body, if present."""
+    u = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(u, dict):
+        return None
+    if "input_tokens" in u:  # Responses API shape
+        inp = u.get("input_tokens") or 0
+        out = u.get("output_tokens") or 0
+        cached = (u.get("input_tokens_details") or {}).get("cached_tokens") or 0
+        reasoning = (u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0
+    else:
+        inp = u.get("prompt_tokens") or 0
+        out = u.get("completion_tokens") or 0
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        reasoning = (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return Usage(int(inp), int(out), int(cached), int(reasoning))
+
+
+class Engine(ABC):
+    """Answers individual requests. Subclasses set `name` and `endpoints` and implement `handle`."""
+
+    #: The name used with `--engine`.
+    name: ClassVar[str]
+    #: The endpoints this engine serves; a batch for any other endpoint fails validation.
+    endpoints: frozenset[str]
+    #: How many requests the batch worker keeps in flight with this engine.
+    max_concurrency: int = 64
+
+    async def start(self) -> None:
+        """Acquires resources (HTTP clients, models). Called once before the first request."""
+
+    async def aclose(self) -> None:
+        """Releases what `start` acquired."""
+
+    @abstractmethod
+    async def handle(self, request: EngineRequest) -> EngineResponse:
+        """Answers one request. Never raises for bad input or upstream failure."""
+
+    def validate_model(self, model: str) -> str | None:
+        """Returns why `model` cannot be served by this engine, or None when it can."""
+        return None
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """Models for GET /v1/models, as OpenAI model objects."""
+        return []
