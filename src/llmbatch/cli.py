@@ -1,0 +1,129 @@
+"""The `llmbatch` command line. Errors become one clean line and a non-zero exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from ._exceptions import LLMBatchError
+from ._paths import default_server_dir
+
+__all__ = ["main", "cli"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmbatch")
+def cli() -> None:
+    """Run large numbers of LLM requests cheaply and reliably."""
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where metadata and files live [default: $LLMBATCH_HOME/server].",
+)
+@click.option("--engine", default="echo", show_default=True, help="What answers requests: echo or openai.")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="LLMBATCH_API_KEYS",
+    help="Accepted Bearer key (repeatable). None: the server is open. Each key sees only its own objects.",
+)
+@click.option("--echo-latency", type=float, default=0.0, show_default=True, help="echo: seconds added per request.")
+@click.option(
+    "--echo-fail-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="echo: fraction of requests failing with a retryable 500 (deterministic per row).",
+)
+@click.option("--upstream-url", default=None, help="openai: base URL of an OpenAI-compatible API, with /v1.")
+@click.option(
+    "--upstream-api-key", envvar="LLMBATCH_UPSTREAM_API_KEY", default=None, help="openai: key sent upstream."
+)
+@click.option(
+    "--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in flight at once."
+)
+@click.option(
+    "--completion-window",
+    "windows",
+    multiple=True,
+    default=("24h",),
+    show_default=True,
+    help="Accepted completion_window value (repeatable), e.g. 24h, 1h, 30m.",
+)
+@click.option("--max-file-size", default="200MB", show_default=True, help="Largest accepted upload, e.g. 200MB.")
+@click.option(
+    "--max-lines", type=click.IntRange(min=1), default=50_000, show_default=True, help="Most requests per batch."
+)
+@click.option(
+    "--max-active-batches", type=click.IntRange(min=1), default=4, show_default=True, help="Batches run at once."
+)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    engine: str,
+    api_keys: tuple[str, ...],
+    echo_latency: float,
+    echo_fail_rate: float,
+    upstream_url: str | None,
+    upstream_api_key: str | None,
+    max_concurrency: int,
+    windows: tuple[str, ...],
+    max_file_size: str,
+    max_lines: int,
+    max_active_batches: int,
+    log_level: str,
+) -> None:
+    """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
+    from .engines import EngineConfig, create_engine
+    from .server import ServerConfig, parse_size, parse_window, serve as run_server
+
+    config = ServerConfig(
+        data_dir=data_dir or default_server_dir(),
+        api_keys=list(api_keys),
+        completion_windows={w.strip(): parse_window(w) for w in windows},
+        max_file_bytes=parse_size(max_file_size),
+        max_file_lines=max_lines,
+        max_active_batches=max_active_batches,
+        engine=engine,
+        engine_config=EngineConfig(
+            echo_latency=echo_latency,
+            echo_fail_rate=echo_fail_rate,
+            upstream_url=upstream_url,
+            upstream_api_key=upstream_api_key,
+            max_concurrency=max_concurrency,
+        ),
+    )
+    create_engine(config.engine, config.engine_config)  # fail fast, before binding the port
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    click.echo(f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, data in {config.data_dir})", err=True)
+    run_server(config, host=host, port=port, log_level=log_level)
+
+
+def main() -> None:
+    """Entry point: runs the CLI, turning llmbatch errors into one line and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except LLMBatchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,57 @@
+"""The server's settings, as one typed object built by the CLI (or by tests)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .._exceptions import ConfigError
+from ..engines import EngineConfig
+
+__all__ = ["ServerConfig", "parse_window", "parse_size"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_window(text: str) -> int:
+    """'24h' -> 86400. Accepts an integer followed by s, m, h or d."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"invalid completion window {text!r}: use a positive number and a unit, like 24h, 30m or 7d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """'200MB' -> 200_000_000; a bare number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as 200MB, 1GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+class ServerConfig(BaseModel):
+    """Everything `llmbatch serve` can be told."""
+
+    data_dir: Path
+    """Where the metadata database and the files live."""
+    api_keys: list[str] = Field(default_factory=list)
+    """Accepted Bearer keys; empty means the server is open. Each key sees only its own objects."""
+    completion_windows: dict[str, int] = Field(default_factory=lambda: {"24h": 86400})
+    """Accepted `completion_window` values and their length in seconds."""
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
+    """Largest accepted upload, in bytes."""
+    max_file_lines: int = Field(50_000, gt=0)
+    """Most requests a batch input file may hold."""
+    max_active_batches: int = Field(4, gt=0)
+    """Batches executed at once; later ones wait, in creation order, in `in_progress`."""
+    max_validation_errors: int = Field(1000, gt=0)
+    """Most entries reported in a failed batch's `errors.data`."""
+    engine: str = "echo"
+    """The engine's name (see `llmbatch serve --help`)."""
+    engine_config: EngineConfig = Field(default_factory=EngineConfig)
+    """Settings passed to the engine."""
+    checkpoint_interval: float = Field(0.25, gt=0)
+    """Seconds between writes of a running batch's counts to the database."""

@@ -1,0 +1,120 @@
+"""A batch's journal: an append-only file with one record per finished row.
+
+The journal is what makes a running batch survive kill -9. Each finished row is appended
+as one line, written straight to the OS (no user-space buffer), so a row whose result was
+journaled is never run again after a restart. A record is
+
+    <line number> <o|e> <input> <output> <cached> <reasoning> <output line JSON>\\n
+
+(`o` for the output file, `e` for the error file; the four numbers are token usage), so
+recovery rebuilds the counts without parsing any JSON. A torn last record (the process died
+mid-write) has no newline; recovery cuts it off and that row runs again.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["Journal", "Totals"]
+
+
+@dataclass(slots=True)
+class Totals:
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def columns(self) -> dict[str, int]:
+        return {
+            "completed": self.completed,
+            "failed": self.failed,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+        }
+
+
+class Journal:
+    """Finished rows of one batch: which lines are done, where their records are, totals."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.totals = Totals()
+        #: Byte offset of each input line's record, -1 when the line is not done (by line number).
+        self._offsets = array("q")
+        self._recover()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def _recover(self) -> None:
+        if not self.path.exists():
+            return
+        good = 0
+        with open(self.path, "rb") as f:
+            for record in f:
+                if not record.endswith(b"\n"):
+                    break  # torn write: everything before it is intact
+                head = record.split(b" ", 6)
+                self._mark(int(head[0]), good, head[1] == b"o", int(head[2]), int(head[3]), int(head[4]), int(head[5]))
+                good += len(record)
+        if good != self.path.stat().st_size:
+            os.truncate(self.path, good)
+
+    def _mark(self, line: int, offset: int, ok: bool, inp: int, out: int, cached: int, reasoning: int) -> None:
+        offsets = self._offsets
+        if line >= len(offsets):
+            offsets.extend([-1] * (line + 1 - len(offsets) + 1024))
+        if offsets[line] >= 0:
+            return  # already counted (can only happen if a line was journaled twice)
+        offsets[line] = offset
+        t = self.totals
+        if ok:
+            t.completed += 1
+            t.input_tokens += inp
+            t.output_tokens += out
+            t.cached_tokens += cached
+            t.reasoning_tokens += reasoning
+        else:
+            t.failed += 1
+
+    def is_done(self, line: int) -> bool:
+        return line < len(self._offsets) and self._offsets[line] >= 0
+
+    def offset(self, line: int) -> int:
+        """Where the line's record starts, or -1."""
+        return self._offsets[line] if line < len(self._offsets) else -1
+
+    def append(
+        self, line: int, ok: bool, output_line: bytes, inp: int = 0, out: int = 0, cached: int = 0, reasoning: int = 0
+    ) -> None:
+        """Records a finished row; durable against process death when this returns."""
+        if self.is_done(line):
+            return
+        record = b"%d %s %d %d %d %d %s\n" % (line, b"o" if ok else b"e", inp, out, cached, reasoning, output_line)
+        offset = self._size
+        written = os.write(self._fd, record)
+        while written < len(record):  # short writes are rare, but a record must land whole
+            written += os.write(self._fd, record[written:])
+        self._size += len(record)
+        self._mark(line, offset, ok, inp, out, cached, reasoning)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @staticmethod
+    def read_record(f: BinaryIO, offset: int) -> tuple[bool, bytes]:
+        """(ok, output line JSON) of the record at `offset` in an open binary file."""
+        f.seek(offset)
+        record = f.readline()
+        head = record.split(b" ", 6)
+        return head[1] == b"o", head[6].rstrip(b"\n")

@@ -1,0 +1,171 @@
+"""Validation of a batch input file: every line checked, every problem named with its line.
+
+Runs in a worker thread (it is CPU work over a whole file). Memory stays flat whatever the
+file's size: lines are streamed, and seen custom_ids live in a temporary SQLite file rather
+than in a Python set.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["ValidationResult", "validate_input", "iter_lines"]
+
+
+@dataclass
+class ValidationResult:
+    """Requests counted, the one model used, and the errors found (capped)."""
+
+    total: int = 0
+    model: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: Errors found beyond the cap (not listed).
+    more_errors: int = 0
+
+
+def iter_lines(path: Path, start_offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its newline) for each line of the file."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for n, raw in enumerate(f, start=1):
+            yield n, raw.rstrip(b"\r\n")
+
+
+class _SeenIds:
+    """custom_ids seen so far, with the line each was first seen on, on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE ids (custom_id TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        self.db.execute("BEGIN")
+
+    def first_line(self, custom_id: str, line: int) -> int | None:
+        """Records the id; returns the earlier line when it was already seen."""
+        try:
+            self.db.execute("INSERT INTO ids VALUES (?, ?)", (custom_id, line))
+            return None
+        except sqlite3.IntegrityError:
+            return self.db.execute("SELECT line FROM ids WHERE custom_id=?", (custom_id,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            try:
+                os.unlink(str(self.path) + suffix)
+            except FileNotFoundError:
+                pass
+
+
+def validate_input(
+    path: Path,
+    endpoint: str,
+    *,
+    max_lines: int,
+    max_errors: int,
+    tmp_dir: Path,
+    check_model: Callable[[str], str | None] = lambda model: None,
+) -> ValidationResult:
+    """Checks every line of a batch input file against OpenAI's rules for `endpoint`.
+
+    Each line must be a JSON object with a unique non-empty string `custom_id`, `method`
+    "POST", `url` equal to the endpoint and an object `body` naming a `model`; every line
+    must name the same model and the engine must serve it (`check_model` says why not).
+    Blank lines are skipped. Errors carry OpenAI's `{code, message, param, line}`.
+    """
+    result = ValidationResult()
+    seen = _SeenIds(tmp_dir / f"validate-{os.getpid()}-{id(result)}.sqlite")
+    first_model_line = 0
+
+    def error(line: int, code: str, message: str, param: str | None = None) -> None:
+        if len(result.errors) < max_errors:
+            result.errors.append({"code": code, "message": f"Line {line}: {message}", "param": param, "line": line})
+        else:
+            result.more_errors += 1
+
+    try:
+        for n, raw in iter_lines(path):
+            if not raw.strip():
+                continue
+            result.total += 1
+            if result.total > max_lines:
+                error(
+                    n,
+                    "too_many_requests",
+                    f"the file has more than {max_lines} requests, this server's limit per batch; "
+                    "split it into several batches",
+                )
+                break
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                error(n, "invalid_encoding", f"not valid UTF-8 (byte {exc.start + 1} of the line)")
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                error(n, "invalid_json_line", f"not valid JSON ({exc})")
+                continue
+            if not isinstance(obj, dict):
+                error(n, "invalid_json_line", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            custom_id = obj.get("custom_id")
+            if not isinstance(custom_id, str) or not custom_id:
+                error(n, "missing_required_parameter", "custom_id must be a non-empty string", "custom_id")
+            else:
+                earlier = seen.first_line(custom_id, n)
+                if earlier is not None:
+                    error(
+                        n,
+                        "duplicate_custom_id",
+                        f"custom_id {custom_id!r} was already used on line {earlier}; custom_ids must be unique",
+                        "custom_id",
+                    )
+            method = obj.get("method")
+            if method != "POST":
+                error(n, "invalid_method", f"method must be \"POST\", got {method!r}", "method")
+            url = obj.get("url")
+            if url != endpoint:
+                error(
+                    n,
+                    "mismatched_url",
+                    f"url {url!r} does not match the batch's endpoint {endpoint!r}",
+                    "url",
+                )
+            body = obj.get("body")
+            if not isinstance(body, dict):
+                error(n, "invalid_body", "body must be a JSON object", "body")
+                continue
+            if body.get("stream"):
+                error(n, "invalid_body", "stream=true is not supported in batches", "body.stream")
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                error(n, "missing_required_parameter", "body.model must be a non-empty string", "body.model")
+                continue
+            if result.model is None:
+                result.model = model
+                first_model_line = n
+                why = check_model(model)
+                if why:
+                    error(n, "model_not_found", why, "body.model")
+            elif model != result.model:
+                error(
+                    n,
+                    "mismatched_model",
+                    f"model {model!r} differs from {result.model!r} on line {first_model_line}; "
+                    "a batch runs one model, so split the file by model",
+                    "body.model",
+                )
+        if result.total == 0:
+            error(1, "empty_file", "the input file holds no requests")
+    finally:
+        seen.close()
+    return result
