@@ -41,8 +41,6 @@ class Upload:
     bytes: int = 0
     #: True when the file passed the size limit (its bytes were discarded).
     too_large: bool = False
-    #: Whether the file ends with a newline (an empty last line is not a request).
-    ends_with_newline: bool = False
 
 
 async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: Path, max_bytes: int) -> Upload:
@@ -55,11 +53,12 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UploadError("expected a multipart/form-data body with a 'file' part and a 'purpose' field")
     up = Upload()
-    state: dict[str, object] = {"name": None, "filename": None, "header_field": b"", "header_value": b""}
+    state: dict[str, object] = {
+        "name": None, "filename": None, "header_field": b"", "header_value": b"", "ended": False
+    }
     headers: dict[bytes, bytes] = {}
     field_buf = bytearray()
     out: BinaryIO | None = None
-    last_byte = b""
 
     def on_part_begin() -> None:
         headers.clear()
@@ -89,7 +88,6 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             out = open(dest, "wb")  # noqa: SIM115 - closed in on_part_end / finally
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        nonlocal last_byte
         if out is not None and state["name"] is not None and up.path is not None and not out.closed:
             n = end - start
             if n == 0:
@@ -99,7 +97,6 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
                 up.too_large = True
                 return
             out.write(data[start:end])
-            last_byte = data[end - 1 : end]
         else:
             if len(field_buf) + (end - start) > _MAX_FIELD:
                 raise UploadError(f"form field {state['name']!r} is too large")
@@ -112,6 +109,9 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             up.fields[str(state["name"])] = field_buf.decode("utf-8", "replace")
         state["name"] = None
 
+    def on_end() -> None:
+        state["ended"] = True
+
     parser = MultipartParser(
         params[b"boundary"],
         {
@@ -122,12 +122,17 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
+            "on_end": on_end,
         },
     )
     try:
         async for chunk in stream:
             parser.write(chunk)
         parser.finalize()
+        if not state["ended"]:
+            # python-multipart's finalize() does not check this: without the closing boundary
+            # the body was cut off, and the file part may be missing its last bytes.
+            raise UploadError("malformed multipart body: it ends before the closing boundary")
     except UploadError:
         raise
     except Exception as exc:  # the parser's own errors: a malformed body
@@ -137,5 +142,4 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             out.close()
         if up.too_large and up.path is not None:
             os.unlink(up.path)
-    up.ends_with_newline = last_byte == b"\n"
     return up

@@ -30,10 +30,15 @@ class ValidationResult:
     more_errors: int = 0
 
 
-def iter_lines(path: Path, start_offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its newline) for each line of the file."""
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its newline) for each line of the file.
+
+    A UTF-8 byte order mark at the start (files saved by some Windows editors) is dropped.
+    """
     with open(path, "rb", buffering=1 << 20) as f:
         for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
             yield n, raw.rstrip(b"\r\n")
 
 

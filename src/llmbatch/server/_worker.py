@@ -33,7 +33,7 @@ from ._config import ServerConfig
 from ._ids import new_id
 from ._journal import Journal, Totals
 from ._store import BatchRow, FileRow, Store
-from ._validate import iter_lines, validate_input
+from ._validate import ValidationResult, iter_lines, validate_input
 
 __all__ = ["BatchWorker", "output_line", "files_dir"]
 
@@ -197,23 +197,31 @@ class BatchWorker:
     async def _validate(self, b: BatchRow) -> None:
         if b.endpoint not in self.engine.endpoints:
             supported = ", ".join(sorted(self.engine.endpoints))
-            error = {
-                "code": "unsupported_endpoint",
-                "message": f"The {self.engine.name!r} engine does not serve {b.endpoint}; it serves {supported}.",
-                "param": "endpoint",
-                "line": None,
-            }
-            self.store.transition(b.id, "failed", ("validating",), errors=[error])
-            return
-        result = await asyncio.to_thread(
-            validate_input,
-            files_dir(self.config) / b.input_file_id,
-            b.endpoint,
-            max_lines=self.config.max_file_lines,
-            max_errors=self.config.max_validation_errors,
-            tmp_dir=self._tmp,
-            check_model=self.engine.validate_model,
-        )
+            result = ValidationResult()
+            result.errors.append(
+                {
+                    "code": "unsupported_endpoint",
+                    "message": f"The {self.engine.name!r} engine does not serve {b.endpoint}; it serves {supported}.",
+                    "param": "endpoint",
+                    "line": None,
+                }
+            )
+        else:
+            result = await asyncio.to_thread(
+                validate_input,
+                files_dir(self.config) / b.input_file_id,
+                b.endpoint,
+                max_lines=self.config.max_file_lines,
+                max_errors=self.config.max_validation_errors,
+                tmp_dir=self._tmp,
+                check_model=self.engine.validate_model,
+            )
+        try:
+            self._record_validation(b, result)
+        except StateError:
+            pass  # cancelled while validating: the supervisor finishes it as cancelled
+
+    def _record_validation(self, b: BatchRow, result: ValidationResult) -> None:
         if result.errors:
             errors = result.errors
             if result.more_errors:

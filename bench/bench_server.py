@@ -1,0 +1,201 @@
+"""Benchmarks of `llmbatch serve`. Prints figures; not a test.
+
+1. A 100,000-row chat batch on the echo engine, end to end (upload -> completed -> download):
+   wall time, rows/s, and the server's peak RSS. Target on 2 cores: under 60 s, RSS < 300 MB.
+2. The same for a batch 5x larger: peak RSS must stay flat (streaming, not whole files).
+3. 100,000 rows through the `openai` forwarding engine against an echo upstream with 50 ms
+   latency at 256 in flight, as a ratio to the ideal time rows x latency / concurrency.
+   Target: within 1.5x.
+
+Usage: python bench/bench_server.py [--rows 100000] [--big-factor 5] [--skip-big] [--skip-forward]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmbatch", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+             "--log-level", "warning", *args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("server did not start")
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        p = psutil.Process(self.proc.pid)
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, p.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+    def reset_peak(self) -> None:
+        self.peak_rss = psutil.Process(self.proc.pid).memory_info().rss
+
+    def close(self) -> None:
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def write_input(path: Path, rows: int) -> int:
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"req-{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": "gpt-4o-mini",
+                            "messages": [
+                                {"role": "system", "content": "You are a helpful assistant."},
+                                {"role": "user", "content": f"Summarise item {i} in one short sentence, please."},
+                            ],
+                            "max_tokens": 64,
+                        },
+                    }
+                )
+                + "\n"
+            )
+    return path.stat().st_size
+
+
+def run_batch(url: str, path: Path, rows: int, out_path: Path) -> dict[str, float]:
+    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    with open(path, "rb") as fh:
+        f = client.files.create(file=(path.name, fh), purpose="batch")
+    t_up = time.perf_counter()
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while b.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.1)
+        b = client.batches.retrieve(b.id)
+    t_done = time.perf_counter()
+    if b.status != "completed":
+        raise RuntimeError(f"batch ended {b.status}: {b.errors}")
+    n = 0
+    with client.files.with_streaming_response.content(b.output_file_id) as resp, open(out_path, "wb") as out:
+        for chunk in resp.iter_bytes(1 << 20):
+            out.write(chunk)
+            n += chunk.count(b"\n")
+    t_end = time.perf_counter()
+    if n != rows or b.request_counts.completed != rows:
+        raise RuntimeError(f"expected {rows} output lines, got {n} ({b.request_counts})")
+    processing = (b.completed_at or 0) - (b.in_progress_at or 0)
+    return {
+        "upload_s": t_up - t0,
+        "batch_s": t_done - t_up,
+        "download_s": t_end - t_done,
+        "total_s": t_end - t0,
+        "server_processing_s": float(processing),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--big-factor", type=int, default=5)
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-forward", action="store_true")
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--concurrency", type=int, default=256)
+    args = ap.parse_args()
+    limits = ["--max-lines", "10000000", "--max-file-size", "4GB"]
+
+    with tempfile.TemporaryDirectory(prefix="llmbatch-bench-") as tmp:
+        tmpd = Path(tmp)
+        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+
+        # 1 + 2: echo engine, end to end, and peak RSS at two sizes.
+        echo = Server(tmpd / "echo", *limits, "--max-concurrency", "256")
+        try:
+            sizes = [args.rows] + ([] if args.skip_big else [args.rows * args.big_factor])
+            rss = {}
+            for rows in sizes:
+                inp = tmpd / f"in-{rows}.jsonl"
+                size = write_input(inp, rows)
+                echo.reset_peak()
+                r = run_batch(echo.url, inp, rows, tmpd / f"out-{rows}.jsonl")
+                rss[rows] = echo.peak_rss
+                print(
+                    f"echo {rows:>9,} rows ({size / 1e6:,.0f} MB in): total {r['total_s']:6.1f} s "
+                    f"(upload {r['upload_s']:.1f}, batch {r['batch_s']:.1f}, download {r['download_s']:.1f}) "
+                    f"= {rows / r['total_s']:,.0f} rows/s; server peak RSS {echo.peak_rss / 2**20:,.0f} MiB"
+                )
+                inp.unlink()
+            if len(rss) == 2:
+                a, b = sizes
+                print(f"peak RSS ratio {b:,} / {a:,} rows: {rss[b] / rss[a]:.2f}x (flat means close to 1.0)")
+        finally:
+            echo.close()
+
+        # 3: forwarding engine against an echo upstream with latency.
+        if not args.skip_forward:
+            rows = args.rows
+            upstream = Server(tmpd / "upstream", "--echo-latency", str(args.latency))
+            fwd = Server(
+                tmpd / "forward", *limits, "--engine", "openai", "--upstream-url", upstream.url,
+                "--max-concurrency", str(args.concurrency),
+            )  # fmt: skip
+            try:
+                inp = tmpd / "in-forward.jsonl"
+                write_input(inp, rows)
+                r = run_batch(fwd.url, inp, rows, tmpd / "out-forward.jsonl")
+                ideal = rows * args.latency / args.concurrency
+                print(
+                    f"forward {rows:,} rows at {args.concurrency} in flight, upstream latency {args.latency * 1000:.0f} ms: "
+                    f"batch {r['batch_s']:.1f} s vs ideal {ideal:.1f} s -> ratio {r['batch_s'] / ideal:.2f}x "
+                    f"(end to end incl. upload/download {r['total_s']:.1f} s -> {r['total_s'] / ideal:.2f}x); "
+                    f"batch server peak RSS {fwd.peak_rss / 2**20:,.0f} MiB"
+                )
+            finally:
+                fwd.close()
+                upstream.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,594 @@
+"""The echo engine: answers like OpenAI without a model, for tests, demos and benchmarks.
+
+Chat, completions and responses requests get the (last) user text back as the reply;
+embeddings get deterministic unit vectors derived from the input. Token counts use the real
+cl100k_base tokenizer, so usage numbers are realistic. Any `model` string is accepted and
+reported back, so any OpenAI-format batch file can be dry-run against this engine.
+
+The per-request path is deliberately plain (no pydantic, no regexes): the server must push
+100,000-row batches through it in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import random
+import sys
+import time
+from array import array
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+
+from .. import _tokens
+from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
+
+if TYPE_CHECKING:
+    from . import EngineConfig
+
+__all__ = ["EchoEngine", "ECHO_MODEL_ID", "DEFAULT_EMBEDDING_DIMENSIONS"]
+
+ECHO_MODEL_ID = "echo"
+#: Embedding length when the request gives no `dimensions`.
+DEFAULT_EMBEDDING_DIMENSIONS = 256
+
+# Fixed so that GET /v1/models is stable across restarts.
+_MODEL_CREATED = 1_700_000_000
+# Limits mirroring OpenAI's, so a dry run flags requests OpenAI would reject, and so a
+# malformed row cannot make the engine build an enormous answer.
+_MAX_N = 128
+_MAX_EMBEDDING_INPUTS = 2048
+_MAX_EMBEDDING_DIMENSIONS = 16_384
+# Keys of rows failed by --echo-fail-rate; bounded so a long-running server cannot grow forever.
+_MAX_FAILURE_KEYS = 1_000_000
+
+_CHAT_TEXT_PARTS = frozenset({"text"})
+_RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+# Chat's counting rule: every message costs 3 framing tokens, a name 1 more, the reply priming 3.
+_TOKENS_PER_MESSAGE = 3
+_TOKENS_PER_NAME = 1
+_REPLY_PRIMING_TOKENS = 3
+
+_INJECTED_FAILURE_BODY = error_body(
+    "echo engine: injected failure (--echo-fail-rate)", "server_error", code="injected_failure"
+)
+_CHAT_USAGE_PROMPT_DETAILS = {"cached_tokens": 0, "audio_tokens": 0}
+_CHAT_USAGE_COMPLETION_DETAILS = {
+    "reasoning_tokens": 0,
+    "audio_tokens": 0,
+    "accepted_prediction_tokens": 0,
+    "rejected_prediction_tokens": 0,
+}
+_EMBEDDING_DOMAIN = b"llmbatch-echo-embedding\x00"
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+# Ids need uniqueness, not secrecy; a private generator leaves the global `random` state alone.
+_rng = random.Random()
+_count = _tokens.count_tokens
+# Role strings repeat on every message; remembering their counts saves a tokenizer call each.
+_role_tokens: dict[str, int] = {}
+
+
+class _BadRequest(Exception):
+    """A request body OpenAI would reject with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _hex_id(prefix: str) -> str:
+    return f"{prefix}{_rng.getrandbits(96):024x}"
+
+
+def _role_token_count(role: str) -> int:
+    n = _role_tokens.get(role)
+    if n is None:
+        n = _count(role)
+        if len(_role_tokens) < 1024:
+            _role_tokens[role] = n
+    return n
+
+
+def _opt_positive_int(body: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    # `type(...) is int` rather than isinstance: JSON true must not pass as 1.
+    if type(value) is not int or value < 1:
+        raise _BadRequest(f"Invalid '{name}': expected a positive integer, got {value!r}.", name)
+    if maximum is not None and value > maximum:
+        raise _BadRequest(f"Invalid '{name}': must be at most {maximum}, got {value}.", name)
+    return value
+
+
+def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if type(stop) is str:
+        return (stop,) if stop else ()
+    if isinstance(stop, list) and all(type(s) is str for s in stop):
+        return tuple(s for s in stop if s)
+    raise _BadRequest("Invalid 'stop': expected a string or an array of strings.", "stop")
+
+
+def _check_common(body: Any) -> str:
+    """Checks what every endpoint requires and returns the model name."""
+    if not isinstance(body, dict):
+        raise _BadRequest("The request body must be a JSON object.", None)
+    model = body.get("model")
+    if type(model) is not str or not model:
+        raise _BadRequest("Missing or invalid 'model': expected a non-empty string.", "model")
+    if body.get("stream"):
+        raise _BadRequest("Streaming is not supported by the echo engine or in batches.", "stream")
+    return model
+
+
+def _content_text(content: Any, text_types: frozenset[str]) -> str:
+    """The text of a message's content: a string, or the joined text of its text parts.
+
+    Raises _BadRequest with `param` relative to the content ("content", "content[1].text").
+    """
+    if type(content) is str:
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise _BadRequest("Invalid content: expected a string or an array of content parts.", "content")
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise _BadRequest("Invalid content part: expected an object.", f"content[{j}]")
+        if part.get("type") in text_types:
+            text = part.get("text")
+            if type(text) is not str:
+                raise _BadRequest("Invalid text part: 'text' must be a string.", f"content[{j}].text")
+            texts.append(text)
+        # Other parts (images, audio, files) carry no text to echo.
+    return "".join(texts)
+
+
+def _count_messages(messages: list[Any], text_types: frozenset[str], param: str) -> tuple[int, str, int]:
+    """Counts a conversation's prompt tokens by chat's rule; also finds the last user text.
+
+    Returns (prompt tokens without the reply priming, last user text, its token count).
+    """
+    total = 0
+    last_text = ""
+    last_tokens = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRequest("Invalid message: expected an object.", f"{param}[{i}]")
+        role = message.get("role")
+        if type(role) is not str:
+            raise _BadRequest("Invalid message: 'role' must be a string.", f"{param}[{i}].role")
+        try:
+            text = _content_text(message.get("content"), text_types)
+        except _BadRequest as e:
+            e.param = f"{param}[{i}].{e.param}"
+            raise
+        n = _count(text)
+        total += _TOKENS_PER_MESSAGE + _role_token_count(role) + n
+        if role == "user":
+            last_text, last_tokens = text, n
+        if len(message) > 2:
+            total += _count_extra_fields(message)
+    return total, last_text, last_tokens
+
+
+def _count_extra_fields(message: dict[str, Any]) -> int:
+    # Fields besides role and content (name, tool_calls, tool_call_id, ...) are part of the
+    # prompt too; structured ones are counted as their JSON, an approximation of OpenAI's.
+    total = 0
+    for key, value in message.items():
+        if key == "role" or key == "content" or key == "type" or value is None:
+            continue
+        if type(value) is str:
+            total += _count(value)
+        else:
+            try:
+                total += _count(orjson.dumps(value).decode())
+            except TypeError:
+                pass
+        if key == "name":
+            total += _TOKENS_PER_NAME
+    return total
+
+
+def _generate(text: str, n_tokens: int, max_tokens: int | None, stops: tuple[str, ...]) -> tuple[str, int, bool]:
+    """Applies stop strings, then the token limit, to an echoed reply.
+
+    Returns (text, its token count, whether the token limit cut it). Stop strings go first
+    because a model stops at whichever comes first, and cutting at a stop can only shorten.
+    """
+    if stops:
+        cut = -1
+        for s in stops:
+            i = text.find(s)
+            if i != -1 and (cut == -1 or i < cut):
+                cut = i
+        if cut != -1:
+            text = text[:cut]
+            n_tokens = _count(text)
+    if max_tokens is not None and n_tokens > max_tokens:
+        return _tokens.decode(_tokens.encode(text)[:max_tokens]), max_tokens, True
+    return text, n_tokens, False
+
+
+def _is_token_array(value: list[Any]) -> bool:
+    return all(type(t) is int for t in value)
+
+
+def _decode_tokens(tokens: list[int], param: str) -> str:
+    try:
+        return _tokens.decode(tokens)
+    except Exception:
+        raise _BadRequest("Invalid token array: contains ids outside the cl100k_base vocabulary.", param) from None
+
+
+def _embedding(text: str, dimensions: int) -> array:
+    """A deterministic unit vector (float32) for `text`.
+
+    SHAKE-256 is an extendable hash, so a shorter vector is the re-normalised prefix of a
+    longer one, like OpenAI's `dimensions` shortening.
+    """
+    raw = hashlib.shake_256(_EMBEDDING_DOMAIN + text.encode("utf-8", "surrogatepass")).digest(2 * dimensions)
+    ints = array("h")
+    ints.frombytes(raw)
+    if not _LITTLE_ENDIAN:
+        ints.byteswap()  # same vectors on every platform
+    norm = math.hypot(*ints)
+    if norm == 0.0:  # all-zero hash output: astronomically unlikely, but a vector must have length 1
+        ints[0] = 1
+        norm = 1.0
+    inv = 1.0 / norm
+    return array("f", [x * inv for x in ints])
+
+
+def _embedding_base64(vector: array) -> str:
+    if not _LITTLE_ENDIAN:
+        vector = array("f", vector)
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
+class EchoEngine(Engine):
+    """Answers chat, completions, embeddings and responses requests without a model.
+
+    With `echo_latency` it sleeps that long per request; with `echo_fail_rate` it fails a
+    deterministic share of rows with a retryable 500 (see `_should_fail`).
+    """
+
+    name = "echo"
+    # No moderations: a batch for an endpoint an engine lacks must fail validation, and this
+    # engine is how that path gets exercised.
+    endpoints = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES})
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.max_concurrency = config.max_concurrency
+        self._latency = float(config.echo_latency)
+        self._fail_rate = float(config.echo_fail_rate)
+        #: How many times each row key has been failed already; only failed keys are stored.
+        self._failures: dict[str, int] = {}
+        self._handlers: dict[str, Callable[[dict[str, Any]], EngineResponse]] = {
+            CHAT: self._chat,
+            COMPLETIONS: self._completions,
+            EMBEDDINGS: self._embeddings,
+            RESPONSES: self._responses,
+        }
+
+    async def start(self) -> None:
+        # Load the vocabulary now rather than inside the first request's latency.
+        await asyncio.to_thread(_tokens.get_encoding)
+
+    def validate_model(self, model: str) -> str | None:
+        return None if model else "model must be a non-empty string"
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return [{"id": ECHO_MODEL_ID, "object": "model", "created": _MODEL_CREATED, "owned_by": "llmbatch"}]
+
+    async def handle(self, request: EngineRequest) -> EngineResponse:
+        if self._latency > 0:
+            await asyncio.sleep(self._latency)
+        if self._fail_rate > 0 and self._should_fail(request):
+            return EngineResponse(500, _copy_error(_INJECTED_FAILURE_BODY))
+        handler = self._handlers.get(request.endpoint)
+        if handler is None:
+            return EngineResponse(
+                404, error_body(f"Invalid URL (POST {request.endpoint})", "invalid_request_error")
+            )
+        try:
+            return handler(request.body)
+        except _BadRequest as e:
+            return EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
+        except Exception as e:  # an engine must answer, never raise
+            return EngineResponse(500, error_body(f"echo engine: internal error: {e!r}", "server_error"))
+
+    # -- injected failures -------------------------------------------------------------------
+
+    def _should_fail(self, request: EngineRequest) -> bool:
+        """Decides whether to fail this submission of a row, deterministically.
+
+        The row's key is its custom_id (else a hash of its body); the n-th failure of a key
+        is drawn from hash(key, n). The same sequence of submissions therefore fails the same
+        rows every time, while a retry of a failed row draws anew and can succeed.
+        """
+        key = request.custom_id
+        if key is None:
+            try:
+                raw = orjson.dumps(request.body, option=orjson.OPT_SORT_KEYS)
+            except TypeError:
+                raw = repr(request.body).encode()
+            key = hashlib.blake2b(raw, digest_size=16).hexdigest()
+        failures = self._failures
+        n = failures.get(key, 0)
+        digest = hashlib.blake2b(f"{key}\x00{n}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        # The top 53 bits map exactly onto [0, 1), so rate 1.0 always fails and 0.0 never does.
+        draw = (int.from_bytes(digest, "big") >> 11) * (1.0 / (1 << 53))
+        if draw >= self._fail_rate:
+            return False
+        if n == 0 and len(failures) >= _MAX_FAILURE_KEYS:
+            del failures[next(iter(failures))]  # dicts keep insertion order: drop the oldest
+        failures[key] = n + 1
+        return True
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def _chat(self, body: dict[str, Any]) -> EngineResponse:
+        model = _check_common(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("Missing or invalid 'messages': expected a non-empty array.", "messages")
+        n = _opt_positive_int(body, "n", _MAX_N) or 1
+        max_completion = _opt_positive_int(body, "max_completion_tokens")
+        max_tokens = _opt_positive_int(body, "max_tokens")
+        if max_completion is not None:
+            max_tokens = max_completion
+        stops = _stop_strings(body)
+
+        prompt_tokens, reply, reply_tokens = _count_messages(messages, _CHAT_TEXT_PARTS, "messages")
+        prompt_tokens += _REPLY_PRIMING_TOKENS
+        reply, reply_tokens, cut = _generate(reply, reply_tokens, max_tokens, stops)
+        finish_reason = "length" if cut else "stop"
+        completion_tokens = reply_tokens * n
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": reply, "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            for i in range(n)
+        ]
+        out = {
+            "id": _hex_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": dict(_CHAT_USAGE_PROMPT_DETAILS),
+                "completion_tokens_details": dict(_CHAT_USAGE_COMPLETION_DETAILS),
+            },
+            "service_tier": "default",
+            "system_fingerprint": "fp_llmbatch_echo",
+        }
+        return EngineResponse(200, out, Usage(prompt_tokens, completion_tokens, 0, 0))
+
+    def _completions(self, body: dict[str, Any]) -> EngineResponse:
+        model = _check_common(body)
+        n = _opt_positive_int(body, "n", _MAX_N) or 1
+        # Unlike OpenAI (default 16), only an explicit max_tokens truncates: an echo of the
+        # whole prompt is more useful than an arbitrary cut.
+        max_tokens = _opt_positive_int(body, "max_tokens")
+        stops = _stop_strings(body)
+        prompts = _completion_prompts(body.get("prompt"))
+
+        prompt_tokens = 0
+        completion_tokens = 0
+        choices: list[dict[str, Any]] = []
+        for text, n_tokens in prompts:
+            prompt_tokens += n_tokens
+            reply, reply_tokens, cut = _generate(text, n_tokens, max_tokens, stops)
+            finish_reason = "length" if cut else "stop"
+            for _ in range(n):
+                choices.append(
+                    {"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason}
+                )
+                completion_tokens += reply_tokens
+        out = {
+            "id": _hex_id("cmpl-"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": "fp_llmbatch_echo",
+        }
+        return EngineResponse(200, out, Usage(prompt_tokens, completion_tokens, 0, 0))
+
+    def _embeddings(self, body: dict[str, Any]) -> EngineResponse:
+        model = _check_common(body)
+        dimensions = _opt_positive_int(body, "dimensions", _MAX_EMBEDDING_DIMENSIONS) or DEFAULT_EMBEDDING_DIMENSIONS
+        encoding_format = body.get("encoding_format")
+        if encoding_format is None:
+            encoding_format = "float"
+        elif encoding_format != "float" and encoding_format != "base64":
+            raise _BadRequest(
+                f"Invalid 'encoding_format': expected 'float' or 'base64', got {encoding_format!r}.",
+                "encoding_format",
+            )
+        inputs = _embedding_inputs(body.get("input"))
+
+        as_base64 = encoding_format == "base64"
+        data: list[dict[str, Any]] = []
+        prompt_tokens = 0
+        for i, (text, n_tokens) in enumerate(inputs):
+            prompt_tokens += n_tokens
+            vector = _embedding(text, dimensions)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": _embedding_base64(vector) if as_base64 else vector.tolist(),
+                }
+            )
+        out = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        return EngineResponse(200, out, Usage(prompt_tokens, 0, 0, 0))
+
+    def _responses(self, body: dict[str, Any]) -> EngineResponse:
+        model = _check_common(body)
+        max_output_tokens = _opt_positive_int(body, "max_output_tokens")
+        instructions = body.get("instructions")
+        if instructions is not None and type(instructions) is not str:
+            raise _BadRequest("Invalid 'instructions': expected a string.", "instructions")
+        items = body.get("input")
+        # Counted like chat: instructions act as a system message, a string input as one
+        # user message.
+        input_tokens = _REPLY_PRIMING_TOKENS
+        if instructions:
+            input_tokens += _TOKENS_PER_MESSAGE + _role_token_count("system") + _count(instructions)
+        if type(items) is str:
+            reply = items
+            reply_tokens = _count(reply)
+            input_tokens += _TOKENS_PER_MESSAGE + _role_token_count("user") + reply_tokens
+        elif isinstance(items, list) and items:
+            counted, reply, reply_tokens = _count_response_items(items)
+            input_tokens += counted
+        else:
+            raise _BadRequest("Missing or invalid 'input': expected a string or a non-empty array.", "input")
+
+        text, output_tokens, cut = _generate(reply, reply_tokens, max_output_tokens, ())
+        status = "incomplete" if cut else "completed"
+        out = {
+            "id": _hex_id("resp_"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "instructions": instructions,
+            "max_output_tokens": max_output_tokens,
+            "model": model,
+            "output": [
+                {
+                    "type": "message",
+                    "id": _hex_id("msg_"),
+                    "status": status,
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+                }
+            ],
+            "parallel_tool_calls": True,
+            "temperature": body.get("temperature", 1.0),
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": body.get("top_p", 1.0),
+            "metadata": body.get("metadata") or {},
+            "usage": {
+                "input_tokens": input_tokens,
+                # cache_write_tokens: newer openai SDKs declare it required in this object.
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }
+        return EngineResponse(200, out, Usage(input_tokens, output_tokens, 0, 0))
+
+
+def _copy_error(body: dict[str, Any]) -> dict[str, Any]:
+    # Callers may mutate answer bodies; never hand out the shared template.
+    return {"error": dict(body["error"])}
+
+
+def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
+    """(text, token count) for each prompt of a completions request."""
+    if type(prompt) is str:
+        return [(prompt, _count(prompt))]
+    if isinstance(prompt, list) and prompt:
+        if all(type(p) is str for p in prompt):
+            return [(p, _count(p)) for p in prompt]
+        if _is_token_array(prompt):
+            return [(_decode_tokens(prompt, "prompt"), len(prompt))]
+        if all(isinstance(p, list) and p and _is_token_array(p) for p in prompt):
+            return [(_decode_tokens(p, f"prompt[{i}]"), len(p)) for i, p in enumerate(prompt)]
+    raise _BadRequest(
+        "Missing or invalid 'prompt': expected a string, an array of strings, "
+        "or one or more non-empty token arrays.",
+        "prompt",
+    )
+
+
+def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
+    """(text, token count) for each input of an embeddings request.
+
+    Token arrays are decoded, so they embed exactly like the text they spell.
+    """
+    if type(value) is str:
+        if not value:
+            raise _BadRequest("Invalid 'input': empty strings cannot be embedded.", "input")
+        return [(value, _count(value))]
+    if isinstance(value, list) and value:
+        if len(value) > _MAX_EMBEDDING_INPUTS:
+            raise _BadRequest(f"Invalid 'input': at most {_MAX_EMBEDDING_INPUTS} inputs per request.", "input")
+        if all(type(v) is str for v in value):
+            for i, v in enumerate(value):
+                if not v:
+                    raise _BadRequest("Invalid 'input': empty strings cannot be embedded.", f"input[{i}]")
+            return [(v, _count(v)) for v in value]
+        if _is_token_array(value):
+            return [(_decode_tokens(value, "input"), len(value))]
+        if all(isinstance(v, list) and v and _is_token_array(v) for v in value):
+            return [(_decode_tokens(v, f"input[{i}]"), len(v)) for i, v in enumerate(value)]
+    raise _BadRequest(
+        "Missing or invalid 'input': expected a non-empty string, an array of strings, "
+        "or one or more non-empty token arrays.",
+        "input",
+    )
+
+
+def _count_response_items(items: list[Any]) -> tuple[int, str, int]:
+    """Counts a Responses input list like a chat conversation; finds the last user text."""
+    total = 0
+    last_text = ""
+    last_tokens = 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _BadRequest("Invalid input item: expected an object.", f"input[{i}]")
+        role = item.get("role")
+        if role is None:
+            # Not a message (function_call_output, reasoning, ...): count its text, echo nothing.
+            total += _count_extra_fields(item)
+            continue
+        if type(role) is not str:
+            raise _BadRequest("Invalid input item: 'role' must be a string.", f"input[{i}].role")
+        try:
+            text = _content_text(item.get("content"), _RESPONSES_TEXT_PARTS)
+        except _BadRequest as e:
+            e.param = f"input[{i}].{e.param}"
+            raise
+        n = _count(text)
+        total += _TOKENS_PER_MESSAGE + _role_token_count(role) + n
+        if role == "user":
+            last_text, last_tokens = text, n
+    return total, last_text, last_tokens
+

@@ -1,0 +1,176 @@
+"""Fixtures: real llmbatch servers (uvicorn subprocesses on 127.0.0.1) and clients for them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProc:
+    """A running `llmbatch serve` process."""
+
+    port: int
+    data_dir: Path
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, api_key: str | None = None, **kwargs: Any) -> openai.OpenAI:
+        key = api_key or (self.keys[0] if self.keys else "unused")
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, **kwargs)
+
+    def http(self, api_key: str | None = None) -> httpx.Client:
+        key = api_key or (self.keys[0] if self.keys else None)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=30)
+
+    def start(self, timeout: float = 20.0) -> float:
+        """Starts the process and waits until it answers; returns the seconds that took."""
+        cmd = [sys.executable, "-m", "llmbatch", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        log = open(self.log_path, "ab")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([*cmd, *self.args], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"server did not start within {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProc]]:
+    """Starts servers with extra CLI args; all are stopped at the end of the test."""
+    started: list[ServerProc] = []
+
+    def make(*args: str, data_dir: Path | None = None, keys: list[str] | None = None, start: bool = True) -> ServerProc:
+        n = len(started)
+        extra = [a for k in (keys or []) for a in ("--api-key", k)]
+        srv = ServerProc(
+            port=free_port(),
+            data_dir=data_dir or tmp_path / f"server{n}",
+            args=[*args, *extra],
+            log_path=tmp_path / f"server{n}.log",
+            keys=list(keys or []),
+        )
+        if start:
+            srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    """One shared echo server (open, default limits) for tests that need nothing special."""
+    base = tmp_path_factory.mktemp("shared-server")
+    srv = ServerProc(port=free_port(), data_dir=base / "data", args=[], log_path=base / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: ServerProc) -> openai.OpenAI:
+    return server.client()
+
+
+def chat_line(i: int | str, text: str | None = None, model: str = "gpt-4o-mini", **body: Any) -> dict[str, Any]:
+    """One batch input row for /v1/chat/completions."""
+    return {
+        "custom_id": f"row-{i}" if isinstance(i, int) else i,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": text or f"hello {i}"}], **body},
+    }
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def upload(client: openai.OpenAI, data: bytes, name: str = "input.jsonl", purpose: str = "batch") -> Any:
+    return client.files.create(file=(name, data), purpose=purpose)  # type: ignore[arg-type]
+
+
+def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 60.0, until: tuple[str, ...] = TERMINAL) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if b.status in until:
+            return b
+        if time.monotonic() > deadline:
+            raise AssertionError(f"batch {batch_id} still {b.status} after {timeout}s: {b}")
+        time.sleep(0.05)
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if not file_id:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+
+
+def run_batch(
+    client: openai.OpenAI, rows: list[dict[str, Any]] | bytes, endpoint: str = "/v1/chat/completions", **kwargs: Any
+) -> Any:
+    """Uploads rows, creates a batch, waits until it ends, returns the final batch."""
+    data = rows if isinstance(rows, bytes) else jsonl(rows)
+    f = upload(client, data)
+    b = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h", **kwargs)  # type: ignore[arg-type]
+    return wait_batch(client, b.id)
+
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")

