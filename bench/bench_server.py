@@ -187,7 +187,8 @@ def main() -> None:
                 r = run_batch(fwd.url, inp, rows, tmpd / "out-forward.jsonl")
                 ideal = rows * args.latency / args.concurrency
                 print(
-                    f"forward {rows:,} rows at {args.concurrency} in flight, upstream latency {args.latency * 1000:.0f} ms: "
+                    f"forward {rows:,} rows at {args.concurrency} in flight, "
+                    f"upstream latency {args.latency * 1000:.0f} ms: "
                     f"batch {r['batch_s']:.1f} s vs ideal {ideal:.1f} s -> ratio {r['batch_s'] / ideal:.2f}x "
                     f"(end to end incl. upload/download {r['total_s']:.1f} s -> {r['total_s'] / ideal:.2f}x); "
                     f"batch server peak RSS {fwd.peak_rss / 2**20:,.0f} MiB"

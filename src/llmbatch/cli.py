@@ -47,9 +47,7 @@ def cli() -> None:
     help="echo: fraction of requests failing with a retryable 500 (deterministic per row).",
 )
 @click.option("--upstream-url", default=None, help="openai: base URL of an OpenAI-compatible API, with /v1.")
-@click.option(
-    "--upstream-api-key", envvar="LLMBATCH_UPSTREAM_API_KEY", default=None, help="openai: key sent upstream."
-)
+@click.option("--upstream-api-key", envvar="LLMBATCH_UPSTREAM_API_KEY", default=None, help="openai: key sent upstream.")
 @click.option(
     "--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in flight at once."
 )
@@ -68,7 +66,9 @@ def cli() -> None:
 @click.option(
     "--max-active-batches", type=click.IntRange(min=1), default=4, show_default=True, help="Batches run at once."
 )
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def serve(
     host: str,
     port: int,
@@ -88,7 +88,8 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
     from .engines import EngineConfig, create_engine
-    from .server import ServerConfig, parse_size, parse_window, serve as run_server
+    from .server import ServerConfig, parse_size, parse_window
+    from .server import serve as run_server
 
     config = ServerConfig(
         data_dir=data_dir or default_server_dir(),
@@ -108,7 +109,10 @@ def serve(
     )
     create_engine(config.engine, config.engine_config)  # fail fast, before binding the port
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    click.echo(f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, data in {config.data_dir})", err=True)
+    click.echo(
+        f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, data in {config.data_dir})",
+        err=True,
+    )
     run_server(config, host=host, port=port, log_level=log_level)
 
 

@@ -356,13 +356,21 @@ def test_responses_item_list_and_truncation() -> None:
         (CHAT, {"model": "m", "messages": "hi"}, "messages"),
         (CHAT, {"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        (CHAT, {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        (
+            CHAT,
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+        ),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}, "stream"),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": "2"}, "n"),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True}, "max_tokens"),
-        (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
+        (
+            CHAT,
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3},
+            "max_completion_tokens",
+        ),
         (CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
         (COMPLETIONS, {"model": "m"}, "prompt"),
         (COMPLETIONS, {"model": "m", "prompt": []}, "prompt"),
@@ -534,7 +542,9 @@ def test_openai_sdk_parses_answers() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         endpoint = request.url.path
         resp = call(engine, endpoint, orjson.loads(request.content))
-        return httpx.Response(resp.status_code, content=orjson.dumps(resp.body), headers={"content-type": "application/json"})
+        return httpx.Response(
+            resp.status_code, content=orjson.dumps(resp.body), headers={"content-type": "application/json"}
+        )
 
     client = openai.OpenAI(
         api_key="unused",

@@ -103,7 +103,7 @@ class Upstream:
             # Until the client gives up and disconnects, so teardown does not wait on us.
             try:
                 await asyncio.wait_for(receive(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         elif mode == "slow":
             self.inflight[key] += 1
@@ -114,7 +114,9 @@ class Upstream:
                 self.inflight[key] -= 1
             await self.respond(send, 200, RAW_COMPLETION)
         elif mode == "chunked":  # no content-length: uvicorn sends Transfer-Encoding: chunked
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
             await send({"type": "http.response.body", "body": RAW_COMPLETION[:40], "more_body": True})
             await send({"type": "http.response.body", "body": RAW_COMPLETION[40:]})
         elif mode == "gzip":
@@ -419,7 +421,9 @@ def test_dropped_keep_alive_connection_is_resent_transparently() -> None:
         nonlocal connections
         connections += 1
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(RAW_COMPLETION))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(RAW_COMPLETION)
+        )
         writer.write(RAW_COMPLETION)
         await writer.drain()
         try:

@@ -238,9 +238,7 @@ def test_list_batches_newest_first_with_pagination(server_factory) -> None:  # t
     srv = server_factory()
     client = srv.client()
     f = upload(client, jsonl([chat_line(0)]))
-    ids = [
-        client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h").id for _ in range(5)
-    ]
+    ids = [client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h").id for _ in range(5)]
     newest_first = ids[::-1]
 
     pages = []
@@ -386,7 +384,9 @@ def test_unknown_endpoint(client: openai.OpenAI) -> None:
     for endpoint in ("/v1/foo", "/v1/images/generations", "v1/chat/completions", "/v1/chat/completions/"):
         with pytest.raises(openai.BadRequestError) as exc:
             client.batches.create(
-                input_file_id=f.id, endpoint=endpoint, completion_window="24h"  # type: ignore[arg-type]
+                input_file_id=f.id,
+                endpoint=endpoint,
+                completion_window="24h",  # type: ignore[arg-type]
             )
         assert exc.value.param == "endpoint"
 

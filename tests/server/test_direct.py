@@ -61,7 +61,9 @@ def test_chat_max_tokens_truncates(client: openai.OpenAI) -> None:
     text = "one two three four five six seven eight nine ten eleven twelve"
     for kwargs in ({"max_tokens": 3}, {"max_completion_tokens": 3}):
         reply = client.chat.completions.create(
-            model="echo", messages=[{"role": "user", "content": text}], **kwargs  # type: ignore[arg-type]
+            model="echo",
+            messages=[{"role": "user", "content": text}],
+            **kwargs,  # type: ignore[arg-type]
         )
         choice = reply.choices[0]
         assert choice.finish_reason == "length"

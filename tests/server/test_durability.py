@@ -17,7 +17,10 @@ def upstream_chat_requests(upstream) -> int:  # type: ignore[no-untyped-def]
     """How many chat requests the upstream echo server has answered (its /metrics)."""
     text = httpx.get(f"http://127.0.0.1:{upstream.port}/metrics").text
     return sum(
-        int(n) for n in re.findall(r'llmbatch_requests_total\{source="direct",endpoint="/v1/chat/completions",[^}]*\} (\d+)', text)
+        int(n)
+        for n in re.findall(
+            r'llmbatch_requests_total\{source="direct",endpoint="/v1/chat/completions",[^}]*\} (\d+)', text
+        )
     )
 
 
@@ -68,7 +71,9 @@ def test_kill_9_while_validating_and_queued(server_factory) -> None:  # type: ig
     ids = []
     for n in range(3):
         f = upload(client, jsonl([chat_line(f"b{n}-{i}") for i in range(100)]))
-        ids.append(client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+        ids.append(
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        )
     srv.kill()
     srv.start()
     client = srv.client()
@@ -84,7 +89,9 @@ def test_startup_is_fast_and_restart_keeps_finished_batches(server_factory) -> N
     assert srv.start() < 2.0, "the server must be ready to serve in under 2 seconds"
     client = srv.client()
     f = upload(client, jsonl([chat_line(i) for i in range(10)]))
-    b = wait_batch(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    b = wait_batch(
+        client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+    )
     srv.stop()
     srv.start()
     again = srv.client().batches.retrieve(b.id)

@@ -26,7 +26,9 @@ def failed_batch(client: openai.OpenAI, data: bytes, endpoint: str = CHAT) -> li
     """Runs a batch that must fail validation; returns its errors, each checked for shape."""
     f = upload(client, data)
     created = client.batches.create(
-        input_file_id=f.id, endpoint=endpoint, completion_window="24h"  # type: ignore[arg-type]
+        input_file_id=f.id,
+        endpoint=endpoint,
+        completion_window="24h",  # type: ignore[arg-type]
     )
     b = wait_batch(client, created.id)
     assert b.status == "failed", b

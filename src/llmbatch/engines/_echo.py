@@ -19,7 +19,8 @@ import random
 import sys
 import time
 from array import array
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -300,9 +301,7 @@ class EchoEngine(Engine):
             return EngineResponse(500, _copy_error(_INJECTED_FAILURE_BODY))
         handler = self._handlers.get(request.endpoint)
         if handler is None:
-            return EngineResponse(
-                404, error_body(f"Invalid URL (POST {request.endpoint})", "invalid_request_error")
-            )
+            return EngineResponse(404, error_body(f"Invalid URL (POST {request.endpoint})", "invalid_request_error"))
         try:
             return handler(request.body)
         except _BadRequest as e:
@@ -401,9 +400,7 @@ class EchoEngine(Engine):
             reply, reply_tokens, cut = _generate(text, n_tokens, max_tokens, stops)
             finish_reason = "length" if cut else "stop"
             for _ in range(n):
-                choices.append(
-                    {"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason}
-                )
+                choices.append({"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason})
                 completion_tokens += reply_tokens
         out = {
             "id": _hex_id("cmpl-"),
@@ -532,8 +529,7 @@ def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
         if all(isinstance(p, list) and p and _is_token_array(p) for p in prompt):
             return [(_decode_tokens(p, f"prompt[{i}]"), len(p)) for i, p in enumerate(prompt)]
     raise _BadRequest(
-        "Missing or invalid 'prompt': expected a string, an array of strings, "
-        "or one or more non-empty token arrays.",
+        "Missing or invalid 'prompt': expected a string, an array of strings, or one or more non-empty token arrays.",
         "prompt",
     )
 
@@ -591,4 +587,3 @@ def _count_response_items(items: list[Any]) -> tuple[int, str, int]:
         if role == "user":
             last_text, last_tokens = text, n
     return total, last_text, last_tokens
-

@@ -59,8 +59,7 @@ RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER: float = 60.0
 
 _MISSING_URL = (
-    "the openai engine needs --upstream-url "
-    "(the base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"
+    "the openai engine needs --upstream-url (the base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"
 )
 
 #: (status, headers with lower-case names, body bytes)

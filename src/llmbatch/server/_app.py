@@ -108,11 +108,15 @@ def _validate_metadata(metadata: Any) -> dict[str, str] | None:
         raise APIError(400, f"Invalid 'metadata': at most 16 pairs, got {len(metadata)}.", param="metadata")
     for k, v in metadata.items():
         if len(k) > 64:
-            raise APIError(400, f"Invalid 'metadata': key {k[:20]!r}... is longer than 64 characters.", param="metadata")
+            raise APIError(
+                400, f"Invalid 'metadata': key {k[:20]!r}... is longer than 64 characters.", param="metadata"
+            )
         if not isinstance(v, str):
             raise APIError(400, f"Invalid 'metadata': the value of {k!r} must be a string.", param="metadata")
         if len(v) > 512:
-            raise APIError(400, f"Invalid 'metadata': the value of {k!r} is longer than 512 characters.", param="metadata")
+            raise APIError(
+                400, f"Invalid 'metadata': the value of {k!r} is longer than 512 characters.", param="metadata"
+            )
     return metadata
 
 
@@ -230,7 +234,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         ]
         for source, counter in (("direct", srv.direct_requests), ("batch", srv.worker.rows_done)):
             for (endpoint, status), n in sorted(counter.items()):
-                lines.append(f'llmbatch_requests_total{{source="{source}",endpoint="{endpoint}",status="{status}"}} {n}')
+                lines.append(
+                    f'llmbatch_requests_total{{source="{source}",endpoint="{endpoint}",status="{status}"}} {n}'
+                )
         lines += ["# HELP llmbatch_batches Batches by status.", "# TYPE llmbatch_batches gauge"]
         for status, n in sorted(srv.store.count_by_status().items()):
             lines.append(f'llmbatch_batches{{status="{status}"}} {n}')
@@ -417,7 +423,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             b = srv.batch(batch_id, b.owner)
             if b.status != "cancelling":
                 raise APIError(
-                    409, f"Cannot cancel a batch with status '{b.status}'.", param="batch_id", code="batch_not_cancellable"
+                    409,
+                    f"Cannot cancel a batch with status '{b.status}'.",
+                    param="batch_id",
+                    code="batch_not_cancellable",
                 ) from None
         srv.worker.request_cancel(b.id)
         return _json(b.to_api())

@@ -105,7 +105,7 @@ def _m1(db: sqlite3.Connection) -> None:
             from_status TEXT,
             to_status TEXT NOT NULL
         );
-        """
+        """,
     )
 
 
@@ -314,9 +314,7 @@ class Store:
             if key in ("metadata", "errors") and values[i] is not None:
                 values[i] = orjson.dumps(values[i]).decode()
         with self._tx() as db:
-            db.execute(
-                f"INSERT INTO batches ({_BATCH_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values
-            )
+            db.execute(f"INSERT INTO batches ({_BATCH_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
             db.execute(
                 "INSERT INTO batch_events (batch_id, at, from_status, to_status) VALUES (?, ?, NULL, ?)",
                 (b.id, time.time(), b.status),
@@ -391,7 +389,13 @@ class Store:
             )
         batch = _batch(row)
         log.info(
-            "batch %s: %s -> %s (%d/%d done, %d failed)", batch_id, current[0], to, batch.completed, batch.total, batch.failed
+            "batch %s: %s -> %s (%d/%d done, %d failed)",
+            batch_id,
+            current[0],
+            to,
+            batch.completed,
+            batch.total,
+            batch.failed,
         )
         return batch
 

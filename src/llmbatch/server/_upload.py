@@ -54,7 +54,11 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
         raise UploadError("expected a multipart/form-data body with a 'file' part and a 'purpose' field")
     up = Upload()
     state: dict[str, object] = {
-        "name": None, "filename": None, "header_field": b"", "header_value": b"", "ended": False
+        "name": None,
+        "filename": None,
+        "header_field": b"",
+        "header_value": b"",
+        "ended": False,
     }
     headers: dict[bytes, bytes] = {}
     field_buf = bytearray()

@@ -136,7 +136,7 @@ def validate_input(
                     )
             method = obj.get("method")
             if method != "POST":
-                error(n, "invalid_method", f"method must be \"POST\", got {method!r}", "method")
+                error(n, "invalid_method", f'method must be "POST", got {method!r}', "method")
             url = obj.get("url")
             if url != endpoint:
                 error(

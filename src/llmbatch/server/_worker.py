@@ -21,9 +21,10 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -78,6 +79,8 @@ class _Run:
     """A batch the worker is busy with: its task, and why it should stop early, if it should."""
 
     task: asyncio.Task[None]
+    #: True while the batch's rows are being executed (what --max-active-batches bounds).
+    executing: bool = False
     stop: str | None = None  # "cancel" or "expire"
     wake: asyncio.Event | None = None
 
@@ -152,7 +155,7 @@ class BatchWorker:
 
     def _tick(self) -> None:
         now = int(time.time())
-        running = sum(1 for r in self._runs.values() if r.stop is None)
+        running = sum(1 for r in self._runs.values() if r.executing and r.stop is None)
         for b in self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling")):
             run = self._runs.get(b.id)
             expired = b.expires_at is not None and now >= b.expires_at and b.status in ("validating", "in_progress")
@@ -165,7 +168,7 @@ class BatchWorker:
             if b.status == "validating" and not expired:
                 self._launch(b, self._validate(b))
             elif b.status == "in_progress" and (expired or running < self.config.max_active_batches):
-                self._launch(b, self._execute(b), stop="expire" if expired else None)
+                self._launch(b, self._execute(b), stop="expire" if expired else None, executing=True)
                 running += 0 if expired else 1
             elif expired:  # validating past its window: nothing ran
                 self._launch(b, self._finish(b, "expired"))
@@ -176,9 +179,11 @@ class BatchWorker:
         for file_id in self.store.expired_files(now):
             self._delete_file(file_id)
 
-    def _launch(self, b: BatchRow, coro: object, stop: str | None = None) -> None:
-        task = asyncio.create_task(coro, name=f"batch-{b.id}")  # type: ignore[arg-type]
-        self._runs[b.id] = _Run(task, stop=stop)
+    def _launch(
+        self, b: BatchRow, coro: Coroutine[Any, Any, None], stop: str | None = None, executing: bool = False
+    ) -> None:
+        task = asyncio.create_task(coro, name=f"batch-{b.id}")
+        self._runs[b.id] = _Run(task, executing=executing, stop=stop)
 
         def done(t: asyncio.Task[None], batch_id: str = b.id) -> None:
             self._runs.pop(batch_id, None)
@@ -413,7 +418,7 @@ def _write_outputs(
     return total, counts
 
 
-async def _aiter_lines(path: Path, batch: int = 512):  # type: ignore[no-untyped-def]
+async def _aiter_lines(path: Path, batch: int = 512) -> AsyncIterator[tuple[int, bytes]]:
     """Lines of a file, read in the event loop but yielding control every `batch` lines."""
     count = 0
     for item in iter_lines(path):
