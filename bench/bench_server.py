@@ -68,6 +68,10 @@ class Server:
                 return
             time.sleep(0.02)
 
+    def cpu_seconds(self) -> float:
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def reset_peak(self) -> None:
         self.peak_rss = psutil.Process(self.proc.pid).memory_info().rss
 
@@ -184,14 +188,17 @@ def main() -> None:
             try:
                 inp = tmpd / "in-forward.jsonl"
                 write_input(inp, rows)
+                cpu0 = fwd.cpu_seconds(), upstream.cpu_seconds()
                 r = run_batch(fwd.url, inp, rows, tmpd / "out-forward.jsonl")
+                cpu = fwd.cpu_seconds() - cpu0[0], upstream.cpu_seconds() - cpu0[1]
                 ideal = rows * args.latency / args.concurrency
                 print(
                     f"forward {rows:,} rows at {args.concurrency} in flight, "
                     f"upstream latency {args.latency * 1000:.0f} ms: "
                     f"batch {r['batch_s']:.1f} s vs ideal {ideal:.1f} s -> ratio {r['batch_s'] / ideal:.2f}x "
                     f"(end to end incl. upload/download {r['total_s']:.1f} s -> {r['total_s'] / ideal:.2f}x); "
-                    f"batch server peak RSS {fwd.peak_rss / 2**20:,.0f} MiB"
+                    f"batch server peak RSS {fwd.peak_rss / 2**20:,.0f} MiB; CPU seconds: batch server "
+                    f"{cpu[0]:.1f}, upstream {cpu[1]:.1f} ({2 * r['total_s']:.0f} available on 2 cores)"
                 )
             finally:
                 fwd.close()

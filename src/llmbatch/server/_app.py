@@ -21,14 +21,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, Response
 
-from ..engines import KNOWN_ENDPOINTS, Engine, EngineRequest, create_engine, error_body
+from ..engines import KNOWN_ENDPOINTS, Engine, create_engine, error_body
 from ._config import ServerConfig
+from ._direct import DirectAPI
 from ._ids import new_id
 from ._store import BatchRow, FileRow, Store
 from ._upload import UploadError, receive_upload
 from ._worker import BatchWorker, files_dir
 
-__all__ = ["create_app", "APIError"]
+__all__ = ["create_app", "APIError", "parse_json_object"]
 
 log = logging.getLogger("llmbatch.server")
 
@@ -62,7 +63,11 @@ def _error_response(exc: APIError) -> Response:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    return parse_json_object(await request.body())
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; APIError 400 otherwise."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -134,9 +139,12 @@ class _Server:
 
     def owner(self, request: Request) -> str:
         """The caller's owner tag; raises 401 when keys are configured and the caller has none of them."""
+        return self.owner_of(request.headers.get("authorization", "")) if self._keys else ""
+
+    def owner_of(self, auth: str) -> str:
+        """The owner tag for an Authorization header value (see `owner`)."""
         if not self._keys:
             return ""
-        auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         owner = self._keys.get(key.strip()) if scheme.lower() == "bearer" else None
         if owner is None:
@@ -163,9 +171,18 @@ class _Server:
         return b
 
 
-def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
-    """Builds the server's ASGI app. `engine` overrides the one named in the config."""
+def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
+    """Builds the server's ASGI app. `engine` overrides the one named in the config.
+
+    The direct endpoints are answered by `DirectAPI` in front of the FastAPI app, which
+    serves everything else (and runs the lifespan).
+    """
     srv = _Server(config, engine)
+    return DirectAPI(_build_api(srv), srv)
+
+
+def _build_api(srv: _Server) -> FastAPI:
+    config = srv.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -430,36 +447,6 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 ) from None
         srv.worker.request_cancel(b.id)
         return _json(b.to_api())
-
-    # -- direct endpoints ----------------------------------------------------------------
-
-    async def direct(request: Request) -> Response:
-        try:
-            srv.owner(request)
-            endpoint = request.url.path
-            if endpoint not in srv.engine.endpoints:
-                raise APIError(
-                    404,
-                    f"The {srv.engine.name!r} engine does not serve {endpoint}; "
-                    f"it serves {', '.join(sorted(srv.engine.endpoints))}.",
-                    code="unsupported_endpoint",
-                )
-            body = await _json_body(request)
-            model = body.get("model")
-            if isinstance(model, str):
-                why = srv.engine.validate_model(model)
-                if why:
-                    raise APIError(404, why, param="model", code="model_not_found")
-        except APIError as exc:
-            return _error_response(exc)
-        resp = await srv.engine.handle(EngineRequest(endpoint, body))
-        srv.direct_requests[(endpoint, resp.status_code)] += 1
-        content = resp.body if isinstance(resp.body, bytes) else orjson.dumps(resp.body)
-        return Response(content, status_code=resp.status_code, media_type="application/json", headers=resp.headers)
-
-    for path in sorted(KNOWN_ENDPOINTS):
-        # A plain Starlette route: the direct API is the hot path of a forwarding setup.
-        app.router.add_route(path, direct, methods=["POST"])
 
     return app
 

@@ -1,0 +1,88 @@
+"""The direct API (POST /v1/chat/completions, ...) as a bare ASGI handler.
+
+With the `openai` engine, a llmbatch server is often the upstream of another, answering
+thousands of direct requests a second; Starlette's routing and middleware would cost more
+CPU per request than the engine itself. So these few endpoints are answered here, in front
+of the FastAPI app, which serves everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from ._app import _Server
+
+__all__ = ["DirectAPI"]
+
+log = logging.getLogger("llmbatch.server")
+
+
+class DirectAPI:
+    """ASGI app: answers POSTs to the direct endpoints, passes everything else to `app`."""
+
+    def __init__(self, app: ASGIApp, server: _Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        status, content, headers = await self._answer(scope, b"".join(chunks))
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+        from ._app import APIError, parse_json_object
+
+        srv = self.server
+        engine = srv.engine
+        endpoint = scope["path"]
+        try:
+            auth = ""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    auth = value.decode("latin-1")
+            srv.owner_of(auth)
+            if endpoint not in engine.endpoints:
+                raise APIError(
+                    404,
+                    f"The {engine.name!r} engine does not serve {endpoint}; "
+                    f"it serves {', '.join(sorted(engine.endpoints))}.",
+                    code="unsupported_endpoint",
+                )
+            body = parse_json_object(raw)
+            model = body.get("model")
+            why = engine.validate_model(model) if isinstance(model, str) else None
+            if why:
+                raise APIError(404, why, param="model", code="model_not_found")
+        except APIError as exc:
+            return exc.status, orjson.dumps(exc.body), None
+        try:
+            resp = await engine.handle(EngineRequest(endpoint, body))
+        except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
+            log.exception("engine failed on a direct %s request", endpoint)
+            return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
+        srv.direct_requests[(endpoint, resp.status_code)] += 1
+        content = resp.body if isinstance(resp.body, bytes) else orjson.dumps(resp.body)
+        return resp.status_code, content, resp.headers
+
+    def __getattr__(self, name: str) -> Any:
+        # `app.state`, `app.routes`, ... of the wrapped FastAPI app stay reachable.
+        return getattr(self.app, name)
