@@ -98,3 +98,23 @@ def test_startup_is_fast_and_restart_keeps_finished_batches(server_factory) -> N
     assert again.status == "completed" and again.output_file_id == b.output_file_id
     assert len(read_jsonl(srv.client(), again.output_file_id)) == 10
     assert again.status in TERMINAL
+
+
+def test_kill_9_while_cancelling_still_ends_cancelled(server_factory) -> None:  # type: ignore[no-untyped-def]
+    srv = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")
+    client = srv.client()
+    f = upload(client, jsonl([chat_line(i) for i in range(200)]))
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_batch(client, b.id, until=("in_progress",))
+    while client.batches.retrieve(b.id).request_counts.completed < 4:
+        time.sleep(0.02)
+    assert client.batches.cancel(b.id).status in ("cancelling", "cancelled")
+    srv.kill()
+    srv.start()
+    client = srv.client()
+    final = wait_batch(client, b.id)
+    assert final.status == "cancelled" and final.cancelled_at is not None
+    out, errors = read_jsonl(client, final.output_file_id), read_jsonl(client, final.error_file_id)
+    assert len(out) >= 4
+    assert sorted(r["custom_id"] for r in out + errors) == sorted(f"row-{i}" for i in range(200))
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors)

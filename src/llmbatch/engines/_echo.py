@@ -154,9 +154,13 @@ def _content_text(content: Any, text_types: frozenset[str]) -> str:
     return "".join(texts)
 
 
-def _count_messages(messages: list[Any], text_types: frozenset[str], param: str) -> tuple[int, str, int]:
+def _count_messages(
+    messages: list[Any], text_types: frozenset[str], param: str, *, what: str = "message", roleless: bool = False
+) -> tuple[int, str, int]:
     """Counts a conversation's prompt tokens by chat's rule; also finds the last user text.
 
+    `roleless` admits items without a role (Responses' function_call_output, reasoning, ...):
+    their fields are counted, nothing of theirs is echoed. `what` names an item in errors.
     Returns (prompt tokens without the reply priming, last user text, its token count).
     """
     total = 0
@@ -164,10 +168,13 @@ def _count_messages(messages: list[Any], text_types: frozenset[str], param: str)
     last_tokens = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise _BadRequest("Invalid message: expected an object.", f"{param}[{i}]")
+            raise _BadRequest(f"Invalid {what}: expected an object.", f"{param}[{i}]")
         role = message.get("role")
+        if role is None and roleless:
+            total += _count_extra_fields(message)
+            continue
         if type(role) is not str:
-            raise _BadRequest("Invalid message: 'role' must be a string.", f"{param}[{i}].role")
+            raise _BadRequest(f"Invalid {what}: 'role' must be a string.", f"{param}[{i}].role")
         try:
             text = _content_text(message.get("content"), text_types)
         except _BadRequest as e:
@@ -564,26 +571,4 @@ def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
 
 def _count_response_items(items: list[Any]) -> tuple[int, str, int]:
     """Counts a Responses input list like a chat conversation; finds the last user text."""
-    total = 0
-    last_text = ""
-    last_tokens = 0
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise _BadRequest("Invalid input item: expected an object.", f"input[{i}]")
-        role = item.get("role")
-        if role is None:
-            # Not a message (function_call_output, reasoning, ...): count its text, echo nothing.
-            total += _count_extra_fields(item)
-            continue
-        if type(role) is not str:
-            raise _BadRequest("Invalid input item: 'role' must be a string.", f"input[{i}].role")
-        try:
-            text = _content_text(item.get("content"), _RESPONSES_TEXT_PARTS)
-        except _BadRequest as e:
-            e.param = f"input[{i}].{e.param}"
-            raise
-        n = _count(text)
-        total += _TOKENS_PER_MESSAGE + _role_token_count(role) + n
-        if role == "user":
-            last_text, last_tokens = text, n
-    return total, last_text, last_tokens
+    return _count_messages(items, _RESPONSES_TEXT_PARTS, "input", what="input item", roleless=True)

@@ -325,9 +325,7 @@ def _build_api(srv: _Server) -> FastAPI:
             order=order,
             purpose=request.query_params.get("purpose"),
         )
-        if page is None:
-            raise APIError(400, f"Invalid 'after': no file with id {after!r}.", param="after")
-        return _json(_list_page([f.to_api() for f in page[0]], page[1]))
+        return _list_page(page, after, "file")
 
     @app.get("/v1/files/{file_id}")
     async def get_file(file_id: str, request: Request) -> Response:
@@ -416,9 +414,7 @@ def _build_api(srv: _Server) -> FastAPI:
         assert srv.store is not None
         after = request.query_params.get("after")
         page = srv.store.list_batches(owner, after=after, limit=_int_param(request, "limit", 20, 1, 100))
-        if page is None:
-            raise APIError(400, f"Invalid 'after': no batch with id {after!r}.", param="after")
-        return _json(_list_page([b.to_api() for b in page[0]], page[1]))
+        return _list_page(page, after, "batch")
 
     @app.get("/v1/batches/{batch_id}")
     async def get_batch(batch_id: str, request: Request) -> Response:
@@ -451,11 +447,17 @@ def _build_api(srv: _Server) -> FastAPI:
     return app
 
 
-def _list_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+def _list_page(page: tuple[list[FileRow] | list[BatchRow], bool] | None, after: str | None, noun: str) -> Response:
+    """OpenAI's list object for a page from the store; 400 when `after` named nothing."""
+    if page is None:
+        raise APIError(400, f"Invalid 'after': no {noun} with id {after!r}.", param="after")
+    data = [item.to_api() for item in page[0]]
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": page[1],
+        }
+    )

@@ -64,6 +64,7 @@ def _m1(db: sqlite3.Connection) -> None:
             expires_at INTEGER
         );
         CREATE INDEX files_owner ON files(owner, seq);
+        CREATE INDEX files_expiry ON files(expires_at) WHERE expires_at IS NOT NULL;
         CREATE TABLE batches (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             id TEXT NOT NULL UNIQUE,
