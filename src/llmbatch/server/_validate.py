@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
+from .._rows import check_row, iter_lines
 
-__all__ = ["ValidationResult", "validate_input", "iter_lines"]
+__all__ = ["ValidationResult", "validate_input", "iter_lines"]  # iter_lines re-exported for the worker
 
 
 @dataclass
@@ -28,18 +28,6 @@ class ValidationResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: Errors found beyond the cap (not listed).
     more_errors: int = 0
-
-
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its newline) for each line of the file.
-
-    A UTF-8 byte order mark at the start (files saved by some Windows editors) is dropped.
-    """
-    with open(path, "rb", buffering=1 << 20) as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield n, raw.rstrip(b"\r\n")
 
 
 class _SeenIds:
@@ -109,23 +97,13 @@ def validate_input(
                     "split it into several batches",
                 )
                 break
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                error(n, "invalid_encoding", f"not valid UTF-8 (byte {exc.start + 1} of the line)")
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                error(n, "invalid_json_line", f"not valid JSON ({exc})")
-                continue
-            if not isinstance(obj, dict):
-                error(n, "invalid_json_line", f"expected a JSON object, got {type(obj).__name__}")
+            obj, problems = check_row(raw, endpoint)
+            for p in problems:
+                error(n, p.code, p.message, p.param)
+            if obj is None:
                 continue
             custom_id = obj.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id:
-                error(n, "missing_required_parameter", "custom_id must be a non-empty string", "custom_id")
-            else:
+            if isinstance(custom_id, str) and custom_id:
                 earlier = seen.first_line(custom_id, n)
                 if earlier is not None:
                     error(
@@ -134,26 +112,9 @@ def validate_input(
                         f"custom_id {custom_id!r} was already used on line {earlier}; custom_ids must be unique",
                         "custom_id",
                     )
-            method = obj.get("method")
-            if method != "POST":
-                error(n, "invalid_method", f'method must be "POST", got {method!r}', "method")
-            url = obj.get("url")
-            if url != endpoint:
-                error(
-                    n,
-                    "mismatched_url",
-                    f"url {url!r} does not match the batch's endpoint {endpoint!r}",
-                    "url",
-                )
             body = obj.get("body")
-            if not isinstance(body, dict):
-                error(n, "invalid_body", "body must be a JSON object", "body")
-                continue
-            if body.get("stream"):
-                error(n, "invalid_body", "stream=true is not supported in batches", "body.stream")
-            model = body.get("model")
+            model = body.get("model") if isinstance(body, dict) else None
             if not isinstance(model, str) or not model:
-                error(n, "missing_required_parameter", "body.model must be a non-empty string", "body.model")
                 continue
             if result.model is None:
                 result.model = model

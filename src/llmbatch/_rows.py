@@ -1,0 +1,99 @@
+"""Batch input rows: reading JSONL lines and checking each against OpenAI's batch rules.
+
+Shared by the server (validating an uploaded batch file) and the client (validating a job's
+input before spending anything), so both reject exactly the same rows for the same reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .engines import KNOWN_ENDPOINTS
+
+__all__ = ["RowProblem", "check_row", "iter_lines", "iter_lines_with_offsets"]
+
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(slots=True)
+class RowProblem:
+    """Why a row is not a valid batch request: OpenAI's error code, a message, the field."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its newline) for each line of the file.
+
+    A UTF-8 byte order mark at the start (files saved by some Windows editors) is dropped.
+    """
+    for n, _offset, raw in iter_lines_with_offsets(path):
+        yield n, raw
+
+
+def iter_lines_with_offsets(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset of the line, raw line without its newline)."""
+    offset = 0
+    with open(path, "rb", buffering=1 << 20) as f:
+        for n, line in enumerate(f, start=1):
+            start, raw = offset, line
+            offset += len(line)
+            if n == 1 and raw.startswith(_BOM):
+                raw, start = raw[3:], start + 3
+            yield n, start, raw.rstrip(b"\r\n")
+
+
+def check_row(raw: bytes, endpoint: str | None = None) -> tuple[dict[str, Any] | None, list[RowProblem]]:
+    """Parses one non-blank input line and checks it against OpenAI's batch rules.
+
+    The row must be a UTF-8 JSON object with a non-empty string `custom_id`, `method` "POST",
+    a `url` equal to `endpoint` (or, when None, one of OpenAI's batch endpoints), and an object
+    `body` naming a `model`, without `stream: true`. Returns the parsed object (None when it
+    could not be parsed) and every problem found; no problems means the row is valid.
+    Uniqueness of custom_ids and of the model are for the caller, who sees all rows.
+    """
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [RowProblem("invalid_encoding", f"not valid UTF-8 (byte {exc.start + 1} of the line)")]
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, [RowProblem("invalid_json_line", f"not valid JSON ({exc})")]
+    if not isinstance(obj, dict):
+        return None, [RowProblem("invalid_json_line", f"expected a JSON object, got {type(obj).__name__}")]
+    problems: list[RowProblem] = []
+    custom_id = obj.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        problems.append(RowProblem("missing_required_parameter", "custom_id must be a non-empty string", "custom_id"))
+    method = obj.get("method")
+    if method != "POST":
+        problems.append(RowProblem("invalid_method", f'method must be "POST", got {method!r}', "method"))
+    url = obj.get("url")
+    if endpoint is not None and url != endpoint:
+        problems.append(
+            RowProblem("mismatched_url", f"url {url!r} does not match the batch's endpoint {endpoint!r}", "url")
+        )
+    elif endpoint is None and url not in KNOWN_ENDPOINTS:
+        problems.append(
+            RowProblem(
+                "invalid_url", f"url {url!r} is not a batch endpoint ({', '.join(sorted(KNOWN_ENDPOINTS))})", "url"
+            )
+        )
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        problems.append(RowProblem("invalid_body", "body must be a JSON object", "body"))
+        return obj, problems
+    if body.get("stream"):
+        problems.append(RowProblem("invalid_body", "stream=true is not supported in batches", "body.stream"))
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        problems.append(RowProblem("missing_required_parameter", "body.model must be a non-empty string", "body.model"))
+    return obj, problems
