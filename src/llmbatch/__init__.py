@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from ._exceptions import ConfigError, EngineError, InputError, LLMBatchError, StateError
+from ._exceptions import (
+    BudgetExceeded,
+    ConfigError,
+    EngineError,
+    InputError,
+    LLMBatchError,
+    ProviderError,
+    StateError,
+)
 
 __version__ = "0.1.0"
 
@@ -13,4 +21,6 @@ __all__ = [
     "InputError",
     "EngineError",
     "StateError",
+    "ProviderError",
+    "BudgetExceeded",
 ]

@@ -5,13 +5,23 @@
     +-- InputError                bad user input (a file, a line, a value); names where and why
     +-- EngineError               an engine could not be created or started
     +-- StateError                a stored object is not in a state that allows the operation
+    +-- ProviderError             a provider's API refused or failed a call (status, body)
+    +-- BudgetExceeded            the next submission would pass --max-cost
 
 The CLI turns any of these into a one-line message and a non-zero exit code.
 """
 
 from __future__ import annotations
 
-__all__ = ["LLMBatchError", "ConfigError", "InputError", "EngineError", "StateError"]
+__all__ = [
+    "LLMBatchError",
+    "ConfigError",
+    "InputError",
+    "EngineError",
+    "StateError",
+    "ProviderError",
+    "BudgetExceeded",
+]
 
 
 class LLMBatchError(Exception):
@@ -32,3 +42,21 @@ class EngineError(LLMBatchError):
 
 class StateError(LLMBatchError):
     """A stored object is not in a state that allows the requested transition."""
+
+
+class ProviderError(LLMBatchError):
+    """A provider's API refused or failed a call. `status` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    @property
+    def retryable(self) -> bool:
+        """Rate limits, server trouble and lost connections are worth another try later."""
+        return self.status is None or self.status in (408, 409, 429) or self.status >= 500
+
+
+class BudgetExceeded(LLMBatchError):
+    """Submitting the next chunk would take the job's estimated spend past its cap."""

@@ -116,6 +116,11 @@ def serve(
     run_server(config, host=host, port=port, log_level=log_level)
 
 
+from ._cli_jobs import register as _register_job_commands  # noqa: E402 - after `cli` exists
+
+_register_job_commands(cli)
+
+
 def main() -> None:
     """Entry point: runs the CLI, turning llmbatch errors into one line and exit code 2."""
     try:

@@ -1,0 +1,371 @@
+"""The job commands of the CLI: run, estimate, resume, jobs, status, cancel, results, wait."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from ._exceptions import ConfigError
+from .jobs import (
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    JobRunner,
+    JobSettings,
+    JobStore,
+    default_job_root,
+    export,
+    find_job,
+    ingest,
+    list_jobs,
+    make_provider,
+    open_job,
+)
+from .pricing import PriceTable, cost
+
+__all__ = ["register"]
+
+
+def _say(message: str) -> None:
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+@contextlib.contextmanager
+def _job_lock(job_dir: Path) -> Iterator[None]:
+    """One process runs a job at a time; a second would break at-most-once submission."""
+    fh = open(job_dir / "lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ConfigError(
+            f"job {job_dir.name} is already running in another process; `llmbatch wait {job_dir.name}` waits for it"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _prices(settings: JobSettings) -> PriceTable:
+    table = PriceTable.load(settings.price_file)
+    return table
+
+
+def _estimate_lines(store: JobStore, settings: JobSettings, prices: PriceTable, billed: bool) -> list[str]:
+    rows = store.db.execute(
+        "SELECT model, COUNT(*), SUM(est_input), SUM(est_output) FROM rows WHERE state != 'invalid' "
+        "GROUP BY model ORDER BY MIN(idx)"
+    ).fetchall()
+    lines = []
+    total_batch = total_direct = 0.0
+    for model, n, est_in, est_out in rows:
+        price = prices.lookup(model)
+        if price is None and settings.price_input is not None and settings.price_output is not None:
+            prices = prices.with_override(model, input=settings.price_input, output=settings.price_output)
+            price = prices.lookup(model)
+        if price is None:
+            money = "no price (pass --price-file or --price-input/--price-output)"
+        elif not billed:
+            money = "free (local)"
+        else:
+            b, d = cost(price, est_in, est_out, batch=True), cost(price, est_in, est_out, batch=False)
+            total_batch += b
+            total_direct += d
+            money = f"${b:,.4f} at batch prices (direct ${d:,.4f})"
+        lines.append(f"  {model}: {n:,} rows, {est_in:,} input tokens, up to {est_out:,} output tokens: {money}")
+    if billed and len(rows) > 1:
+        lines.append(f"  total: ${total_batch:,.4f} at batch prices (direct ${total_direct:,.4f})")
+    return lines
+
+
+def _settings_from(opts: dict[str, Any]) -> JobSettings:
+    base_url = opts.pop("base_url") or (os.environ.get("OPENAI_BASE_URL") if opts["provider"] == "openai" else None)
+    return JobSettings(base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
+
+
+def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False) -> int:
+    job = store.job()
+    assert job is not None
+    settings = JobSettings.model_validate(job["settings"])
+    if job["status"] == "ingesting":
+        with store.tx() as db:
+            db.execute("DELETE FROM rows")  # an interrupted ingest starts over
+        report = ingest(store, [Path(i["path"]) for i in job["inputs"]], settings)
+        store.set_job(status="ingested")
+        _say(f"job {job['id']}: {report.rows:,} rows read, {report.invalid:,} invalid")
+        for p in report.problems or []:
+            click.echo(f"  {p}", err=True)
+        if report.invalid > len(report.problems or []):
+            click.echo(f"  ... and {report.invalid - len(report.problems or []):,} more", err=True)
+    invalid = store.counts()["invalid"]
+    if invalid and not settings.skip_invalid:
+        raise ConfigError(
+            f"{invalid} invalid rows (listed above; `llmbatch status {job['id']}` shows them again); nothing was sent. "
+            "Fix them, or run again with --skip-invalid to send the valid rows"
+        )
+    provider = make_provider(settings, job_dir, api_key)
+    prices = _prices(settings)
+    if settings.price_input is not None and settings.price_output is not None:
+        for (model,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL").fetchall():
+            if prices.lookup(model) is None:
+                prices = prices.with_override(model, input=settings.price_input, output=settings.price_output)
+    _say("estimate:")
+    for line in _estimate_lines(store, settings, prices, provider.billed):
+        click.echo(line, err=True)
+    runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
+    if dry_run:
+        runner.plan()
+        for ch in store.chunks(("planned",)):
+            click.echo(
+                f"{ch.tag}: {ch.rows} rows, {ch.bytes:,} bytes, {ch.endpoint}, model {ch.model}, "
+                f"~{ch.est_input:,} input tokens, est. ${ch.est_cost:.4f}"
+            )
+        return EXIT_OK
+
+    async def main() -> int:
+        await provider.start()
+        try:
+            outcome = await runner.run()
+        finally:
+            await provider.aclose()
+        click.echo(outcome.summary, err=True)
+        return outcome.code
+
+    with _job_lock(job_dir):
+        try:
+            return asyncio.run(main())
+        except KeyboardInterrupt:
+            click.echo(
+                f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {job['id']}", err=True
+            )
+            return EXIT_INTERRUPTED
+
+
+_job_root_option = click.option(
+    "--job-dir",
+    "job_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where jobs live [default: $LLMBATCH_HOME/jobs].",
+)
+
+
+def register(cli: click.Group) -> None:
+    """Adds the job commands to the CLI group."""
+
+    @cli.command()
+    @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+    @click.option(
+        "--provider",
+        type=click.Choice(["local", "openai"]),
+        default="local",
+        show_default=True,
+        help="local: an in-process llmbatch server; openai: any OpenAI-compatible Batch API.",
+    )
+    @click.option("--engine", default="echo", show_default=True, help="local: the server's engine.")
+    @click.option("--base-url", default=None, help="openai: Batch API base URL [env OPENAI_BASE_URL].")
+    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Results file [default: INPUT.results.jsonl next to the first input].",
+    )
+    @click.option(
+        "--errors", type=click.Path(path_type=Path), default=None, help="Final failures [default: INPUT.errors.jsonl]."
+    )
+    @_job_root_option
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Most requests per remote batch.")
+    @click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Largest chunk file in bytes.")
+    @click.option("--max-in-flight", type=click.IntRange(min=1), default=None, help="Most remote batches at once.")
+    @click.option(
+        "--max-enqueued-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Most estimated prompt tokens in flight per model.",
+    )
+    @click.option(
+        "--max-attempts",
+        type=click.IntRange(min=1),
+        default=3,
+        show_default=True,
+        help="Tries per row before a retryable failure is final.",
+    )
+    @click.option(
+        "--max-cost",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="USD cap: stop before the next submission's estimate would pass it.",
+    )
+    @click.option("--skip-invalid", is_flag=True, help="Send the valid rows even if some are invalid.")
+    @click.option("--dry-run", is_flag=True, help="Validate, estimate, print the planned chunks, send nothing.")
+    @click.option(
+        "--poll-interval", type=click.FloatRange(min=0.01), default=None, help="First wait between polls (s)."
+    )
+    @click.option(
+        "--price-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="JSON prices overriding the bundled table.",
+    )
+    @click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models.")
+    @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
+    def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
+        """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
+        settings = _settings_from(opts)
+        store, job_dir, created = open_job(list(inputs), settings, job_root or default_job_root())
+        _say(f"{'new' if created else 'resuming'} job {job_dir.name} ({job_dir})")
+        try:
+            sys.exit(_run_job(store, job_dir, api_key, dry_run=dry_run))
+        finally:
+            store.close()
+
+    @cli.command()
+    @click.argument("job")
+    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @_job_root_option
+    def resume(job: str, api_key: str | None, job_root: Path | None) -> None:
+        """Resume a job by id."""
+        store, job_dir = find_job(job, job_root or default_job_root())
+        try:
+            sys.exit(_run_job(store, job_dir, api_key))
+        finally:
+            store.close()
+
+    @cli.command()
+    @click.argument("job")
+    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @_job_root_option
+    def wait(job: str, api_key: str | None, job_root: Path | None) -> None:
+        """Block until a job ends (running it if no other process is); exit with run's codes."""
+        store, job_dir = find_job(job, job_root or default_job_root())
+        try:
+            while True:
+                try:
+                    sys.exit(_run_job(store, job_dir, api_key))
+                except ConfigError as exc:
+                    if "already running" not in str(exc):
+                        raise
+                time.sleep(2)
+        finally:
+            store.close()
+
+    @cli.command()
+    @_job_root_option
+    def jobs(job_root: Path | None) -> None:
+        """List jobs, newest first."""
+        for j in list_jobs(job_root or default_job_root()):
+            c = j["counts"]
+            total = sum(c.values())
+            inputs = ", ".join(Path(i["path"]).name for i in j["inputs"])
+            click.echo(
+                f"{j['id']}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(j['created_at']))}  {j['status']:<14} "
+                f"{c['succeeded']}/{total} succeeded, {c['failed'] + c['invalid']} failed  {inputs}"
+            )
+
+    @cli.command()
+    @click.argument("job")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @_job_root_option
+    def status(job: str, as_json: bool, job_root: Path | None) -> None:
+        """Rows done / failed / pending, remote batches by state, tokens and cost."""
+        store, _job_dir = find_job(job, job_root or default_job_root())
+        try:
+            j = store.job()
+            assert j is not None
+            chunks: dict[str, int] = {}
+            for ch in store.chunks():
+                key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
+                chunks[key] = chunks.get(key, 0) + 1
+            est = store.db.execute(
+                "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows WHERE state!='invalid'"
+            ).fetchone()
+            data = {
+                "id": j["id"], "status": j["status"], "inputs": [i["path"] for i in j["inputs"]],
+                "rows": store.counts(), "batches": chunks, "usage": store.totals(),
+                "estimate": {"input_tokens": est[0], "output_tokens": est[1],
+                             "cost": float(store.db.execute("SELECT COALESCE(SUM(est_cost),0) FROM chunks").fetchone()[0])},
+            }  # fmt: skip
+            if as_json:
+                click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+                return
+            r = data["rows"]
+            click.echo(f"job {j['id']} ({j['status']})")
+            click.echo(
+                f"  rows: {r['succeeded']} succeeded, {r['failed']} failed, {r['invalid']} invalid, "
+                f"{r['pending'] + r['queued']} pending"
+            )
+            click.echo(f"  batches: {', '.join(f'{n} {s}' for s, n in sorted(chunks.items())) or 'none'}")
+            u = data["usage"]
+            click.echo(
+                f"  tokens: {int(u['input_tokens']):,} in / {int(u['output_tokens']):,} out "
+                f"(estimate {est[0]:,} / up to {est[1]:,}); cost ${u['cost']:.4f}"
+            )
+            for at, kind, _chunk, message in store.events(10):
+                click.echo(f"  {time.strftime('%H:%M:%S', time.localtime(at))} {kind}: {message}")
+        finally:
+            store.close()
+
+    @cli.command()
+    @click.argument("job")
+    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @_job_root_option
+    def cancel(job: str, api_key: str | None, job_root: Path | None) -> None:
+        """Cancel a job's remote batches; finished rows are kept (`llmbatch results` exports them)."""
+        store, job_dir = find_job(job, job_root or default_job_root())
+        try:
+            j = store.job()
+            assert j is not None
+            settings = JobSettings.model_validate(j["settings"])
+            provider = make_provider(settings, job_dir, api_key)
+            runner = JobRunner(store, job_dir, settings, provider, say=_say)
+
+            async def main() -> int:
+                await provider.start()
+                try:
+                    n = await runner.cancel()
+                    while store.chunks(("submitted",)):  # collect what finished before the cancel
+                        await runner.poll()
+                        await asyncio.sleep(settings.poll_interval)
+                    return n
+                finally:
+                    await provider.aclose()
+
+            with _job_lock(job_dir):
+                n = asyncio.run(main())
+            out, _err = runner.export()
+            _say(f"cancelled {n} remote batches; results so far in {out}")
+        finally:
+            store.close()
+
+    @cli.command()
+    @click.argument("job")
+    @_job_root_option
+    def results(job: str, job_root: Path | None) -> None:
+        """Export a job's results again (one line per input row, in input order)."""
+        store, job_dir = find_job(job, job_root or default_job_root())
+        try:
+            j = store.job()
+            assert j is not None
+            settings = JobSettings.model_validate(j["settings"])
+
+            out, err = export(store, [Path(i["path"]) for i in j["inputs"]], settings)
+            c = store.counts()
+            _say(f"{out}: {sum(c.values())} rows ({c['succeeded']} succeeded)")
+            failed = c["failed"] + c["invalid"]
+            sys.exit(EXIT_FAILED_ROWS if failed else EXIT_OK)
+        finally:
+            store.close()

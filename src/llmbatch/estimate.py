@@ -1,0 +1,499 @@
+"""Offline token and cost estimates for batch rows, made before anything is spent.
+
+`estimate_row` counts a request body's input tokens with the bundled cl100k_base tokenizer
+(`llmbatch._tokens`) and sets its output tokens to the most the request may generate, so
+that a budget check on the sum is conservative:
+
+- chat: `max_completion_tokens`, else `max_tokens`; completions: `max_tokens` (OpenAI's
+  default is 16 when absent); responses: `max_output_tokens`; all times `n` (and `best_of`
+  for completions). Embeddings and moderations produce no output tokens.
+- A request that sets no cap gets `default_output_tokens` (1024) per choice. That number is
+  a guess, not a ceiling: such a request may generate far more. Set a cap on every row for a
+  hard budget; `Estimate.summary_lines` says how many rows lack one.
+- Reasoning models (o1/o3/o4 and gpt-5 families) bill their hidden reasoning tokens as
+  output. Caps include those tokens, so a cap stays a true ceiling; without one the guess
+  is `REASONING_OUTPUT_FACTOR` (4) times the default.
+
+Input counting follows OpenAI's chat rule (3 tokens per message, its role and content, 1
+more for a name, 3 to prime the reply), the same rule the echo engine reports, so estimates
+of text requests match its usage exactly. Approximations, all documented where made:
+images are a fixed 765 tokens (85 at `detail: "low"`), OpenAI's count for a 1024x1024 image
+on gpt-4o (patch-priced models such as gpt-4o-mini and gpt-4.1-mini count differently);
+tools, functions and structured-output schemas are counted as their JSON text; audio and
+file inputs are not estimated; prompt-cache hits are not predicted (all input is billed at
+the uncached rate).
+
+The per-row path is plain code (no pydantic, no regexes): a million-row job is estimated
+before it starts, so this must run at hundreds of thousands of rows per second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from . import _tokens
+from .engines._base import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
+from .pricing import PriceTable, cost, normalize_model
+
+__all__ = [
+    "DEFAULT_OUTPUT_TOKENS",
+    "REASONING_OUTPUT_FACTOR",
+    "COMPLETIONS_DEFAULT_MAX_TOKENS",
+    "IMAGE_TOKENS",
+    "IMAGE_TOKENS_LOW",
+    "RowEstimate",
+    "Estimate",
+    "estimate_row",
+    "is_reasoning_model",
+]
+
+#: Output tokens per choice assumed for a request with no output cap: a guess, not a ceiling.
+DEFAULT_OUTPUT_TOKENS = 1024
+#: Reasoning models spend hidden output tokens on thinking; their uncapped guess is this many times larger.
+REASONING_OUTPUT_FACTOR = 4
+#: OpenAI's `max_tokens` default for /v1/completions, so that endpoint always has a real ceiling.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+#: A 1024x1024 image at detail high/auto: 85 base + 4 tiles x 170 (OpenAI's gpt-4o rule).
+IMAGE_TOKENS = 765
+#: Any image at detail "low".
+IMAGE_TOKENS_LOW = 85
+
+# Chat's counting rule (see module docstring); kept in step with engines/_echo.py.
+_TOKENS_PER_MESSAGE = 3
+_TOKENS_PER_NAME = 1
+_REPLY_PRIMING_TOKENS = 3
+
+_count = _tokens.count_tokens
+_CHAT_TEXT_PARTS = frozenset({"text"})
+_RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image"})
+# Binary inputs whose tokens cannot be known offline; counting their base64 as text would
+# be wildly wrong, so they count 0 (documented above).
+_UNCOUNTED_PARTS = frozenset({"input_audio", "file", "input_file", "audio"})
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+# Rows of one batch usually share their system prompt and tool schemas; counting each
+# distinct one once saves most of the tokenizer's work on such rows. Bounded (cleared when
+# full) so a batch of all-distinct prompts cannot grow it without limit.
+_SHARED_CACHE_SIZE = 4096
+_shared_text: dict[str, int] = {}
+_shared_json: dict[bytes, int] = {}
+_role_tokens: dict[str, int] = {}
+_reasoning_cache: dict[str, bool] = {}
+
+
+@dataclass(slots=True)
+class RowEstimate:
+    """Tokens of one request: input as counted, output as the most it may generate.
+
+    `capped` is False when the request set no output cap, so `output_tokens` is a guess.
+    """
+
+    input_tokens: int
+    output_tokens: int
+    capped: bool = True
+
+
+# -- counting helpers ------------------------------------------------------------------------
+
+
+def _count_shared(text: str) -> int:
+    """Token count of text likely repeated across rows (system prompts, instructions)."""
+    n = _shared_text.get(text)
+    if n is None:
+        n = _count(text)
+        if len(_shared_text) >= _SHARED_CACHE_SIZE:
+            _shared_text.clear()
+        _shared_text[text] = n
+    return n
+
+
+def _json_tokens(value: Any) -> int:
+    """Tokens of `value` serialised as compact JSON (tool schemas, unknown shapes)."""
+    try:
+        raw = orjson.dumps(value)
+    except TypeError:
+        return _count(repr(value))
+    n = _shared_json.get(raw)
+    if n is None:
+        n = _count(raw.decode())
+        if len(_shared_json) >= _SHARED_CACHE_SIZE:
+            _shared_json.clear()
+        _shared_json[raw] = n
+    return n
+
+
+def _role_count(role: str) -> int:
+    n = _role_tokens.get(role)
+    if n is None:
+        n = _count(role)
+        if len(_role_tokens) < 1024:
+            _role_tokens[role] = n
+    return n
+
+
+def _positive_int(value: Any) -> int | None:
+    # `type(...) is int`: JSON true must not pass as 1.
+    return value if type(value) is int and value > 0 else None
+
+
+def is_reasoning_model(model: Any) -> bool:
+    """Whether `model` belongs to a family that bills hidden reasoning tokens as output."""
+    if type(model) is not str:
+        return False
+    hit = _reasoning_cache.get(model)
+    if hit is None:
+        key = normalize_model(model)
+        hit = False
+        for prefix in _REASONING_PREFIXES:
+            # "o1", "o1-mini", "o3-2025-04-16", "gpt-5", "gpt-5.1", "gpt-5-mini"; not "o10x".
+            if key.startswith(prefix) and (len(key) == len(prefix) or key[len(prefix)] in "-."):
+                hit = True
+                break
+        if len(_reasoning_cache) < 1024:
+            _reasoning_cache[model] = hit
+    return hit
+
+
+def _image_tokens(part: dict[str, Any]) -> int:
+    # Chat nests detail in image_url ({"image_url": {"url", "detail"}}); Responses puts it on the part.
+    detail = part.get("detail")
+    if detail is None:
+        image = part.get("image_url")
+        if isinstance(image, dict):
+            detail = image.get("detail")
+    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS
+
+
+def _parts_tokens(parts: list[Any], text_types: frozenset[str]) -> int:
+    """Tokens of a content-part array: text parts, images at a fixed size, the rest as JSON."""
+    total = 0
+    for part in parts:
+        if type(part) is not dict:
+            total += _count(part) if type(part) is str else _json_tokens(part)
+            continue
+        kind = part.get("type")
+        if kind in text_types:
+            text = part.get("text")
+            total += _count(text) if type(text) is str else _json_tokens(text)
+        elif kind in _IMAGE_PARTS:
+            total += _image_tokens(part)
+        elif kind == "refusal":
+            text = part.get("refusal")
+            if type(text) is str:
+                total += _count(text)
+        elif kind not in _UNCOUNTED_PARTS:
+            total += _json_tokens(part)  # unknown part: count it all rather than nothing
+    return total
+
+
+def _extra_fields_tokens(message: dict[str, Any]) -> int:
+    # Fields besides role and content (name, tool_calls, tool_call_id, ...) are prompt too;
+    # structured ones count as their JSON, an approximation of OpenAI's.
+    total = 0
+    for key, value in message.items():
+        if key == "role" or key == "content" or key == "type" or value is None:
+            continue
+        total += _count(value) if type(value) is str else _json_tokens(value)
+        if key == "name":
+            total += _TOKENS_PER_NAME
+    return total
+
+
+def _messages_tokens(messages: list[Any], text_types: frozenset[str], *, roleless: bool) -> int:
+    """Tokens of a conversation by chat's rule, without the reply priming.
+
+    `roleless` admits Responses items without a role (function_call_output, ...): only their
+    fields are counted.
+    """
+    total = 0
+    for message in messages:
+        if type(message) is not dict:
+            total += _count(message) if type(message) is str else _json_tokens(message)
+            continue
+        role = message.get("role")
+        if role is None and roleless:
+            total += _extra_fields_tokens(message)
+            continue
+        total += _TOKENS_PER_MESSAGE
+        if type(role) is str:
+            total += _role_count(role)
+        content = message.get("content")
+        if type(content) is str:
+            # System and developer prompts usually repeat on every row of a batch.
+            total += _count_shared(content) if role == "system" or role == "developer" else _count(content)
+        elif type(content) is list:
+            total += _parts_tokens(content, text_types)
+        elif content is not None:
+            total += _json_tokens(content)
+        if len(message) > 2:
+            total += _extra_fields_tokens(message)
+    return total
+
+
+def _texts_or_token_arrays(value: Any) -> tuple[int, int]:
+    """(tokens, number of inputs) of a completions prompt or an embeddings input.
+
+    Accepts a string, an array of strings, a token array, or an array of token arrays;
+    anything else counts as its JSON, one input.
+    """
+    if type(value) is str:
+        return _count(value), 1
+    if type(value) is list and value:
+        first = value[0]
+        if type(first) is str:
+            total = 0
+            for item in value:
+                total += _count(item) if type(item) is str else _json_tokens(item)
+            return total, len(value)
+        if type(first) is int:
+            return len(value), 1
+        if type(first) is list:
+            total = 0
+            for item in value:
+                total += len(item) if type(item) is list else _json_tokens(item)
+            return total, len(value)
+    if value is None:
+        return 0, 1
+    return _json_tokens(value), 1
+
+
+def _output(cap: int | None, choices: int, default: int, model: Any) -> tuple[int, bool]:
+    """(output ceiling, capped) for `choices` answers of at most `cap` tokens each."""
+    if cap is not None:
+        return cap * choices, True
+    if is_reasoning_model(model):
+        default *= REASONING_OUTPUT_FACTOR
+    return default * choices, False
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+def _chat(body: dict[str, Any], default_output: int) -> RowEstimate:
+    messages = body.get("messages")
+    tokens = _REPLY_PRIMING_TOKENS
+    if type(messages) is list:
+        tokens += _messages_tokens(messages, _CHAT_TEXT_PARTS, roleless=False)
+    elif messages is not None:
+        tokens += _json_tokens(messages)
+    # Tool and output schemas are sent to the model with the prompt and billed as input.
+    for key in ("tools", "functions", "response_format"):
+        value = body.get(key)
+        if value:
+            tokens += _json_tokens(value)
+    cap = _positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
+    out, capped = _output(cap, _positive_int(body.get("n")) or 1, default_output, body.get("model"))
+    return RowEstimate(tokens, out, capped)
+
+
+def _completions(body: dict[str, Any], default_output: int) -> RowEstimate:
+    tokens, prompts = _texts_or_token_arrays(body.get("prompt"))
+    suffix = body.get("suffix")
+    if type(suffix) is str:
+        tokens += _count(suffix)
+    cap = _positive_int(body.get("max_tokens")) or COMPLETIONS_DEFAULT_MAX_TOKENS
+    # best_of generates (and bills) that many completions per prompt, returning n of them.
+    choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
+    return RowEstimate(tokens, cap * choices * max(prompts, 1), True)
+
+
+def _embeddings(body: dict[str, Any], default_output: int) -> RowEstimate:
+    tokens, _ = _texts_or_token_arrays(body.get("input"))
+    return RowEstimate(tokens, 0, True)
+
+
+def _moderations(body: dict[str, Any], default_output: int) -> RowEstimate:
+    value = body.get("input")
+    if type(value) is list and value and type(value[0]) is dict:
+        # Multi-modal moderation input: a content-part array.
+        return RowEstimate(_parts_tokens(value, _CHAT_TEXT_PARTS), 0, True)
+    tokens, _ = _texts_or_token_arrays(value)
+    return RowEstimate(tokens, 0, True)
+
+
+def _responses(body: dict[str, Any], default_output: int) -> RowEstimate:
+    # Counted like chat, as the echo engine does: instructions act as a system message, a
+    # string input as one user message.
+    tokens = _REPLY_PRIMING_TOKENS
+    instructions = body.get("instructions")
+    if type(instructions) is str and instructions:
+        tokens += _TOKENS_PER_MESSAGE + _role_count("system") + _count_shared(instructions)
+    items = body.get("input")
+    if type(items) is str:
+        tokens += _TOKENS_PER_MESSAGE + _role_count("user") + _count(items)
+    elif type(items) is list:
+        tokens += _messages_tokens(items, _RESPONSES_TEXT_PARTS, roleless=True)
+    elif items is not None:
+        tokens += _json_tokens(items)
+    tools = body.get("tools")
+    if tools:
+        tokens += _json_tokens(tools)
+    text = body.get("text")
+    if type(text) is dict and text.get("format"):
+        tokens += _json_tokens(text["format"])  # structured-output schema
+    out, capped = _output(_positive_int(body.get("max_output_tokens")), 1, default_output, body.get("model"))
+    return RowEstimate(tokens, out, capped)
+
+
+def _unknown(body: dict[str, Any], default_output: int) -> RowEstimate:
+    # An endpoint this module does not know: bill the whole body as input, and any cap it
+    # names (else the guess) as output, rather than estimate nothing.
+    cap = (
+        _positive_int(body.get("max_completion_tokens"))
+        or _positive_int(body.get("max_output_tokens"))
+        or _positive_int(body.get("max_tokens"))
+    )
+    out, capped = _output(cap, _positive_int(body.get("n")) or 1, default_output, body.get("model"))
+    return RowEstimate(_json_tokens(body), out, capped)
+
+
+_HANDLERS: dict[str, Callable[[dict[str, Any], int], RowEstimate]] = {
+    CHAT: _chat,
+    COMPLETIONS: _completions,
+    EMBEDDINGS: _embeddings,
+    MODERATIONS: _moderations,
+    RESPONSES: _responses,
+}
+# Rows sometimes omit the version prefix ("/chat/completions"); price them the same.
+_HANDLERS.update({path.removeprefix("/v1"): handler for path, handler in list(_HANDLERS.items())})
+
+
+def estimate_row(
+    endpoint: str, body: dict[str, Any], *, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS
+) -> RowEstimate:
+    """Input tokens and output ceiling of one request to `endpoint` (e.g. "/v1/chat/completions").
+
+    Never raises on odd shapes: whatever cannot be read as its endpoint's fields is counted
+    as JSON text, so a malformed row is over- rather than under-estimated. Rows should be
+    validated first (`llmbatch._rows.check_row`). `default_output_tokens` is the per-choice
+    guess for requests that set no output cap (times 4 for reasoning models).
+    """
+    if type(body) is not dict:
+        return RowEstimate(_json_tokens(body), 0, True)
+    return _HANDLERS.get(endpoint, _unknown)(body, default_output_tokens)
+
+
+# -- totals ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Token and cost totals over a job's rows, overall and per model.
+
+    Feed it with `add` for each row, then call `cost` to price it; `summary_lines` renders
+    it for the terminal. Costs are estimates: input is counted offline and output is each
+    row's ceiling (or the guess for rows without a cap, counted in `uncapped_rows`).
+    """
+
+    rows: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    #: Rows that set no output cap: their output tokens are a guess, not a ceiling.
+    uncapped_rows: int = 0
+    #: model -> (rows, input tokens, output tokens), keyed by the model string of the rows.
+    by_model: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: Filled by `cost`: USD at Batch and at Standard (direct) prices, unpriced models as 0.
+    cost_batch: float = 0.0
+    cost_direct: float = 0.0
+    #: Filled by `cost`: model -> (batch USD, direct USD) for priced models.
+    model_costs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Filled by `cost`: models the price table could not price.
+    unpriced_models: set[str] = field(default_factory=set)
+    #: Filled by `cost`: the date of the prices used; None until priced.
+    prices_taken: str | None = None
+
+    def add(self, model: str, row: RowEstimate) -> None:
+        """Counts one row for `model`."""
+        inp = row.input_tokens
+        out = row.output_tokens
+        self.rows += 1
+        self.input_tokens += inp
+        self.output_tokens += out
+        if not row.capped:
+            self.uncapped_rows += 1
+        by_model = self.by_model
+        prev = by_model.get(model)
+        by_model[model] = (1, inp, out) if prev is None else (prev[0] + 1, prev[1] + inp, prev[2] + out)
+
+    def merge(self, other: Estimate) -> None:
+        """Adds another estimate's token totals (e.g. from a chunk counted in parallel)."""
+        self.rows += other.rows
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.uncapped_rows += other.uncapped_rows
+        for model, (r, i, o) in other.by_model.items():
+            prev = self.by_model.get(model, (0, 0, 0))
+            self.by_model[model] = (prev[0] + r, prev[1] + i, prev[2] + o)
+
+    def cost(self, table: PriceTable) -> None:
+        """Prices the totals with `table`, filling cost_batch, cost_direct and the rest.
+
+        Assumes no prompt-cache hits, since they cannot be known in advance. Unpriced
+        models count as 0 and are listed in `unpriced_models`; a budget check should refuse
+        to proceed while any remain.
+        """
+        self.cost_batch = 0.0
+        self.cost_direct = 0.0
+        self.model_costs = {}
+        self.unpriced_models = set()
+        self.prices_taken = table.taken
+        for model, (_rows, inp, out) in self.by_model.items():
+            price = table.lookup(model)
+            if price is None:
+                self.unpriced_models.add(model)
+                continue
+            batch = cost(price, inp, out, batch=True)
+            direct = cost(price, inp, out, batch=False)
+            self.model_costs[model] = (batch, direct)
+            self.cost_batch += batch
+            self.cost_direct += direct
+
+    def summary_lines(self) -> list[str]:
+        """Lines for the terminal: totals, each model, batch vs direct cost, and caveats."""
+        priced = self.prices_taken is not None
+        lines = [
+            f"Estimate: {self.rows:,} rows, {self.input_tokens:,} input tokens, "
+            f"{self.output_tokens:,} output tokens (at most, where rows cap their output)"
+        ]
+        for model in sorted(self.by_model):
+            rows, inp, out = self.by_model[model]
+            line = f"  {model or '(no model)'}: {rows:,} rows, {inp:,} in, {out:,} out"
+            if priced:
+                costs = self.model_costs.get(model)
+                line += "; UNPRICED" if costs is None else f"; batch {_usd(costs[0])} vs direct {_usd(costs[1])}"
+            lines.append(line)
+        if priced:
+            saved = self.cost_direct - self.cost_batch
+            share = f" ({saved / self.cost_direct:.0%})" if self.cost_direct > 0 else ""
+            lines.append(
+                f"Cost: batch {_usd(self.cost_batch)} vs direct {_usd(self.cost_direct)}; "
+                f"batch saves {_usd(saved)}{share}. Prices as of {self.prices_taken or 'an unknown date'}."
+            )
+        if self.uncapped_rows:
+            lines.append(
+                f"Note: {self.uncapped_rows:,} of {self.rows:,} rows set no output cap, so their output is a guess "
+                "(the default, 4x for reasoning models), not a ceiling. For a hard budget set max_completion_tokens "
+                "(chat) or max_output_tokens (responses) on every row."
+            )
+        if self.unpriced_models:
+            names = ", ".join(sorted(m or "(no model)" for m in self.unpriced_models))
+            lines.append(
+                f"Unpriced models (counted as $0): {names}. Price them with --price-file FILE "
+                '(JSON: {"<model>": {"input": USD per 1M tokens, "output": USD per 1M tokens}}) '
+                "or --price-input/--price-output."
+            )
+        return lines
+
+
+def _usd(amount: float) -> str:
+    # Small jobs cost fractions of a cent; show enough digits that they do not read as free.
+    if amount == 0:
+        return "$0.00"
+    if abs(amount) < 0.01:
+        return f"${amount:.4f}"
+    return f"${amount:,.2f}"

@@ -1,0 +1,573 @@
+"""The job runner: input rows in, exactly one result per row out, whatever happens between.
+
+    ingest (validate + estimate every row) -> plan chunks under the limits -> for each chunk:
+    record intent -> upload (tagged) -> record intent -> create batch (tagged) -> poll ->
+    download results -> rows succeeded / back to pending / failed -> ... -> export in input order
+
+Every step is recorded in the job store before and after its remote call, so a run killed at
+any instant resumes from the store: a chunk left in `uploading` or `creating` is first looked
+up by its tag (list and match), and only created when the provider has none. A chunk never
+gets two remote batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._exceptions import ConfigError, ProviderError
+from .._rows import check_row, iter_lines_with_offsets
+from ..estimate import estimate_row
+from ..pricing import PriceTable, cost
+from ..providers import Provider, RemoteBatch, RemoteStatus
+from ._settings import JobSettings
+from ._store import Chunk, JobStore
+
+__all__ = ["JobRunner", "RunOutcome", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_BUDGET", "EXIT_INTERRUPTED"]
+
+log = logging.getLogger("llmbatch.jobs")
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
+_INGEST_TX_ROWS = 20_000
+
+
+def is_retryable_status(status: int) -> bool:
+    """429, 408, 409 and 5xx are worth another attempt; any other 4xx is the request's fault."""
+    return status in (408, 409, 429) or status >= 500
+
+
+@dataclass
+class RunOutcome:
+    """How a run ended: its exit code and a one-line summary."""
+
+    code: int
+    summary: str
+
+
+class JobRunner:
+    """Runs one job to its end, against one provider."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_dir: Path,
+        settings: JobSettings,
+        provider: Provider,
+        *,
+        prices: PriceTable | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.store = store
+        self.job_dir = job_dir
+        self.settings = settings
+        self.provider = provider
+        self.prices = prices or PriceTable.load(settings.price_file)
+        self.say = say
+        job = store.job()
+        assert job is not None
+        self.job_id: str = job["id"]
+        self.inputs = [Path(i["path"]) for i in job["inputs"]]
+        limits = provider.limits
+        self.batch_size = min(settings.batch_size or limits.max_requests, limits.max_requests)
+        self.max_bytes = min(settings.max_bytes or limits.max_bytes, limits.max_bytes)
+        self.max_in_flight = settings.max_in_flight or limits.max_in_flight
+        self.max_enqueued = settings.max_enqueued_tokens or limits.max_enqueued_tokens
+        (job_dir / "chunks").mkdir(exist_ok=True)
+        (job_dir / "results").mkdir(exist_ok=True)
+        self._budget_blocked = False
+        self._last_progress = ""
+
+    # -- pricing -------------------------------------------------------------------------
+
+    def chunk_cost(self, model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> float:
+        """Estimated or actual USD at batch prices (0 for a provider that bills nothing)."""
+        if not self.provider.billed:
+            return 0.0
+        price = self.prices.lookup(model)
+        if price is None:
+            return 0.0
+        return cost(price, input_tokens, output_tokens, cached, batch=True)
+
+    def unpriced_models(self) -> list[str]:
+        if not self.provider.billed:
+            return []
+        models = [m for (m,) in self.store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+        return [m for m in models if self.prices.lookup(m) is None]
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self) -> RunOutcome:
+        """Plans, submits, polls and collects until every row is final (or the budget stops it)."""
+        if self.settings.max_cost is not None:
+            missing = self.unpriced_models()
+            if missing:
+                raise ConfigError(
+                    f"--max-cost needs prices, and there are none for {', '.join(missing)}: "
+                    "pass --price-file FILE or --price-input/--price-output (USD per 1M tokens)"
+                )
+        await self.reconcile()
+        self.plan()
+        self.store.set_job(status="running")
+        delay = self.settings.poll_interval
+        while True:
+            progressed = await self.submit()
+            progressed |= await self.poll()
+            if self.plan():
+                progressed = True
+            active = self.store.chunks(("uploading", "uploaded", "creating", "submitted"))
+            planned = self.store.chunks(("planned",))
+            if not active and not planned:
+                break
+            if not active and self._budget_blocked:
+                self.store.set_job(status="budget_stopped")
+                return self._finish(budget_stopped=True)
+            self.report()
+            delay = self.settings.poll_interval if progressed else min(delay * 1.5, self.settings.max_poll_interval)
+            await asyncio.sleep(delay)
+        self.store.set_job(status="finished")
+        return self._finish()
+
+    def _finish(self, budget_stopped: bool = False) -> RunOutcome:
+        out, err = self.export()
+        c = self.store.counts()
+        t = self.store.totals()
+        failed = c["failed"] + c["invalid"]
+        summary = (
+            f"{c['succeeded']} succeeded, {failed} failed"
+            + (f", {c['pending'] + c['queued']} not run (budget cap reached)" if budget_stopped else "")
+            + f"; {int(t['input_tokens'])} input + {int(t['output_tokens'])} output tokens, ${t['cost']:.4f}"
+            + f"\nresults: {out}"
+            + (f"\nerrors:  {err}" if failed else "")
+        )
+        if budget_stopped:
+            return RunOutcome(EXIT_BUDGET, summary)
+        return RunOutcome(EXIT_FAILED_ROWS if failed else EXIT_OK, summary)
+
+    def report(self) -> None:
+        c = self.store.counts()
+        chunks = self.store.chunks(("submitted",))
+        by_status: dict[str, int] = {}
+        for ch in chunks:
+            by_status[ch.remote_status or "submitted"] = by_status.get(ch.remote_status or "submitted", 0) + 1
+        total = sum(c.values())
+        spend = self.store.totals()["cost"]
+        cap = f" of ${self.settings.max_cost:.2f} cap" if self.settings.max_cost is not None else ""
+        batches = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none in flight"
+        line = (
+            f"{c['succeeded'] + c['failed'] + c['invalid']}/{total} rows done ({c['failed'] + c['invalid']} failed); "
+            f"batches: {batches}; spent ${spend:.4f}{cap}"
+        )
+        if line != self._last_progress:
+            self.say(line)
+            self._last_progress = line
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self) -> bool:
+        """Packs pending rows into chunks (one endpoint and model each, under the limits)."""
+        planned = False
+        for endpoint, model in self.store.pending_groups():
+            idxs: list[int] = []
+            nbytes = est_in = est_out = 0
+            for idx, _file_no, _offset, length, row_in, row_out in list(self.store.pending_rows(endpoint, model)):
+                too_many = len(idxs) >= self.batch_size
+                too_big = nbytes + length + 1 > self.max_bytes
+                too_heavy = self.max_enqueued is not None and est_in + row_in > self.max_enqueued
+                if idxs and (too_many or too_big or too_heavy):
+                    self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
+                    idxs, nbytes, est_in, est_out = [], 0, 0, 0
+                idxs.append(idx)
+                nbytes += length + 1
+                est_in += row_in
+                est_out += row_out
+            if idxs:
+                self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
+            planned = True
+        return planned
+
+    def _plan_chunk(self, endpoint: str, model: str, idxs: list[int], nbytes: int, est_in: int, est_out: int) -> None:
+        n = int(self.store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+        tag = f"{self.job_id}-c{n + 1:05d}"
+        self.store.plan_chunk(
+            tag, endpoint, model, idxs, nbytes, est_in, est_out, self.chunk_cost(model, est_in, est_out)
+        )
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def _write_chunk_file(self, chunk: Chunk) -> Path:
+        """The chunk's JSONL: its rows' original lines, in input order (same bytes every time)."""
+        path = self.job_dir / "chunks" / f"{chunk.tag}.jsonl"
+        tmp = path.with_suffix(".part")
+        handles: dict[int, Any] = {}
+        try:
+            with open(tmp, "wb") as out:
+                for _idx, file_no, offset, length, _cid in self.store.chunk_rows(chunk.id):
+                    fh = handles.get(file_no) or handles.setdefault(file_no, open(self.inputs[file_no], "rb"))
+                    fh.seek(offset)
+                    out.write(fh.read(length) + b"\n")
+        finally:
+            for fh in handles.values():
+                fh.close()
+        os.replace(tmp, path)
+        return path
+
+    async def submit(self) -> bool:
+        """Submits planned chunks while the in-flight, enqueued-token and budget limits allow."""
+        progressed = False
+        in_flight = len(self.store.chunks(("uploading", "uploaded", "creating", "submitted")))
+        for chunk in self.store.chunks(("planned", "uploaded")):
+            if chunk.state == "planned":
+                if in_flight >= self.max_in_flight:
+                    break
+                if self.max_enqueued is not None and (
+                    self.store.in_flight_tokens(chunk.model) + chunk.est_input > self.max_enqueued
+                ):
+                    continue
+                if self.settings.max_cost is not None:
+                    committed = self.store.totals()["cost"] + self.store.in_flight_cost()
+                    if committed + chunk.est_cost > self.settings.max_cost:
+                        if not self._budget_blocked:
+                            self.say(
+                                f"budget: chunk {chunk.tag} (est. ${chunk.est_cost:.4f}) would take spend to "
+                                f"${committed + chunk.est_cost:.4f}, past the ${self.settings.max_cost:.2f} cap; "
+                                "submitting nothing more"
+                            )
+                        self._budget_blocked = True
+                        break
+                in_flight += 1
+            try:
+                await self._submit_chunk(chunk)
+                progressed = True
+            except ProviderError as exc:
+                self._submit_failed(chunk, exc)
+        return progressed
+
+    async def _submit_chunk(self, chunk: Chunk) -> None:
+        if chunk.state == "planned":
+            path = self._write_chunk_file(chunk)
+            self.store.move_chunk(chunk.id, "uploading", ("planned",), intent_at=int(time.time()))
+            file_id = await self.provider.upload(chunk.tag, path)
+            self.store.move_chunk(
+                chunk.id, "uploaded", ("uploading",), f"chunk {chunk.tag}: uploaded {file_id}", file_id=file_id
+            )
+            chunk.file_id = file_id
+        self.store.move_chunk(chunk.id, "creating", ("uploaded",), intent_at=int(time.time()))
+        assert chunk.file_id is not None
+        batch = await self.provider.create_batch(chunk.tag, self.job_id, chunk.file_id, chunk.endpoint)
+        self.store.move_chunk(
+            chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: batch {batch.id}",
+            batch_id=batch.id, remote_status=batch.status.value, submitted_at=int(time.time()),
+        )  # fmt: skip
+        (self.job_dir / "chunks" / f"{chunk.tag}.jsonl").unlink(missing_ok=True)
+        log.info("chunk %s submitted as batch %s (%d rows)", chunk.tag, batch.id, chunk.rows)
+
+    def _submit_failed(self, chunk: Chunk, exc: ProviderError) -> None:
+        """A refused or unanswered call: leave the chunk where it is (reconcile sorts it out)."""
+        self.store.update_chunk(chunk.id, submit_errors=chunk.submit_errors + 1)
+        self.say(f"chunk {chunk.tag}: {exc}; will try again")
+
+    async def reconcile(self) -> None:
+        """Resolves chunks caught between intent and result by a crash: list and match by tag."""
+        for chunk in self.store.chunks(("uploading", "creating")):
+            since = (chunk.intent_at or chunk.created_at) - 300
+            if chunk.state == "uploading":
+                file_id = await self.provider.find_upload(chunk.tag, since)
+                if file_id:
+                    self.store.move_chunk(
+                        chunk.id,
+                        "uploaded",
+                        ("uploading",),
+                        f"chunk {chunk.tag}: found upload {file_id}",
+                        file_id=file_id,
+                    )
+                else:
+                    self.store.move_chunk(chunk.id, "planned", ("uploading",), f"chunk {chunk.tag}: no upload found")
+            else:
+                batch = await self.provider.find_batch(chunk.tag, since)
+                if batch is not None:
+                    self.store.move_chunk(
+                        chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: found batch {batch.id}",
+                        batch_id=batch.id, remote_status=batch.status.value, submitted_at=batch.created_at,
+                    )  # fmt: skip
+                else:
+                    self.store.move_chunk(chunk.id, "uploaded", ("creating",), f"chunk {chunk.tag}: no batch found")
+
+    # -- polling and collecting ----------------------------------------------------------
+
+    async def poll(self) -> bool:
+        progressed = False
+        for chunk in self.store.chunks(("submitted",)):
+            assert chunk.batch_id is not None
+            try:
+                batch = await self.provider.get_batch(chunk.batch_id)
+            except ProviderError as exc:
+                self.say(f"chunk {chunk.tag}: polling failed: {exc}; will try again")
+                continue
+            if (batch.status.value, batch.completed, batch.failed) != (
+                chunk.remote_status,
+                chunk.remote_completed,
+                chunk.remote_failed,
+            ):
+                self.store.update_chunk(
+                    chunk.id,
+                    remote_status=batch.status.value,
+                    remote_completed=batch.completed,
+                    remote_failed=batch.failed,
+                )
+                progressed = True
+            if batch.status.terminal:
+                await self.collect(chunk, batch)
+                progressed = True
+        return progressed
+
+    async def collect(self, chunk: Chunk, batch: RemoteBatch) -> None:
+        """Downloads a finished batch's results and applies them to its rows, in one transaction."""
+        rows = self.store.chunk_rows(chunk.id)
+        by_id = {cid: idx for idx, _f, _o, _l, cid in rows}
+        cid_of = {idx: cid for cid, idx in by_id.items()}
+        by_line = [idx for idx, *_ in rows]
+        attempts = dict(
+            self.store.db.execute("SELECT idx, attempts FROM rows WHERE chunk_id=? AND state='queued'", (chunk.id,))
+        )
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]] = []
+        retry: list[tuple[str, int]] = []
+        failed: list[tuple[bytes, str, int]] = []
+        seen: set[int] = set()
+
+        def give_up_or_retry(idx: int, line: bytes, message: str) -> None:
+            if attempts.get(idx, 0) < self.settings.max_attempts:
+                retry.append((message, idx))
+            else:
+                failed.append((line, message, idx))
+
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            dest = self.job_dir / "results" / f"{chunk.tag}-{file_id}.jsonl"
+            await self.provider.download(file_id, dest)
+            with open(dest, "rb") as fh:
+                for line in fh:
+                    line = line.rstrip(b"\r\n")
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = orjson.loads(line)
+                        idx = by_id[rec["custom_id"]]
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        log.warning("chunk %s: ignoring an unmatched result line", chunk.tag)
+                        continue
+                    if idx in seen:
+                        continue
+                    seen.add(idx)
+                    self._classify(chunk, idx, line, rec, succeeded, failed, give_up_or_retry)
+        # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
+        line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
+        general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
+        for n, idx in enumerate(by_line, start=1):
+            if idx in seen:
+                continue
+            if n in line_errors:
+                e = line_errors[n]
+                message = f"rejected by the provider: {e.get('code')}: {e.get('message')}"
+                failed.append((_error_line(cid_of[idx], e.get("code") or "invalid_request", message), message, idx))
+            else:
+                reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
+                give_up_or_retry(idx, _error_line(cid_of[idx], "missing_result", reason), reason)
+        self.store.collect(chunk.id, succeeded, retry, failed, batch.status.value)
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id:
+                (self.job_dir / "results" / f"{chunk.tag}-{file_id}.jsonl").unlink(missing_ok=True)
+
+    def _classify(
+        self,
+        chunk: Chunk,
+        idx: int,
+        line: bytes,
+        rec: dict[str, Any],
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        failed: list[tuple[bytes, str, int]],
+        give_up_or_retry: Callable[[int, bytes, str], None],
+    ) -> None:
+        response = rec.get("response") or {}
+        error = rec.get("error")
+        status = response.get("status_code") if isinstance(response, dict) else None
+        if error is None and isinstance(status, int) and 200 <= status < 300:
+            body = response.get("body") or {}
+            u = body.get("usage") or {} if isinstance(body, dict) else {}
+            inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
+            out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
+            cached = (u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}).get("cached_tokens") or 0
+            reasoning = (u.get("completion_tokens_details") or u.get("output_tokens_details") or {}).get(
+                "reasoning_tokens"
+            ) or 0
+            succeeded.append((line, inp, out, cached, reasoning, self.chunk_cost(chunk.model, inp, out, cached), idx))
+            return
+        if isinstance(error, dict):
+            code = error.get("code") or "error"
+            message = f"{code}: {error.get('message')}"
+            if code in _RETRYABLE_CODES or code not in ("invalid_request",):
+                give_up_or_retry(idx, line, message)
+            else:
+                failed.append((line, message, idx))
+            return
+        body = response.get("body") if isinstance(response, dict) else None
+        err = body.get("error") if isinstance(body, dict) else None
+        detail = err.get("message") if isinstance(err, dict) else None
+        message = f"HTTP {status}: {detail or 'error'}"
+        if isinstance(status, int) and not is_retryable_status(status):
+            failed.append((line, message, idx))
+        else:
+            give_up_or_retry(idx, line, message)
+
+    # -- cancelling ----------------------------------------------------------------------
+
+    async def cancel(self) -> int:
+        """Cancels every remote batch of the job; finished rows are collected by a later run."""
+        n = 0
+        for chunk in self.store.chunks(("submitted",)):
+            if chunk.batch_id and (chunk.remote_status or "") not in {s.value for s in RemoteStatus if s.terminal}:
+                try:
+                    await self.provider.cancel(chunk.batch_id)
+                    n += 1
+                except ProviderError as exc:
+                    self.say(f"chunk {chunk.tag}: cancel failed: {exc}")
+        self.store.set_job(status="cancelled")
+        return n
+
+    # -- exporting -----------------------------------------------------------------------
+
+    def export(self) -> tuple[Path, Path]:
+        """Writes the job's output and errors files (see `export`)."""
+        return export(self.store, self.inputs, self.settings)
+
+
+def output_paths(inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
+    """The results and errors files: as set, else next to the first input."""
+    first = inputs[0]
+    stem = first.name[: -len(".jsonl")] if first.name.endswith(".jsonl") else first.name
+    out = settings.output or first.with_name(f"{stem}.results.jsonl")
+    err = settings.errors or out.with_name(
+        out.name.replace(".results.jsonl", ".errors.jsonl") if ".results." in out.name else f"{out.stem}.errors.jsonl"
+    )
+    return out, err
+
+
+def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
+    """Writes one line per input row, in input order; final failures also to the errors file."""
+    out_path, err_path = output_paths(inputs, settings)
+    tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
+    any_errors = False
+    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
+        for _idx, file_no, line_no, custom_id, state, result, error in store.export_rows():
+            if state == "succeeded" and result is not None:
+                out.write(result + b"\n")
+                continue
+            if state in ("failed", "invalid"):
+                where = f"{inputs[file_no].name}:{line_no}"
+                line = result or _error_line(custom_id, "invalid_request", f"{where}: {error}")
+                err.write(line + b"\n")
+                any_errors = True
+            else:  # pending or queued: the job stopped before this row ran
+                line = _error_line(custom_id, "not_run", "not run: the job stopped before this row was sent")
+            out.write(line + b"\n")
+    os.replace(tmp_out, out_path)
+    if any_errors:
+        os.replace(tmp_err, err_path)
+    else:
+        tmp_err.unlink()
+        err_path.unlink(missing_ok=True)
+    return out_path, err_path
+
+
+def _error_line(custom_id: str | None, code: str, message: str) -> bytes:
+    return orjson.dumps(
+        {"id": None, "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+    )
+
+
+# -- ingesting ---------------------------------------------------------------------------
+
+
+@dataclass
+class IngestReport:
+    rows: int = 0
+    invalid: int = 0
+    problems: list[str] | None = None
+
+
+def ingest(store: JobStore, inputs: list[Path], settings: JobSettings, max_problems: int = 50) -> IngestReport:
+    """Validates and estimates every row of every input, streaming, into the job store.
+
+    Each invalid row is stored as `invalid` with a message naming its file, line and reason.
+    """
+    report = IngestReport(problems=[])
+    idx = 0
+    batch: list[tuple[Any, ...]] = []
+
+    def flush() -> None:
+        with store.tx() as db:
+            for row in batch:
+                try:
+                    db.execute(
+                        "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
+                        "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                except sqlite3.IntegrityError:  # a custom_id already used by an earlier row
+                    first = db.execute(
+                        "SELECT file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (row[5],)
+                    ).fetchone()
+                    where = f"{inputs[first[0]].name}:{first[1]}" if first else "an earlier row"
+                    message = f"duplicate_custom_id: custom_id {row[5]!r} was already used on {where}"
+                    db.execute(
+                        "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
+                        "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 'invalid', ?)",
+                        (*row[:8], message),
+                    )
+                    _note(report, inputs[row[1]], row[2], message, max_problems)
+        batch.clear()
+
+    for file_no, path in enumerate(inputs):
+        for line_no, offset, raw in iter_lines_with_offsets(path):
+            if not raw.strip():
+                continue
+            report.rows += 1
+            obj, problems = check_row(raw)
+            custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+            custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
+            if problems or obj is None:
+                message = "; ".join(f"{p.code}: {p.message}" for p in problems)
+                batch.append((idx, file_no, line_no, offset, len(raw), custom_id, None, None, 0, 0, "invalid", message))
+                _note(report, path, line_no, message, max_problems)
+            else:
+                body = obj["body"]
+                est = estimate_row(obj["url"], body, default_output_tokens=settings.default_output_tokens)
+                batch.append(
+                    (idx, file_no, line_no, offset, len(raw), custom_id, obj["url"], body["model"],
+                     est.input_tokens, est.output_tokens, "pending", None)
+                )  # fmt: skip
+            idx += 1
+            if len(batch) >= _INGEST_TX_ROWS:
+                flush()
+    flush()
+    report.invalid = int(store.db.execute("SELECT COUNT(*) FROM rows WHERE state='invalid'").fetchone()[0])
+    return report
+
+
+def _note(report: IngestReport, path: Path, line: int, message: str, limit: int) -> None:
+    assert report.problems is not None
+    if len(report.problems) < limit:
+        report.problems.append(f"{path}:{line}: {message}")
+
+
+__all__ += ["ingest", "IngestReport", "is_retryable_status", "export", "output_paths"]

@@ -1,0 +1,50 @@
+"""A job's settings: what `llmbatch run` was told, stored with the job so `resume` needs nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+__all__ = ["JobSettings"]
+
+
+class JobSettings(BaseModel):
+    """Everything that decides how a job runs."""
+
+    provider: str = "local"
+    """`openai` (any OpenAI-compatible Batch API) or `local` (an in-process llmbatch server)."""
+    base_url: str | None = None
+    """openai: the Batch API's base URL (default OPENAI_BASE_URL, then OpenAI's)."""
+    engine: str = "echo"
+    """local: the engine of the in-process server."""
+    batch_size: int | None = Field(None, gt=0)
+    """Most requests per remote batch (default: the provider's limit)."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Largest chunk file in bytes (default: the provider's limit)."""
+    max_in_flight: int | None = Field(None, gt=0)
+    """Most remote batches in flight at once (default: the provider's)."""
+    max_enqueued_tokens: int | None = Field(None, gt=0)
+    """Most estimated prompt tokens enqueued per model across in-flight batches."""
+    max_attempts: int = Field(3, gt=0)
+    """Tries per row before a retryable failure becomes final."""
+    max_cost: float | None = Field(None, ge=0)
+    """USD cap: no chunk is submitted whose estimate would take spend past it."""
+    skip_invalid: bool = False
+    """Run the valid rows even when some rows are invalid (those are reported)."""
+    default_output_tokens: int = Field(1024, gt=0)
+    """Output-token estimate for rows that set no max_tokens."""
+    poll_interval: float = Field(2.0, gt=0)
+    """First wait between polls, in seconds; it grows to `max_poll_interval`."""
+    max_poll_interval: float = Field(60.0, gt=0)
+    """Longest wait between polls."""
+    price_file: Path | None = None
+    """A JSON file of prices that overrides the bundled table."""
+    price_input: float | None = None
+    """USD per 1M input tokens for models the table lacks (with `price_output`)."""
+    price_output: float | None = None
+    """USD per 1M output tokens for models the table lacks."""
+    output: Path | None = None
+    """Where results go (default: next to the first input, `NAME.results.jsonl`)."""
+    errors: Path | None = None
+    """Where final failures go (default: next to the first input, `NAME.errors.jsonl`)."""

@@ -1,0 +1,361 @@
+"""A job's durable state: one SQLite file per job directory, and all of its SQL.
+
+Rows are the job's input rows in input order (`idx`), each pointing back at its file, line and
+byte range, so request bodies are never copied. Chunks are the planned remote batches. Every
+chunk transition is one guarded UPDATE that fails loudly when the chunk is not where the
+caller thinks it is; intent (`uploading`, `creating`) is recorded before each remote call.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._exceptions import StateError
+
+__all__ = ["JobStore", "Chunk", "ROW_STATES", "CHUNK_STATES"]
+
+#: pending: waiting for a chunk · queued: in a chunk not yet collected · succeeded / failed:
+#: final · invalid: failed validation (final, never sent).
+ROW_STATES = ("pending", "queued", "succeeded", "failed", "invalid")
+#: planned -> uploading -> uploaded -> creating -> submitted -> collected (or abandoned).
+CHUNK_STATES = ("planned", "uploading", "uploaded", "creating", "submitted", "collected", "abandoned")
+
+_SCHEMA = """
+CREATE TABLE job (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    status TEXT NOT NULL,
+    estimate TEXT
+);
+CREATE TABLE rows (
+    idx INTEGER PRIMARY KEY,
+    file_no INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    custom_id TEXT,
+    endpoint TEXT,
+    model TEXT,
+    est_input INTEGER NOT NULL DEFAULT 0,
+    est_output INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    chunk_id INTEGER,
+    result BLOB,
+    error TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
+CREATE INDEX rows_state ON rows(state, endpoint, model, idx);
+CREATE INDEX rows_chunk ON rows(chunk_id);
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY,
+    tag TEXT NOT NULL UNIQUE,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    est_input INTEGER NOT NULL,
+    est_output INTEGER NOT NULL,
+    est_cost REAL NOT NULL,
+    state TEXT NOT NULL,
+    file_id TEXT,
+    batch_id TEXT,
+    remote_status TEXT,
+    remote_completed INTEGER NOT NULL DEFAULT 0,
+    remote_failed INTEGER NOT NULL DEFAULT 0,
+    submit_errors INTEGER NOT NULL DEFAULT 0,
+    intent_at INTEGER,
+    created_at INTEGER NOT NULL,
+    submitted_at INTEGER,
+    finished_at INTEGER
+);
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    chunk_id INTEGER,
+    message TEXT NOT NULL
+)
+"""
+
+
+@dataclass(slots=True)
+class Chunk:
+    id: int
+    tag: str
+    endpoint: str
+    model: str
+    rows: int
+    bytes: int
+    est_input: int
+    est_output: int
+    est_cost: float
+    state: str
+    file_id: str | None
+    batch_id: str | None
+    remote_status: str | None
+    remote_completed: int
+    remote_failed: int
+    submit_errors: int
+    intent_at: int | None
+    created_at: int
+    submitted_at: int | None
+    finished_at: int | None
+
+
+_CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
+
+
+class JobStore:
+    """The SQLite file of one job."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fresh = not path.exists()
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        if fresh:
+            with self.tx() as db:
+                for statement in _SCHEMA.split(";"):
+                    db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def event(self, kind: str, message: str, chunk_id: int | None = None, db: sqlite3.Connection | None = None) -> None:
+        (db or self.db).execute(
+            "INSERT INTO events (at, kind, chunk_id, message) VALUES (?, ?, ?, ?)",
+            (time.time(), kind, chunk_id, message),
+        )
+
+    # -- the job -------------------------------------------------------------------------
+
+    def job(self) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT id, created_at, inputs, settings, status, estimate FROM job").fetchone()
+        if row is None:
+            return None
+        return {
+            "id": row[0],
+            "created_at": row[1],
+            "inputs": orjson.loads(row[2]),
+            "settings": orjson.loads(row[3]),
+            "status": row[4],
+            "estimate": orjson.loads(row[5]) if row[5] else None,
+        }
+
+    def create_job(self, job_id: str, inputs: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO job VALUES (?, ?, ?, ?, 'ingesting', NULL)",
+                (job_id, int(time.time()), orjson.dumps(inputs), orjson.dumps(settings)),
+            )
+            self.event("job", f"created job {job_id}", db=db)
+
+    def set_job(self, **columns: Any) -> None:
+        for key in ("settings", "estimate"):
+            if key in columns and columns[key] is not None:
+                columns[key] = orjson.dumps(columns[key])
+        with self.tx() as db:
+            db.execute(f"UPDATE job SET {', '.join(f'{k}=?' for k in columns)}", tuple(columns.values()))
+            if "status" in columns:
+                self.event("job", f"job status {columns['status']}", db=db)
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def insert_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """(idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, error)."""
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
+                "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def row_of_custom_id(self, custom_id: str) -> tuple[int, int, int] | None:
+        """(idx, file_no, line) of a valid row with this custom_id."""
+        return self.db.execute(
+            "SELECT idx, file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (custom_id,)
+        ).fetchone()
+
+    def counts(self) -> dict[str, int]:
+        found = dict(self.db.execute("SELECT state, COUNT(*) FROM rows GROUP BY state").fetchall())
+        return {s: found.get(s, 0) for s in ROW_STATES}
+
+    def totals(self) -> dict[str, float]:
+        """Actual usage and cost of answered rows so far."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(input_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(cached_tokens),0),"
+            " COALESCE(SUM(reasoning_tokens),0), COALESCE(SUM(cost),0) FROM rows"
+        ).fetchone()
+        return dict(zip(("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cost"), row))
+
+    def pending_groups(self) -> list[tuple[str, str]]:
+        """(endpoint, model) pairs that have pending rows, in order of their first row."""
+        return self.db.execute(
+            "SELECT endpoint, model FROM rows WHERE state='pending' GROUP BY endpoint, model ORDER BY MIN(idx)"
+        ).fetchall()
+
+    def pending_rows(self, endpoint: str, model: str) -> Iterator[tuple[int, int, int, int, int, int]]:
+        """(idx, file_no, offset, length, est_input, est_output) of pending rows, in input order."""
+        yield from self.db.execute(
+            "SELECT idx, file_no, offset, length, est_input, est_output FROM rows "
+            "WHERE state='pending' AND endpoint=? AND model=? ORDER BY idx",
+            (endpoint, model),
+        )
+
+    def chunk_rows(self, chunk_id: int) -> list[tuple[int, int, int, int, str]]:
+        """(idx, file_no, offset, length, custom_id) of a chunk's rows, in input order."""
+        return self.db.execute(
+            "SELECT idx, file_no, offset, length, custom_id FROM rows WHERE chunk_id=? AND state='queued' ORDER BY idx",
+            (chunk_id,),
+        ).fetchall()
+
+    def export_rows(self) -> Iterator[tuple[int, int, int, str | None, str, bytes | None, str | None]]:
+        """(idx, file_no, line, custom_id, state, result, error) of every row, in input order."""
+        yield from self.db.execute("SELECT idx, file_no, line, custom_id, state, result, error FROM rows ORDER BY idx")
+
+    # -- chunks --------------------------------------------------------------------------
+
+    def plan_chunk(
+        self,
+        tag: str,
+        endpoint: str,
+        model: str,
+        idxs: Sequence[int],
+        nbytes: int,
+        est_in: int,
+        est_out: int,
+        cost: float,
+    ) -> int:
+        """Records a chunk and queues its rows, in one transaction (the plan survives a crash)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO chunks (tag, endpoint, model, rows, bytes, est_input, est_output, est_cost, state, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
+                (tag, endpoint, model, len(idxs), nbytes, est_in, est_out, cost, int(time.time())),
+            )
+            chunk_id = int(cur.lastrowid or 0)
+            db.executemany(
+                "UPDATE rows SET state='queued', chunk_id=?, attempts=attempts+1 WHERE idx=? AND state='pending'",
+                ((chunk_id, i) for i in idxs),
+            )
+            self.event("plan", f"chunk {tag}: {len(idxs)} rows of {model} ({nbytes} bytes)", chunk_id, db)
+        return chunk_id
+
+    def chunks(self, states: Sequence[str] | None = None) -> list[Chunk]:
+        if states is None:
+            rows = self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks ORDER BY id").fetchall()
+        else:
+            marks = ", ".join("?" * len(states))
+            rows = self.db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE state IN ({marks}) ORDER BY id", tuple(states)
+            ).fetchall()
+        return [Chunk(*r) for r in rows]
+
+    def move_chunk(self, chunk_id: int, to: str, from_: Sequence[str], message: str = "", **columns: Any) -> None:
+        """Guarded chunk transition; raises StateError when the chunk is not in `from_`."""
+        sets = {"state": to, **columns}
+        marks = ", ".join("?" * len(from_))
+        with self.tx() as db:
+            changed = db.execute(
+                f"UPDATE chunks SET {', '.join(f'{k}=?' for k in sets)} WHERE id=? AND state IN ({marks})",
+                (*sets.values(), chunk_id, *from_),
+            ).rowcount
+            if changed != 1:
+                raise StateError(f"chunk {chunk_id} cannot move to {to}: not in {', '.join(from_)}")
+            self.event(to, message or f"chunk {chunk_id} -> {to}", chunk_id, db)
+
+    def update_chunk(self, chunk_id: int, **columns: Any) -> None:
+        """Records remote progress (no state change)."""
+        with self.tx() as db:
+            db.execute(
+                f"UPDATE chunks SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), chunk_id)
+            )
+
+    def collect(
+        self,
+        chunk_id: int,
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        retry: list[tuple[str, int]],
+        failed: list[tuple[bytes, str, int]],
+        remote_status: str,
+    ) -> None:
+        """Applies a finished chunk's results and marks it collected, in one transaction.
+
+        succeeded: (result line, input, output, cached, reasoning tokens, cost, idx);
+        retry: (last error, idx) back to pending; failed: (result line, error, idx), final.
+        """
+        with self.tx() as db:
+            db.executemany(
+                "UPDATE rows SET state='succeeded', result=?, input_tokens=?, output_tokens=?, cached_tokens=?, "
+                "reasoning_tokens=?, cost=?, error=NULL WHERE idx=? AND state='queued'",
+                succeeded,
+            )
+            db.executemany(
+                "UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry
+            )
+            db.executemany("UPDATE rows SET state='failed', result=?, error=? WHERE idx=? AND state='queued'", failed)
+            changed = db.execute(
+                "UPDATE chunks SET state='collected', remote_status=?, finished_at=? WHERE id=? AND state='submitted'",
+                (remote_status, int(time.time()), chunk_id),
+            ).rowcount
+            if changed != 1:
+                raise StateError(f"chunk {chunk_id} was not submitted; its results were not applied")
+            self.event(
+                "collected",
+                f"chunk {chunk_id}: {len(succeeded)} succeeded, {len(retry)} to retry, {len(failed)} failed",
+                chunk_id,
+                db,
+            )
+
+    def in_flight_cost(self) -> float:
+        """Estimated cost of chunks submitted (or about to be) and not yet collected."""
+        return float(
+            self.db.execute(
+                "SELECT COALESCE(SUM(est_cost), 0) FROM chunks WHERE state IN ('uploading','uploaded','creating','submitted')"
+            ).fetchone()[0]
+        )
+
+    def in_flight_tokens(self, model: str) -> int:
+        """Estimated prompt tokens of this model's chunks in flight (the provider's enqueued-token queue)."""
+        return int(
+            self.db.execute(
+                "SELECT COALESCE(SUM(est_input), 0) FROM chunks WHERE model=? AND state IN ('creating','submitted')",
+                (model,),
+            ).fetchone()[0]
+        )
+
+    def events(self, limit: int = 50) -> list[tuple[float, str, int | None, str]]:
+        return self.db.execute(
+            "SELECT at, kind, chunk_id, message FROM events ORDER BY seq DESC LIMIT ?", (limit,)
+        ).fetchall()[::-1]

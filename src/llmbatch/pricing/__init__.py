@@ -1,0 +1,265 @@
+"""Model prices: a maintained table of per-token prices and the cost arithmetic on top of it.
+
+The table ships as package data (`prices.json`): USD per 1M tokens for each model, with the
+Standard ("direct") and Batch prices side by side so a job can show what batching saves.
+Users correct or extend it with an override file (`--price-file`) or per-model flags
+(`--price-input/--price-output`), because prices change faster than releases.
+
+Lookup is forgiving about model ids, since batch rows name models the way the API accepts
+them: case is ignored, a `provider/` prefix ("openai/gpt-4o") is dropped, and a dated
+snapshot ("gpt-4o-mini-2024-07-18") falls back to the longest table entry that is a prefix of
+it ending at a dash ("gpt-4o-mini", not "gpt-4o"). Snapshots priced differently from their
+base ("gpt-4o-2024-05-13") have their own entries, which win because they match exactly.
+Fine-tuned ids ("ft:gpt-4o-mini:...") match only an exact entry: they cost more than their
+base model, and a silent base price would understate the spend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .._exceptions import ConfigError, InputError
+
+__all__ = ["ModelPrice", "PriceTable", "cost", "normalize_model"]
+
+_BUNDLED = "prices.json"
+_PRICE_FIELDS = ("input", "cached_input", "output", "batch_input", "batch_cached_input", "batch_output")
+# What a price file entry may hold, for error messages.
+_ENTRY_HELP = (
+    'each model maps to {"input": USD per 1M input tokens, "output": USD per 1M output tokens} '
+    "and optionally cached_input, batch_input, batch_cached_input, batch_output, provider"
+)
+# Lookups are per model, not per row, but a long job asks for the same few ids many times.
+_LOOKUP_CACHE_SIZE = 4096
+
+
+class ModelPrice(BaseModel):
+    """One model's prices in USD per 1M tokens.
+
+    Only `input` and `output` are required. The optional rates fall back so that a missing
+    one never makes a job look cheaper than it is: `cached_input` to `input`;
+    `batch_input`/`batch_output` to the direct prices (no batch discount assumed unless
+    stated); `batch_cached_input` to the batch input rate.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str | None = None
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+    batch_input: float | None = Field(default=None, ge=0)
+    batch_cached_input: float | None = Field(default=None, ge=0)
+    batch_output: float | None = Field(default=None, ge=0)
+
+    def rates(self, *, batch: bool) -> tuple[float, float, float]:
+        """(uncached input, cached input, output) USD per 1M tokens after the fallbacks."""
+        if batch:
+            inp = self.input if self.batch_input is None else self.batch_input
+            cached = inp if self.batch_cached_input is None else self.batch_cached_input
+            out = self.output if self.batch_output is None else self.batch_output
+            return inp, cached, out
+        cached = self.input if self.cached_input is None else self.cached_input
+        return self.input, cached, self.output
+
+
+def cost(
+    price: ModelPrice, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = True
+) -> float:
+    """USD for a request (or a sum of them) at `price`.
+
+    `cached_tokens` is the part of `input_tokens` served from the prompt cache, as in
+    OpenAI's usage (`prompt_tokens` includes `cached_tokens`); it is billed at the cached rate
+    and the rest of the input at the full rate. `batch` picks Batch or Standard prices.
+    """
+    inp, cached_rate, out = price.rates(batch=batch)
+    cached = min(max(cached_tokens, 0), input_tokens)
+    return ((input_tokens - cached) * inp + cached * cached_rate + output_tokens * out) / 1_000_000
+
+
+def normalize_model(model: str) -> str:
+    """The table key form of a model id: lower case, without a `provider/` prefix."""
+    key = model.strip().lower()
+    slash = key.rfind("/")
+    return key[slash + 1 :] if slash != -1 else key
+
+
+class PriceTable:
+    """Prices by model id, with the date they were taken; immutable once built.
+
+    Build one with `PriceTable.load()`; `with_override` returns a changed copy.
+    """
+
+    __slots__ = ("taken", "source", "_models", "_cache")
+
+    def __init__(self, models: Mapping[str, ModelPrice], *, taken: str = "", source: str = "") -> None:
+        #: When the bundled prices were taken (YYYY-MM-DD), so users can judge their age.
+        self.taken = taken
+        self.source = source
+        self._models: dict[str, ModelPrice] = {normalize_model(k): v for k, v in models.items()}
+        self._cache: dict[str, str | None] = {}
+
+    @classmethod
+    def load(cls, override: Path | None = None) -> PriceTable:
+        """The bundled table, with the entries of the `override` price file replacing its own.
+
+        The override file has the bundled table's shape (`{"models": {...}}`) or the simpler
+        `{"<model>": {"input": .., "output": ..}}`. An overriding entry replaces the bundled
+        entry of that model whole: a file states complete prices, so nothing bundled leaks
+        into them (a missing batch price means no batch discount, not the bundled one).
+        Raises InputError naming the file when it cannot be read or has the wrong shape.
+        """
+        taken, source, bundled = _bundled()
+        models = dict(bundled)
+        if override is not None:
+            models.update(_read_override(Path(override)))
+            source = f"{source}; overrides from {override}"
+        return cls(models, taken=taken, source=source)
+
+    @property
+    def models(self) -> Mapping[str, ModelPrice]:
+        """Every entry, by normalised model id (read-only)."""
+        return MappingProxyType(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def resolve(self, model: str) -> str | None:
+        """The table key that prices `model` (exact id, or its longest dash-boundary prefix)."""
+        cache = self._cache
+        if model in cache:
+            return cache[model]
+        key = normalize_model(model)
+        found: str | None = None
+        models = self._models
+        if key in models:
+            found = key
+        elif not key.startswith("ft:"):
+            # Cut at dashes from the right: "gpt-4o-mini-2024-07-18" tries "gpt-4o-mini-2024-07",
+            # ..., "gpt-4o-mini" -- the first hit is the longest prefix ending at a dash.
+            cut = key.rfind("-")
+            while cut > 0:
+                candidate = key[:cut]
+                if candidate in models:
+                    found = candidate
+                    break
+                cut = key.rfind("-", 0, cut)
+        if len(cache) >= _LOOKUP_CACHE_SIZE:
+            cache.clear()
+        cache[model] = found
+        return found
+
+    def lookup(self, model: str) -> ModelPrice | None:
+        """The price of `model`, or None when the table cannot price it."""
+        key = self.resolve(model)
+        return None if key is None else self._models[key]
+
+    def with_override(
+        self,
+        model: str,
+        *,
+        input: float | None = None,
+        output: float | None = None,
+        cached_input: float | None = None,
+        batch_input: float | None = None,
+        batch_cached_input: float | None = None,
+        batch_output: float | None = None,
+    ) -> PriceTable:
+        """A copy of this table with `model`'s prices set from CLI-style flags (USD per 1M).
+
+        Given rates replace the model's current ones (its exact entry, or the entry it
+        resolves to). A rate derived from one that changed is dropped unless also given, so
+        it falls back to the new value: a new `input` drops `cached_input` and `batch_input`;
+        a new `output` drops `batch_output`. A model the table cannot price needs both
+        `input` and `output`. Raises ConfigError otherwise, or for negative prices.
+        """
+        given = {
+            "input": input,
+            "output": output,
+            "cached_input": cached_input,
+            "batch_input": batch_input,
+            "batch_cached_input": batch_cached_input,
+            "batch_output": batch_output,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            raise ConfigError(f"No price given for model {model!r}: pass --price-input and/or --price-output.")
+        current = self.lookup(model)
+        if current is None:
+            if input is None or output is None:
+                raise ConfigError(
+                    f"Model {model!r} is not in the price table (prices as of {self.taken or 'unknown'}); "
+                    "give both --price-input and --price-output (USD per 1M tokens), or use --price-file."
+                )
+            fields: dict[str, Any] = {}
+        else:
+            fields = current.model_dump()
+            if input is not None:
+                fields.update(cached_input=None, batch_input=None, batch_cached_input=None)
+            if output is not None:
+                fields["batch_output"] = None
+            if batch_input is not None:
+                fields["batch_cached_input"] = None
+        fields.update(given)
+        try:
+            price = ModelPrice(**fields)
+        except ValidationError as e:
+            raise ConfigError(
+                f"Invalid price for model {model!r}: {_first_error(e)}. Prices are USD per 1M tokens, 0 or more."
+            ) from None
+        models = dict(self._models)
+        models[normalize_model(model)] = price
+        return PriceTable(models, taken=self.taken, source=f"{self.source}; {model} priced by flags")
+
+
+@lru_cache(maxsize=1)
+def _bundled() -> tuple[str, str, Mapping[str, ModelPrice]]:
+    """The bundled table, parsed once per process (it never changes while running)."""
+    raw = resources.files(__package__).joinpath(_BUNDLED).read_bytes()
+    doc = json.loads(raw)
+    models = {k: ModelPrice.model_validate(v) for k, v in doc["models"].items()}
+    return str(doc.get("taken", "")), str(doc.get("source", "")), MappingProxyType(models)
+
+
+def _read_override(path: Path) -> dict[str, ModelPrice]:
+    """Entries of a user price file; every problem is an InputError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"Price file {path} does not exist; check the --price-file path.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"Price file {path} cannot be read: {e}.") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"Price file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}."
+        ) from None
+    if not isinstance(doc, dict):
+        raise InputError(f"Price file {path} must hold a JSON object; {_ENTRY_HELP}.")
+    # The bundled shape nests entries under "models"; the simple shape is the entries alone.
+    entries = doc["models"] if isinstance(doc.get("models"), dict) else doc
+    out: dict[str, ModelPrice] = {}
+    for model, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise InputError(f"Price file {path}: the entry for {model!r} must be an object; {_ENTRY_HELP}.")
+        try:
+            out[model] = ModelPrice.model_validate(entry)
+        except ValidationError as e:
+            raise InputError(f"Price file {path}: bad entry for {model!r}: {_first_error(e)}; {_ENTRY_HELP}.") from None
+    return out
+
+
+def _first_error(e: ValidationError) -> str:
+    """One readable line from a pydantic error: the field and what is wrong with it."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    return f"{where}: {err.get('msg', 'invalid')}"

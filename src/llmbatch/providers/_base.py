@@ -1,0 +1,112 @@
+"""The provider seam: one adapter per provider batch API, all with the same operations.
+
+The job runner knows nothing about any one provider. It asks an adapter to upload a chunk,
+create a batch, find either again by the chunk's tag after a crash, poll, download results
+and cancel. Adapters translate to and from the provider's wire format; results always come
+back as OpenAI batch output lines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = ["Provider", "ProviderLimits", "RemoteBatch", "RemoteStatus", "TAG_KEY", "JOB_KEY"]
+
+#: Metadata keys llmbatch puts on every remote batch (OpenAI-style metadata).
+TAG_KEY = "llmbatch_chunk"
+JOB_KEY = "llmbatch_job"
+
+
+class RemoteStatus(StrEnum):
+    """One status enum for every provider's batch states."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RemoteStatus.COMPLETED, RemoteStatus.FAILED, RemoteStatus.EXPIRED, RemoteStatus.CANCELLED)
+
+
+@dataclass
+class RemoteBatch:
+    """A provider's batch, as the runner sees it."""
+
+    id: str
+    status: RemoteStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    #: Validation errors of a failed batch: OpenAI's `{code, message, param, line}` dicts.
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    """What one batch may hold and how much may be in flight; every field is overridable."""
+
+    max_requests: int = 50_000
+    max_bytes: int = 200 * 1024 * 1024
+    #: Prompt tokens enqueued across in-flight batches, per model; None: no limit known.
+    max_enqueued_tokens: int | None = None
+    max_in_flight: int = 20
+
+
+class Provider(ABC):
+    """A batch API. Adapters set `name` and `limits` and implement the operations."""
+
+    name: ClassVar[str]
+    limits: ProviderLimits = ProviderLimits()
+    #: Whether batch prices apply (False for a local server, which costs nothing).
+    billed: bool = True
+
+    async def start(self) -> None:
+        """Acquires resources (clients, an in-process server)."""
+
+    async def aclose(self) -> None:
+        """Releases what `start` acquired."""
+
+    @abstractmethod
+    async def upload(self, tag: str, path: Path) -> str:
+        """Uploads a chunk's JSONL file so that `find_upload(tag)` can find it; returns its id."""
+
+    @abstractmethod
+    async def find_upload(self, tag: str, since: int) -> str | None:
+        """The id of a file uploaded for `tag` at or after Unix time `since`, if any."""
+
+    @abstractmethod
+    async def create_batch(self, tag: str, job: str, file_id: str, endpoint: str) -> RemoteBatch:
+        """Creates the batch for a chunk, tagged so that `find_batch(tag)` can find it."""
+
+    @abstractmethod
+    async def find_batch(self, tag: str, since: int) -> RemoteBatch | None:
+        """The batch created for `tag` at or after Unix time `since`, if any."""
+
+    @abstractmethod
+    async def get_batch(self, batch_id: str) -> RemoteBatch:
+        """The batch's current state."""
+
+    @abstractmethod
+    async def download(self, file_id: str, dest: Path) -> None:
+        """Streams a result file (OpenAI batch output lines) to `dest`."""
+
+    @abstractmethod
+    async def cancel(self, batch_id: str) -> RemoteBatch:
+        """Asks the provider to cancel; finished rows stay available."""
+
+    async def delete_file(self, file_id: str) -> None:
+        """Deletes an uploaded file (a duplicate upload after a crash, or a finished chunk's)."""
