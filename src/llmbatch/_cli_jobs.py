@@ -175,6 +175,8 @@ def register(cli: click.Group) -> None:
         help="local: an in-process llmbatch server; openai: any OpenAI-compatible Batch API.",
     )
     @click.option("--engine", default="echo", show_default=True, help="local: the server's engine.")
+    @click.option("--completion-window", default="24h", show_default=True,
+                  help="Window asked of the provider (OpenAI: only 24h).")
     @click.option("--base-url", default=None, help="openai: Batch API base URL [env OPENAI_BASE_URL].")
     @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
     @click.option(
@@ -297,7 +299,7 @@ def register(cli: click.Group) -> None:
                 "id": j["id"], "status": j["status"], "inputs": [i["path"] for i in j["inputs"]],
                 "rows": store.counts(), "batches": chunks, "usage": store.totals(),
                 "estimate": {"input_tokens": est[0], "output_tokens": est[1],
-                             "cost": float(store.db.execute("SELECT COALESCE(SUM(est_cost),0) FROM chunks").fetchone()[0])},
+                             "cost": store.estimated_cost()},
             }  # fmt: skip
             if as_json:
                 click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())

@@ -263,7 +263,9 @@ class JobRunner:
             chunk.file_id = file_id
         self.store.move_chunk(chunk.id, "creating", ("uploaded",), intent_at=int(time.time()))
         assert chunk.file_id is not None
-        batch = await self.provider.create_batch(chunk.tag, self.job_id, chunk.file_id, chunk.endpoint)
+        batch = await self.provider.create_batch(
+            chunk.tag, self.job_id, chunk.file_id, chunk.endpoint, self.settings.completion_window
+        )
         self.store.move_chunk(
             chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: batch {batch.id}",
             batch_id=batch.id, remote_status=batch.status.value, submitted_at=int(time.time()),

@@ -18,6 +18,8 @@ class JobSettings(BaseModel):
     """openai: the Batch API's base URL (default OPENAI_BASE_URL, then OpenAI's)."""
     engine: str = "echo"
     """local: the engine of the in-process server."""
+    completion_window: str = "24h"
+    """The window asked of the provider (OpenAI accepts only 24h; Groq up to 7d)."""
     batch_size: int | None = Field(None, gt=0)
     """Most requests per remote batch (default: the provider's limit)."""
     max_bytes: int | None = Field(None, gt=0)

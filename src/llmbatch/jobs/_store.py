@@ -342,9 +342,14 @@ class JobStore:
         """Estimated cost of chunks submitted (or about to be) and not yet collected."""
         return float(
             self.db.execute(
-                "SELECT COALESCE(SUM(est_cost), 0) FROM chunks WHERE state IN ('uploading','uploaded','creating','submitted')"
+                "SELECT COALESCE(SUM(est_cost), 0) FROM chunks "
+                "WHERE state IN ('uploading', 'uploaded', 'creating', 'submitted')"
             ).fetchone()[0]
         )
+
+    def estimated_cost(self) -> float:
+        """Estimated cost of every chunk planned so far (at batch prices)."""
+        return float(self.db.execute("SELECT COALESCE(SUM(est_cost), 0) FROM chunks").fetchone()[0])
 
     def in_flight_tokens(self, model: str) -> int:
         """Estimated prompt tokens of this model's chunks in flight (the provider's enqueued-token queue)."""

@@ -89,7 +89,9 @@ class Provider(ABC):
         """The id of a file uploaded for `tag` at or after Unix time `since`, if any."""
 
     @abstractmethod
-    async def create_batch(self, tag: str, job: str, file_id: str, endpoint: str) -> RemoteBatch:
+    async def create_batch(
+        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
+    ) -> RemoteBatch:
         """Creates the batch for a chunk, tagged so that `find_batch(tag)` can find it."""
 
     @abstractmethod

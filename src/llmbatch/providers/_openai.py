@@ -104,13 +104,15 @@ class OpenAIBatchProvider(Provider):
 
         return await self._call("listing files", scan)
 
-    async def create_batch(self, tag: str, job: str, file_id: str, endpoint: str) -> RemoteBatch:
+    async def create_batch(
+        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
+    ) -> RemoteBatch:
         b = await self._call(
             "creating a batch",
             lambda: self._client.batches.create(
                 input_file_id=file_id,
                 endpoint=endpoint,  # type: ignore[arg-type]
-                completion_window="24h",
+                completion_window=completion_window,  # type: ignore[arg-type]
                 metadata={TAG_KEY: tag, JOB_KEY: job},
             ),
         )

@@ -1,0 +1,283 @@
+"""The price table: lookup of model ids, override files and flags, and cost arithmetic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmbatch._exceptions import ConfigError, InputError
+from llmbatch.pricing import ModelPrice, PriceTable, cost, normalize_model
+
+REQUIRED_MODELS = [
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "o3",
+    "o4-mini",
+    "o3-mini",
+    "o1",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "text-embedding-ada-002",
+    "gpt-3.5-turbo",
+    "echo",
+]
+
+
+@pytest.fixture(scope="module")
+def table() -> PriceTable:
+    return PriceTable.load()
+
+
+def write_json(path: Path, doc: object) -> Path:
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+# -- the bundled table -----------------------------------------------------------------------
+
+
+def test_bundled_table_is_dated_and_covers_the_main_models(table: PriceTable) -> None:
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", table.taken)
+    assert table.source
+    for model in REQUIRED_MODELS:
+        assert model in table.models, model
+
+
+def test_bundled_batch_prices_are_half_of_direct(table: PriceTable) -> None:
+    for model, price in table.models.items():
+        assert price.batch_input == pytest.approx(price.input / 2), model
+        assert price.batch_output == pytest.approx(price.output / 2), model
+        if price.batch_cached_input is not None:
+            assert price.cached_input is not None
+            assert price.batch_cached_input == pytest.approx(price.cached_input / 2), model
+
+
+def test_known_prices(table: PriceTable) -> None:
+    gpt4o = table.lookup("gpt-4o")
+    assert gpt4o is not None
+    assert (gpt4o.input, gpt4o.cached_input, gpt4o.output) == (2.50, 1.25, 10.00)
+    mini = table.lookup("gpt-4o-mini")
+    assert mini is not None and (mini.input, mini.output, mini.batch_input, mini.batch_output) == (
+        0.15,
+        0.60,
+        0.075,
+        0.30,
+    )
+    emb = table.lookup("text-embedding-3-small")
+    assert emb is not None and emb.output == 0 and emb.input == 0.02
+    echo = table.lookup("echo")
+    assert echo is not None and cost(echo, 10**9, 10**9) == 0 and cost(echo, 10**9, 10**9, batch=False) == 0
+
+
+def test_bundled_file_is_package_data_next_to_the_module() -> None:
+    import llmbatch.pricing as pricing
+
+    doc = json.loads((Path(pricing.__file__).parent / "prices.json").read_text(encoding="utf-8"))
+    assert set(doc) >= {"taken", "source", "models"}
+    assert all(entry["provider"] for entry in doc["models"].values())
+
+
+# -- lookup ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [
+        ("gpt-4o", "gpt-4o"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4o-2024-11-20", "gpt-4o"),
+        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),  # longest prefix, not gpt-4o
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # a snapshot priced apart has its own entry
+        ("gpt-4.1-mini-2025-04-14", "gpt-4.1-mini"),
+        ("gpt-4.1-2025-04-14", "gpt-4.1"),
+        ("o3-2025-04-16", "o3"),
+        ("o3-mini-2025-01-31", "o3-mini"),
+        ("o4-mini-2025-04-16", "o4-mini"),
+        ("gpt-5-nano-2025-08-07", "gpt-5-nano"),
+        ("openai/gpt-4o", "gpt-4o"),
+        ("openai/gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
+        ("GPT-4o-Mini", "gpt-4o-mini"),
+        ("  gpt-4o ", "gpt-4o"),
+        ("omni-moderation-latest", "omni-moderation"),
+    ],
+)
+def test_lookup_resolves_snapshots_and_prefixes(table: PriceTable, model: str, key: str) -> None:
+    assert table.resolve(model) == key
+    assert table.lookup(model) is table.models[key]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "unknown-model",
+        "gpt-4o2",  # not on a dash boundary
+        "gpt",
+        "",
+        "ft:gpt-4o-mini-2024-07-18:acme::abc123",  # fine-tunes cost more than their base
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ],
+)
+def test_lookup_unknown(table: PriceTable, model: str) -> None:
+    assert table.lookup(model) is None
+
+
+def test_normalize_model() -> None:
+    assert normalize_model("OpenAI/GPT-4o") == "gpt-4o"
+    assert normalize_model("a/b/c") == "c"
+    assert normalize_model("gpt-4o") == "gpt-4o"
+
+
+# -- override files --------------------------------------------------------------------------
+
+
+def test_override_simple_shape_adds_and_replaces(tmp_path: Path) -> None:
+    path = write_json(
+        tmp_path / "prices.json",
+        {"my-model": {"input": 1.0, "output": 2.0}, "gpt-4o": {"input": 3.0, "output": 12.0, "batch_input": 1.5}},
+    )
+    table = PriceTable.load(path)
+    mine = table.lookup("my-model-2025-01-01")
+    assert mine is not None and (mine.input, mine.output) == (1.0, 2.0)
+    gpt4o = table.lookup("gpt-4o-2024-08-06")
+    assert gpt4o is not None and (gpt4o.input, gpt4o.output, gpt4o.batch_input) == (3.0, 12.0, 1.5)
+    # The override entry replaces the bundled one whole: no bundled batch_output leaks in,
+    # so batch output falls back to the direct price.
+    assert gpt4o.batch_output is None
+    assert gpt4o.rates(batch=True) == (1.5, 1.5, 12.0)
+    # Everything else is still bundled.
+    assert table.lookup("gpt-4o-mini") == PriceTable.load().lookup("gpt-4o-mini")
+    assert table.taken == PriceTable.load().taken
+    assert str(path) in table.source
+
+
+def test_override_full_shape_and_provider_prefixed_keys(tmp_path: Path) -> None:
+    path = write_json(
+        tmp_path / "p.json",
+        {
+            "taken": "2030-01-01",
+            "source": "mine",
+            "models": {"openai/gpt-4o-mini": {"provider": "openai", "input": 0.1, "output": 0.4}},
+        },
+    )
+    table = PriceTable.load(path)
+    price = table.lookup("gpt-4o-mini")
+    assert price is not None and price.input == 0.1
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"m": 3}', "entry for 'm' must be an object"),
+        ('{"m": {"input": 1}}', "output"),
+        ('{"m": {"input": -1, "output": 1}}', "input"),
+        ('{"m": {"input": "cheap", "output": 1}}', "input"),
+        ('{"m": {"input": 1, "output": 1, "batch_inptu": 0.5}}', "batch_inptu"),
+    ],
+)
+def test_malformed_override_names_the_file(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "bad-prices.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        PriceTable.load(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert problem in message
+
+
+def test_missing_override_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.json"
+    with pytest.raises(InputError, match="does not exist") as info:
+        PriceTable.load(path)
+    assert str(path) in str(info.value)
+
+
+# -- flags -----------------------------------------------------------------------------------
+
+
+def test_with_override_new_model_needs_input_and_output(table: PriceTable) -> None:
+    with pytest.raises(ConfigError, match="--price-input"):
+        table.with_override("my-model", output=2.0)
+    new = table.with_override("my-model", input=1.0, output=2.0)
+    price = new.lookup("my-model")
+    assert price is not None
+    assert price.rates(batch=False) == (1.0, 1.0, 2.0)
+    assert price.rates(batch=True) == (1.0, 1.0, 2.0)  # no batch discount unless stated
+    assert table.lookup("my-model") is None  # the original is unchanged
+
+
+def test_with_override_changes_only_what_is_given(table: PriceTable) -> None:
+    new = table.with_override("gpt-4o", output=20.0)
+    price = new.lookup("gpt-4o-2024-08-06")
+    assert price is not None
+    assert (price.input, price.cached_input, price.batch_input) == (2.5, 1.25, 1.25)
+    # A changed direct price drops the batch price derived from the old one.
+    assert price.output == 20.0 and price.batch_output is None
+    assert price.rates(batch=True)[2] == 20.0
+
+    new = table.with_override("gpt-4o", input=4.0, batch_input=2.0)
+    price = new.lookup("gpt-4o")
+    assert price is not None
+    assert price.rates(batch=False) == (4.0, 4.0, 10.0)
+    assert price.rates(batch=True) == (2.0, 2.0, 5.0)
+
+
+def test_with_override_snapshot_key_leaves_base_alone(table: PriceTable) -> None:
+    new = table.with_override("gpt-4o-2024-08-06", input=9.0)
+    assert new.lookup("gpt-4o-2024-08-06").input == 9.0  # type: ignore[union-attr]
+    assert new.lookup("gpt-4o").input == 2.5  # type: ignore[union-attr]
+
+
+def test_with_override_rejects_bad_values(table: PriceTable) -> None:
+    with pytest.raises(ConfigError, match="gpt-4o"):
+        table.with_override("gpt-4o", input=-1.0)
+    with pytest.raises(ConfigError, match="No price given"):
+        table.with_override("gpt-4o")
+
+
+# -- cost ------------------------------------------------------------------------------------
+
+
+def test_cost_batch_and_direct() -> None:
+    price = ModelPrice(input=2.0, cached_input=0.5, output=8.0, batch_input=1.0, batch_output=4.0)
+    assert cost(price, 1_000_000, 1_000_000, batch=False) == pytest.approx(10.0)
+    assert cost(price, 1_000_000, 1_000_000) == pytest.approx(5.0)
+    assert cost(price, 1000, 500, batch=False) == pytest.approx((1000 * 2.0 + 500 * 8.0) / 1e6)
+
+
+def test_cost_cached_tokens_are_part_of_input() -> None:
+    price = ModelPrice(input=2.0, cached_input=0.5, output=8.0, batch_input=1.0, batch_cached_input=0.25, batch_output=4.0)
+    # 1M input of which 400k cached: 600k at the full rate, 400k at the cached rate.
+    assert cost(price, 1_000_000, 0, 400_000, batch=False) == pytest.approx(0.6 * 2.0 + 0.4 * 0.5)
+    assert cost(price, 1_000_000, 0, 400_000, batch=True) == pytest.approx(0.6 * 1.0 + 0.4 * 0.25)
+    # More cached than input is clamped, never negative.
+    assert cost(price, 100, 0, 1_000, batch=False) == pytest.approx(100 * 0.5 / 1e6)
+
+
+def test_cost_fallbacks() -> None:
+    price = ModelPrice(input=2.0, output=8.0, batch_input=1.0, batch_output=4.0)
+    # No cached rates: cached input costs the same as uncached input (direct and batch).
+    assert cost(price, 1_000_000, 0, 1_000_000, batch=False) == pytest.approx(2.0)
+    assert cost(price, 1_000_000, 0, 1_000_000, batch=True) == pytest.approx(1.0)
+    price = ModelPrice(input=2.0, cached_input=0.5, output=8.0)
+    assert price.rates(batch=True) == (2.0, 2.0, 8.0)
+    assert price.rates(batch=False) == (2.0, 0.5, 8.0)
+
+
+def test_cost_real_model(table: PriceTable) -> None:
+    price = table.lookup("gpt-5-mini-2025-08-07")
+    assert price is not None
+    direct = cost(price, 2_000_000, 500_000, 1_000_000, batch=False)
+    assert direct == pytest.approx(1.0 * 0.25 + 1.0 * 0.025 + 0.5 * 2.0)
+    batch = cost(price, 2_000_000, 500_000, 1_000_000)
+    assert batch == pytest.approx(direct / 2)
