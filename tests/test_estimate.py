@@ -89,7 +89,9 @@ def test_chat_without_cap_uses_the_default_guess() -> None:
         assert estimate_row(CHAT, chat_body(max_tokens=bad)).capped is False
 
 
-@pytest.mark.parametrize("model", ["o1", "o3-mini", "o4-mini-2025-04-16", "gpt-5", "gpt-5-nano", "gpt-5.1", "openai/o3"])
+@pytest.mark.parametrize(
+    "model", ["o1", "o3-mini", "o4-mini-2025-04-16", "gpt-5", "gpt-5-nano", "gpt-5.1", "openai/o3"]
+)
 def test_reasoning_models_get_a_larger_default(model: str) -> None:
     assert is_reasoning_model(model)
     est = estimate_row(CHAT, chat_body(model=model))
@@ -281,7 +283,10 @@ def test_malformed_bodies_do_not_raise() -> None:
     weird: list[Any] = [
         {"model": "m", "messages": "not a list"},
         {"model": "m", "messages": [1, "text", None, {"role": 5, "content": {"x": 1}}]},
-        {"model": "m", "messages": [{"role": "user", "content": [3, "s", {"type": "text", "text": 9}, {"type": "odd"}]}]},
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [3, "s", {"type": "text", "text": 9}, {"type": "odd"}]}],
+        },
         {"model": "m"},
     ]
     for body in weird:

@@ -256,7 +256,9 @@ def test_cost_batch_and_direct() -> None:
 
 
 def test_cost_cached_tokens_are_part_of_input() -> None:
-    price = ModelPrice(input=2.0, cached_input=0.5, output=8.0, batch_input=1.0, batch_cached_input=0.25, batch_output=4.0)
+    price = ModelPrice(
+        input=2.0, cached_input=0.5, output=8.0, batch_input=1.0, batch_cached_input=0.25, batch_output=4.0
+    )
     # 1M input of which 400k cached: 600k at the full rate, 400k at the cached rate.
     assert cost(price, 1_000_000, 0, 400_000, batch=False) == pytest.approx(0.6 * 2.0 + 0.4 * 0.5)
     assert cost(price, 1_000_000, 0, 400_000, batch=True) == pytest.approx(0.6 * 1.0 + 0.4 * 0.25)
