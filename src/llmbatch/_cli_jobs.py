@@ -8,7 +8,7 @@ import fcntl
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,13 @@ import click
 import orjson
 
 from ._exceptions import ConfigError
+from ._rows import check_row, iter_lines
+from .estimate import Estimate, RowEstimate, estimate_row
 from .jobs import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     JobRunner,
     JobSettings,
     JobStore,
@@ -31,7 +34,7 @@ from .jobs import (
     make_provider,
     open_job,
 )
-from .pricing import PriceTable, cost
+from .pricing import PriceTable
 
 __all__ = ["register"]
 
@@ -58,36 +61,27 @@ def _job_lock(job_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def _prices(settings: JobSettings) -> PriceTable:
-    table = PriceTable.load(settings.price_file)
+def _price_table(
+    price_file: Path | None, price_input: float | None, price_output: float | None, models: Iterable[str]
+) -> PriceTable:
+    """The bundled prices, overridden by a price file, and flags pricing the models still unpriced."""
+    table = PriceTable.load(price_file)
+    if price_input is not None or price_output is not None:
+        if price_input is None or price_output is None:
+            raise ConfigError("--price-input and --price-output go together (USD per 1M tokens)")
+        for model in models:
+            if table.lookup(model) is None:
+                table = table.with_override(model, input=price_input, output=price_output)
     return table
 
 
-def _estimate_lines(store: JobStore, settings: JobSettings, prices: PriceTable, billed: bool) -> list[str]:
-    rows = store.db.execute(
-        "SELECT model, COUNT(*), SUM(est_input), SUM(est_output) FROM rows WHERE state != 'invalid' "
-        "GROUP BY model ORDER BY MIN(idx)"
-    ).fetchall()
-    lines = []
-    total_batch = total_direct = 0.0
-    for model, n, est_in, est_out in rows:
-        price = prices.lookup(model)
-        if price is None and settings.price_input is not None and settings.price_output is not None:
-            prices = prices.with_override(model, input=settings.price_input, output=settings.price_output)
-            price = prices.lookup(model)
-        if price is None:
-            money = "no price (pass --price-file or --price-input/--price-output)"
-        elif not billed:
-            money = "free (local)"
-        else:
-            b, d = cost(price, est_in, est_out, batch=True), cost(price, est_in, est_out, batch=False)
-            total_batch += b
-            total_direct += d
-            money = f"${b:,.4f} at batch prices (direct ${d:,.4f})"
-        lines.append(f"  {model}: {n:,} rows, {est_in:,} input tokens, up to {est_out:,} output tokens: {money}")
-    if billed and len(rows) > 1:
-        lines.append(f"  total: ${total_batch:,.4f} at batch prices (direct ${total_direct:,.4f})")
-    return lines
+def _print_estimate(est: Estimate, table: PriceTable, billed: bool, *, err: bool = True) -> None:
+    if billed:
+        est.cost(table)
+    for line in est.summary_lines():
+        click.echo(line, err=err)
+    if not billed:
+        click.echo("Cost: none (the local provider bills nothing).", err=err)
 
 
 def _settings_from(opts: dict[str, Any]) -> JobSettings:
@@ -116,14 +110,14 @@ def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bo
             "Fix them, or run again with --skip-invalid to send the valid rows"
         )
     provider = make_provider(settings, job_dir, api_key)
-    prices = _prices(settings)
-    if settings.price_input is not None and settings.price_output is not None:
-        for (model,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL").fetchall():
-            if prices.lookup(model) is None:
-                prices = prices.with_override(model, input=settings.price_input, output=settings.price_output)
-    _say("estimate:")
-    for line in _estimate_lines(store, settings, prices, provider.billed):
-        click.echo(line, err=True)
+    models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+    prices = _price_table(settings.price_file, settings.price_input, settings.price_output, models)
+    est = Estimate()
+    for model, est_in, est_out in store.db.execute(
+        "SELECT model, est_input, est_output FROM rows WHERE state != 'invalid'"
+    ):
+        est.add(model, RowEstimate(est_in, est_out))
+    _print_estimate(est, prices, provider.billed)
     runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
     if dry_run:
         runner.plan()
@@ -175,8 +169,9 @@ def register(cli: click.Group) -> None:
         help="local: an in-process llmbatch server; openai: any OpenAI-compatible Batch API.",
     )
     @click.option("--engine", default="echo", show_default=True, help="local: the server's engine.")
-    @click.option("--completion-window", default="24h", show_default=True,
-                  help="Window asked of the provider (OpenAI: only 24h).")
+    @click.option(
+        "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
+    )
     @click.option("--base-url", default=None, help="openai: Batch API base URL [env OPENAI_BASE_URL].")
     @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
     @click.option(
@@ -234,6 +229,55 @@ def register(cli: click.Group) -> None:
             sys.exit(_run_job(store, job_dir, api_key, dry_run=dry_run))
         finally:
             store.close()
+
+    @cli.command()
+    @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option(
+        "--default-output-tokens",
+        type=click.IntRange(min=1),
+        default=1024,
+        show_default=True,
+        help="Output tokens assumed for rows that set no max_tokens.",
+    )
+    @click.option(
+        "--price-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="JSON prices overriding the bundled table.",
+    )
+    @click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models.")
+    @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
+    def estimate(
+        inputs: tuple[Path, ...],
+        default_output_tokens: int,
+        price_file: Path | None,
+        price_input: float | None,
+        price_output: float | None,
+    ) -> None:
+        """Validate rows and estimate tokens and cost, offline; sends nothing.
+
+        Exits 2 when some rows are invalid (each is listed with its file and line).
+        """
+        est = Estimate()
+        invalid = 0
+        for path in inputs:
+            for line_no, raw in iter_lines(path):
+                if not raw.strip():
+                    continue
+                obj, problems = check_row(raw)
+                if problems or obj is None:
+                    invalid += 1
+                    if invalid <= 50:
+                        reason = "; ".join(f"{p.code}: {p.message}" for p in problems)
+                        click.echo(f"{path}:{line_no}: {reason}", err=True)
+                    continue
+                body = obj["body"]
+                est.add(body["model"], estimate_row(obj["url"], body, default_output_tokens=default_output_tokens))
+        table = _price_table(price_file, price_input, price_output, est.by_model)
+        _print_estimate(est, table, billed=True, err=False)
+        if invalid:
+            click.echo(f"{invalid} invalid rows (not counted above)", err=True)
+            sys.exit(EXIT_USAGE)
 
     @cli.command()
     @click.argument("job")
