@@ -34,6 +34,7 @@ from .jobs import (
     make_provider,
     open_job,
 )
+from .jobs._progress import make_progress
 from .pricing import PriceTable
 
 __all__ = ["register"]
@@ -118,8 +119,8 @@ def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bo
     ):
         est.add(model, RowEstimate(est_in, est_out))
     _print_estimate(est, prices, provider.billed)
-    runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
     if dry_run:
+        runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
         runner.plan()
         for ch in store.chunks(("planned",)):
             click.echo(
@@ -128,12 +129,16 @@ def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bo
             )
         return EXIT_OK
 
+    progress = make_progress(_say, live=sys.stderr.isatty())
+    runner = JobRunner(store, job_dir, settings, provider, prices=prices, progress=progress)
+
     async def main() -> int:
         await provider.start()
         try:
             outcome = await runner.run()
         finally:
             await provider.aclose()
+            progress.close()
         click.echo(outcome.summary, err=True)
         return outcome.code
 

@@ -29,6 +29,7 @@ from .._rows import check_row, iter_lines_with_offsets
 from ..estimate import estimate_row
 from ..pricing import PriceTable, cost
 from ..providers import Provider, RemoteBatch, RemoteStatus
+from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._settings import JobSettings
 from ._store import Chunk, JobStore
 
@@ -66,13 +67,15 @@ class JobRunner:
         *,
         prices: PriceTable | None = None,
         say: Callable[[str], None] = print,
+        progress: PlainProgress | LiveProgress | None = None,
     ) -> None:
         self.store = store
         self.job_dir = job_dir
         self.settings = settings
         self.provider = provider
         self.prices = prices or PriceTable.load(settings.price_file)
-        self.say = say
+        self.progress = progress or PlainProgress(say)
+        self.say = self.progress.message
         job = store.job()
         assert job is not None
         self.job_id: str = job["id"]
@@ -85,7 +88,6 @@ class JobRunner:
         (job_dir / "chunks").mkdir(exist_ok=True)
         (job_dir / "results").mkdir(exist_ok=True)
         self._budget_blocked = False
-        self._last_progress = ""
 
     # -- pricing -------------------------------------------------------------------------
 
@@ -154,22 +156,22 @@ class JobRunner:
         return RunOutcome(EXIT_FAILED_ROWS if failed else EXIT_OK, summary)
 
     def report(self) -> None:
+        """Tells the progress display where the job stands."""
         c = self.store.counts()
-        chunks = self.store.chunks(("submitted",))
-        by_status: dict[str, int] = {}
-        for ch in chunks:
-            by_status[ch.remote_status or "submitted"] = by_status.get(ch.remote_status or "submitted", 0) + 1
-        total = sum(c.values())
-        spend = self.store.totals()["cost"]
-        cap = f" of ${self.settings.max_cost:.2f} cap" if self.settings.max_cost is not None else ""
-        batches = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none in flight"
-        line = (
-            f"{c['succeeded'] + c['failed'] + c['invalid']}/{total} rows done ({c['failed'] + c['invalid']} failed); "
-            f"batches: {batches}; spent ${spend:.4f}{cap}"
+        batches: dict[str, int] = {}
+        for ch in self.store.chunks(("planned", "uploading", "uploaded", "creating", "submitted")):
+            key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
+            batches[key] = batches.get(key, 0) + 1
+        self.progress.update(
+            Snapshot(
+                total=sum(c.values()),
+                done=c["succeeded"] + c["failed"] + c["invalid"],
+                failed=c["failed"] + c["invalid"],
+                batches=batches,
+                spent=self.store.totals()["cost"],
+                cap=self.settings.max_cost,
+            )
         )
-        if line != self._last_progress:
-            self.say(line)
-            self._last_progress = line
 
     # -- planning ------------------------------------------------------------------------
 
