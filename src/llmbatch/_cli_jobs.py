@@ -200,6 +200,12 @@ def register(cli: click.Group) -> None:
         help="Most estimated prompt tokens in flight per model.",
     )
     @click.option(
+        "--direct-below",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Send the last N pending rows through the direct API instead of another batch.",
+    )
+    @click.option(
         "--max-attempts",
         type=click.IntRange(min=1),
         default=3,

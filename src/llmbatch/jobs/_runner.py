@@ -126,9 +126,10 @@ class JobRunner:
             progressed |= await self.poll()
             if self.plan():
                 progressed = True
+            progressed |= await self.run_direct()
             active = self.store.chunks(("uploading", "uploaded", "creating", "submitted"))
             planned = self.store.chunks(("planned",))
-            if not active and not planned:
+            if not active and not planned and not self.store.pending_count():
                 break
             if not active and self._budget_blocked:
                 self.store.set_job(status="budget_stopped")
@@ -177,6 +178,8 @@ class JobRunner:
 
     def plan(self) -> bool:
         """Packs pending rows into chunks (one endpoint and model each, under the limits)."""
+        if self.settings.direct_below and self.store.pending_count() <= self.settings.direct_below:
+            return False  # few enough left: `run_direct` sends them now instead
         planned = False
         for endpoint, model in self.store.pending_groups():
             idxs: list[int] = []
@@ -282,6 +285,9 @@ class JobRunner:
 
     async def reconcile(self) -> None:
         """Resolves chunks caught between intent and result by a crash: list and match by tag."""
+        requeued = self.store.requeue_interrupted_direct()
+        if requeued:
+            self.say(f"{requeued} rows were with the direct API when the last run stopped; sending them again")
         for chunk in self.store.chunks(("uploading", "creating")):
             since = (chunk.intent_at or chunk.created_at) - 300
             if chunk.state == "uploading":
@@ -373,7 +379,7 @@ class JobRunner:
                     if idx in seen:
                         continue
                     seen.add(idx)
-                    self._classify(chunk, idx, line, rec, succeeded, failed, give_up_or_retry)
+                    self._classify(chunk.model, idx, line, rec, succeeded, failed, give_up_or_retry)
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
         general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
@@ -394,13 +400,15 @@ class JobRunner:
 
     def _classify(
         self,
-        chunk: Chunk,
+        model: str,
         idx: int,
         line: bytes,
         rec: dict[str, Any],
         succeeded: list[tuple[bytes, int, int, int, int, float, int]],
         failed: list[tuple[bytes, str, int]],
         give_up_or_retry: Callable[[int, bytes, str], None],
+        *,
+        batch: bool = True,
     ) -> None:
         response = rec.get("response") or {}
         error = rec.get("error")
@@ -414,7 +422,8 @@ class JobRunner:
             reasoning = (u.get("completion_tokens_details") or u.get("output_tokens_details") or {}).get(
                 "reasoning_tokens"
             ) or 0
-            succeeded.append((line, inp, out, cached, reasoning, self.chunk_cost(chunk.model, inp, out, cached), idx))
+            spent = self.chunk_cost(model, inp, out, cached) if batch else self._direct_cost(model, inp, out)
+            succeeded.append((line, inp, out, cached, reasoning, spent, idx))
             return
         if isinstance(error, dict):
             code = error.get("code") or "error"
@@ -432,6 +441,67 @@ class JobRunner:
             failed.append((line, message, idx))
         else:
             give_up_or_retry(idx, line, message)
+
+    # -- the direct API ------------------------------------------------------------------
+
+    async def run_direct(self) -> bool:
+        """Sends the last few pending rows (`--direct-below`) through the direct API, bounded.
+
+        A row in flight when the process dies is sent again on resume: at most
+        `direct_below` rows can be paid twice, which is the price of not waiting a batch cycle.
+        """
+        limit = self.settings.direct_below
+        pending = self.store.pending_count()
+        if not limit or not pending or pending > limit or self._budget_blocked:
+            return False
+        if self.settings.max_cost is not None:
+            est = self.store.db.execute(
+                "SELECT model, SUM(est_input), SUM(est_output) FROM rows WHERE state='pending' GROUP BY model"
+            ).fetchall()
+            direct_cost = sum(self._direct_cost(m, i, o) for m, i, o in est)
+            committed = self.store.totals()["cost"] + self.store.in_flight_cost()
+            if committed + direct_cost > self.settings.max_cost:
+                self.say(f"budget: the last {pending} rows at direct prices (est. ${direct_cost:.4f}) pass the cap")
+                self._budget_blocked = True
+                return False
+        rows = self.store.start_direct()
+        self.say(f"sending the last {len(rows)} rows through the direct API")
+        attempts = dict(
+            self.store.db.execute("SELECT idx, attempts FROM rows WHERE state='queued' AND chunk_id IS NULL")
+        )
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]] = []
+        retry: list[tuple[str, int]] = []
+        failed: list[tuple[bytes, str, int]] = []
+        slots = asyncio.Semaphore(self.settings.direct_concurrency)
+
+        def give_up_or_retry(idx: int, line: bytes, message: str) -> None:
+            if attempts.get(idx, 0) < self.settings.max_attempts:
+                retry.append((message, idx))
+            else:
+                failed.append((line, message, idx))
+
+        async def one(idx: int, file_no: int, offset: int, length: int, cid: str, endpoint: str, model: str) -> None:
+            with open(self.inputs[file_no], "rb") as fh:
+                fh.seek(offset)
+                body = orjson.loads(fh.read(length))["body"]
+            async with slots:
+                status, answer = await self.provider.direct(endpoint, body)
+            rec = {
+                "id": None,
+                "custom_id": cid,
+                "response": {"status_code": status, "request_id": None, "body": answer},
+                "error": None,
+            }
+            line = orjson.dumps(rec)
+            self._classify(model, idx, line, rec, succeeded, failed, give_up_or_retry, batch=False)
+
+        await asyncio.gather(*(one(*r[:7]) for r in rows))
+        self.store.finish_direct(succeeded, retry, failed)
+        return True
+
+    def _direct_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        price = self.prices.lookup(model) if self.provider.billed else None
+        return cost(price, input_tokens, output_tokens, batch=False) if price else 0.0
 
     # -- cancelling ----------------------------------------------------------------------
 

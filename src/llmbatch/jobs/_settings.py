@@ -28,6 +28,10 @@ class JobSettings(BaseModel):
     """Most remote batches in flight at once (default: the provider's)."""
     max_enqueued_tokens: int | None = Field(None, gt=0)
     """Most estimated prompt tokens enqueued per model across in-flight batches."""
+    direct_below: int = Field(0, ge=0)
+    """When this many pending rows or fewer are left, send them through the direct API."""
+    direct_concurrency: int = Field(16, gt=0)
+    """Direct requests in flight at once (with `direct_below`)."""
     max_attempts: int = Field(3, gt=0)
     """Tries per row before a retryable failure becomes final."""
     max_cost: float | None = Field(None, ge=0)

@@ -302,6 +302,21 @@ class JobStore:
                 f"UPDATE chunks SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), chunk_id)
             )
 
+    def _finish_rows(
+        self,
+        db: sqlite3.Connection,
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        retry: list[tuple[str, int]],
+        failed: list[tuple[bytes, str, int]],
+    ) -> None:
+        db.executemany(
+            "UPDATE rows SET state='succeeded', result=?, input_tokens=?, output_tokens=?, cached_tokens=?, "
+            "reasoning_tokens=?, cost=?, error=NULL WHERE idx=? AND state='queued'",
+            succeeded,
+        )
+        db.executemany("UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry)
+        db.executemany("UPDATE rows SET state='failed', result=?, error=? WHERE idx=? AND state='queued'", failed)
+
     def collect(
         self,
         chunk_id: int,
@@ -316,15 +331,7 @@ class JobStore:
         retry: (last error, idx) back to pending; failed: (result line, error, idx), final.
         """
         with self.tx() as db:
-            db.executemany(
-                "UPDATE rows SET state='succeeded', result=?, input_tokens=?, output_tokens=?, cached_tokens=?, "
-                "reasoning_tokens=?, cost=?, error=NULL WHERE idx=? AND state='queued'",
-                succeeded,
-            )
-            db.executemany(
-                "UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry
-            )
-            db.executemany("UPDATE rows SET state='failed', result=?, error=? WHERE idx=? AND state='queued'", failed)
+            self._finish_rows(db, succeeded, retry, failed)
             changed = db.execute(
                 "UPDATE chunks SET state='collected', remote_status=?, finished_at=? WHERE id=? AND state='submitted'",
                 (remote_status, int(time.time()), chunk_id),
@@ -337,6 +344,35 @@ class JobStore:
                 chunk_id,
                 db,
             )
+
+    def pending_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM rows WHERE state='pending'").fetchone()[0])
+
+    def start_direct(self) -> list[tuple[int, int, int, int, str, str, str, int, int]]:
+        """Queues every pending row for the direct API (chunk_id NULL), returning
+        (idx, file_no, offset, length, custom_id, endpoint, model, est_input, est_output)."""
+        with self.tx() as db:
+            rows = db.execute(
+                "SELECT idx, file_no, offset, length, custom_id, endpoint, model, est_input, est_output FROM rows "
+                "WHERE state='pending' ORDER BY idx"
+            ).fetchall()
+            db.execute("UPDATE rows SET state='queued', chunk_id=NULL, attempts=attempts+1 WHERE state='pending'")
+            self.event("direct", f"{len(rows)} rows sent to the direct API", db=db)
+        return rows
+
+    def finish_direct(
+        self,
+        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        retry: list[tuple[str, int]],
+        failed: list[tuple[bytes, str, int]],
+    ) -> None:
+        with self.tx() as db:
+            self._finish_rows(db, succeeded, retry, failed)
+
+    def requeue_interrupted_direct(self) -> int:
+        """Rows that were with the direct API when the process died go back to pending."""
+        with self.tx() as db:
+            return db.execute("UPDATE rows SET state='pending' WHERE state='queued' AND chunk_id IS NULL").rowcount
 
     def in_flight_cost(self) -> float:
         """Estimated cost of chunks submitted (or about to be) and not yet collected."""

@@ -14,6 +14,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .._exceptions import ConfigError
+
 __all__ = ["Provider", "ProviderLimits", "RemoteBatch", "RemoteStatus", "TAG_KEY", "JOB_KEY"]
 
 #: Metadata keys llmbatch puts on every remote batch (OpenAI-style metadata).
@@ -109,6 +111,10 @@ class Provider(ABC):
     @abstractmethod
     async def cancel(self, batch_id: str) -> RemoteBatch:
         """Asks the provider to cancel; finished rows stay available."""
+
+    async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """Sends one request to the provider's direct (non-batch) API: (HTTP status, JSON body)."""
+        raise ConfigError(f"the {self.name} provider has no direct API; drop --direct-below")
 
     async def delete_file(self, file_id: str) -> None:
         """Deletes an uploaded file (a duplicate upload after a crash, or a finished chunk's)."""

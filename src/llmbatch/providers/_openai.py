@@ -146,5 +146,14 @@ class OpenAIBatchProvider(Provider):
     async def cancel(self, batch_id: str) -> RemoteBatch:
         return _remote(await self._call("cancelling a batch", lambda: self._client.batches.cancel(batch_id)))
 
+    async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
+        path = endpoint.removeprefix("/v1")
+        try:
+            return 200, await self._client.post(path, body=body, cast_to=object)
+        except openai.APIStatusError as exc:
+            return exc.status_code, {"error": exc.body}
+        except openai.APIConnectionError as exc:
+            return 502, {"error": {"message": f"cannot reach the direct API: {exc}", "type": "connection_error"}}
+
     async def delete_file(self, file_id: str) -> None:
         await self._call("deleting a file", lambda: self._client.files.delete(file_id))

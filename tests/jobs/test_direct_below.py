@@ -1,0 +1,34 @@
+"""--direct-below: the last few pending rows go through the direct API, not another batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import chat_line, jsonl
+
+
+def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory("--echo-fail-rate", "0.2")
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(jsonl([chat_line(i) for i in range(200)]))
+    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "k"}
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url", server.base_url,
+           "--poll-interval", "0.05", "--direct-below", "100", "--max-attempts", "8"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "direct API" in done.stderr
+    out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(200)]
+    assert all(r["response"]["status_code"] == 200 for r in out)
+    assert len(list(server.client().batches.list())) == 1  # the failed rows did not make a second batch
+    metrics = server.http().get("/metrics").text
+    direct = sum(
+        int(n) for n in re.findall(r'source="direct",endpoint="/v1/chat/completions",status="200"\} (\d+)', metrics)
+    )
+    failed_in_batch = sum(1 for r in out if r["id"] is None)  # rows answered directly carry no batch request id
+    assert direct == failed_in_batch > 0
