@@ -1,0 +1,146 @@
+"""Benchmarks of `llmbatch run` / `llmbatch estimate`. Prints figures; not a test.
+
+1. Validation + estimation (`llmbatch estimate`) of a 1,000,000-row input of about 1 GB, and of
+   half of it: rows/s and peak RSS. Target: under 300 MB, flat when the input doubles.
+2. A 100,000-row job end to end against a local `llmbatch serve` (echo engine): the client's
+   wall time as a ratio to the server's own processing time for the same batches
+   (first in_progress_at to last completed_at). Target: under 1.3.
+
+Usage: python bench/bench_jobs.py [--rows 1000000] [--job-rows 100000] [--skip-estimate] [--skip-job]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+
+# About 1 KB per row, as in a typical summarisation job: a system prompt and a document.
+_SYSTEM = "You are a careful assistant. Summarise the user's document in two sentences. " * 6
+_DOC = "The quarterly report describes revenue, costs and the outlook for the coming year. " * 5
+
+
+def write_input(path: Path, rows: int) -> int:
+    with open(path, "w") as f:
+        for i in range(rows):
+            body = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": f"{i}: {_DOC}"}],
+                "max_tokens": 100,
+            }
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+            f.write("\n")
+    return path.stat().st_size
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess[bytes]]:
+    """Runs a command; returns wall seconds, peak RSS in bytes, and the finished process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                peak = max(peak, p.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    t.join()
+    return wall, peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def bench_estimate(tmp: Path, rows: int, env: dict[str, str]) -> None:
+    rss = {}
+    for n in (rows // 2, rows):
+        path = tmp / f"est-{n}.jsonl"
+        size = write_input(path, n)
+        wall, peak, done = measure([sys.executable, "-m", "llmbatch", "estimate", str(path)], env)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.decode())
+        rss[n] = peak
+        print(
+            f"estimate {n:>9,} rows ({size / 1e9:.2f} GB): {wall:6.1f} s = {n / wall:,.0f} rows/s; "
+            f"peak RSS {peak / 2**20:,.0f} MiB"
+        )
+        path.unlink()
+    print(f"peak RSS ratio {rows:,} / {rows // 2:,} rows: {rss[rows] / rss[rows // 2]:.2f}x (flat means close to 1.0)")
+
+
+def bench_job(tmp: Path, rows: int, env: dict[str, str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llmbatch", "serve", "--port", str(port), "--data-dir", str(tmp / "server"),
+         "--log-level", "warning", "--max-concurrency", "256"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        path = tmp / "job.jsonl"
+        size = write_input(path, rows)
+        cmd = [sys.executable, "-m", "llmbatch", "run", str(path), "--provider", "openai", "--base-url", url,
+               "--poll-interval", "0.2"]  # fmt: skip
+        wall, peak, done = measure(cmd, {**env, "OPENAI_API_KEY": "bench"})
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.decode())
+        batches = list(openai.OpenAI(base_url=url, api_key="bench").batches.list(limit=100))
+        start = min(b.in_progress_at or b.created_at for b in batches)
+        end = max(b.completed_at or 0 for b in batches)
+        server_s = max(end - start, 1)
+        print(
+            f"job {rows:,} rows ({size / 1e6:,.0f} MB, {len(batches)} batches): client wall {wall:.1f} s, "
+            f"server processing {server_s} s (whole seconds) -> ratio {wall / server_s:.2f}; client peak RSS "
+            f"{peak / 2**20:,.0f} MiB"
+        )
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--job-rows", type=int, default=100_000)
+    ap.add_argument("--skip-estimate", action="store_true")
+    ap.add_argument("--skip-job", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="llmbatch-bench-") as t:
+        tmp = Path(t)
+        env = {**os.environ, "LLMBATCH_HOME": str(tmp / "home")}
+        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+        if not args.skip_estimate:
+            bench_estimate(tmp, args.rows, env)
+        if not args.skip_job:
+            bench_job(tmp, args.job_rows, env)
+
+
+if __name__ == "__main__":
+    main()
