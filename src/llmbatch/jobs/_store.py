@@ -265,10 +265,15 @@ class JobStore:
                 (tag, endpoint, model, len(idxs), nbytes, est_in, est_out, cost, int(time.time())),
             )
             chunk_id = int(cur.lastrowid or 0)
-            db.executemany(
-                "UPDATE rows SET state='queued', chunk_id=?, attempts=attempts+1 WHERE idx=? AND state='pending'",
-                ((chunk_id, i) for i in idxs),
-            )
+            # The chunk is every pending row of its endpoint and model between its first and last
+            # row (the planner takes them in order), so one range UPDATE queues them all.
+            queued = db.execute(
+                "UPDATE rows SET state='queued', chunk_id=?, attempts=attempts+1 "
+                "WHERE state='pending' AND endpoint=? AND model=? AND idx BETWEEN ? AND ?",
+                (chunk_id, endpoint, model, idxs[0], idxs[-1]),
+            ).rowcount
+            if queued != len(idxs):
+                raise StateError(f"chunk {tag}: expected to queue {len(idxs)} rows, queued {queued}")
             self.event("plan", f"chunk {tag}: {len(idxs)} rows of {model} ({nbytes} bytes)", chunk_id, db)
         return chunk_id
 
