@@ -90,7 +90,18 @@ def _settings_from(opts: dict[str, Any]) -> JobSettings:
     return JobSettings(base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
 
 
-def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False) -> int:
+def _run_job(
+    store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False, settings: JobSettings | None = None
+) -> int:
+    # The lock covers ingesting and planning too: a second process re-ingesting (DELETE FROM rows)
+    # or planning chunks while the first runs would corrupt the job.
+    with _job_lock(job_dir):
+        if settings is not None:
+            store.set_job(settings=settings.model_dump(mode="json"))
+        return _run_job_locked(store, job_dir, api_key, dry_run=dry_run)
+
+
+def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False) -> int:
     job = store.job()
     assert job is not None
     settings = JobSettings.model_validate(job["settings"])
@@ -142,14 +153,11 @@ def _run_job(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bo
         click.echo(outcome.summary, err=True)
         return outcome.code
 
-    with _job_lock(job_dir):
-        try:
-            return asyncio.run(main())
-        except KeyboardInterrupt:
-            click.echo(
-                f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {job['id']}", err=True
-            )
-            return EXIT_INTERRUPTED
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {job['id']}", err=True)
+        return EXIT_INTERRUPTED
 
 
 _job_root_option = click.option(
@@ -237,7 +245,7 @@ def register(cli: click.Group) -> None:
         store, job_dir, created = open_job(list(inputs), settings, job_root or default_job_root())
         _say(f"{'new' if created else 'resuming'} job {job_dir.name} ({job_dir})")
         try:
-            sys.exit(_run_job(store, job_dir, api_key, dry_run=dry_run))
+            sys.exit(_run_job(store, job_dir, api_key, dry_run=dry_run, settings=settings))
         finally:
             store.close()
 

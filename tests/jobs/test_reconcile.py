@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 from conftest import chat_line, jsonl
-
 from llmbatch.jobs import JobRunner, JobSettings, ingest, open_job
 from llmbatch.providers._openai import OpenAIBatchProvider
 

@@ -80,7 +80,11 @@ def job_id_for(inputs: list[dict[str, Any]], settings: JobSettings) -> str:
 
 
 def open_job(inputs: list[Path], settings: JobSettings, job_root: Path) -> tuple[JobStore, Path, bool]:
-    """Opens the job for these inputs, creating it when new. Returns (store, job dir, created)."""
+    """Opens the job for these inputs, creating it when new. Returns (store, job dir, created).
+
+    An existing job keeps its stored settings; the caller records new ones (flags such as
+    --max-cost may change between runs) once it holds the job's lock.
+    """
     described = _describe_inputs(inputs)
     job_id = job_id_for(described, settings)
     job_dir = job_root / job_id
@@ -90,7 +94,6 @@ def open_job(inputs: list[Path], settings: JobSettings, job_root: Path) -> tuple
     if job is None:
         store.create_job(job_id, described, settings.model_dump(mode="json"))
         return store, job_dir, True
-    store.set_job(settings=settings.model_dump(mode="json"))  # flags like --max-cost may change on resume
     return store, job_dir, False
 
 

@@ -131,6 +131,12 @@ class JobRunner:
             planned = self.store.chunks(("planned",))
             if not active and not planned and not self.store.pending_count():
                 break
+            if not active and planned and self._budget_blocked:
+                # The batches whose estimates blocked the budget have finished, and their actual
+                # cost (usually far below the estimate) now counts instead: look again.
+                self._budget_blocked = False
+                progressed |= await self.submit()
+                active = self.store.chunks(("uploading", "uploaded", "creating", "submitted"))
             if not active and self._budget_blocked:
                 self.store.set_job(status="budget_stopped")
                 return self._finish(budget_stopped=True)
@@ -228,16 +234,26 @@ class JobRunner:
 
     async def submit(self) -> bool:
         """Submits planned chunks while the in-flight, enqueued-token and budget limits allow."""
+        if self.store.chunks(("uploading", "creating")):
+            # An earlier upload or create failed or went unanswered: find out where it got to
+            # (list and match by tag), or the chunk would sit in `uploading`/`creating` forever.
+            try:
+                await self._reconcile_chunks()
+            except ProviderError as exc:
+                self.say(f"looking up earlier submissions failed: {exc}; will try again")
+                return False
         progressed = False
         in_flight = len(self.store.chunks(("uploading", "uploaded", "creating", "submitted")))
         for chunk in self.store.chunks(("planned", "uploaded")):
             if chunk.state == "planned":
                 if in_flight >= self.max_in_flight:
                     break
-                if self.max_enqueued is not None and (
-                    self.store.in_flight_tokens(chunk.model) + chunk.est_input > self.max_enqueued
-                ):
-                    continue
+                if self.max_enqueued is not None:
+                    enqueued = self.store.in_flight_tokens(chunk.model)
+                    # A chunk over the limit on its own (one large row) goes when nothing of its
+                    # model is in flight; holding it back for that would hold it back forever.
+                    if enqueued and enqueued + chunk.est_input > self.max_enqueued:
+                        continue
                 if self.settings.max_cost is not None:
                     committed = self.store.totals()["cost"] + self.store.in_flight_cost()
                     if committed + chunk.est_cost > self.settings.max_cost:
@@ -245,7 +261,7 @@ class JobRunner:
                             self.say(
                                 f"budget: chunk {chunk.tag} (est. ${chunk.est_cost:.4f}) would take spend to "
                                 f"${committed + chunk.est_cost:.4f}, past the ${self.settings.max_cost:.2f} cap; "
-                                "submitting nothing more"
+                                "holding it back"
                             )
                         self._budget_blocked = True
                         break
@@ -281,6 +297,8 @@ class JobRunner:
     def _submit_failed(self, chunk: Chunk, exc: ProviderError) -> None:
         """A refused or unanswered call: leave the chunk where it is (reconcile sorts it out)."""
         self.store.update_chunk(chunk.id, submit_errors=chunk.submit_errors + 1)
+        if not exc.retryable:  # refused for good (bad key, window, file): trying again cannot help
+            raise exc
         self.say(f"chunk {chunk.tag}: {exc}; will try again")
 
     async def reconcile(self) -> None:
@@ -288,6 +306,9 @@ class JobRunner:
         requeued = self.store.requeue_interrupted_direct()
         if requeued:
             self.say(f"{requeued} rows were with the direct API when the last run stopped; sending them again")
+        await self._reconcile_chunks()
+
+    async def _reconcile_chunks(self) -> None:
         for chunk in self.store.chunks(("uploading", "creating")):
             since = (chunk.intent_at or chunk.created_at) - 300
             if chunk.state == "uploading":
@@ -336,7 +357,11 @@ class JobRunner:
                 )
                 progressed = True
             if batch.status.terminal:
-                await self.collect(chunk, batch)
+                try:
+                    await self.collect(chunk, batch)
+                except ProviderError as exc:  # the results stay remote: fetch them on a later poll
+                    self.say(f"chunk {chunk.tag}: downloading results failed: {exc}; will try again")
+                    continue
                 progressed = True
         return progressed
 

@@ -1,0 +1,201 @@
+"""JobStore (src/llmbatch/jobs/_store.py): planning, guarded chunk transitions, collecting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmbatch._exceptions import StateError
+from llmbatch.jobs import JobStore
+
+CHAT = "/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+
+
+def row_tuple(idx: int, state: str = "pending", custom_id: str | None = None) -> tuple[object, ...]:
+    """(idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, error)."""
+    return (idx, 0, idx + 1, idx * 100, 99, custom_id or f"row-{idx}", CHAT, MODEL, 10, 20, state, None)
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = JobStore(tmp_path / "job.sqlite")
+    s.create_job("job_test", [{"path": str(tmp_path / "in.jsonl"), "size": 1, "mtime_ns": 1}], {"provider": "local"})
+    s.insert_rows([row_tuple(i) for i in range(5)])
+    yield s
+    s.close()
+
+
+def rows(store: JobStore) -> dict[int, tuple[str, int, int | None, str | None]]:
+    """idx -> (state, attempts, chunk_id, error)."""
+    return {
+        idx: (state, attempts, chunk_id, error)
+        for idx, state, attempts, chunk_id, error in store.db.execute(
+            "SELECT idx, state, attempts, chunk_id, error FROM rows ORDER BY idx"
+        )
+    }
+
+
+def plan(store: JobStore, tag: str, idxs: list[int]) -> int:
+    return store.plan_chunk(tag, CHAT, MODEL, idxs, 99 * len(idxs), 10 * len(idxs), 20 * len(idxs), 0.5)
+
+
+def submit(store: JobStore, chunk_id: int) -> None:
+    """planned -> uploading -> uploaded -> creating -> submitted, as the runner does."""
+    store.move_chunk(chunk_id, "uploading", ("planned",))
+    store.move_chunk(chunk_id, "uploaded", ("uploading",), file_id="file-1")
+    store.move_chunk(chunk_id, "creating", ("uploaded",))
+    store.move_chunk(chunk_id, "submitted", ("creating",), batch_id="batch-1", remote_status="validating")
+
+
+def test_job_round_trip(store: JobStore) -> None:
+    job = store.job()
+    assert job is not None
+    assert job["id"] == "job_test" and job["status"] == "ingesting" and job["settings"] == {"provider": "local"}
+    store.set_job(status="running", settings={"provider": "openai"})
+    job = store.job()
+    assert job is not None and job["status"] == "running" and job["settings"] == {"provider": "openai"}
+    assert store.counts() == {"pending": 5, "queued": 0, "succeeded": 0, "failed": 0, "invalid": 0}
+
+
+def test_plan_chunk_queues_rows_and_counts_attempts(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1, 2])
+    r = rows(store)
+    assert [r[i][:3] for i in (0, 1, 2)] == [("queued", 1, cid)] * 3
+    assert [r[i][:3] for i in (3, 4)] == [("pending", 0, None)] * 2
+    assert store.counts()["queued"] == 3
+    (chunk,) = store.chunks()
+    assert (chunk.id, chunk.tag, chunk.state, chunk.rows) == (cid, "job_test-c00001", "planned", 3)
+    assert (chunk.est_input, chunk.est_output, chunk.est_cost) == (30, 60, 0.5)
+    assert store.estimated_cost() == 0.5
+    assert [idx for idx, *_ in store.chunk_rows(cid)] == [0, 1, 2]
+    assert [idx for idx, *_ in store.pending_rows(CHAT, MODEL)] == [3, 4]
+
+    # A row already queued elsewhere is not taken again, nor counted again: the plan is
+    # refused whole (no chunk, no row touched).
+    with pytest.raises(StateError):
+        plan(store, "job_test-c00002", [2, 3])
+    r = rows(store)
+    assert r[2][:3] == ("queued", 1, cid)
+    assert r[3][:3] == ("pending", 0, None)
+    assert len(store.chunks()) == 1
+    cid2 = plan(store, "job_test-c00002", [3, 4])
+    assert [rows(store)[i][:3] for i in (3, 4)] == [("queued", 1, cid2)] * 2
+
+    # A row sent back to pending and planned again has its second attempt counted.
+    submit(store, cid)
+    store.collect(cid, [], [("HTTP 500: boom", 0)], [], "completed")
+    assert rows(store)[0] == ("pending", 1, None, "HTTP 500: boom")
+    cid3 = plan(store, "job_test-c00003", [0])
+    assert rows(store)[0][:3] == ("queued", 2, cid3)
+
+
+def test_plan_chunk_tags_are_unique(store: JobStore) -> None:
+    plan(store, "job_test-c00001", [0])
+    with pytest.raises(Exception):  # noqa: B017 - sqlite3.IntegrityError
+        plan(store, "job_test-c00001", [1])
+    # The failed plan left nothing behind: the row is still pending, one chunk exists.
+    assert rows(store)[1][:3] == ("pending", 0, None)
+    assert len(store.chunks()) == 1
+
+
+def test_move_chunk_guards_its_state(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1])
+    with pytest.raises(StateError):
+        store.move_chunk(cid, "uploaded", ("uploading",), file_id="file-x")
+    (chunk,) = store.chunks()
+    assert chunk.state == "planned" and chunk.file_id is None  # nothing changed
+
+    store.move_chunk(cid, "uploading", ("planned",), intent_at=123)
+    assert store.chunks(("uploading",))[0].intent_at == 123
+    with pytest.raises(StateError):
+        store.move_chunk(cid, "uploading", ("planned",))  # not twice
+    with pytest.raises(StateError):
+        store.move_chunk(999, "uploading", ("planned",))  # no such chunk
+    store.move_chunk(cid, "uploaded", ("uploading",), file_id="file-1")
+    store.move_chunk(cid, "creating", ("uploaded",))
+    store.move_chunk(cid, "submitted", ("creating",), batch_id="batch-1", remote_status="validating")
+    (chunk,) = store.chunks()
+    assert (chunk.state, chunk.file_id, chunk.batch_id, chunk.remote_status) == (
+        "submitted", "file-1", "batch-1", "validating",
+    )  # fmt: skip
+    assert store.chunks(("planned", "uploaded")) == []
+    assert [c.id for c in store.chunks(("submitted",))] == [cid]
+    # The transitions were recorded as events.
+    kinds = [kind for _at, kind, chunk_id, _msg in store.events(100) if chunk_id == cid]
+    assert kinds == ["plan", "uploading", "uploaded", "creating", "submitted"]
+
+
+def test_collect_applies_results(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1, 2, 3])
+    submit(store, cid)
+    store.collect(
+        cid,
+        succeeded=[(b'{"ok": 0}', 11, 5, 2, 1, 0.25, 0), (b'{"ok": 1}', 9, 4, 0, 0, 0.125, 1)],
+        retry=[("HTTP 429: slow down", 2)],
+        failed=[(b'{"bad": 3}', "HTTP 400: no messages", 3)],
+        remote_status="completed",
+    )
+    r = rows(store)
+    assert r[0] == ("succeeded", 1, cid, None)
+    assert r[1] == ("succeeded", 1, cid, None)
+    assert r[2] == ("pending", 1, None, "HTTP 429: slow down")
+    assert r[3] == ("failed", 1, cid, "HTTP 400: no messages")
+    assert r[4] == ("pending", 0, None, None)
+    results = {idx: result for idx, _f, _l, _cid, _state, result, _err in store.export_rows()}
+    assert results[0] == b'{"ok": 0}' and results[3] == b'{"bad": 3}' and results[2] is None
+    assert store.counts() == {"pending": 2, "queued": 0, "succeeded": 2, "failed": 1, "invalid": 0}
+    assert store.totals() == {
+        "input_tokens": 20, "output_tokens": 9, "cached_tokens": 2, "reasoning_tokens": 1, "cost": 0.375,
+    }  # fmt: skip
+    (chunk,) = store.chunks()
+    assert (chunk.state, chunk.remote_status) == ("collected", "completed")
+    assert chunk.finished_at is not None
+    assert store.in_flight_cost() == 0
+
+    # Collecting the same chunk again is refused and changes nothing.
+    with pytest.raises(StateError):
+        store.collect(cid, [(b'{"again": 2}', 1, 1, 0, 0, 9.0, 2)], [], [], "completed")
+    assert rows(store)[2] == ("pending", 1, None, "HTTP 429: slow down")
+    assert store.totals()["cost"] == 0.375
+
+
+def test_collect_refuses_a_chunk_not_submitted(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1])
+    store.move_chunk(cid, "uploading", ("planned",))
+    store.move_chunk(cid, "uploaded", ("uploading",), file_id="file-1")
+    with pytest.raises(StateError):
+        store.collect(cid, [(b'{"ok": 0}', 1, 1, 0, 0, 0.1, 0)], [("x", 1)], [], "completed")
+    # The whole transaction was rolled back: the rows are untouched.
+    r = rows(store)
+    assert r[0] == ("queued", 1, cid, None) and r[1] == ("queued", 1, cid, None)
+    assert store.totals()["cost"] == 0
+    assert store.chunks()[0].state == "uploaded"
+    assert store.in_flight_cost() == 0.5
+
+
+def test_collect_only_touches_queued_rows(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1])
+    submit(store, cid)
+    # Row 4 was never queued: a stray result for it must not mark it.
+    store.collect(cid, [(b"{}", 1, 1, 0, 0, 0.1, 0), (b"{}", 1, 1, 0, 0, 0.1, 4)], [], [(b"{}", "e", 1)], "completed")
+    r = rows(store)
+    assert r[0][0] == "succeeded" and r[1][0] == "failed" and r[4] == ("pending", 0, None, None)
+    assert store.totals()["cost"] == pytest.approx(0.1)
+
+
+def test_reopening_keeps_state(tmp_path: Path) -> None:
+    first = JobStore(tmp_path / "job.sqlite")
+    first.create_job("job_test", [], {})
+    first.insert_rows([row_tuple(0), row_tuple(1)])
+    cid = plan(first, "job_test-c00001", [0])
+    first.close()
+    again = JobStore(tmp_path / "job.sqlite")
+    try:
+        job = again.job()
+        assert job is not None and job["id"] == "job_test"
+        assert rows(again)[0][:3] == ("queued", 1, cid)
+        assert [c.tag for c in again.chunks()] == ["job_test-c00001"]
+    finally:
+        again.close()
