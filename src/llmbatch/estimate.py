@@ -83,7 +83,6 @@ _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 _SHARED_CACHE_SIZE = 4096
 _shared_text: dict[str, int] = {}
 _shared_json: dict[bytes, int] = {}
-_role_tokens: dict[str, int] = {}
 _reasoning_cache: dict[str, bool] = {}
 
 
@@ -125,15 +124,6 @@ def _json_tokens(value: Any) -> int:
         if len(_shared_json) >= _SHARED_CACHE_SIZE:
             _shared_json.clear()
         _shared_json[raw] = n
-    return n
-
-
-def _role_count(role: str) -> int:
-    n = _role_tokens.get(role)
-    if n is None:
-        n = _count(role)
-        if len(_role_tokens) < 1024:
-            _role_tokens[role] = n
     return n
 
 
@@ -222,7 +212,7 @@ def _messages_tokens(messages: list[Any], text_types: frozenset[str], *, roleles
             continue
         total += _TOKENS_PER_MESSAGE
         if type(role) is str:
-            total += _role_count(role)
+            total += _tokens.count_role_tokens(role)
         content = message.get("content")
         if type(content) is str:
             # System and developer prompts usually repeat on every row of a batch.
@@ -323,10 +313,10 @@ def _responses(body: dict[str, Any], default_output: int) -> RowEstimate:
     tokens = _REPLY_PRIMING_TOKENS
     instructions = body.get("instructions")
     if type(instructions) is str and instructions:
-        tokens += _TOKENS_PER_MESSAGE + _role_count("system") + _count_shared(instructions)
+        tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("system") + _count_shared(instructions)
     items = body.get("input")
     if type(items) is str:
-        tokens += _TOKENS_PER_MESSAGE + _role_count("user") + _count(items)
+        tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("user") + _count(items)
     elif type(items) is list:
         tokens += _messages_tokens(items, _RESPONSES_TEXT_PARTS, roleless=True)
     elif items is not None:

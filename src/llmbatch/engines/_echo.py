@@ -70,7 +70,6 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _rng = random.Random()
 _count = _tokens.count_tokens
 # Role strings repeat on every message; remembering their counts saves a tokenizer call each.
-_role_tokens: dict[str, int] = {}
 
 
 class _BadRequest(Exception):
@@ -84,15 +83,6 @@ class _BadRequest(Exception):
 
 def _hex_id(prefix: str) -> str:
     return f"{prefix}{_rng.getrandbits(96):024x}"
-
-
-def _role_token_count(role: str) -> int:
-    n = _role_tokens.get(role)
-    if n is None:
-        n = _count(role)
-        if len(_role_tokens) < 1024:
-            _role_tokens[role] = n
-    return n
 
 
 def _opt_positive_int(body: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
@@ -181,7 +171,7 @@ def _count_messages(
             e.param = f"{param}[{i}].{e.param}"
             raise
         n = _count(text)
-        total += _TOKENS_PER_MESSAGE + _role_token_count(role) + n
+        total += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens(role) + n
         if role == "user":
             last_text, last_tokens = text, n
         if len(message) > 2:
@@ -469,11 +459,11 @@ class EchoEngine(Engine):
         # user message.
         input_tokens = _REPLY_PRIMING_TOKENS
         if instructions:
-            input_tokens += _TOKENS_PER_MESSAGE + _role_token_count("system") + _count(instructions)
+            input_tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("system") + _count(instructions)
         if type(items) is str:
             reply = items
             reply_tokens = _count(reply)
-            input_tokens += _TOKENS_PER_MESSAGE + _role_token_count("user") + reply_tokens
+            input_tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("user") + reply_tokens
         elif isinstance(items, list) and items:
             counted, reply, reply_tokens = _count_response_items(items)
             input_tokens += counted
