@@ -239,11 +239,13 @@ def test_expired_rows_are_retried_in_new_batches(server_factory, tmp_path: Path)
 # -- 5: Ctrl+C, cancel, resume ----------------------------------------------------------------
 
 
-def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("attempts", [[], ["--max-attempts", "1"]], ids=["default-attempts", "one-attempt"])
+def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """A user's cancel does not use up the cut-off rows' attempts: resume runs them."""
     server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")
     rows = [chat_line(i) for i in range(200)]
     inp = write_input(tmp_path, rows)
-    cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL]
+    cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, *attempts]
     first = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
 

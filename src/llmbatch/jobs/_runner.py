@@ -377,10 +377,16 @@ class JobRunner:
         succeeded: list[tuple[bytes, int, int, int, int, float, int]] = []
         retry: list[tuple[str, int]] = []
         failed: list[tuple[bytes, str, int]] = []
+        refund: list[tuple[str, int]] = []
         seen: set[int] = set()
+        # Rows cut off by the user's own `llmbatch cancel` were never really tried: they go back
+        # to pending with their attempt refunded, so a resume runs them whatever --max-attempts.
+        user_cancelled = (self.store.job() or {}).get("status") == "cancelled"
 
         def give_up_or_retry(idx: int, line: bytes, message: str) -> None:
-            if attempts.get(idx, 0) < self.settings.max_attempts:
+            if user_cancelled and message.startswith("batch_cancelled:"):
+                refund.append((message, idx))
+            elif attempts.get(idx, 0) < self.settings.max_attempts:
                 retry.append((message, idx))
             else:
                 failed.append((line, message, idx))
@@ -418,7 +424,7 @@ class JobRunner:
             else:
                 reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
                 give_up_or_retry(idx, _error_line(cid_of[idx], "missing_result", reason), reason)
-        self.store.collect(chunk.id, succeeded, retry, failed, batch.status.value)
+        self.store.collect(chunk.id, succeeded, retry, failed, batch.status.value, refund=refund)
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
                 (self.job_dir / "results" / f"{chunk.tag}-{file_id}.jsonl").unlink(missing_ok=True)

@@ -313,6 +313,7 @@ class JobStore:
         succeeded: list[tuple[bytes, int, int, int, int, float, int]],
         retry: list[tuple[str, int]],
         failed: list[tuple[bytes, str, int]],
+        refund: Sequence[tuple[str, int]] = (),
     ) -> None:
         db.executemany(
             "UPDATE rows SET state='succeeded', result=?, input_tokens=?, output_tokens=?, cached_tokens=?, "
@@ -320,6 +321,11 @@ class JobStore:
             succeeded,
         )
         db.executemany("UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry)
+        db.executemany(
+            "UPDATE rows SET state='pending', chunk_id=NULL, error=?, attempts=MAX(attempts-1, 0) "
+            "WHERE idx=? AND state='queued'",
+            refund,
+        )
         db.executemany("UPDATE rows SET state='failed', result=?, error=? WHERE idx=? AND state='queued'", failed)
 
     def collect(
@@ -329,14 +335,17 @@ class JobStore:
         retry: list[tuple[str, int]],
         failed: list[tuple[bytes, str, int]],
         remote_status: str,
+        *,
+        refund: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Applies a finished chunk's results and marks it collected, in one transaction.
 
         succeeded: (result line, input, output, cached, reasoning tokens, cost, idx);
-        retry: (last error, idx) back to pending; failed: (result line, error, idx), final.
+        retry: (last error, idx) back to pending; failed: (result line, error, idx), final;
+        refund: (last error, idx) back to pending with the attempt given back (the user cancelled).
         """
         with self.tx() as db:
-            self._finish_rows(db, succeeded, retry, failed)
+            self._finish_rows(db, succeeded, retry, failed, refund)
             changed = db.execute(
                 "UPDATE chunks SET state='collected', remote_status=?, finished_at=? WHERE id=? AND state='submitted'",
                 (remote_status, int(time.time()), chunk_id),
@@ -345,7 +354,8 @@ class JobStore:
                 raise StateError(f"chunk {chunk_id} was not submitted; its results were not applied")
             self.event(
                 "collected",
-                f"chunk {chunk_id}: {len(succeeded)} succeeded, {len(retry)} to retry, {len(failed)} failed",
+                f"chunk {chunk_id}: {len(succeeded)} succeeded, {len(retry) + len(refund)} to retry, "
+                f"{len(failed)} failed",
                 chunk_id,
                 db,
             )
