@@ -40,6 +40,10 @@ from .pricing import PriceTable
 __all__ = ["register"]
 
 
+#: Settings that shape chunks: when they change between runs, unsent chunks are re-planned.
+_CHUNKING = ("batch_size", "max_bytes", "max_enqueued_tokens")
+
+
 def _say(message: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
@@ -97,7 +101,13 @@ def _run_job(
     # or planning chunks while the first runs would corrupt the job.
     with _job_lock(job_dir):
         if settings is not None:
+            before = store.job()
             store.set_job(settings=settings.model_dump(mode="json"))
+            old = JobSettings.model_validate(before["settings"]) if before else settings
+            if any(getattr(old, k) != getattr(settings, k) for k in _CHUNKING):
+                n = store.dissolve_planned()
+                if n:
+                    _say(f"chunking limits changed: re-planning {n} chunks not sent yet")
         return _run_job_locked(store, job_dir, api_key, dry_run=dry_run)
 
 

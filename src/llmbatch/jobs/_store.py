@@ -277,6 +277,21 @@ class JobStore:
             self.event("plan", f"chunk {tag}: {len(idxs)} rows of {model} ({nbytes} bytes)", chunk_id, db)
         return chunk_id
 
+    def dissolve_planned(self) -> int:
+        """Returns the rows of chunks never sent back to pending (for a re-plan under new limits).
+
+        Only `planned` chunks: nothing remote carries their tags. They are kept as `abandoned`.
+        """
+        with self.tx() as db:
+            db.execute(
+                "UPDATE rows SET state='pending', chunk_id=NULL, attempts=MAX(attempts-1, 0) "
+                "WHERE state='queued' AND chunk_id IN (SELECT id FROM chunks WHERE state='planned')"
+            )
+            n = db.execute("UPDATE chunks SET state='abandoned' WHERE state='planned'").rowcount
+            if n:
+                self.event("replan", f"{n} unsent chunks dissolved to re-plan under new limits", db=db)
+        return n
+
     def chunks(self, states: Sequence[str] | None = None) -> list[Chunk]:
         if states is None:
             rows = self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks ORDER BY id").fetchall()
