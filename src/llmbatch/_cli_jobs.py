@@ -94,6 +94,14 @@ def _settings_from(opts: dict[str, Any]) -> JobSettings:
     return JobSettings(base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
 
 
+def _stored_job(store: JobStore) -> tuple[dict[str, Any], JobSettings]:
+    """The job's record and the settings stored with it."""
+    job = store.job()
+    if job is None:
+        raise ConfigError(f"{store.path} holds no job: it was created but never initialised; delete it")
+    return job, JobSettings.model_validate(job["settings"])
+
+
 def _run_job(
     store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False, settings: JobSettings | None = None
 ) -> int:
@@ -112,9 +120,7 @@ def _run_job(
 
 
 def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False) -> int:
-    job = store.job()
-    assert job is not None
-    settings = JobSettings.model_validate(job["settings"])
+    job, settings = _stored_job(store)
     if job["status"] == "ingesting":
         with store.tx() as db:
             db.execute("DELETE FROM rows")  # an interrupted ingest starts over
@@ -359,8 +365,7 @@ def register(cli: click.Group) -> None:
         """Rows done / failed / pending, remote batches by state, tokens and cost."""
         store, _job_dir = find_job(job, job_root or default_job_root())
         try:
-            j = store.job()
-            assert j is not None
+            j, _settings = _stored_job(store)
             chunks: dict[str, int] = {}
             for ch in store.chunks():
                 key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
@@ -402,9 +407,7 @@ def register(cli: click.Group) -> None:
         """Cancel a job's remote batches; finished rows are kept (`llmbatch results` exports them)."""
         store, job_dir = find_job(job, job_root or default_job_root())
         try:
-            j = store.job()
-            assert j is not None
-            settings = JobSettings.model_validate(j["settings"])
+            j, settings = _stored_job(store)
             provider = make_provider(settings, job_dir, api_key)
             runner = JobRunner(store, job_dir, settings, provider, say=_say)
 
@@ -433,9 +436,7 @@ def register(cli: click.Group) -> None:
         """Export a job's results again (one line per input row, in input order)."""
         store, job_dir = find_job(job, job_root or default_job_root())
         try:
-            j = store.job()
-            assert j is not None
-            settings = JobSettings.model_validate(j["settings"])
+            j, settings = _stored_job(store)
 
             out, err = export(store, [Path(i["path"]) for i in j["inputs"]], settings)
             c = store.counts()
