@@ -17,7 +17,7 @@ import orjson
 
 from ._exceptions import ConfigError
 from ._rows import check_row, iter_lines
-from .estimate import Estimate, RowEstimate, estimate_row
+from .estimate import Estimate, estimate_row
 from .jobs import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
@@ -36,6 +36,7 @@ from .jobs import (
 )
 from .jobs._progress import make_progress
 from .pricing import PriceTable
+from .providers import PROVIDER_NAMES, provider_class, split_model
 
 __all__ = ["register"]
 
@@ -89,9 +90,29 @@ def _print_estimate(est: Estimate, table: PriceTable, billed: bool, *, err: bool
         click.echo("Cost: none (the local provider bills nothing).", err=err)
 
 
-def _settings_from(opts: dict[str, Any]) -> JobSettings:
-    base_url = opts.pop("base_url") or (os.environ.get("OPENAI_BASE_URL") if opts["provider"] == "openai" else None)
-    return JobSettings(base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
+def _settings_from(opts: dict[str, Any], inputs: list[Path]) -> JobSettings:
+    """The job's settings from `run`'s flags; the provider from --provider, else a `provider/` model prefix."""
+    provider = opts.pop("provider") or _provider_of_model(opts.get("model"), inputs) or "local"
+    cls = provider_class(provider)
+    env = getattr(cls, "base_url_env", None)
+    base_url = opts.pop("base_url") or (os.environ.get(env) if env else None)
+    return JobSettings(provider=provider, base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
+
+
+def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
+    """The provider named by --model's prefix, else by the first row's model (`anthropic/claude-...`)."""
+    if model:
+        return split_model(model, None)[0]
+    for path in inputs[:1]:
+        try:
+            for _n, raw in iter_lines(path):
+                if raw.strip():
+                    body = orjson.loads(raw).get("body") or {}
+                    m = body.get("model") if isinstance(body, dict) else None
+                    return split_model(m, None)[0] if isinstance(m, str) else None
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return None  # the row is reported with its line when the job reads it
+    return None
 
 
 def _stored_job(store: JobStore) -> tuple[dict[str, Any], JobSettings]:
@@ -140,11 +161,7 @@ def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_
     provider = make_provider(settings, job_dir, api_key)
     models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
     prices = _price_table(settings.price_file, settings.price_input, settings.price_output, models)
-    est = Estimate()
-    for model, est_in, est_out in store.db.execute(
-        "SELECT model, est_input, est_output FROM rows WHERE state != 'invalid'"
-    ):
-        est.add(model, RowEstimate(est_in, est_out))
+    est = Estimate.from_totals(store.estimate_by_model())
     _print_estimate(est, prices, provider.billed)
     if dry_run:
         runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
@@ -192,17 +209,23 @@ def register(cli: click.Group) -> None:
     @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
     @click.option(
         "--provider",
-        type=click.Choice(["local", "openai"]),
-        default="local",
-        show_default=True,
-        help="local: an in-process llmbatch server; openai: any OpenAI-compatible Batch API.",
+        type=click.Choice(PROVIDER_NAMES),
+        default=None,
+        help="Where batches run [default: a provider/ prefix on --model or the rows' model, else local, "
+        "an in-process llmbatch server]; openai is any OpenAI-compatible Batch API.",
     )
+    @click.option(
+        "--model",
+        default=None,
+        help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
+    )
+    @click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
     @click.option("--engine", default="echo", show_default=True, help="local: the server's engine.")
     @click.option(
         "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
     )
-    @click.option("--base-url", default=None, help="openai: Batch API base URL [env OPENAI_BASE_URL].")
-    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @click.option("--base-url", default=None, help="The provider's API base URL [env: its own, e.g. OPENAI_BASE_URL].")
+    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
     @click.option(
         "-o",
         "--output",
@@ -257,7 +280,7 @@ def register(cli: click.Group) -> None:
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
     def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
         """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
-        settings = _settings_from(opts)
+        settings = _settings_from(opts, list(inputs))
         store, job_dir, created = open_job(list(inputs), settings, job_root or default_job_root())
         _say(f"{'new' if created else 'resuming'} job {job_dir.name} ({job_dir})")
         try:
@@ -316,7 +339,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
     @_job_root_option
     def resume(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Resume a job by id."""
@@ -328,7 +351,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
     @_job_root_option
     def wait(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Block until a job ends (running it if no other process is); exit with run's codes."""
@@ -401,7 +424,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="openai: API key [env OPENAI_API_KEY].")
+    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
     @_job_root_option
     def cancel(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Cancel a job's remote batches; finished rows are kept (`llmbatch results` exports them)."""

@@ -30,7 +30,7 @@ core); system prompts and tool schemas repeated across rows are counted once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,6 +410,18 @@ class Estimate:
         by_model = self.by_model
         prev = by_model.get(model)
         by_model[model] = (1, inp, out) if prev is None else (prev[0] + 1, prev[1] + inp, prev[2] + out)
+
+    @classmethod
+    def from_totals(cls, totals: Iterable[tuple[str, int, int, int, int]]) -> Estimate:
+        """An estimate from per-model sums: (model, rows, input tokens, output tokens, uncapped rows)."""
+        est = cls()
+        for model, rows, inp, out, uncapped in totals:
+            est.rows += rows
+            est.input_tokens += inp
+            est.output_tokens += out
+            est.uncapped_rows += uncapped
+            est.by_model[model] = (rows, inp, out)
+        return est
 
     def merge(self, other: Estimate) -> None:
         """Adds another estimate's token totals (e.g. from a chunk counted in parallel)."""

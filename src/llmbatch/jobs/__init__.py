@@ -8,7 +8,6 @@ resumes it. Its state lives in `JOB_ROOT/<job id>/job.sqlite`.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,17 @@ import orjson
 
 from .._exceptions import ConfigError, InputError
 from .._paths import llmbatch_home
-from ..providers import Provider
+from ..providers import Provider, create_provider
+from ._ingest import IngestReport, ingest
 from ._runner import (
     EXIT_BUDGET,
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    IngestReport,
     JobRunner,
     RunOutcome,
     export,
-    ingest,
 )
 from ._settings import JobSettings
 from ._store import JobStore
@@ -53,7 +51,7 @@ __all__ = [
     "open_job",
 ]
 
-_IDENTITY_SETTINGS = ("provider", "base_url", "engine")
+_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "model")
 
 
 def default_job_root() -> Path:
@@ -125,13 +123,9 @@ def list_jobs(job_root: Path) -> list[dict[str, Any]]:
 
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
-    """The provider a job runs on. Keys come from the argument, then the environment."""
-    if settings.provider == "local":
-        from ..providers._local import LocalProvider
-
-        return LocalProvider(job_dir / "local-server", engine=settings.engine)
-    if settings.provider == "openai":
-        from ..providers._openai import OpenAIBatchProvider
-
-        return OpenAIBatchProvider(api_key=api_key or os.environ.get("OPENAI_API_KEY"), base_url=settings.base_url)
-    raise ConfigError(f"unknown provider {settings.provider!r}: choose openai or local")
+    """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
+    options = {"api_version": settings.api_version} if settings.api_version else {}
+    return create_provider(
+        settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
+        **options,
+    )  # fmt: skip

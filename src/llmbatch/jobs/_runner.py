@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ from typing import Any
 import orjson
 
 from .._exceptions import ConfigError, ProviderError
-from .._rows import check_row, iter_lines_with_offsets
-from ..estimate import estimate_row
 from ..pricing import PriceTable, cost
 from ..providers import Provider, RemoteBatch, RemoteStatus
 from ._progress import LiveProgress, PlainProgress, Snapshot
@@ -39,7 +36,6 @@ log = logging.getLogger("llmbatch.jobs")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
-_INGEST_TX_ROWS = 20_000
 
 
 def is_retryable_status(status: int) -> bool:
@@ -222,10 +218,18 @@ class JobRunner:
         handles: dict[int, Any] = {}
         try:
             with open(tmp, "wb") as out:
-                for _idx, file_no, offset, length, _cid in self.store.chunk_rows(chunk.id):
+                for _idx, file_no, offset, length, _cid, remote_id, rewrite, model in self.store.chunk_rows(chunk.id):
                     fh = handles.get(file_no) or handles.setdefault(file_no, open(self.inputs[file_no], "rb"))
                     fh.seek(offset)
-                    out.write(fh.read(length) + b"\n")
+                    line = fh.read(length)
+                    if remote_id or rewrite:  # the id the provider accepts; the model the job sets
+                        rec = orjson.loads(line)
+                        if remote_id:
+                            rec["custom_id"] = remote_id
+                        if rewrite:
+                            rec["body"]["model"] = model
+                        line = orjson.dumps(rec)
+                    out.write(line + b"\n")
         finally:
             for fh in handles.values():
                 fh.close()
@@ -324,7 +328,7 @@ class JobRunner:
                 else:
                     self.store.move_chunk(chunk.id, "planned", ("uploading",), f"chunk {chunk.tag}: no upload found")
             else:
-                batch = await self.provider.find_batch(chunk.tag, since)
+                batch = await self.provider.find_batch(chunk.tag, since, chunk.file_id)
                 if batch is not None:
                     self.store.move_chunk(
                         chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: found batch {batch.id}",
@@ -368,8 +372,8 @@ class JobRunner:
     async def collect(self, chunk: Chunk, batch: RemoteBatch) -> None:
         """Downloads a finished batch's results and applies them to its rows, in one transaction."""
         rows = self.store.chunk_rows(chunk.id)
-        by_id = {cid: idx for idx, _f, _o, _l, cid in rows}
-        cid_of = {idx: cid for cid, idx in by_id.items()}
+        by_id = {remote or cid: idx for idx, _f, _o, _l, cid, remote, _r, _m in rows}
+        cid_of = {idx: cid for idx, _f, _o, _l, cid, *_ in rows}
         by_line = [idx for idx, *_ in rows]
         attempts = dict(
             self.store.db.execute("SELECT idx, attempts FROM rows WHERE chunk_id=? AND state='queued'", (chunk.id,))
@@ -410,6 +414,9 @@ class JobRunner:
                     if idx in seen:
                         continue
                     seen.add(idx)
+                    if rec["custom_id"] != cid_of[idx]:  # sent under an id the provider accepts
+                        rec["custom_id"] = cid_of[idx]
+                        line = orjson.dumps(rec)
                     self._classify(chunk.model, idx, line, rec, succeeded, failed, give_up_or_retry)
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
@@ -600,79 +607,4 @@ def _error_line(custom_id: str | None, code: str, message: str) -> bytes:
     )
 
 
-# -- ingesting ---------------------------------------------------------------------------
-
-
-@dataclass
-class IngestReport:
-    rows: int = 0
-    invalid: int = 0
-    problems: list[str] | None = None
-
-
-def ingest(store: JobStore, inputs: list[Path], settings: JobSettings, max_problems: int = 50) -> IngestReport:
-    """Validates and estimates every row of every input, streaming, into the job store.
-
-    Each invalid row is stored as `invalid` with a message naming its file, line and reason.
-    """
-    report = IngestReport(problems=[])
-    idx = 0
-    batch: list[tuple[Any, ...]] = []
-
-    def flush() -> None:
-        with store.tx() as db:
-            for row in batch:
-                try:
-                    db.execute(
-                        "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
-                        "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                except sqlite3.IntegrityError:  # a custom_id already used by an earlier row
-                    first = db.execute(
-                        "SELECT file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (row[5],)
-                    ).fetchone()
-                    where = f"{inputs[first[0]].name}:{first[1]}" if first else "an earlier row"
-                    message = f"duplicate_custom_id: custom_id {row[5]!r} was already used on {where}"
-                    db.execute(
-                        "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
-                        "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 'invalid', ?)",
-                        (*row[:8], message),
-                    )
-                    _note(report, inputs[row[1]], row[2], message, max_problems)
-        batch.clear()
-
-    for file_no, path in enumerate(inputs):
-        for line_no, offset, raw in iter_lines_with_offsets(path):
-            if not raw.strip():
-                continue
-            report.rows += 1
-            obj, problems = check_row(raw)
-            custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
-            custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
-            if problems or obj is None:
-                message = "; ".join(f"{p.code}: {p.message}" for p in problems)
-                batch.append((idx, file_no, line_no, offset, len(raw), custom_id, None, None, 0, 0, "invalid", message))
-                _note(report, path, line_no, message, max_problems)
-            else:
-                body = obj["body"]
-                est = estimate_row(obj["url"], body, default_output_tokens=settings.default_output_tokens)
-                batch.append(
-                    (idx, file_no, line_no, offset, len(raw), custom_id, obj["url"], body["model"],
-                     est.input_tokens, est.output_tokens, "pending", None)
-                )  # fmt: skip
-            idx += 1
-            if len(batch) >= _INGEST_TX_ROWS:
-                flush()
-    flush()
-    report.invalid = int(store.db.execute("SELECT COUNT(*) FROM rows WHERE state='invalid'").fetchone()[0])
-    return report
-
-
-def _note(report: IngestReport, path: Path, line: int, message: str, limit: int) -> None:
-    assert report.problems is not None
-    if len(report.problems) < limit:
-        report.problems.append(f"{path}:{line}: {message}")
-
-
-__all__ += ["ingest", "IngestReport", "is_retryable_status", "export", "output_paths"]
+__all__ += ["is_retryable_status", "export", "output_paths"]

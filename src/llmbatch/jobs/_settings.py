@@ -13,9 +13,13 @@ class JobSettings(BaseModel):
     """Everything that decides how a job runs."""
 
     provider: str = "local"
-    """`openai` (any OpenAI-compatible Batch API) or `local` (an in-process llmbatch server)."""
+    """A name from `llmbatch.providers.PROVIDERS` (`local`: an in-process llmbatch server)."""
     base_url: str | None = None
-    """openai: the Batch API's base URL (default OPENAI_BASE_URL, then OpenAI's)."""
+    """The provider's API base URL (default: its environment variable, then its own)."""
+    model: str | None = None
+    """Sent as every row's model (an Azure deployment name, or one model for a whole file)."""
+    api_version: str | None = None
+    """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
     engine: str = "echo"
     """local: the engine of the in-process server."""
     completion_window: str = "24h"

@@ -45,10 +45,13 @@ CREATE TABLE rows (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     custom_id TEXT,
+    remote_id TEXT,
+    rewrite INTEGER NOT NULL DEFAULT 0,
     endpoint TEXT,
     model TEXT,
     est_input INTEGER NOT NULL DEFAULT 0,
     est_output INTEGER NOT NULL DEFAULT 0,
+    uncapped INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     chunk_id INTEGER,
@@ -127,15 +130,17 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fresh = not path.exists()
         self._lock = threading.RLock()
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        if fresh:
+        # By the tables, not the file: a process killed between creating the file and the
+        # schema's transaction leaves an empty file behind.
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone() is None:
             with self.tx() as db:
-                for statement in _SCHEMA.split(";"):
-                    db.execute(statement)
+                if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone() is None:
+                    for statement in _SCHEMA.split(";"):
+                        db.execute(statement)
 
     def close(self) -> None:
         self.db.close()
@@ -201,6 +206,13 @@ class JobStore:
                 rows,
             )
 
+    def estimate_by_model(self) -> list[tuple[str, int, int, int, int]]:
+        """(model, rows, input tokens, output tokens, rows without an output cap) of the valid rows."""
+        return self.db.execute(
+            "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped) FROM rows "
+            "WHERE state != 'invalid' GROUP BY model ORDER BY model"
+        ).fetchall()
+
     def row_of_custom_id(self, custom_id: str) -> tuple[int, int, int] | None:
         """(idx, file_no, line) of a valid row with this custom_id."""
         return self.db.execute(
@@ -233,10 +245,15 @@ class JobStore:
             (endpoint, model),
         )
 
-    def chunk_rows(self, chunk_id: int) -> list[tuple[int, int, int, int, str]]:
-        """(idx, file_no, offset, length, custom_id) of a chunk's rows, in input order."""
+    def chunk_rows(self, chunk_id: int) -> list[tuple[int, int, int, int, str, str | None, int, str]]:
+        """(idx, file_no, offset, length, custom_id, remote_id, rewrite, model) of a chunk's rows, in input order.
+
+        remote_id: the id sent to the provider when the row's own does not fit its rules;
+        rewrite: 1 when the line must be rewritten before sending (its model is set by the job).
+        """
         return self.db.execute(
-            "SELECT idx, file_no, offset, length, custom_id FROM rows WHERE chunk_id=? AND state='queued' ORDER BY idx",
+            "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, model FROM rows "
+            "WHERE chunk_id=? AND state='queued' ORDER BY idx",
             (chunk_id,),
         ).fetchall()
 

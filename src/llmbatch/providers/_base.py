@@ -8,6 +8,7 @@ back as OpenAI batch output lines.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -69,12 +70,45 @@ class ProviderLimits:
 
 
 class Provider(ABC):
-    """A batch API. Adapters set `name` and `limits` and implement the operations."""
+    """A batch API. Adapters set `name` and `limits` and implement the operations.
+
+    Constructors take keyword arguments only: `api_key` and `base_url` (None: the provider's
+    environment variable, then its default) plus adapter options (`api_version`, ...). A
+    missing key raises `ConfigError` naming the environment variable.
+
+    The chunk files handed to `upload` hold OpenAI batch input lines
+    (`{"custom_id", "method", "url", "body"}`), one model per file, whose `custom_id`s match
+    `custom_id_pattern` (the runner maps those that do not, and maps them back). Result
+    files written by `download` hold OpenAI batch output lines whatever the provider's own
+    format; a provider whose results differ keeps its native result under `"native"`.
+    """
 
     name: ClassVar[str]
     limits: ProviderLimits = ProviderLimits()
     #: Whether batch prices apply (False for a local server, which costs nothing).
     billed: bool = True
+    #: The environment variable that holds the API key (None: no key needed).
+    key_env: ClassVar[str | None] = None
+    #: The environment variable that overrides the API's base URL (None: none does).
+    base_url_env: ClassVar[str | None] = None
+    #: Endpoints this provider can batch.
+    endpoints: ClassVar[frozenset[str]] = frozenset(
+        {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"}
+    )
+    #: The ids the provider accepts per request; rows whose `custom_id` does not match are
+    #: sent under an id the runner makes up (and keeps in the job store).
+    custom_id_pattern: ClassVar[re.Pattern[str] | None] = None
+
+    @classmethod
+    def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
+        """Why this provider cannot run a (valid OpenAI-format) request; empty when it can.
+
+        Called for every row before anything is sent, so that a feature the provider lacks
+        is a row error naming the file and line, never a silent drop.
+        """
+        if endpoint not in cls.endpoints:
+            return [f"the {cls.name} provider cannot batch {endpoint} (it batches {', '.join(sorted(cls.endpoints))})"]
+        return []
 
     async def start(self) -> None:
         """Acquires resources (clients, an in-process server)."""
@@ -97,8 +131,13 @@ class Provider(ABC):
         """Creates the batch for a chunk, tagged so that `find_batch(tag)` can find it."""
 
     @abstractmethod
-    async def find_batch(self, tag: str, since: int) -> RemoteBatch | None:
-        """The batch created for `tag` at or after Unix time `since`, if any."""
+    async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
+        """The batch created for `tag` (from upload `file_id`) at or after Unix time `since`, if any.
+
+        Called after a crash between asking for a batch and recording its id: answering None
+        makes the runner create the batch, so an adapter that cannot tell for sure whether a
+        batch is the chunk's must raise `ProviderError` (retryable) rather than answer None.
+        """
 
     @abstractmethod
     async def get_batch(self, batch_id: str) -> RemoteBatch:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
+import orjson
 
 from .._exceptions import ConfigError, ProviderError
 from ._base import JOB_KEY, TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
 
-__all__ = ["OpenAIBatchProvider", "tagged_filename"]
+__all__ = ["AzureBatchProvider", "GroqBatchProvider", "OpenAIBatchProvider", "tagged_filename"]
 
 T = TypeVar("T")
 
@@ -52,22 +53,32 @@ class OpenAIBatchProvider(Provider):
     """An OpenAI-compatible Batch API at `base_url` (default OpenAI's)."""
 
     name = "openai"
+    key_env = "OPENAI_API_KEY"
+    #: The environment variable with the base URL, and the default when it is unset.
+    base_url_env = "OPENAI_BASE_URL"
+    default_base_url: str | None = None
+    default_limits = OPENAI_LIMITS
 
     def __init__(
         self,
         *,
         api_key: str | None = None,
         base_url: str | None = None,
-        limits: ProviderLimits = OPENAI_LIMITS,
+        limits: ProviderLimits | None = None,
         max_retries: int = 5,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or os.environ.get("OPENAI_API_KEY")
+        key = api_key or (os.environ.get(self.key_env) if self.key_env else None)
         if not key:
-            raise ConfigError("the openai provider needs an API key: set OPENAI_API_KEY or pass --api-key")
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-        self.limits = limits
-        self._client = openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout)
+            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
+        self.base_url = (
+            base_url or (os.environ.get(self.base_url_env) if self.base_url_env else None) or self.default_base_url
+        )
+        self.limits = limits or self.default_limits
+        self._client = self._make_client(key, max_retries, timeout)
+
+    def _make_client(self, key: str, max_retries: int, timeout: float) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -118,12 +129,13 @@ class OpenAIBatchProvider(Provider):
         )
         return _remote(b)
 
-    async def find_batch(self, tag: str, since: int) -> RemoteBatch | None:
+    async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
         async def scan() -> RemoteBatch | None:
             async for b in self._client.batches.list(limit=100):
                 if b.created_at < since:
                     return None  # newest first
-                if (b.metadata or {}).get(TAG_KEY) == tag:
+                # The tag in the metadata; or, where a vendor drops metadata, the chunk's own upload.
+                if (b.metadata or {}).get(TAG_KEY) == tag or (file_id and b.input_file_id == file_id):
                     return _remote(b)
             return None
 
@@ -157,3 +169,82 @@ class OpenAIBatchProvider(Provider):
 
     async def delete_file(self, file_id: str) -> None:
         await self._call("deleting a file", lambda: self._client.files.delete(file_id))
+
+
+class GroqBatchProvider(OpenAIBatchProvider):
+    """Groq's Batch API: OpenAI's endpoints and line format, windows from 24h to 7d, files up to 100 MB."""
+
+    name = "groq"
+    key_env = "GROQ_API_KEY"
+    base_url_env = "GROQ_BASE_URL"
+    default_base_url = "https://api.groq.com/openai/v1"
+    default_limits = ProviderLimits(max_requests=50_000, max_bytes=100 * 1024 * 1024, max_in_flight=20)
+    endpoints = frozenset({"/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/translations"})
+
+
+#: Azure OpenAI Global Batch limits (shared/reference/provider-batch-apis.md, section 2).
+AZURE_LIMITS = ProviderLimits(max_requests=100_000, max_bytes=200 * 1024 * 1024, max_in_flight=20)
+
+
+class AzureBatchProvider(OpenAIBatchProvider):
+    """Azure OpenAI batch deployments.
+
+    The endpoint comes from `--base-url` or AZURE_OPENAI_ENDPOINT
+    (`https://RESOURCE.openai.azure.com`). Without an API version the v1 API is used
+    (`.../openai/v1/`, the plain OpenAI client); with `--api-version` (or OPENAI_API_VERSION)
+    the dated API, whose input lines name `/chat/completions` without `/v1`: the adapter
+    rewrites the lines' `url` on upload. Each row's `model` must be the batch deployment's
+    name (`--model DEPLOYMENT` sets it on every row).
+    """
+
+    name = "azure"
+    key_env = "AZURE_OPENAI_API_KEY"
+    base_url_env = "AZURE_OPENAI_ENDPOINT"
+    default_limits = AZURE_LIMITS
+    endpoints = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/embeddings"})
+
+    def __init__(self, *, api_version: str | None = None, **kwargs: Any) -> None:
+        self.api_version = api_version or os.environ.get("OPENAI_API_VERSION") or None
+        super().__init__(**kwargs)
+
+    def _make_client(self, key: str, max_retries: int, timeout: float) -> openai.AsyncOpenAI:
+        if not self.base_url:
+            raise ConfigError(
+                "the azure provider needs the resource endpoint: set AZURE_OPENAI_ENDPOINT or pass --base-url "
+                "(https://RESOURCE.openai.azure.com)"
+            )
+        root = self.base_url.rstrip("/")
+        if self.api_version:
+            root = root.removesuffix("/openai/v1").removesuffix("/openai")
+            self.base_url = root
+            return openai.AsyncAzureOpenAI(
+                api_key=key, azure_endpoint=root, api_version=self.api_version, max_retries=max_retries, timeout=timeout
+            )
+        if not root.endswith("/openai/v1"):
+            root = root.removesuffix("/openai") + "/openai/v1"
+        self.base_url = root + "/"
+        return openai.AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout)
+
+    def _wire_endpoint(self, endpoint: str) -> str:
+        return endpoint.removeprefix("/v1") if self.api_version else endpoint
+
+    async def upload(self, tag: str, path: Path) -> str:
+        if not self.api_version:
+            return await super().upload(tag, path)
+        # The dated API wants `/chat/completions` in every line's url.
+        dated = path.with_name(path.name + ".azure")
+        with open(path, "rb") as src, open(dated, "wb") as dst:
+            for line in src:
+                if line.strip():
+                    rec = orjson.loads(line)
+                    rec["url"] = self._wire_endpoint(rec.get("url") or "")
+                    dst.write(orjson.dumps(rec) + b"\n")
+        try:
+            return await super().upload(tag, dated)
+        finally:
+            dated.unlink(missing_ok=True)
+
+    async def create_batch(
+        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
+    ) -> RemoteBatch:
+        return await super().create_batch(tag, job, file_id, self._wire_endpoint(endpoint), completion_window)

@@ -1,0 +1,223 @@
+"""Reading a job's inputs: every row validated and estimated, streamed into the job store.
+
+The per-row work (JSON parsing, OpenAI's batch rules, the provider's own rules, offline
+token counting) is CPU-bound, so large inputs are cut into byte ranges on line boundaries
+and checked by a pool of worker processes while this process writes their rows to SQLite,
+in input order. Small inputs are checked in-process (a pool costs more than it saves).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import multiprocessing
+import os
+import re
+import sqlite3
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._rows import _BOM as BOM
+from .._rows import check_row
+from ..estimate import estimate_row
+from ..providers import Provider, provider_class, split_model
+from ._settings import JobSettings
+from ._store import JobStore
+
+__all__ = ["IngestReport", "RowRules", "ingest"]
+
+#: Bytes per range handed to a worker; rows are written to the store a range at a time.
+_RANGE_BYTES = 8 << 20
+#: Inputs smaller than this are checked in-process.
+_POOL_MIN_BYTES = 16 << 20
+
+_INSERT = (
+    "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
+    "est_input, est_output, uncapped, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass
+class IngestReport:
+    rows: int = 0
+    invalid: int = 0
+    problems: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a row is checked against: picklable, so worker processes get the same rules."""
+
+    provider: str | None = None
+    model: str | None = None
+    default_output_tokens: int = 1024
+
+    @classmethod
+    def of(cls, settings: JobSettings) -> RowRules:
+        return cls(settings.provider, settings.model, settings.default_output_tokens)
+
+    def check(self, raw: bytes) -> tuple[Any, ...]:
+        """(custom_id, remote_id, rewrite, endpoint, model, est_in, est_out, uncapped, state, error) of one line."""
+        obj, problems = check_row(raw)
+        custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+        custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
+        if problems or obj is None:
+            message = "; ".join(f"{p.code}: {p.message}" for p in problems)
+            return (custom_id, None, 0, None, None, 0, 0, 0, "invalid", message)
+        assert custom_id is not None
+        body, endpoint = obj["body"], obj["url"]
+        model = split_model(self.model or body["model"], self.provider)[1]
+        rewrite = int(model != body["model"])
+        if rewrite:
+            body = {**body, "model": model}
+        remote_id = None
+        if self.provider is not None:
+            cls = _provider_classes.get(self.provider) or _provider_classes.setdefault(
+                self.provider, provider_class(self.provider)
+            )
+            reasons = cls.check_request(endpoint, body)
+            if reasons:
+                message = "; ".join(f"unsupported_by_provider: {r}" for r in reasons)
+                return (custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", message)
+            remote_id = remote_id_for(custom_id, cls.custom_id_pattern)
+        est = estimate_row(endpoint, body, default_output_tokens=self.default_output_tokens)
+        return (custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
+                int(not est.capped), "pending", None)  # fmt: skip
+
+
+_provider_classes: dict[str, type[Provider]] = {}
+
+
+def remote_id_for(custom_id: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The id to send instead of `custom_id` when the provider's pattern refuses it (else None).
+
+    Derived from the id itself (stable across runs) and kept in the job store with the row.
+    """
+    if pattern is None or pattern.fullmatch(custom_id):
+        return None
+    return "lb_" + hashlib.sha256(custom_id.encode()).hexdigest()[:40]
+
+
+def _ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about `_RANGE_BYTES` that start and end on line boundaries."""
+    start = 0
+    with open(path, "rb") as f:
+        while start < size:
+            end = min(start + _RANGE_BYTES, size)
+            if end < size:
+                f.seek(end)
+                f.readline()  # to the end of the line `end` falls in
+                end = f.tell()
+            yield start, end
+            start = end
+
+
+def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int, list[tuple[Any, ...]]]:
+    """(lines in the range, [(line in range, offset, length, *checked row)]) for non-blank lines."""
+    rows: list[tuple[Any, ...]] = []
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    pos = 0
+    check = rules.check
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        stop = len(data) if nl < 0 else nl
+        raw, offset = data[pos:stop], start + pos
+        pos = stop + 1
+        n += 1
+        if offset == 0 and raw.startswith(BOM):
+            raw, offset = raw[len(BOM) :], len(BOM)
+        raw = raw.rstrip(b"\r")
+        if raw.strip():
+            rows.append((n, offset, len(raw), *check(raw)))
+    return n, rows
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    methods = multiprocessing.get_all_start_methods()
+    # fork shares the loaded tokenizer and modules; forkserver/spawn re-import them (about 0.5 s).
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def ingest(
+    store: JobStore, inputs: list[Path], settings: JobSettings, max_problems: int = 50, workers: int | None = None
+) -> IngestReport:
+    """Validates and estimates every row of every input, in order, into the job store.
+
+    Each invalid row is stored as `invalid` with a message naming its file, line and reason.
+    `workers`: checking processes (default: one per core, none for small inputs).
+    """
+    rules = RowRules.of(settings)
+    if settings.provider is not None:
+        provider_class(settings.provider)  # a missing SDK is a configuration error, said once
+    report = IngestReport(problems=[])
+    sizes = [p.stat().st_size for p in inputs]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _POOL_MIN_BYTES else 0
+    tasks = [(n, path, s, e) for n, (path, size) in enumerate(zip(inputs, sizes)) for s, e in _ranges(path, size)]
+    idx = 0
+    line_base = [0] * len(inputs)
+
+    def store_range(file_no: int, lines: int, rows: list[tuple[Any, ...]]) -> None:
+        nonlocal idx
+        base = line_base[file_no]
+        line_base[file_no] += lines
+        batch = []
+        for row in rows:
+            batch.append((idx, file_no, base + row[0], *row[1:]))
+            idx += 1
+        _insert(store, inputs, batch, report, max_problems)
+
+    if workers <= 1 or len(tasks) <= 1:
+        for file_no, path, s, e in tasks:
+            store_range(file_no, *_check_range(path, s, e, rules))
+    else:
+        with _pool(workers) as pool:
+            window: deque[tuple[int, cf.Future[tuple[int, list[tuple[Any, ...]]]]]] = deque()
+            todo = iter(tasks)
+            for file_no, path, s, e in todo:
+                window.append((file_no, pool.submit(_check_range, path, s, e, rules)))
+                if len(window) >= 2 * workers:  # bounded: memory stays flat however large the input
+                    done_no, fut = window.popleft()
+                    store_range(done_no, *fut.result())
+            while window:
+                done_no, fut = window.popleft()
+                store_range(done_no, *fut.result())
+    report.rows = idx
+    report.invalid = int(store.db.execute("SELECT COUNT(*) FROM rows WHERE state='invalid'").fetchone()[0])
+    return report
+
+
+def _insert(
+    store: JobStore, inputs: list[Path], rows: list[tuple[Any, ...]], report: IngestReport, max_problems: int
+) -> None:
+    """Writes checked rows; a custom_id already used by an earlier row makes the later row invalid."""
+    problems = [(row[1], row[2], row[14]) for row in rows if row[13] == "invalid"]
+    with store.tx() as db:
+        try:
+            db.executemany(_INSERT, rows)
+            clash = False
+        except sqlite3.IntegrityError:
+            clash = True
+        if clash:  # the whole range again, row by row, to find which rows repeat an id
+            db.execute("DELETE FROM rows WHERE idx >= ?", (rows[0][0],))
+            for row in rows:
+                try:
+                    db.execute(_INSERT, row)
+                except sqlite3.IntegrityError:
+                    first = db.execute(
+                        "SELECT file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (row[5],)
+                    ).fetchone()
+                    where = f"{inputs[first[0]].name}:{first[1]}" if first else "an earlier row"
+                    message = f"duplicate_custom_id: custom_id {row[5]!r} was already used on {where}"
+                    db.execute(_INSERT, (*row[:6], None, 0, *row[8:10], 0, 0, 0, "invalid", message))
+                    problems.append((row[1], row[2], message))
+    assert report.problems is not None
+    for file_no, line, message in sorted(problems)[: max(0, max_problems - len(report.problems))]:
+        report.problems.append(f"{inputs[file_no]}:{line}: {message}")
