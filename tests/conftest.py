@@ -174,3 +174,24 @@ def run_batch(
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+# -- live tests against real providers (skipped unless asked for) ----------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--live",
+        action="store_true",
+        default=False,
+        help="also run @pytest.mark.live tests: tiny real jobs against providers whose key is set (costs money)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--live"):
+        return
+    skip = pytest.mark.skip(reason="live provider test: run with --live and the provider's key set")
+    for item in items:
+        if "live" in item.keywords:
+            item.add_marker(skip)
