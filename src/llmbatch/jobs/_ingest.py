@@ -101,12 +101,12 @@ def remote_id_for(custom_id: str, pattern: re.Pattern[str] | None) -> str | None
     return "lb_" + hashlib.sha256(custom_id.encode()).hexdigest()[:40]
 
 
-def _ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
-    """Byte ranges of about `_RANGE_BYTES` that start and end on line boundaries."""
+def _ranges(path: Path, size: int, step: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about `step` bytes that start and end on line boundaries."""
     start = 0
     with open(path, "rb") as f:
         while start < size:
-            end = min(start + _RANGE_BYTES, size)
+            end = min(start + step, size)
             if end < size:
                 f.seek(end)
                 f.readline()  # to the end of the line `end` falls in
@@ -146,12 +146,19 @@ def _pool(workers: int) -> cf.ProcessPoolExecutor:
 
 
 def ingest(
-    store: JobStore, inputs: list[Path], settings: JobSettings, max_problems: int = 50, workers: int | None = None
+    store: JobStore,
+    inputs: list[Path],
+    settings: JobSettings,
+    max_problems: int = 50,
+    *,
+    workers: int | None = None,
+    range_bytes: int = _RANGE_BYTES,
 ) -> IngestReport:
     """Validates and estimates every row of every input, in order, into the job store.
 
     Each invalid row is stored as `invalid` with a message naming its file, line and reason.
-    `workers`: checking processes (default: one per core, none for small inputs).
+    `workers`: checking processes (default: one per core, none for small inputs);
+    `range_bytes`: the size of the pieces they check.
     """
     rules = RowRules.of(settings)
     if settings.provider is not None:
@@ -160,7 +167,11 @@ def ingest(
     sizes = [p.stat().st_size for p in inputs]
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _POOL_MIN_BYTES else 0
-    tasks = [(n, path, s, e) for n, (path, size) in enumerate(zip(inputs, sizes)) for s, e in _ranges(path, size)]
+    tasks = [
+        (n, path, s, e)
+        for n, (path, size) in enumerate(zip(inputs, sizes))
+        for s, e in _ranges(path, size, range_bytes)
+    ]
     idx = 0
     line_base = [0] * len(inputs)
 

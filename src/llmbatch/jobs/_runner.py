@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +25,12 @@ from typing import Any
 
 import orjson
 
-from .._exceptions import ConfigError, ProviderError
+from .._exceptions import ConfigError, ProviderError, StateError
 from ..pricing import PriceTable, cost
 from ..providers import Provider, RemoteBatch, RemoteStatus
 from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._settings import JobSettings
-from ._store import Chunk, JobStore
+from ._store import Chunk, JobStore, Result, ResultRef
 
 __all__ = ["JobRunner", "RunOutcome", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_BUDGET", "EXIT_INTERRUPTED"]
 
@@ -36,6 +38,7 @@ log = logging.getLogger("llmbatch.jobs")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def is_retryable_status(status: int) -> bool:
@@ -84,6 +87,7 @@ class JobRunner:
         (job_dir / "chunks").mkdir(exist_ok=True)
         (job_dir / "results").mkdir(exist_ok=True)
         self._budget_blocked = False
+        self._prices_of: dict[str, Any] = {}
 
     # -- pricing -------------------------------------------------------------------------
 
@@ -91,7 +95,10 @@ class JobRunner:
         """Estimated or actual USD at batch prices (0 for a provider that bills nothing)."""
         if not self.provider.billed:
             return 0.0
-        price = self.prices.lookup(model)
+        try:
+            price = self._prices_of[model]
+        except KeyError:  # looked up once per model: this runs for every result row
+            price = self._prices_of[model] = self.prices.lookup(model)
         if price is None:
             return 0.0
         return cost(price, input_tokens, output_tokens, cached, batch=True)
@@ -378,16 +385,16 @@ class JobRunner:
         attempts = dict(
             self.store.db.execute("SELECT idx, attempts FROM rows WHERE chunk_id=? AND state='queued'", (chunk.id,))
         )
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]] = []
+        succeeded: list[tuple[Result, int, int, int, int, float, int]] = []
         retry: list[tuple[str, int]] = []
-        failed: list[tuple[bytes, str, int]] = []
+        failed: list[tuple[Result, str, int]] = []
         refund: list[tuple[str, int]] = []
         seen: set[int] = set()
         # Rows cut off by the user's own `llmbatch cancel` were never really tried: they go back
         # to pending with their attempt refunded, so a resume runs them whatever --max-attempts.
         user_cancelled = (self.store.job() or {}).get("status") == "cancelled"
 
-        def give_up_or_retry(idx: int, line: bytes, message: str) -> None:
+        def give_up_or_retry(idx: int, line: Result, message: str) -> None:
             if user_cancelled and message.startswith("batch_cancelled:"):
                 refund.append((message, idx))
             elif attempts.get(idx, 0) < self.settings.max_attempts:
@@ -398,11 +405,19 @@ class JobRunner:
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
-            dest = self.job_dir / "results" / f"{chunk.tag}-{file_id}.jsonl"
+            name = f"{chunk.tag}-{_SAFE_NAME.sub('_', file_id)}.jsonl"
+            dest = self.job_dir / "results" / name
             await self.provider.download(file_id, dest)
+            # Rows keep their results as references into this file, so it must be on disk
+            # before the transaction that points at it commits.
             with open(dest, "rb") as fh:
-                for line in fh:
-                    line = line.rstrip(b"\r\n")
+                os.fsync(fh.fileno())
+            ref_file = self.store.result_file(f"results/{name}")
+            with open(dest, "rb") as fh:
+                end = 0
+                for raw in fh:
+                    start, end = end, end + len(raw)
+                    line = raw.rstrip(b"\r\n")
                     if not line.strip():
                         continue
                     try:
@@ -414,10 +429,13 @@ class JobRunner:
                     if idx in seen:
                         continue
                     seen.add(idx)
+                    result: Result
                     if rec["custom_id"] != cid_of[idx]:  # sent under an id the provider accepts
                         rec["custom_id"] = cid_of[idx]
-                        line = orjson.dumps(rec)
-                    self._classify(chunk.model, idx, line, rec, succeeded, failed, give_up_or_retry)
+                        result = orjson.dumps(rec)
+                    else:
+                        result = ResultRef(ref_file, start, len(line))
+                    self._classify(chunk.model, idx, result, rec, succeeded, failed, give_up_or_retry)
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
         general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
@@ -432,19 +450,16 @@ class JobRunner:
                 reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
                 give_up_or_retry(idx, _error_line(cid_of[idx], "missing_result", reason), reason)
         self.store.collect(chunk.id, succeeded, retry, failed, batch.status.value, refund=refund)
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                (self.job_dir / "results" / f"{chunk.tag}-{file_id}.jsonl").unlink(missing_ok=True)
 
     def _classify(
         self,
         model: str,
         idx: int,
-        line: bytes,
+        line: Result,
         rec: dict[str, Any],
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
-        failed: list[tuple[bytes, str, int]],
-        give_up_or_retry: Callable[[int, bytes, str], None],
+        succeeded: list[tuple[Result, int, int, int, int, float, int]],
+        failed: list[tuple[Result, str, int]],
+        give_up_or_retry: Callable[[int, Result, str], None],
         *,
         batch: bool = True,
     ) -> None:
@@ -507,12 +522,12 @@ class JobRunner:
         attempts = dict(
             self.store.db.execute("SELECT idx, attempts FROM rows WHERE state='queued' AND chunk_id IS NULL")
         )
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]] = []
+        succeeded: list[tuple[Result, int, int, int, int, float, int]] = []
         retry: list[tuple[str, int]] = []
-        failed: list[tuple[bytes, str, int]] = []
+        failed: list[tuple[Result, str, int]] = []
         slots = asyncio.Semaphore(self.settings.direct_concurrency)
 
-        def give_up_or_retry(idx: int, line: bytes, message: str) -> None:
+        def give_up_or_retry(idx: int, line: Result, message: str) -> None:
             if attempts.get(idx, 0) < self.settings.max_attempts:
                 retry.append((message, idx))
             else:
@@ -579,14 +594,17 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
     out_path, err_path = output_paths(inputs, settings)
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
-    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
+    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err, _ResultReader(store) as results:
         for _idx, file_no, line_no, custom_id, state, result, error in store.export_rows():
             if state == "succeeded" and result is not None:
-                out.write(result + b"\n")
+                out.write(results.line(result) + b"\n")
                 continue
             if state in ("failed", "invalid"):
                 where = f"{inputs[file_no].name}:{line_no}"
-                line = result or _error_line(custom_id, "invalid_request", f"{where}: {error}")
+                if result is not None:
+                    line = results.line(result)
+                else:
+                    line = _error_line(custom_id, "invalid_request", f"{where}: {error}")
                 err.write(line + b"\n")
                 any_errors = True
             else:  # pending or queued: the job stopped before this row ran
@@ -599,6 +617,35 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
         tmp_err.unlink()
         err_path.unlink(missing_ok=True)
     return out_path, err_path
+
+
+class _ResultReader:
+    """Reads result lines out of a job's downloaded result files (memory-mapped, opened once each)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.root = store.path.parent
+        self.paths = store.result_files()
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def __enter__(self) -> _ResultReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.maps.values():
+            m.close()
+
+    def line(self, result: Result) -> bytes:
+        if not isinstance(result, ResultRef):
+            return result
+        m = self.maps.get(result.file)
+        if m is None:
+            path = self.root / self.paths[result.file]
+            try:
+                with open(path, "rb") as fh:
+                    m = self.maps[result.file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise StateError(f"{path}: a result file of this job is missing or unreadable: {exc}") from exc
+        return m[result.offset : result.offset + result.length]
 
 
 def _error_line(custom_id: str | None, code: str, message: str) -> bytes:

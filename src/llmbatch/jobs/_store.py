@@ -15,13 +15,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from .._exceptions import StateError
 
-__all__ = ["JobStore", "Chunk", "ROW_STATES", "CHUNK_STATES"]
+__all__ = ["JobStore", "Chunk", "Result", "ResultRef", "ROW_STATES", "CHUNK_STATES"]
 
 #: pending: waiting for a chunk · queued: in a chunk not yet collected · succeeded / failed:
 #: final · invalid: failed validation (final, never sent).
@@ -56,6 +56,9 @@ CREATE TABLE rows (
     attempts INTEGER NOT NULL DEFAULT 0,
     chunk_id INTEGER,
     result BLOB,
+    result_file INTEGER,
+    result_offset INTEGER,
+    result_length INTEGER,
     error TEXT,
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
@@ -64,7 +67,8 @@ CREATE TABLE rows (
     cost REAL NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
-CREATE INDEX rows_state ON rows(state, endpoint, model, idx);
+-- Only pending rows: results landing on queued rows then touch no index.
+CREATE INDEX rows_pending ON rows(endpoint, model, idx) WHERE state='pending';
 CREATE INDEX rows_chunk ON rows(chunk_id);
 CREATE TABLE chunks (
     id INTEGER PRIMARY KEY,
@@ -88,6 +92,10 @@ CREATE TABLE chunks (
     submitted_at INTEGER,
     finished_at INTEGER
 );
+CREATE TABLE result_files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE
+);
 CREATE TABLE events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -96,6 +104,24 @@ CREATE TABLE events (
     message TEXT NOT NULL
 )
 """
+
+
+class ResultRef(NamedTuple):
+    """Where a row's result line lies: in a downloaded result file (`result_files`), by byte range."""
+
+    file: int
+    offset: int
+    length: int
+
+
+#: A row's result: its line's bytes, or where the line lies in a downloaded file.
+Result = bytes | ResultRef
+
+
+def _result_columns(result: Result) -> tuple[bytes | None, int | None, int | None, int | None]:
+    if isinstance(result, ResultRef):
+        return None, result.file, result.offset, result.length
+    return result, None, None, None
 
 
 @dataclass(slots=True)
@@ -257,9 +283,13 @@ class JobStore:
             (chunk_id,),
         ).fetchall()
 
-    def export_rows(self) -> Iterator[tuple[int, int, int, str | None, str, bytes | None, str | None]]:
+    def export_rows(self) -> Iterator[tuple[int, int, int, str | None, str, Result | None, str | None]]:
         """(idx, file_no, line, custom_id, state, result, error) of every row, in input order."""
-        yield from self.db.execute("SELECT idx, file_no, line, custom_id, state, result, error FROM rows ORDER BY idx")
+        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error in self.db.execute(
+            "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error "
+            "FROM rows ORDER BY idx"
+        ):
+            yield idx, file_no, line, cid, state, (ResultRef(rfile, roff, rlen) if rfile is not None else blob), error
 
     # -- chunks --------------------------------------------------------------------------
 
@@ -342,15 +372,16 @@ class JobStore:
     def _finish_rows(
         self,
         db: sqlite3.Connection,
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        succeeded: list[tuple[Result, int, int, int, int, float, int]],
         retry: list[tuple[str, int]],
-        failed: list[tuple[bytes, str, int]],
+        failed: list[tuple[Result, str, int]],
         refund: Sequence[tuple[str, int]] = (),
     ) -> None:
         db.executemany(
-            "UPDATE rows SET state='succeeded', result=?, input_tokens=?, output_tokens=?, cached_tokens=?, "
-            "reasoning_tokens=?, cost=?, error=NULL WHERE idx=? AND state='queued'",
-            succeeded,
+            "UPDATE rows SET state='succeeded', result=?, result_file=?, result_offset=?, result_length=?, "
+            "input_tokens=?, output_tokens=?, cached_tokens=?, reasoning_tokens=?, cost=?, error=NULL "
+            "WHERE idx=? AND state='queued'",
+            [(*_result_columns(r[0]), *r[1:]) for r in succeeded],
         )
         db.executemany("UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry)
         db.executemany(
@@ -358,22 +389,36 @@ class JobStore:
             "WHERE idx=? AND state='queued'",
             refund,
         )
-        db.executemany("UPDATE rows SET state='failed', result=?, error=? WHERE idx=? AND state='queued'", failed)
+        db.executemany(
+            "UPDATE rows SET state='failed', result=?, result_file=?, result_offset=?, result_length=?, error=? "
+            "WHERE idx=? AND state='queued'",
+            [(*_result_columns(r[0]), *r[1:]) for r in failed],
+        )
+
+    def result_file(self, path: str) -> int:
+        """The id of a downloaded result file (a path under the job directory), registered once."""
+        with self.tx() as db:
+            db.execute("INSERT OR IGNORE INTO result_files (path) VALUES (?)", (path,))
+            return int(db.execute("SELECT id FROM result_files WHERE path=?", (path,)).fetchone()[0])
+
+    def result_files(self) -> dict[int, str]:
+        return dict(self.db.execute("SELECT id, path FROM result_files"))
 
     def collect(
         self,
         chunk_id: int,
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        succeeded: list[tuple[Result, int, int, int, int, float, int]],
         retry: list[tuple[str, int]],
-        failed: list[tuple[bytes, str, int]],
+        failed: list[tuple[Result, str, int]],
         remote_status: str,
         *,
         refund: Sequence[tuple[str, int]] = (),
     ) -> None:
         """Applies a finished chunk's results and marks it collected, in one transaction.
 
-        succeeded: (result line, input, output, cached, reasoning tokens, cost, idx);
-        retry: (last error, idx) back to pending; failed: (result line, error, idx), final;
+        succeeded: (result, input, output, cached, reasoning tokens, cost, idx);
+        retry: (last error, idx) back to pending; failed: (result, error, idx), final. A result
+        is its line's bytes, or a `ResultRef` to the line in a downloaded file (fsynced first).
         refund: (last error, idx) back to pending with the attempt given back (the user cancelled).
         """
         with self.tx() as db:
@@ -409,9 +454,9 @@ class JobStore:
 
     def finish_direct(
         self,
-        succeeded: list[tuple[bytes, int, int, int, int, float, int]],
+        succeeded: list[tuple[Result, int, int, int, int, float, int]],
         retry: list[tuple[str, int]],
-        failed: list[tuple[bytes, str, int]],
+        failed: list[tuple[Result, str, int]],
     ) -> None:
         with self.tx() as db:
             self._finish_rows(db, succeeded, retry, failed)

@@ -8,7 +8,7 @@ creating a second upload or, worse, a second batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -171,22 +171,120 @@ class OpenAIBatchProvider(Provider):
         await self._call("deleting a file", lambda: self._client.files.delete(file_id))
 
 
-class GroqBatchProvider(OpenAIBatchProvider):
-    """Groq's Batch API: OpenAI's endpoints and line format, windows from 24h to 7d, files up to 100 MB."""
+#: Azure's code for a create refused because the deployment's enqueued-token quota is full.
+AZURE_TOKEN_LIMIT_CODE = "token_limit_exceeded"
+#: How long Azure keeps an uploaded input file (its minimum, 14 days). Files that expire lift
+#: the resource's cap from 500 batch files to 10,000 (Azure's batch how-to).
+AZURE_FILE_TTL_SECONDS = 14 * 24 * 3600
+#: The first dated API version that takes `expires_after` on uploads.
+AZURE_EXPIRY_SINCE_VERSION = "2025-03-01"
+
+
+async def _every_item(first_page: Awaitable[Any]) -> AsyncIterator[Any]:
+    """Every item of an SDK listing, for vendors whose lists may not page like OpenAI's.
+
+    Without `has_more` the SDK asks again with `after=<last id>`; a server that ignores
+    `after` answers the same page again, and the SDK would loop forever. A page that
+    brings no id not seen before ends the listing.
+    """
+    page = await first_page
+    seen: set[str] = set()
+    while True:
+        fresh = [item for item in page.data if item.id not in seen]
+        if not fresh:
+            return
+        for item in fresh:
+            seen.add(item.id)
+            yield item
+        if not page.has_next_page():
+            return
+        page = await page.get_next_page()
+
+
+class _VendorBatchProvider(OpenAIBatchProvider):
+    """An OpenAI-compatible vendor (Azure, Groq): the same calls, less certain list and retry behaviour.
+
+    Lookups after a crash scan the whole listing in whatever order it comes, since a vendor
+    may ignore `order` (OpenAI's scan stops at the first item older than `since`, which is
+    only right newest first). Creates go out once, without the SDK's retries: a create whose
+    answer was lost is looked up by the runner (`find_batch`) before it is sent again, where
+    a blind retry could start a second batch for the chunk.
+    """
+
+    async def find_upload(self, tag: str, since: int) -> str | None:
+        name = tagged_filename(tag)
+
+        async def scan() -> str | None:
+            async for f in _every_item(self._client.files.list(purpose="batch")):
+                if f.filename == name and f.created_at >= since:
+                    return str(f.id)
+            return None
+
+        return await self._call("listing files", scan)
+
+    async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
+        async def scan() -> RemoteBatch | None:
+            async for b in _every_item(self._client.batches.list(limit=100)):
+                if b.created_at < since:
+                    continue
+                if (b.metadata or {}).get(TAG_KEY) == tag or (file_id and b.input_file_id == file_id):
+                    return _remote(b)
+            return None
+
+        return await self._call("listing batches", scan)
+
+    async def create_batch(
+        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
+    ) -> RemoteBatch:
+        once = self._client.with_options(max_retries=0)
+        b = await self._call(
+            "creating a batch",
+            lambda: once.batches.create(
+                input_file_id=file_id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window=completion_window,  # type: ignore[arg-type]
+                metadata={TAG_KEY: tag, JOB_KEY: job},
+            ),
+        )
+        return _remote(b)
+
+
+class GroqBatchProvider(_VendorBatchProvider):
+    """Groq's Batch API: OpenAI's line format for chat completions, windows from 24h to 7d, files up to 100 MB.
+
+    Groq's chat API answers 400 to `logprobs`, `top_logprobs`, `logit_bias`, `messages[].name`
+    and `n` other than 1 (its OpenAI-compatibility page): such rows are refused at ingest.
+    """
 
     name = "groq"
     key_env = "GROQ_API_KEY"
     base_url_env = "GROQ_BASE_URL"
     default_base_url = "https://api.groq.com/openai/v1"
     default_limits = ProviderLimits(max_requests=50_000, max_bytes=100 * 1024 * 1024, max_in_flight=20)
-    endpoints = frozenset({"/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/translations"})
+    # Groq also batches audio transcription and translation, which llmbatch's rows do not carry.
+    endpoints = frozenset({"/v1/chat/completions"})
+
+    @classmethod
+    def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
+        reasons = super().check_request(endpoint, body)
+        if reasons:
+            return reasons
+        for key in ("logprobs", "top_logprobs", "logit_bias"):
+            if body.get(key) is not None:
+                reasons.append(f"groq does not support {key}: drop it")
+        if body.get("n") not in (None, 1):
+            reasons.append(f"groq returns one choice per request (n={body.get('n')!r}): drop n")
+        messages = body.get("messages")
+        if isinstance(messages, list) and any(isinstance(m, dict) and "name" in m for m in messages):
+            reasons.append("groq does not support messages[].name: drop it")
+        return reasons
 
 
 #: Azure OpenAI Global Batch limits (shared/reference/provider-batch-apis.md, section 2).
 AZURE_LIMITS = ProviderLimits(max_requests=100_000, max_bytes=200 * 1024 * 1024, max_in_flight=20)
 
 
-class AzureBatchProvider(OpenAIBatchProvider):
+class AzureBatchProvider(_VendorBatchProvider):
     """Azure OpenAI batch deployments.
 
     The endpoint comes from `--base-url` or AZURE_OPENAI_ENDPOINT
@@ -195,6 +293,9 @@ class AzureBatchProvider(OpenAIBatchProvider):
     the dated API, whose input lines name `/chat/completions` without `/v1`: the adapter
     rewrites the lines' `url` on upload. Each row's `model` must be the batch deployment's
     name (`--model DEPLOYMENT` sets it on every row).
+
+    A create refused with `token_limit_exceeded` (the deployment's enqueued-token quota is
+    full) is a retryable error: the runner backs off and creates the batch later.
     """
 
     name = "azure"
@@ -228,23 +329,51 @@ class AzureBatchProvider(OpenAIBatchProvider):
     def _wire_endpoint(self, endpoint: str) -> str:
         return endpoint.removeprefix("/v1") if self.api_version else endpoint
 
+    @property
+    def _files_expire(self) -> bool:
+        # Dated versions before 2025-03-01 may not know `expires_after`: leave them the default.
+        return self.api_version is None or self.api_version >= AZURE_EXPIRY_SINCE_VERSION
+
     async def upload(self, tag: str, path: Path) -> str:
-        if not self.api_version:
-            return await super().upload(tag, path)
-        # The dated API wants `/chat/completions` in every line's url.
-        dated = path.with_name(path.name + ".azure")
-        with open(path, "rb") as src, open(dated, "wb") as dst:
-            for line in src:
-                if line.strip():
-                    rec = orjson.loads(line)
-                    rec["url"] = self._wire_endpoint(rec.get("url") or "")
-                    dst.write(orjson.dumps(rec) + b"\n")
+        src = path
+        if self.api_version:  # the dated API wants `/chat/completions` in every line's url
+            src = path.with_name(path.name + ".azure")
+            with open(path, "rb") as lines, open(src, "wb") as dst:
+                for line in lines:
+                    if line.strip():
+                        rec = orjson.loads(line)
+                        rec["url"] = self._wire_endpoint(rec.get("url") or "")
+                        dst.write(orjson.dumps(rec) + b"\n")
+        expiry: dict[str, Any] = (
+            {"expires_after": {"anchor": "created_at", "seconds": AZURE_FILE_TTL_SECONDS}} if self._files_expire else {}
+        )
         try:
-            return await super().upload(tag, dated)
+            with open(src, "rb") as fh:
+                f = await self._call(
+                    "upload",
+                    lambda: self._client.files.create(file=(tagged_filename(tag), fh), purpose="batch", **expiry),
+                )
+            return f.id
         finally:
-            dated.unlink(missing_ok=True)
+            if src != path:
+                src.unlink(missing_ok=True)
 
     async def create_batch(
         self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
     ) -> RemoteBatch:
-        return await super().create_batch(tag, job, file_id, self._wire_endpoint(endpoint), completion_window)
+        if completion_window != "24h":
+            raise ConfigError(
+                f"Azure batches take only a 24h completion window (got {completion_window!r}): "
+                "drop --completion-window (Azure lets a batch run past 24h rather than expire it)"
+            )
+        try:
+            return await super().create_batch(tag, job, file_id, self._wire_endpoint(endpoint), completion_window)
+        except ProviderError as exc:
+            if AZURE_TOKEN_LIMIT_CODE not in f"{exc} {exc.body}":
+                raise
+            raise ProviderError(
+                f"creating a batch: Azure refused it with {AZURE_TOKEN_LIMIT_CODE}: the deployment's enqueued-token "
+                "quota is full until running batches finish (raise the quota, or pass --max-enqueued-tokens)",
+                status=429,
+                body=exc.body,
+            ) from exc

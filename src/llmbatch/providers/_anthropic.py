@@ -1,0 +1,377 @@
+"""Anthropic's Message Batches API, through the official `anthropic` SDK (`pip install "llmbatch[anthropic]"`).
+
+Rows are OpenAI chat completion requests; `_anthropic_translate` turns each into Messages API
+params and each result back into an OpenAI batch output line (the Anthropic result kept
+under `"native"`).
+
+Anthropic has no file uploads: a batch is created with its requests inline. `upload`
+therefore translates the chunk into a local JSONL of `{"custom_id", "params"}` lines next to
+the chunk file and returns `"local:" + its path`; `create_batch` sends it as one
+`POST /v1/messages/batches` (at most 100,000 requests and 256 MB) without SDK retries, so a
+lost answer is settled by `find_batch` rather than by a second batch. `find_upload` finds
+nothing: uploading again only rewrites the local file.
+
+Statuses: `in_progress` is in progress, `canceling` cancelling, and `ended` is cancelled when a
+cancel was asked for, else completed: requests that expired come back as `batch_expired`
+lines, which the runner retries. The results stream (the batch id is its `output_file_id`)
+is read line by line.
+
+Reconciliation without metadata: Anthropic batches carry no metadata or name, so after a crash
+between creating a batch and recording it a chunk's batch has to be recognised otherwise.
+1. A journal, `anthropic-batches.jsonl` next to the chunk files, records each batch this
+   adapter created or adopted as soon as the API answers; a chunk found there is settled,
+   and the batches of other chunks found there are never candidates.
+2. Otherwise the batches created since the chunk's intent are listed, newest first; the
+   candidates are those with as many requests as the chunk. An ended candidate is checked by
+   reading its results: it is the chunk's when every result's custom_id is one of the chunk's.
+3. With no verified candidate: none at all means no batch (the runner creates it); exactly one
+   unverifiable candidate (still processing) is adopted when no other chunk of the job is
+   waiting for a batch of the same size (adopting a stranger's batch loses nothing: its
+   results do not match, and the runner retries those rows; creating a second batch could pay
+   twice); anything else raises a retryable `ProviderError`, and the runner asks again later,
+   when the candidates have ended and can be read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anthropic
+import orjson
+from anthropic.types.messages import MessageBatch
+
+from .._exceptions import ConfigError, ProviderError
+from ._anthropic_translate import (
+    Untranslatable,
+    chat_completion_of,
+    error_body,
+    openai_line,
+    to_messages_params,
+    translate_request,
+)
+from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
+
+__all__ = ["ANTHROPIC_LIMITS", "AnthropicBatchProvider"]
+
+T = TypeVar("T")
+
+#: Anthropic's batch limits: 100,000 requests or 256 MB per batch. Chunks are planned on the
+#: OpenAI lines, so their byte limit leaves room for what translation adds; `upload` checks
+#: the translated size itself.
+ANTHROPIC_LIMITS = ProviderLimits(max_requests=100_000, max_bytes=220_000_000, max_in_flight=10)
+MAX_BODY_BYTES = 256_000_000
+
+LOCAL = "local:"
+JOURNAL = "anthropic-batches.jsonl"
+_SUFFIX = ".anthropic.jsonl"
+
+
+def _unix(value: Any) -> int:
+    return int(value.timestamp()) if value is not None else 0
+
+
+def _remote(b: MessageBatch) -> RemoteBatch:
+    c = b.request_counts
+    ended = b.processing_status == "ended"
+    if b.processing_status == "in_progress":
+        status = RemoteStatus.IN_PROGRESS
+    elif b.processing_status == "canceling":
+        status = RemoteStatus.CANCELLING
+    else:
+        status = RemoteStatus.CANCELLED if b.cancel_initiated_at is not None else RemoteStatus.COMPLETED
+    return RemoteBatch(
+        id=b.id,
+        status=status,
+        output_file_id=b.id if ended else None,
+        total=c.processing + c.succeeded + c.errored + c.canceled + c.expired,
+        completed=c.succeeded,
+        failed=c.errored + c.canceled + c.expired,
+        created_at=_unix(b.created_at),
+    )
+
+
+def _total(b: MessageBatch) -> int:
+    c = b.request_counts
+    return c.processing + c.succeeded + c.errored + c.canceled + c.expired
+
+
+def _local_path(file_id: str | None) -> Path:
+    if not file_id or not file_id.startswith(LOCAL):
+        raise ProviderError(f"not a translated chunk of the anthropic provider: {file_id!r}", status=400)
+    return Path(file_id[len(LOCAL) :])
+
+
+def _read_journal(folder: Path) -> dict[str, str]:
+    """tag -> batch id of every batch recorded in the folder's journal (a torn last line is skipped)."""
+    found: dict[str, str] = {}
+    try:
+        with open(folder / JOURNAL, "rb") as fh:
+            for line in fh:
+                try:
+                    rec = orjson.loads(line)
+                    found[rec["tag"]] = rec["batch_id"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def _write_journal(folder: Path, tag: str, batch_id: str) -> None:
+    with open(folder / JOURNAL, "ab") as fh:
+        fh.write(b"\n" + orjson.dumps({"tag": tag, "batch_id": batch_id}) + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _custom_ids(path: Path) -> list[str]:
+    with open(path, "rb") as fh:
+        return [orjson.loads(line)["custom_id"] for line in fh if line.strip()]
+
+
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            n += block.count(b"\n")
+    return n
+
+
+class AnthropicBatchProvider(Provider):
+    """Anthropic's Message Batches API at `base_url` (default https://api.anthropic.com)."""
+
+    name = "anthropic"
+    key_env = "ANTHROPIC_API_KEY"
+    base_url_env = "ANTHROPIC_BASE_URL"
+    default_base_url = "https://api.anthropic.com"
+    endpoints = frozenset({"/v1/chat/completions"})
+    custom_id_pattern = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        limits: ProviderLimits | None = None,
+        max_retries: int = 5,
+        timeout: float = 600.0,
+    ) -> None:
+        key = api_key or os.environ.get(self.key_env or "")
+        if not key:
+            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
+        self.base_url = base_url or os.environ.get(self.base_url_env or "") or self.default_base_url
+        self.limits = limits or ANTHROPIC_LIMITS
+        self._client = anthropic.AsyncAnthropic(
+            api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout
+        )
+
+    @classmethod
+    def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
+        reasons = super().check_request(endpoint, body)
+        return reasons or translate_request(body)[1]
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Runs an SDK call, translating its errors once, here at the boundary."""
+        try:
+            return await fn()
+        except anthropic.APIStatusError as exc:
+            raise ProviderError(
+                f"{what} failed: HTTP {exc.status_code}: {exc.message}", status=exc.status_code, body=exc.body
+            ) from exc
+        except anthropic.APIConnectionError as exc:
+            raise ProviderError(f"{what} failed: cannot reach {self.base_url}: {exc}") from exc
+        except anthropic.AnthropicError as exc:  # e.g. results asked of a batch still processing
+            raise ProviderError(f"{what} failed: {exc}") from exc
+
+    # -- submitting ----------------------------------------------------------------------
+
+    async def upload(self, tag: str, path: Path) -> str:
+        dest = path.with_name(tag + _SUFFIX)
+        tmp = dest.with_name(dest.name + ".part")
+        size = len(b'{"requests":[]}')
+        with open(path, "rb") as src, open(tmp, "wb") as out:
+            for raw in src:
+                if not raw.strip():
+                    continue
+                rec = orjson.loads(raw)
+                try:
+                    params = to_messages_params(rec["body"])
+                except Untranslatable as exc:  # check_request refuses these at ingest
+                    raise ProviderError(
+                        f"row {rec.get('custom_id')} cannot go to Anthropic: {exc}", status=400
+                    ) from exc
+                line = orjson.dumps({"custom_id": rec["custom_id"], "params": params})
+                out.write(line + b"\n")
+                size += len(line) + 1
+        if size > MAX_BODY_BYTES:
+            tmp.unlink(missing_ok=True)
+            raise ProviderError(
+                f"chunk {tag} is {size:,} bytes once translated, past Anthropic's 256 MB per batch: "
+                "run again with a smaller --max-bytes",
+                status=413,
+            )
+        os.replace(tmp, dest)
+        return LOCAL + str(dest)
+
+    async def find_upload(self, tag: str, since: int) -> str | None:
+        return None  # nothing leaves this machine before create_batch: uploading again is harmless
+
+    async def create_batch(
+        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
+    ) -> RemoteBatch:
+        if endpoint not in self.endpoints:
+            raise ConfigError(f"the {self.name} provider cannot batch {endpoint}")
+        if completion_window != "24h":
+            raise ConfigError(f"Anthropic batches have a fixed 24h window, not {completion_window}")
+        path = _local_path(file_id)
+        try:
+            body = bytearray(b'{"requests":[')
+            with open(path, "rb") as fh:
+                for n, line in enumerate(fh):
+                    if n:
+                        body += b","
+                    body += line.rstrip(b"\r\n")
+            body += b"]}"
+        except FileNotFoundError:
+            raise ProviderError(f"chunk {tag}: its translated requests ({path}) are gone", status=410) from None
+        # No SDK retries: an answer lost after the batch was made is settled by find_batch, not a second batch.
+        b = await self._call(
+            "creating a batch",
+            lambda: self._client.post(
+                "/v1/messages/batches", content=body, cast_to=MessageBatch, options={"max_retries": 0}
+            ),
+        )
+        _write_journal(path.parent, tag, b.id)
+        path.unlink(missing_ok=True)
+        return _remote(b)
+
+    # -- finding a batch after a crash -----------------------------------------------------
+
+    async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
+        path = _local_path(file_id)
+        journal = _read_journal(path.parent)
+        if tag in journal:
+            return await self.get_batch(journal[tag])
+        try:
+            ids = set(_custom_ids(path))
+        except FileNotFoundError:
+            raise ProviderError(
+                f"chunk {tag}: cannot look for its batch, its requests ({path}) are gone", status=410
+            ) from None
+        taken = set(journal.values())
+        verified: MessageBatch | None = None
+        unverifiable: list[MessageBatch] = []
+
+        async def scan() -> None:
+            nonlocal verified
+            async for b in self._client.messages.batches.list(limit=100):
+                if _unix(b.created_at) < since:
+                    return  # newest first: nothing older can be ours
+                if b.id in taken or _total(b) != len(ids):
+                    continue
+                held = await self._holds(b, ids) if b.processing_status == "ended" else None
+                if held:
+                    verified = b
+                    return
+                if held is None:
+                    unverifiable.append(b)
+
+        await self._call("listing batches", scan)
+        found = verified
+        if found is None and unverifiable:
+            rivals = self._rivals(path, tag, len(ids), journal)
+            if len(unverifiable) > 1 or rivals:
+                raise ProviderError(
+                    f"chunk {tag}: cannot tell yet which of {len(unverifiable)} processing batches of "
+                    f"{len(ids)} requests is its own ({rivals} other chunks of that size wait for theirs); "
+                    "will look again once they end",
+                    status=503,
+                )
+            found = unverifiable[0]
+        if found is None:
+            return None
+        _write_journal(path.parent, tag, found.id)
+        return _remote(found)
+
+    async def _holds(self, b: MessageBatch, ids: set[str]) -> bool | None:
+        """Whether an ended batch's results are all `ids`' (None: its results cannot be read)."""
+        try:
+            async with self._client.messages.batches.with_streaming_response.results(b.id) as resp:
+                seen = False
+                async for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    if orjson.loads(line).get("custom_id") not in ids:
+                        return False
+                    seen = True
+                return seen
+        except anthropic.APIConnectionError:
+            raise
+        except (anthropic.AnthropicError, orjson.JSONDecodeError):  # gone (archived), or not readable
+            return None
+
+    @staticmethod
+    def _rivals(path: Path, tag: str, n: int, journal: dict[str, str]) -> int:
+        """Other chunks of the job with `n` requests translated but no batch recorded."""
+        count = 0
+        for other in path.parent.glob("*" + _SUFFIX):
+            other_tag = other.name[: -len(_SUFFIX)]
+            if other_tag != tag and other_tag not in journal and _count_lines(other) == n:
+                count += 1
+        return count
+
+    # -- polling, results, cancelling ------------------------------------------------------
+
+    async def get_batch(self, batch_id: str) -> RemoteBatch:
+        b = await self._call("polling a batch", lambda: self._client.messages.batches.retrieve(batch_id))
+        return _remote(b)
+
+    async def download(self, file_id: str, dest: Path) -> None:
+        created = int(time.time())
+
+        async def fetch() -> None:
+            tmp = dest.with_name(dest.name + ".part")
+            async with self._client.messages.batches.with_streaming_response.results(file_id) as resp:
+                with open(tmp, "wb") as out:
+                    async for line in resp.iter_lines():
+                        if line.strip():
+                            out.write(orjson.dumps(openai_line(orjson.loads(line), created)) + b"\n")
+            os.replace(tmp, dest)
+
+        await self._call(f"downloading the results of {file_id}", fetch)
+
+    async def cancel(self, batch_id: str) -> RemoteBatch:
+        return _remote(await self._call("cancelling a batch", lambda: self._client.messages.batches.cancel(batch_id)))
+
+    async def delete_file(self, file_id: str) -> None:
+        if file_id.startswith(LOCAL):
+            _local_path(file_id).unlink(missing_ok=True)
+
+    # -- the direct API ------------------------------------------------------------------
+
+    async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if endpoint not in self.endpoints:
+            return 404, error_body({"error": {"type": "not_found_error", "message": f"{endpoint} is not translated"}})
+        try:
+            params = to_messages_params(body)
+        except Untranslatable as exc:
+            return 400, error_body({"error": {"type": "invalid_request_error", "message": str(exc)}})
+        model, max_tokens, messages = params.pop("model"), params.pop("max_tokens"), params.pop("messages")
+        try:
+            # The rest goes as extra body fields: the SDK's typed arguments lag the API (temperature, ...).
+            message = await self._client.messages.create(
+                model=model, max_tokens=max_tokens, messages=messages, extra_body=params or None
+            )
+        except anthropic.APIStatusError as exc:
+            return exc.status_code, error_body(exc.body, exc.message)
+        except anthropic.APIConnectionError as exc:
+            return 502, {"error": {"message": f"cannot reach {self.base_url}: {exc}", "type": "connection_error"}}
+        return 200, chat_completion_of(message.to_dict())
