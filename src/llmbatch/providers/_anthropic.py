@@ -130,16 +130,22 @@ def _write_journal(folder: Path, tag: str, batch_id: str) -> None:
 
 
 def _custom_ids(path: Path) -> list[str]:
+    """The custom_ids of a translated chunk (a create body holding one request per line)."""
+    ids = []
     with open(path, "rb") as fh:
-        return [orjson.loads(line)["custom_id"] for line in fh if line.strip()]
+        for line in fh:
+            line = line.strip().rstrip(b",")
+            if line.startswith(b"{"):
+                ids.append(orjson.loads(line)["custom_id"])
+    return ids
 
 
-def _count_lines(path: Path) -> int:
+def _count_requests(path: Path) -> int:
     n = 0
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             n += block.count(b"\n")
-    return n
+    return n - 2  # the body's opening and closing lines
 
 
 class AnthropicBatchProvider(Provider):
@@ -196,8 +202,11 @@ class AnthropicBatchProvider(Provider):
     async def upload(self, tag: str, path: Path) -> str:
         dest = path.with_name(tag + _SUFFIX)
         tmp = dest.with_name(dest.name + ".part")
-        size = len(b'{"requests":[]}')
+        # The file is the create request's body, one request per line, so that create_batch
+        # sends it as read and find_batch can read the custom_ids back line by line.
+        n = 0
         with open(path, "rb") as src, open(tmp, "wb") as out:
+            out.write(b'{"requests":[\n')
             for raw in src:
                 if not raw.strip():
                     continue
@@ -208,9 +217,10 @@ class AnthropicBatchProvider(Provider):
                     raise ProviderError(
                         f"row {rec.get('custom_id')} cannot go to Anthropic: {exc}", status=400
                     ) from exc
-                line = orjson.dumps({"custom_id": rec["custom_id"], "params": params})
-                out.write(line + b"\n")
-                size += len(line) + 1
+                out.write((b",\n" if n else b"") + orjson.dumps({"custom_id": rec["custom_id"], "params": params}))
+                n += 1
+            out.write(b"\n]}\n")
+            size = out.tell()
         if size > MAX_BODY_BYTES:
             tmp.unlink(missing_ok=True)
             raise ProviderError(
@@ -233,13 +243,7 @@ class AnthropicBatchProvider(Provider):
             raise ConfigError(f"Anthropic batches have a fixed 24h window, not {completion_window}")
         path = _local_path(file_id)
         try:
-            body = bytearray(b'{"requests":[')
-            with open(path, "rb") as fh:
-                for n, line in enumerate(fh):
-                    if n:
-                        body += b","
-                    body += line.rstrip(b"\r\n")
-            body += b"]}"
+            body = path.read_bytes()
         except FileNotFoundError:
             raise ProviderError(f"chunk {tag}: its translated requests ({path}) are gone", status=410) from None
         # No SDK retries: an answer lost after the batch was made is settled by find_batch, not a second batch.
@@ -324,7 +328,7 @@ class AnthropicBatchProvider(Provider):
         count = 0
         for other in path.parent.glob("*" + _SUFFIX):
             other_tag = other.name[: -len(_SUFFIX)]
-            if other_tag != tag and other_tag not in journal and _count_lines(other) == n:
+            if other_tag != tag and other_tag not in journal and _count_requests(other) == n:
                 count += 1
         return count
 

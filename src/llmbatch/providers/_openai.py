@@ -95,10 +95,20 @@ class OpenAIBatchProvider(Provider):
             where = self.base_url or "api.openai.com"
             raise ProviderError(f"{what} failed: cannot reach {where}: {exc}") from exc
 
+    @property
+    def _once(self) -> openai.AsyncOpenAI:
+        """The client without the SDK's automatic retries, for calls that create something.
+
+        The SDK would repeat a create whose answer was lost (it sends no idempotency key),
+        making a second batch. Instead the failure reaches the runner, which first looks the
+        chunk up by its tag and creates only what it does not find.
+        """
+        return self._client.with_options(max_retries=0)
+
     async def upload(self, tag: str, path: Path) -> str:
         with open(path, "rb") as fh:
             f = await self._call(
-                "upload", lambda: self._client.files.create(file=(tagged_filename(tag), fh), purpose="batch")
+                "upload", lambda: self._once.files.create(file=(tagged_filename(tag), fh), purpose="batch")
             )
         return f.id
 
@@ -120,7 +130,7 @@ class OpenAIBatchProvider(Provider):
     ) -> RemoteBatch:
         b = await self._call(
             "creating a batch",
-            lambda: self._client.batches.create(
+            lambda: self._once.batches.create(
                 input_file_id=file_id,
                 endpoint=endpoint,  # type: ignore[arg-type]
                 completion_window=completion_window,  # type: ignore[arg-type]
