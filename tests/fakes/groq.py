@@ -57,8 +57,6 @@ class FakeBatch:
     completion_window: str
     metadata: dict[str, str] | None
     created_at: int
-    #: Which API created it ("v1", or "dated" on Azure): decides the line urls it accepts.
-    api: str = "v1"
     status: str = "validating"
     polls: int = 0
     output_file_id: str | None = None
@@ -70,6 +68,7 @@ class FakeBatch:
     #: Set by the expire control: how many requests (in input order) run before it expires.
     expire_keep: int | None = None
     times: dict[str, int] = field(default_factory=dict)
+    output_expires_after: dict[str, Any] | None = None
 
 
 def error_response(
@@ -93,7 +92,7 @@ class FakeBatchAPI:
     prefix = "/openai/v1"
     #: Whether list endpoints page (`after`, `limit`, `has_more`) or answer everything at once.
     paginates = True
-    #: Endpoints a batch may name, and the windows it may ask for.
+    #: Endpoints a batch may name (`window_ok` says which windows it may ask for).
     batch_endpoints: frozenset[str] = frozenset({"/v1/chat/completions"})
 
     def __init__(
@@ -168,10 +167,6 @@ class FakeBatchAPI:
         if f.expires_after:
             obj["expires_at"] = f.created_at + int(f.expires_after.get("seconds") or 0)
         return obj
-
-    def expected_url(self, b: FakeBatch) -> str:
-        """The url every line of the batch must carry."""
-        return b.endpoint
 
     def output_line(self, custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -323,13 +318,13 @@ class FakeBatchAPI:
         for n, rec in enumerate(self._lines(b), start=1):
             if not isinstance(rec, dict):
                 errors.append({"code": "invalid_json_line", "message": "not JSON", "param": None, "line": n})
-            elif rec.get("url") != self.expected_url(b):
+            elif rec.get("url") != b.endpoint:
                 errors.append(
                     {
                         "code": "invalid_url",
                         "param": "url",
                         "line": n,
-                        "message": f"url {rec.get('url')!r} is not {self.expected_url(b)!r}",
+                        "message": f"url {rec.get('url')!r} is not {b.endpoint!r}",
                     }
                 )
             else:
@@ -440,8 +435,9 @@ class FakeBatchAPI:
         )
 
     def _listing(self, objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # Insertion order is creation order; newest first unless the fake is told otherwise.
-        return objs if self.list_order == "asc" else objs[::-1]
+        # By creation time (then creation order), newest first unless the fake is told otherwise.
+        ranked = sorted(enumerate(objs), key=lambda t: (t[1]["created_at"], t[0]), reverse=self.list_order != "asc")
+        return [obj for _, obj in ranked]
 
     async def upload_file(self, request: Request, api: str) -> Response:
         form = await request.form()
@@ -513,7 +509,7 @@ class FakeBatchAPI:
                 params["completion_window"],
                 params.get("metadata") if self.keep_metadata else None,
                 int(time.time()),
-                api=api,
+                output_expires_after=params.get("output_expires_after"),
             )
             self.batches[b.id] = b
             if self.lose_create_responses > 0:

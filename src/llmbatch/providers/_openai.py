@@ -183,10 +183,10 @@ class OpenAIBatchProvider(Provider):
 
 #: Azure's code for a create refused because the deployment's enqueued-token quota is full.
 AZURE_TOKEN_LIMIT_CODE = "token_limit_exceeded"
-#: How long Azure keeps an uploaded input file (its minimum, 14 days). Files that expire lift
-#: the resource's cap from 500 batch files to 10,000 (Azure's batch how-to).
+#: How long Azure keeps uploaded input files and batch output files (its minimum, 14 days).
+#: Files that expire lift the resource's cap from 500 batch files to 10,000 (Azure's batch how-to).
 AZURE_FILE_TTL_SECONDS = 14 * 24 * 3600
-#: The first dated API version that takes `expires_after` on uploads.
+#: The first dated API version that takes `expires_after` / `output_expires_after`.
 AZURE_EXPIRY_SINCE_VERSION = "2025-03-01"
 
 
@@ -212,13 +212,11 @@ async def _every_item(first_page: Awaitable[Any]) -> AsyncIterator[Any]:
 
 
 class _VendorBatchProvider(OpenAIBatchProvider):
-    """An OpenAI-compatible vendor (Azure, Groq): the same calls, less certain list and retry behaviour.
+    """An OpenAI-compatible vendor (Azure, Groq) whose lists may not order or page like OpenAI's.
 
-    Lookups after a crash scan the whole listing in whatever order it comes, since a vendor
-    may ignore `order` (OpenAI's scan stops at the first item older than `since`, which is
-    only right newest first). Creates go out once, without the SDK's retries: a create whose
-    answer was lost is looked up by the runner (`find_batch`) before it is sent again, where
-    a blind retry could start a second batch for the chunk.
+    Lookups after a crash scan the whole listing in whatever order it comes: a vendor may
+    ignore `order`, and OpenAI's scan stops at the first item older than `since`, which is
+    only right newest first.
     """
 
     async def find_upload(self, tag: str, since: int) -> str | None:
@@ -242,21 +240,6 @@ class _VendorBatchProvider(OpenAIBatchProvider):
             return None
 
         return await self._call("listing batches", scan)
-
-    async def create_batch(
-        self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
-    ) -> RemoteBatch:
-        once = self._client.with_options(max_retries=0)
-        b = await self._call(
-            "creating a batch",
-            lambda: once.batches.create(
-                input_file_id=file_id,
-                endpoint=endpoint,  # type: ignore[arg-type]
-                completion_window=completion_window,  # type: ignore[arg-type]
-                metadata={TAG_KEY: tag, JOB_KEY: job},
-            ),
-        )
-        return _remote(b)
 
 
 class GroqBatchProvider(_VendorBatchProvider):
@@ -361,7 +344,7 @@ class AzureBatchProvider(_VendorBatchProvider):
             with open(src, "rb") as fh:
                 f = await self._call(
                     "upload",
-                    lambda: self._client.files.create(file=(tagged_filename(tag), fh), purpose="batch", **expiry),
+                    lambda: self._once.files.create(file=(tagged_filename(tag), fh), purpose="batch", **expiry),
                 )
             return f.id
         finally:
@@ -376,8 +359,24 @@ class AzureBatchProvider(_VendorBatchProvider):
                 f"Azure batches take only a 24h completion window (got {completion_window!r}): "
                 "drop --completion-window (Azure lets a batch run past 24h rather than expire it)"
             )
+        # Output files count against the same cap as uploads: let them expire too.
+        expiry: dict[str, Any] = (
+            {"output_expires_after": {"anchor": "created_at", "seconds": AZURE_FILE_TTL_SECONDS}}
+            if self._files_expire
+            else {}
+        )
         try:
-            return await super().create_batch(tag, job, file_id, self._wire_endpoint(endpoint), completion_window)
+            b = await self._call(
+                "creating a batch",
+                lambda: self._once.batches.create(
+                    input_file_id=file_id,
+                    endpoint=self._wire_endpoint(endpoint),  # type: ignore[arg-type]
+                    completion_window="24h",
+                    metadata={TAG_KEY: tag, JOB_KEY: job},
+                    **expiry,
+                ),
+            )
+            return _remote(b)
         except ProviderError as exc:
             if AZURE_TOKEN_LIMIT_CODE not in f"{exc} {exc.body}":
                 raise
