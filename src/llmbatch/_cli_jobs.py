@@ -266,6 +266,11 @@ def register(cli: click.Group) -> None:
         help="USD cap: stop before the next submission's estimate would pass it.",
     )
     @click.option("--skip-invalid", is_flag=True, help="Send the valid rows even if some are invalid.")
+    @click.option(
+        "--keep-uploads",
+        is_flag=True,
+        help="Keep each chunk's uploaded input at the provider (default: deleted once collected).",
+    )
     @click.option("--dry-run", is_flag=True, help="Validate, estimate, print the planned chunks, send nothing.")
     @click.option(
         "--poll-interval", type=click.FloatRange(min=0.01), default=None, help="First wait between polls (s)."

@@ -69,6 +69,9 @@ class FakeBatch:
     expire_keep: int | None = None
     times: dict[str, int] = field(default_factory=dict)
     output_expires_after: dict[str, Any] | None = None
+    #: The input file's bytes when the batch was created: a batch runs on even if its input
+    #: file is deleted afterwards (llmbatch deletes each chunk's upload once it is collected).
+    input_data: bytes = b""
 
 
 def error_response(
@@ -303,7 +306,7 @@ class FakeBatchAPI:
 
     def _lines(self, b: FakeBatch) -> list[Any]:
         out: list[Any] = []
-        for raw in self.files[b.input_file_id].data.splitlines():
+        for raw in b.input_data.splitlines():
             if raw.strip():
                 try:
                     out.append(json.loads(raw))
@@ -510,6 +513,7 @@ class FakeBatchAPI:
                 params.get("metadata") if self.keep_metadata else None,
                 int(time.time()),
                 output_expires_after=params.get("output_expires_after"),
+                input_data=self.files[params["input_file_id"]].data,
             )
             self.batches[b.id] = b
             if self.lose_create_responses > 0:

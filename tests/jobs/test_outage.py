@@ -29,7 +29,7 @@ def test_outage_and_lost_answers_on_upload_and_create(server_factory, tmp_path: 
     inp = write_input(tmp_path, rows)
     with serve_app(app) as root:
         proc = llmbatch(
-            tmp_path, "run", str(inp), "--provider", "openai", "--base-url", f"{root}/v1", *POLL,
+            tmp_path, "run", str(inp), "--provider", "openai", "--base-url", f"{root}/v1", *POLL, "--keep-uploads",
             "--batch-size", "30", "--max-in-flight", "1",
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

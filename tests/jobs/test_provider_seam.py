@@ -38,7 +38,7 @@ def test_model_flag_rewrites_every_row(server_factory, tmp_path: Path) -> None: 
     rows = [chat_line(i, f"hi {i}", model="gpt-4o-mini") for i in range(30)]
     inp = write_input(tmp_path, rows)
     proc = llmbatch(
-        tmp_path, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL,
+        tmp_path, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--keep-uploads",
         "--model", "my-deployment", "--batch-size", "10",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -56,7 +56,7 @@ def test_provider_prefix_on_the_rows_picks_the_provider(server_factory, tmp_path
     rows = [chat_line(i, model="openai/gpt-4o-mini") for i in range(5)]
     inp = write_input(tmp_path, rows)
     # No --provider: the rows' `openai/` prefix picks the openai provider, which sends the bare name.
-    proc = llmbatch(tmp_path, "run", str(inp), "--base-url", server.base_url, *POLL)
+    proc = llmbatch(tmp_path, "run", str(inp), "--base-url", server.base_url, *POLL, "--keep-uploads")
     assert proc.returncode == 0, proc.stderr
     (b,) = remote_batches(server)
     with server.client() as c:
@@ -169,3 +169,16 @@ def test_a_job_file_left_empty_by_a_kill_gets_its_schema(tmp_path: Path) -> None
     assert store.job() is None
     store.create_job("job_x", [], {})
     assert store.job()["id"] == "job_x"  # type: ignore[index]
+
+
+def test_uploads_are_deleted_once_collected(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory()
+    inp = write_input(tmp_path, [chat_line(i) for i in range(25)])
+    proc = llmbatch(
+        tmp_path, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--batch-size", "10"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(remote_batches(server)) == 3
+    with server.client() as c:
+        assert list(c.files.list(purpose="batch")) == []  # inputs gone; outputs stay for the user
+        assert len(list(c.files.list(purpose="batch_output"))) == 3

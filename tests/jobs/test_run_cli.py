@@ -49,9 +49,10 @@ def llmbatch(tmp_path: Path, *args: str, timeout: float = 120, key: bool = True)
 def run_openai(
     tmp_path: Path, inp: Path, server: ServerProc, *extra: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    # --keep-uploads: the tests read what the server was sent from the uploaded inputs.
     return llmbatch(
-        tmp_path, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, *extra,
-        timeout=timeout,
+        tmp_path, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--keep-uploads",
+        *extra, timeout=timeout,
     )  # fmt: skip
 
 
@@ -245,7 +246,18 @@ def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: l
     server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")
     rows = [chat_line(i) for i in range(200)]
     inp = write_input(tmp_path, rows)
-    cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, *attempts]
+    cmd = [
+        *CLI,
+        "run",
+        str(inp),
+        "--provider",
+        "openai",
+        "--base-url",
+        server.base_url,
+        *POLL,
+        "--keep-uploads",
+        *attempts,
+    ]
     first = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
 
@@ -293,7 +305,7 @@ def test_a_second_process_leaves_a_running_job_alone(server_factory, tmp_path: P
     server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")  # 40 rows/s: about 4 s
     rows = [chat_line(i) for i in range(160)]
     inp = write_input(tmp_path, rows)
-    cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL]
+    cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--keep-uploads"]
     first = subprocess.Popen(
         [*cmd, "--batch-size", "40", "--max-in-flight", "1"], env=cli_env(tmp_path),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

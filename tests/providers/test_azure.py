@@ -407,8 +407,8 @@ def job_rows(n: int) -> list[dict[str, Any]]:
 
 
 def uploaded_lines(fake: FakeAzure) -> list[dict[str, Any]]:
-    """Every line of every file uploaded for batches."""
-    return [json.loads(x) for f in fake.files.values() if f.purpose == "batch" for x in f.data.splitlines()]
+    """Every line of every batch's input (llmbatch deletes the uploads once collected; batches keep them)."""
+    return [json.loads(x) for b in fake.batches.values() for x in b.input_data.splitlines() if x.strip()]
 
 
 def check_outputs(tmp_path: Path, rows: list[dict[str, Any]]) -> None:

@@ -38,6 +38,8 @@ log = logging.getLogger("llmbatch.jobs")
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_BUDGET, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 _RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
+#: Batch-level error codes meaning "the quota is full", not "these rows are bad".
+_QUOTA_CODES = {"token_limit_exceeded"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -88,6 +90,9 @@ class JobRunner:
         (job_dir / "results").mkdir(exist_ok=True)
         self._budget_blocked = False
         self._prices_of: dict[str, Any] = {}
+        self._quota_failures = 0
+        self._quota_backoff = 0.0
+        self._quota_wait_until = 0.0
 
     # -- pricing -------------------------------------------------------------------------
 
@@ -257,7 +262,7 @@ class JobRunner:
         in_flight = len(self.store.chunks(("uploading", "uploaded", "creating", "submitted")))
         for chunk in self.store.chunks(("planned", "uploaded")):
             if chunk.state == "planned":
-                if in_flight >= self.max_in_flight:
+                if in_flight >= self.max_in_flight or time.monotonic() < self._quota_wait_until:
                     break
                 if self.max_enqueued is not None:
                     enqueued = self.store.in_flight_tokens(chunk.model)
@@ -439,6 +444,15 @@ class JobRunner:
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
         general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
+        # A batch refused because the provider's enqueued-token quota was full (Azure) says
+        # nothing about its rows: they go back without using up an attempt, after a pause.
+        quota_full = bool(batch.errors) and all(e.get("code") in _QUOTA_CODES for e in batch.errors)
+        if quota_full:
+            self._quota_backoff = min(max(self.settings.poll_interval, 1.0) * 2**self._quota_failures, 900.0)
+            self._quota_failures += 1
+            self._quota_wait_until = time.monotonic() + self._quota_backoff
+            self.say(f"chunk {chunk.tag}: the provider's token quota is full ({general}); "
+                     f"sending again in {self._quota_backoff:.0f} s")  # fmt: skip
         for n, idx in enumerate(by_line, start=1):
             if idx in seen:
                 continue
@@ -448,8 +462,19 @@ class JobRunner:
                 failed.append((_error_line(cid_of[idx], e.get("code") or "invalid_request", message), message, idx))
             else:
                 reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
+                if quota_full:
+                    refund.append((reason, idx))
+                    continue
                 give_up_or_retry(idx, _error_line(cid_of[idx], "missing_result", reason), reason)
         self.store.collect(chunk.id, succeeded, retry, failed, batch.status.value, refund=refund)
+        if batch.status is RemoteStatus.COMPLETED:
+            self._quota_failures = 0
+        if chunk.file_id and not self.settings.keep_uploads:
+            # The input is no longer needed, and uploads count against per-account file caps.
+            try:
+                await self.provider.delete_file(chunk.file_id)
+            except ProviderError as exc:
+                log.warning("chunk %s: could not delete its upload %s: %s", chunk.tag, chunk.file_id, exc)
 
     def _classify(
         self,

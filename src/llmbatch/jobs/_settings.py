@@ -40,6 +40,8 @@ class JobSettings(BaseModel):
     """Tries per row before a retryable failure becomes final."""
     max_cost: float | None = Field(None, ge=0)
     """USD cap: no chunk is submitted whose estimate would take spend past it."""
+    keep_uploads: bool = False
+    """Keep each chunk's uploaded input at the provider after collecting it (default: delete it)."""
     skip_invalid: bool = False
     """Run the valid rows even when some rows are invalid (those are reported)."""
     default_output_tokens: int = Field(1024, gt=0)

@@ -5,11 +5,12 @@ params and each result back into an OpenAI batch output line (the Anthropic resu
 under `"native"`).
 
 Anthropic has no file uploads: a batch is created with its requests inline. `upload`
-therefore translates the chunk into a local JSONL of `{"custom_id", "params"}` lines next to
-the chunk file and returns `"local:" + its path`; `create_batch` sends it as one
-`POST /v1/messages/batches` (at most 100,000 requests and 256 MB) without SDK retries, so a
-lost answer is settled by `find_batch` rather than by a second batch. `find_upload` finds
-nothing: uploading again only rewrites the local file.
+therefore translates the chunk into a local file next to it, `TAG.anthropic.jsonl`, which is
+the create request's body with one `{"custom_id", "params"}` request per line, and returns
+`"local:" + its path`. `create_batch` sends that body as one `POST /v1/messages/batches` (at
+most 100,000 requests and 256 MB) without SDK retries, so that an answer lost after the batch
+was made is settled by `find_batch` rather than by a second batch; once answered, the file is
+deleted. `find_upload` finds nothing: uploading again only rewrites the local file.
 
 Statuses: `in_progress` is in progress, `canceling` cancelling, and `ended` is cancelled when a
 cancel was asked for, else completed: requests that expired come back as `batch_expired`
@@ -17,19 +18,20 @@ lines, which the runner retries. The results stream (the batch id is its `output
 is read line by line.
 
 Reconciliation without metadata: Anthropic batches carry no metadata or name, so after a crash
-between creating a batch and recording it a chunk's batch has to be recognised otherwise.
+between creating a batch and recording it, a chunk's batch has to be recognised otherwise.
 1. A journal, `anthropic-batches.jsonl` next to the chunk files, records each batch this
-   adapter created or adopted as soon as the API answers; a chunk found there is settled,
-   and the batches of other chunks found there are never candidates.
+   adapter created or adopted as soon as the API answers: a chunk found there is settled,
+   and the batches it names are never candidates for another chunk.
 2. Otherwise the batches created since the chunk's intent are listed, newest first; the
-   candidates are those with as many requests as the chunk. An ended candidate is checked by
-   reading its results: it is the chunk's when every result's custom_id is one of the chunk's.
-3. With no verified candidate: none at all means no batch (the runner creates it); exactly one
-   unverifiable candidate (still processing) is adopted when no other chunk of the job is
-   waiting for a batch of the same size (adopting a stranger's batch loses nothing: its
-   results do not match, and the runner retries those rows; creating a second batch could pay
-   twice); anything else raises a retryable `ProviderError`, and the runner asks again later,
-   when the candidates have ended and can be read.
+   candidates are those with as many requests as the chunk. An ended candidate is read: it is
+   the chunk's when every result's custom_id is one of the chunk's, and nobody's otherwise.
+3. With no verified candidate: none at all means there is no batch (the runner creates it).
+   Exactly one unverifiable candidate (still processing) is adopted, unless another chunk of
+   the job with as many requests also tried a create lately and has no batch recorded:
+   adopting a stranger's batch loses nothing (its results do not match, and the runner
+   retries those rows), while creating a second batch could pay twice. Anything else raises a
+   retryable `ProviderError`: the runner asks again later, once the candidates have ended and
+   can be read.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _custom_ids(path: Path) -> list[str]:
     with open(path, "rb") as fh:
         for line in fh:
             line = line.strip().rstrip(b",")
-            if line.startswith(b"{"):
+            if line.startswith(b'{"custom_id"'):  # not the opening `{"requests":[`
                 ids.append(orjson.loads(line)["custom_id"])
     return ids
 
@@ -244,6 +246,7 @@ class AnthropicBatchProvider(Provider):
         path = _local_path(file_id)
         try:
             body = path.read_bytes()
+            os.utime(path)  # when a create was last tried: find_batch weighs only recent rivals
         except FileNotFoundError:
             raise ProviderError(f"chunk {tag}: its translated requests ({path}) are gone", status=410) from None
         # No SDK retries: an answer lost after the batch was made is settled by find_batch, not a second batch.
@@ -263,6 +266,7 @@ class AnthropicBatchProvider(Provider):
         path = _local_path(file_id)
         journal = _read_journal(path.parent)
         if tag in journal:
+            path.unlink(missing_ok=True)  # a crash between the journal entry and this cleanup
             return await self.get_batch(journal[tag])
         try:
             ids = set(_custom_ids(path))
@@ -291,7 +295,7 @@ class AnthropicBatchProvider(Provider):
         await self._call("listing batches", scan)
         found = verified
         if found is None and unverifiable:
-            rivals = self._rivals(path, tag, len(ids), journal)
+            rivals = self._rivals(path, tag, len(ids), journal, since)
             if len(unverifiable) > 1 or rivals:
                 raise ProviderError(
                     f"chunk {tag}: cannot tell yet which of {len(unverifiable)} processing batches of "
@@ -303,6 +307,7 @@ class AnthropicBatchProvider(Provider):
         if found is None:
             return None
         _write_journal(path.parent, tag, found.id)
+        path.unlink(missing_ok=True)
         return _remote(found)
 
     async def _holds(self, b: MessageBatch, ids: set[str]) -> bool | None:
@@ -323,12 +328,14 @@ class AnthropicBatchProvider(Provider):
             return None
 
     @staticmethod
-    def _rivals(path: Path, tag: str, n: int, journal: dict[str, str]) -> int:
-        """Other chunks of the job with `n` requests translated but no batch recorded."""
+    def _rivals(path: Path, tag: str, n: int, journal: dict[str, str], since: int) -> int:
+        """Other chunks of the job with `n` requests, no batch recorded, and a create tried since `since`."""
         count = 0
         for other in path.parent.glob("*" + _SUFFIX):
             other_tag = other.name[: -len(_SUFFIX)]
-            if other_tag != tag and other_tag not in journal and _count_requests(other) == n:
+            if other_tag == tag or other_tag in journal or other.stat().st_mtime < since:
+                continue  # (an old file is a chunk re-planned away, never sent)
+            if _count_requests(other) == n:
                 count += 1
         return count
 

@@ -198,15 +198,14 @@ def _short(value: Any) -> str:
 
 
 def _max_tokens(body: dict[str, Any], reasons: list[str]) -> int:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
+    given = {k: body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None}
+    for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             reasons.append(f"{key}={_short(value)}: must be a positive integer")
             return DEFAULT_MAX_TOKENS
-        return value
-    return DEFAULT_MAX_TOKENS
+    if len(set(given.values())) > 1:
+        reasons.append("max_completion_tokens and max_tokens differ: Anthropic takes one max_tokens")
+    return next(iter(given.values()), DEFAULT_MAX_TOKENS)
 
 
 def _sampling(body: dict[str, Any], params: dict[str, Any], reasons: list[str]) -> None:
@@ -224,9 +223,10 @@ def _sampling(body: dict[str, Any], params: dict[str, Any], reasons: list[str]) 
         reasons.extend(bad)
         return
     no_sampling = _refuses_sampling(model)
-    # 1 is the default of both: leaving it out changes nothing, and some models refuse the field.
-    temperature = None if temperature == 1 and no_sampling else temperature
+    # 1 is the default of both: leaving it out changes nothing, where sending it would be refused
+    # (by models without sampling parameters, or beside the other one).
     top_p = None if top_p == 1 else top_p
+    temperature = None if temperature == 1 and (no_sampling or top_p is not None) else temperature
     if no_sampling:
         for key, value in (("temperature", temperature), ("top_p", top_p)):
             if value is not None:
@@ -305,8 +305,11 @@ def _response_format(fmt: Any, output_config: dict[str, Any], reasons: list[str]
     if kind != "json_schema" or not isinstance(schema, dict):
         reasons.append(f"response_format={_short(fmt)}: only text and json_schema (with a schema) are translated")
         return
-    from anthropic import transform_schema  # the SDK's adapter to the schema subset Anthropic enforces
-
+    try:
+        from anthropic import transform_schema  # the SDK's adapter to the schema subset Anthropic enforces
+    except ImportError:
+        reasons.append("response_format json_schema: structured outputs need a newer SDK: pip install -U anthropic")
+        return
     try:
         output_config["format"] = {"type": "json_schema", "schema": transform_schema(schema)}
     except (ValueError, TypeError, KeyError, AssertionError) as exc:
@@ -387,17 +390,20 @@ def _text_blocks(content: Any, where: str, reasons: list[str]) -> list[dict[str,
     if not isinstance(content, list):
         reasons.append(f"{where}: must be a string or a list of parts")
         return []
-    blocks = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            reasons.append(f"{where}[{j}]: only text parts are translated here, not {kind!r}")
-            continue
-        if part["text"]:
-            block = {"type": "text", "text": part["text"]}
-            _cache_control(part, block, f"{where}[{j}]", reasons)
-            blocks.append(block)
-    return blocks
+    blocks = (_text_part(part, f"{where}[{j}]", reasons) for j, part in enumerate(content))
+    return [b for b in blocks if b is not None]
+
+
+def _text_part(part: Any, where: str, reasons: list[str]) -> dict[str, Any] | None:
+    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        reasons.append(f"{where}: only text parts are translated here, not {kind!r}")
+        return None
+    if not part["text"]:
+        return None
+    block = {"type": "text", "text": part["text"]}
+    _cache_control(part, block, where, reasons)
+    return block
 
 
 def _user_blocks(content: Any, where: str, reasons: list[str]) -> list[dict[str, Any]]:
@@ -408,7 +414,8 @@ def _user_blocks(content: Any, where: str, reasons: list[str]) -> list[dict[str,
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            blocks += _text_blocks([part], where, reasons)
+            if (text := _text_part(part, at, reasons)) is not None:
+                blocks.append(text)
             continue
         if kind == "image_url":
             block = _image(part.get("image_url"), at, reasons)

@@ -427,9 +427,10 @@ def embed_requests(body: dict[str, Any]) -> list[dict[str, Any]]:
     texts = body["input"]
     if isinstance(texts, str):
         texts = [texts]
+    model = body["model"] if body["model"].startswith("models/") else f"models/{body['model']}"
     reqs = []
     for text in texts:
-        req: dict[str, Any] = {"content": {"parts": [{"text": text}]}}
+        req: dict[str, Any] = {"model": model, "content": {"parts": [{"text": text}]}}
         if body.get("dimensions") is not None:
             req["outputDimensionality"] = body["dimensions"]
         reqs.append(req)
