@@ -74,6 +74,7 @@ class RowRules:
         if rewrite:
             body = {**body, "model": model}
         remote_id = None
+        cls: type[Provider] | None = None
         if self.provider is not None:
             cls = _provider_classes.get(self.provider) or _provider_classes.setdefault(
                 self.provider, provider_class(self.provider)
@@ -83,7 +84,8 @@ class RowRules:
                 message = "; ".join(f"unsupported_by_provider: {r}" for r in reasons)
                 return (custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", message)
             remote_id = remote_id_for(custom_id, cls.custom_id_pattern)
-        est = estimate_row(endpoint, body, default_output_tokens=self.default_output_tokens)
+        default_out = (cls.default_max_tokens if cls is not None else None) or self.default_output_tokens
+        est = estimate_row(endpoint, body, default_output_tokens=default_out)
         return (custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
                 int(not est.capped), "pending", None)  # fmt: skip
 

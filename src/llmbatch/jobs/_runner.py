@@ -125,7 +125,13 @@ class JobRunner:
                     f"--max-cost needs prices, and there are none for {', '.join(missing)}: "
                     "pass --price-file FILE or --price-input/--price-output (USD per 1M tokens)"
                 )
-        await self.reconcile()
+        try:
+            await self.reconcile()
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            # Not sure yet what an interrupted submission created: `submit` asks again each round.
+            self.say(f"looking up earlier submissions failed: {exc}; will try again")
         self.plan()
         self.store.set_job(status="running")
         delay = self.settings.poll_interval
@@ -462,6 +468,10 @@ class JobRunner:
                 failed.append((_error_line(cid_of[idx], e.get("code") or "invalid_request", message), message, idx))
             else:
                 reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
+                if batch.status is RemoteStatus.CANCELLED:  # cut off: refunded when the user cancelled
+                    reason = f"batch_cancelled: {reason}"
+                elif batch.status is RemoteStatus.EXPIRED:
+                    reason = f"batch_expired: {reason}"
                 if quota_full:
                     refund.append((reason, idx))
                     continue

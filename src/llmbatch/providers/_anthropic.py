@@ -49,6 +49,7 @@ from anthropic.types.messages import MessageBatch
 
 from .._exceptions import ConfigError, ProviderError
 from ._anthropic_translate import (
+    DEFAULT_MAX_TOKENS,
     Untranslatable,
     chat_completion_of,
     error_body,
@@ -159,6 +160,7 @@ class AnthropicBatchProvider(Provider):
     default_base_url = "https://api.anthropic.com"
     endpoints = frozenset({"/v1/chat/completions"})
     custom_id_pattern = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+    default_max_tokens = DEFAULT_MAX_TOKENS
 
     def __init__(
         self,
@@ -191,8 +193,11 @@ class AnthropicBatchProvider(Provider):
         try:
             return await fn()
         except anthropic.APIStatusError as exc:
+            err = error_body(exc.body, exc.message)["error"]
             raise ProviderError(
-                f"{what} failed: HTTP {exc.status_code}: {exc.message}", status=exc.status_code, body=exc.body
+                f"{what} failed: HTTP {exc.status_code} {err['type']}: {err['message']}",
+                status=exc.status_code,
+                body=exc.body,
             ) from exc
         except anthropic.APIConnectionError as exc:
             raise ProviderError(f"{what} failed: cannot reach {self.base_url}: {exc}") from exc

@@ -368,6 +368,8 @@ def _translate_messages(messages: Any, reasons: list[str]) -> tuple[list[dict[st
             add("user", [result])
         else:
             reasons.append(f"{where}.role={_short(role)}: not translated (system, developer, user, assistant, tool)")
+    if not turns:
+        reasons.append("messages: Anthropic needs a user or assistant message besides the system prompt")
     return system, turns
 
 

@@ -98,6 +98,9 @@ class Provider(ABC):
     #: The ids the provider accepts per request; rows whose `custom_id` does not match are
     #: sent under an id the runner makes up (and keeps in the job store).
     custom_id_pattern: ClassVar[re.Pattern[str] | None] = None
+    #: The output cap the adapter sends for a row that sets none (providers that require one);
+    #: estimates use it instead of the generic guess, so budgets see the real ceiling.
+    default_max_tokens: ClassVar[int | None] = None
 
     @classmethod
     def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:

@@ -335,9 +335,9 @@ class GeminiBatchProvider(Provider):
             job = self._finished.pop(ref, None) or await self._call(
                 "fetching results", lambda: self._aio.batches.get(name=ref)
             )
-            items = [_dump(r) for r in (job.dest.inlined_responses or [])] if job.dest else []
+            responses = (job.dest.inlined_responses or []) if job.dest else []
             created = _timestamp(job.end_time or job.update_time) or int(time.time())
-            unkeyed = await asyncio.to_thread(_write_results, items, tmp, model, created)
+            unkeyed = await asyncio.to_thread(_write_results, map(_dump, responses), tmp, model, created)
             if unkeyed:
                 # Without keys the results cannot be matched to rows (their order is not to be
                 # trusted): those rows go again, and this process uploads files from now on.

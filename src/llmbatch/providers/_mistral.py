@@ -322,9 +322,17 @@ def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
     else:
         missing = {"code": "missing_response", "message": "Mistral sent neither a response nor an error"}
         line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
-    if line != rec:
+    if line != _filled(rec):
         line["native"] = rec
     return line
+
+
+def _filled(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with the keys an OpenAI line always has (`id`, `response.request_id`) filled with null."""
+    response = rec.get("response")
+    if isinstance(response, dict):
+        response = {"request_id": None, **response}
+    return {"id": None, **rec, "response": response}
 
 
 def _error_line(cid: Any, error: Any) -> dict[str, Any]:

@@ -116,14 +116,13 @@ def to_together(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_body(body: Any, status: int) -> dict[str, Any]:
-    """OpenAI's `{"error": {message, type, param, code}}` from whatever error body came back."""
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message, etype, param, code = err.get("message"), err.get("type"), err.get("param"), err.get("code")
+    """OpenAI's `{"error": {message, type, param, code}}` from Together's `{"error": "string"}` or the like."""
+    src = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
+    if isinstance(src, dict):
+        message = src.get("message", src.get("error"))
+        etype, param, code = src.get("type"), src.get("param"), src.get("code")
     else:
-        message = err if err is not None else body.get("message") if isinstance(body, dict) else body
-        etype, param, code = (body.get("type"), body.get("param"), body.get("code")) if isinstance(body, dict) else (
-            None, None, None)  # fmt: skip
+        message, etype, param, code = src, None, None, None
     if not isinstance(message, str):
         message = orjson.dumps(message).decode() if message is not None else f"HTTP {status}"
     default_type = "api_error" if status >= 500 else _TYPE_OF_STATUS.get(status, "invalid_request_error")
@@ -184,9 +183,17 @@ def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
     else:
         missing = {"code": "missing_response", "message": "Together sent neither a response nor an error"}
         line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
-    if line != rec:
+    if line != _filled(rec):
         line["native"] = rec
     return line
+
+
+def _filled(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with the keys an OpenAI line always has (`id`, `response.request_id`) filled with null."""
+    response = rec.get("response")
+    if isinstance(response, dict):
+        response = {"request_id": None, **response}
+    return {"id": None, **rec, "response": response}
 
 
 def _error_line(cid: Any, error: Any) -> dict[str, Any]:
