@@ -68,10 +68,14 @@ def _job_lock(job_dir: Path) -> Iterator[None]:
 
 
 def _price_table(
-    price_file: Path | None, price_input: float | None, price_output: float | None, models: Iterable[str]
+    price_file: Path | None,
+    price_input: float | None,
+    price_output: float | None,
+    models: Iterable[str],
+    provider: str | None = None,
 ) -> PriceTable:
-    """The bundled prices, overridden by a price file, and flags pricing the models still unpriced."""
-    table = PriceTable.load(price_file)
+    """The bundled prices on `provider`, overridden by a price file, and flags pricing the models still unpriced."""
+    table = PriceTable.load(price_file).for_provider(provider)
     if price_input is not None or price_output is not None:
         if price_input is None or price_output is None:
             raise ConfigError("--price-input and --price-output go together (USD per 1M tokens)")
@@ -160,7 +164,7 @@ def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_
         )
     provider = make_provider(settings, job_dir, api_key)
     models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
-    prices = _price_table(settings.price_file, settings.price_input, settings.price_output, models)
+    prices = _price_table(settings.price_file, settings.price_input, settings.price_output, models, settings.provider)
     est = Estimate.from_totals(store.estimate_by_model())
     _print_estimate(est, prices, provider.billed)
     if dry_run:
@@ -310,12 +314,14 @@ def register(cli: click.Group) -> None:
     )
     @click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models.")
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
+    @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default=None, help="Price at this provider's rates.")
     def estimate(
         inputs: tuple[Path, ...],
         default_output_tokens: int,
         price_file: Path | None,
         price_input: float | None,
         price_output: float | None,
+        provider: str | None,
     ) -> None:
         """Validate rows and estimate tokens and cost, offline; sends nothing.
 
@@ -336,7 +342,7 @@ def register(cli: click.Group) -> None:
                     continue
                 body = obj["body"]
                 est.add(body["model"], estimate_row(obj["url"], body, default_output_tokens=default_output_tokens))
-        table = _price_table(price_file, price_input, price_output, est.by_model)
+        table = _price_table(price_file, price_input, price_output, est.by_model, provider)
         _print_estimate(est, table, billed=True, err=False)
         if invalid:
             click.echo(f"{invalid} invalid rows (not counted above)", err=True)

@@ -283,3 +283,15 @@ def test_cost_real_model(table: PriceTable) -> None:
     assert direct == pytest.approx(1.0 * 0.25 + 1.0 * 0.025 + 0.5 * 2.0)
     batch = cost(price, 2_000_000, 500_000, 1_000_000)
     assert batch == pytest.approx(direct / 2)
+
+
+def test_provider_scoped_prices() -> None:
+    """MODEL@PROVIDER entries price a model on that provider only, and win over a plain entry there."""
+    from llmbatch.pricing import PriceTable
+
+    table = PriceTable.load()
+    assert table.for_provider("groq").lookup("openai/gpt-oss-120b") is not None
+    assert table.for_provider("together").lookup("gpt-oss-120b") is None  # Groq's price does not leak
+    assert table.for_provider(None).lookup("gpt-oss-120b") is None
+    assert table.for_provider("anthropic").lookup("claude-sonnet-4-5-20250929").batch_input == 1.5  # type: ignore[union-attr]
+    assert all("@" not in k for k in table.for_provider("groq").models)

@@ -74,7 +74,7 @@ class JobRunner:
         self.job_dir = job_dir
         self.settings = settings
         self.provider = provider
-        self.prices = prices or PriceTable.load(settings.price_file)
+        self.prices = prices or PriceTable.load(settings.price_file).for_provider(settings.provider)
         self.progress = progress or PlainProgress(say)
         self.say = self.progress.message
         job = store.job()

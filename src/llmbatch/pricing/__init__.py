@@ -124,6 +124,19 @@ class PriceTable:
             source = f"{source}; overrides from {override}"
         return cls(models, taken=taken, source=source)
 
+    def for_provider(self, provider: str | None) -> PriceTable:
+        """The prices that apply on `provider`.
+
+        An entry keyed `MODEL@PROVIDER` prices MODEL on that provider only (the same open
+        model costs differently on Groq and on Together); it replaces a plain `MODEL` entry
+        there. Entries for other providers are left out.
+        """
+        plain = {k: v for k, v in self._models.items() if "@" not in k}
+        if provider:
+            suffix = "@" + provider.lower()
+            plain.update({k.removesuffix(suffix): v for k, v in self._models.items() if k.endswith(suffix)})
+        return PriceTable(plain, taken=self.taken, source=self.source)
+
     @property
     def models(self) -> Mapping[str, ModelPrice]:
         """Every entry, by normalised model id (read-only)."""

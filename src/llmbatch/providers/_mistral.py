@@ -11,7 +11,9 @@ rewritten into OpenAI's shapes (text out of content chunks, tool call arguments 
 kept under `"native"`.
 
 Batches carry llmbatch's metadata (`llmbatch_chunk`, `llmbatch_job`) and name their input
-files, so `find_batch` matches either and its answer is certain.
+files, so `find_batch` matches either and its answer is certain. Every line keeps its `model`,
+and the job names it as well (remembered from the upload, or read from the file's first line
+when another process uploaded it).
 """
 
 from __future__ import annotations
@@ -318,7 +320,7 @@ def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
             "error": None,
         }
     elif error is not None:
-        line = _error_line(cid, error)
+        line = {**_error_line(cid, error), "id": rec.get("id")}
     else:
         missing = {"code": "missing_response", "message": "Mistral sent neither a response nor an error"}
         line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
@@ -438,6 +440,8 @@ class MistralBatchProvider(Provider):
         self.limits = limits or MISTRAL_LIMITS
         self._key = key
         self._client = Mistral(api_key=key, server_url=self.base_url, timeout_ms=int(timeout * 1000))
+        #: The model of each file this process uploaded (a chunk holds one model).
+        self._models: dict[str, str] = {}
 
     @classmethod
     def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
@@ -466,11 +470,13 @@ class MistralBatchProvider(Provider):
     async def upload(self, tag: str, path: Path) -> str:
         name = tagged_filename(tag)
         wire = path.with_name(name)
+        model = None
         with open(path, "rb") as src, open(wire, "wb") as dst:
             for raw in src:
                 if raw.strip():
                     rec = orjson.loads(raw)
                     body = to_mistral(rec["url"], rec["body"])
+                    model = model or body.get("model")
                     dst.write(orjson.dumps({"custom_id": rec["custom_id"], "body": body}) + b"\n")
         try:
             with open(wire, "rb") as fh:
@@ -480,7 +486,31 @@ class MistralBatchProvider(Provider):
                 )
         finally:
             wire.unlink(missing_ok=True)
+        if model:
+            self._models[f.id] = model
         return f.id
+
+    async def _model_of(self, file_id: str) -> str | None:
+        """The model an uploaded chunk names: remembered from the upload, else read from its first line."""
+        if file_id not in self._models:
+
+            async def first_line() -> bytes:
+                resp = await self._client.files.download_async(file_id=file_id)
+                try:
+                    async for line in _split_lines(resp.aiter_bytes()):
+                        return line
+                    return b""
+                finally:
+                    await resp.aclose()
+
+            line = await self._call(f"reading {file_id}", first_line)
+            try:
+                model = orjson.loads(line)["body"]["model"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return None
+            if isinstance(model, str):
+                self._models[file_id] = model
+        return self._models.get(file_id)
 
     async def _pages(self, what: str, fetch: Callable[[int], Awaitable[Any]]) -> AsyncIterator[list[Any]]:
         """The `data` of each page of a `{data, total}` listing, from page 0 on."""
@@ -509,6 +539,9 @@ class MistralBatchProvider(Provider):
         self, tag: str, job: str, file_id: str, endpoint: str, completion_window: str = "24h"
     ) -> RemoteBatch:
         hours = _hours(completion_window)
+        # Each line names its model too; the job's own is what Mistral's docs lead with.
+        model = await self._model_of(file_id)
+        named = {"model": model} if model else {}
         created = await self._call(
             "creating a batch",
             lambda: self._client.batch.jobs.create_async(
@@ -516,6 +549,7 @@ class MistralBatchProvider(Provider):
                 endpoint=endpoint,  # type: ignore[arg-type]
                 metadata={TAG_KEY: tag, JOB_KEY: job},
                 timeout_hours=hours,
+                **named,
             ),
         )
         return _remote(created)

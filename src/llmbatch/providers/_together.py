@@ -179,7 +179,7 @@ def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
             "error": None,
         }
     elif error is not None:
-        line = _error_line(cid, error)
+        line = {**_error_line(cid, error), "id": rec.get("id")}
     else:
         missing = {"code": "missing_response", "message": "Together sent neither a response nor an error"}
         line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
