@@ -21,10 +21,9 @@ first time its custom_id is seen, success after; `FAILSTR` an error given as a b
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,18 +32,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._openai_like import OpenAILikeFake, jsonl, user_text
+
 __all__ = ["MistralFake"]
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/moderations", "/v1/fim/completions", "/v1/ocr")
 
 
 def _text(body: dict[str, Any]) -> str:
-    for m in reversed(body.get("messages") or []):
-        if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, str):
-                return c
-            return "".join(p.get("text", "") for p in c or [] if isinstance(p, dict) and p.get("type") == "text")
+    text = user_text(body)
+    if text is not None:
+        return text
     inp = body.get("input")
     return inp if isinstance(inp, str) else " ".join(inp or [])
 
@@ -55,34 +53,19 @@ def _error(status: int, message: Any, etype: str = "invalid_request_error") -> J
 
 
 @dataclass
-class MistralFake:
-    """The fake's state and controls; `app` is the ASGI app to serve."""
+class MistralFake(OpenAILikeFake):
+    """The fake's state and controls (OpenAILikeFake's and these); `app` is the ASGI app to serve.
 
-    api_key: str = "test-key"
-    #: The root URL the fake is served at (set by whoever serves it; the tests read it back).
-    url: str = ""
+    Expired batches stop TIMEOUT_EXCEEDED; calls are recorded with their query ("METHOD /path?query").
+    """
+
     #: Polls a new batch answers QUEUED, then RUNNING, before it ends.
     queued_polls: int = 1
     running_polls: int = 1
-    #: The next N batches to end stop TIMEOUT_EXCEEDED, with only the first half of their rows done.
-    expire_next: int = 0
-    #: The next N batch creations happen, but their answer is lost (HTTP 500).
-    lose_create_answers: int = 0
     seed: int = 4321
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    contents: dict[str, bytes] = field(default_factory=dict)
-    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
-    polls: dict[str, int] = field(default_factory=dict)
-    #: The input lines of every batch, as received.
-    lines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    seen_429: set[str] = field(default_factory=set)
-    #: Bodies sent to the direct endpoints.
-    direct_bodies: list[dict[str, Any]] = field(default_factory=list)
-    #: Every call: "METHOD /path?query".
-    calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
+        super().__post_init__()
         self._clock = 0
         routes = Starlette(
             routes=[
@@ -122,9 +105,6 @@ class MistralFake:
 
     def batch_list(self) -> list[dict[str, Any]]:
         return sorted(self.batches.values(), key=lambda b: b["created_at"])
-
-    def file_lines(self, fid: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.contents[fid].splitlines() if x.strip()]
 
     def add_batch(self, *, metadata: dict[str, str] | None = None, input_files: list[str] | None = None) -> str:
         """A finished batch that is not llmbatch's (to fill pages of the listing)."""
@@ -275,10 +255,8 @@ class MistralFake:
         b["status"], b["started_at"], b["total_requests"] = "RUNNING", self._now(), len(lines)
 
     def _finish(self, b: dict[str, Any], status: str, *, partial: bool) -> None:
-        rows = self.lines.get(b["id"], [])
-        done = rows[: len(rows) // 2] if partial else rows
         out, err = [], []
-        for n, rec in enumerate(done):
+        for n, rec in enumerate(self._done_rows(b, partial)):
             cid, body = rec["custom_id"], rec["body"]
             text = _text(body)
             rid = f"batch-{b['id'][:8]}-{n}"
@@ -302,9 +280,9 @@ class MistralFake:
         self._rng.shuffle(out)
         self._rng.shuffle(err)
         if out:
-            b["output_file"] = self._add_file(f"{b['id']}.jsonl", "batch", _jsonl(out), "batch_result")
+            b["output_file"] = self._add_file(f"{b['id']}.jsonl", "batch", jsonl(out), "batch_result")
         if err:
-            b["error_file"] = self._add_file(f"{b['id']}_error.jsonl", "batch", _jsonl(err), "batch_error")
+            b["error_file"] = self._add_file(f"{b['id']}_error.jsonl", "batch", jsonl(err), "batch_error")
         b["succeeded_requests"], b["failed_requests"] = len(out), len(err)
         b["completed_requests"] = len(out) + len(err)
         b["status"], b["completed_at"] = status, self._now()
@@ -342,7 +320,3 @@ class MistralFake:
         if "FAIL400" in text:
             return _error(400, "Invalid request: FAIL400")
         return JSONResponse(self._answer(request.url.path, body, text))
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)

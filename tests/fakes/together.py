@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +32,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from ._openai_like import OpenAILikeFake, jsonl, user_text
 
 __all__ = ["TogetherFake"]
 
@@ -44,13 +45,7 @@ def _iso(t: float) -> str:
 
 
 def _text(body: dict[str, Any]) -> str:
-    for m in reversed(body.get("messages") or []):
-        if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, str):
-                return c
-            return "".join(p.get("text", "") for p in c or [] if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+    return user_text(body) or ""
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -58,37 +53,22 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 @dataclass
-class TogetherFake:
-    """The fake's state and controls; `app` is the ASGI app to serve."""
+class TogetherFake(OpenAILikeFake):
+    """The fake's state and controls (OpenAILikeFake's and these); `app` is the ASGI app to serve.
 
-    api_key: str = "test-key"
-    #: The root URL the fake is served at (set by whoever serves it; the tests read it back).
-    url: str = ""
+    Expired batches stop EXPIRED; direct calls go to the chat endpoint.
+    """
+
     #: Polls a new batch answers VALIDATING, then IN_PROGRESS, before it ends.
     validate_polls: int = 1
     progress_polls: int = 1
-    #: The next N batches to end stop EXPIRED, with only the first half of their rows done.
-    expire_next: int = 0
-    #: The next N batch creations (file uploads) happen, but their answer is lost (HTTP 500).
-    lose_create_answers: int = 0
+    #: The next N file uploads happen, but their answer is lost (HTTP 500).
     lose_upload_answers: int = 0
-    seed: int = 1234
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    contents: dict[str, bytes] = field(default_factory=dict)
-    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
-    polls: dict[str, int] = field(default_factory=dict)
-    #: The input lines of every batch, as received.
-    lines: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    seen_429: set[str] = field(default_factory=set)
     #: The form fields of every upload started.
     upload_forms: list[dict[str, str]] = field(default_factory=list)
-    #: Bodies sent to the direct chat endpoint.
-    direct_bodies: list[dict[str, Any]] = field(default_factory=list)
-    #: Every call: "METHOD /path".
-    calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
+        super().__post_init__()
         self._pending: dict[str, dict[str, Any]] = {}
         routes = Starlette(
             routes=[
@@ -124,9 +104,6 @@ class TogetherFake:
 
     def batch_list(self) -> list[dict[str, Any]]:
         return sorted(self.batches.values(), key=lambda b: b["_created"])
-
-    def file_lines(self, fid: str) -> list[dict[str, Any]]:
-        return [json.loads(x) for x in self.contents[fid].splitlines() if x.strip()]
 
     def add_file(self, name: str, data: bytes, purpose: str = "batch-api") -> str:
         """A file uploaded by someone else (say, one that fails validation)."""
@@ -299,10 +276,8 @@ class TogetherFake:
         b["completed_at"] = _iso(datetime.now(UTC).timestamp())
 
     def _finish(self, b: dict[str, Any], status: str, *, partial: bool) -> None:
-        rows = self.lines.get(b["id"], [])
-        done = rows[: len(rows) // 2] if partial else rows
         out, err = [], []
-        for n, rec in enumerate(done):
+        for n, rec in enumerate(self._done_rows(b, partial)):
             cid, body = rec["custom_id"], rec["body"]
             text = _text(body)
             rid = f"req-{b['id'][:8]}-{n}"
@@ -318,9 +293,9 @@ class TogetherFake:
         self._rng.shuffle(out)
         self._rng.shuffle(err)
         if out:
-            b["output_file_id"] = self._add_file(f"{b['id']}-output.jsonl", "batch-api", _jsonl(out))
+            b["output_file_id"] = self._add_file(f"{b['id']}-output.jsonl", "batch-api", jsonl(out))
         if err:
-            b["error_file_id"] = self._add_file(f"{b['id']}-errors.jsonl", "batch-api", _jsonl(err))
+            b["error_file_id"] = self._add_file(f"{b['id']}-errors.jsonl", "batch-api", jsonl(err))
         b["status"], b["progress"] = status, 100.0 if not partial else 50.0
         b["completed_at"] = _iso(datetime.now(UTC).timestamp())
 
@@ -334,7 +309,3 @@ class TogetherFake:
                          "finish_reason": "eos", "logprobs": None, "seed": 42}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }  # fmt: skip
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)

@@ -7,36 +7,47 @@ end-to-end tests run `llmbatch run --provider mistral` as a subprocess against i
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes._serve import serve_app
 from fakes.mistral import MistralFake
+from provider_cli import (
+    CHAT,
+    KEY,
+    TAG,
+    check_cancel,
+    check_expiry,
+    check_marked_batches,
+    chunk_file,
+    failed_batch,
+    found_events,
+    leave_orphans,
+    read_lines,
+    read_shuffled_output,
+    restart,
+    run_batch,
+    run_live_job,
+    run_marked_job,
+    run_refused_job,
+    served,
+    thirty_row_job,
+    with_adapter,
+)
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
-from llmbatch.jobs import JobRunner, JobSettings, ingest, open_job
 from llmbatch.providers import JOB_KEY, TAG_KEY, RemoteStatus, create_provider
 from llmbatch.providers._mistral import MistralBatchProvider
 
-KEY = "test-key"
-CHAT = "/v1/chat/completions"
 MODEL = "mistral-small-latest"
 
 
 @pytest.fixture
 def fake() -> Iterator[MistralFake]:
-    fake = MistralFake(api_key=KEY)
-    with serve_app(fake.app) as url:
-        fake.url = url
+    with served(MistralFake(api_key=KEY)) as fake:
         yield fake
 
 
@@ -44,40 +55,8 @@ def provider(fake: MistralFake) -> MistralBatchProvider:
     return MistralBatchProvider(api_key=KEY, base_url=fake.url)
 
 
-def chunk_file(tmp_path: Path, rows: list[dict[str, Any]], name: str = "chunk.jsonl") -> Path:
-    path = tmp_path / name
-    path.write_bytes(jsonl(rows))
-    return path
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def row(i: int, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
     return {"custom_id": f"row-{i}", "method": "POST", "url": endpoint, "body": body}
-
-
-async def poll_to_end(p: MistralBatchProvider, batch_id: str) -> list[RemoteStatus]:
-    seen: list[RemoteStatus] = []
-    for _ in range(20):
-        b = await p.get_batch(batch_id)
-        if not seen or seen[-1] != b.status:
-            seen.append(b.status)
-        if b.status.terminal:
-            return seen
-    raise AssertionError(f"batch {batch_id} never ended: {seen}")
-
-
-async def run_batch(p: MistralBatchProvider, tmp_path: Path, path: Path, endpoint: str = CHAT) -> list[RemoteStatus]:
-    """Uploads, creates, polls to the end and downloads both result files to out/err.jsonl."""
-    b = await p.create_batch("m-c00001", "job", await p.upload("m-c00001", path), endpoint)
-    statuses = await poll_to_end(p, b.id)
-    final = await p.get_batch(b.id)
-    for file_id, name in ((final.output_file_id, "out.jsonl"), (final.error_file_id, "err.jsonl")):
-        if file_id:
-            await p.download(file_id, tmp_path / name)
-    return statuses
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -96,18 +75,14 @@ def test_upload_translates_requests_and_is_found_by_tag(fake: MistralFake, tmp_p
     ]  # fmt: skip
     path = chunk_file(tmp_path, rows)
 
-    async def scenario() -> tuple[str, str | None, str | None, str | None]:
-        p = provider(fake)
-        try:
-            fid = await p.upload("job1-c00001", path)
-            found = await p.find_upload("job1-c00001", int(time.time()) - 60)
-            other = await p.find_upload("job1-c00002", 0)
-            later = await p.find_upload("job1-c00001", int(time.time()) + 3600)
-            return fid, found, other, later
-        finally:
-            await p.aclose()
+    async def scenario(p: MistralBatchProvider) -> tuple[str, str | None, str | None, str | None]:
+        fid = await p.upload("job1-c00001", path)
+        found = await p.find_upload("job1-c00001", int(time.time()) - 60)
+        other = await p.find_upload("job1-c00002", 0)
+        later = await p.find_upload("job1-c00001", int(time.time()) + 3600)
+        return fid, found, other, later
 
-    fid, found, other, later = asyncio.run(scenario())
+    fid, found, other, later = with_adapter(provider(fake), scenario)
     f = fake.files[fid]
     assert f["filename"] == "llmbatch-job1-c00001.jsonl" and f["purpose"] == "batch"
     first, second = fake.file_lines(fid)
@@ -125,25 +100,17 @@ def test_batch_lifecycle_results_and_row_errors(fake: MistralFake, tmp_path: Pat
     texts[3], texts[8], texts[11], texts[15] = "FAIL400 please", "THINK twice", "FAIL429 now", "FAILSTR oops"
     path = chunk_file(tmp_path, [chat_line(i, t, model=MODEL) for i, t in enumerate(texts)])
 
-    async def scenario() -> tuple[list[RemoteStatus], Any]:
-        p = provider(fake)
-        try:
-            statuses = await run_batch(p, tmp_path, path)
-            (job,) = fake.batches
-            return statuses, await p.get_batch(job)
-        finally:
-            await p.aclose()
+    async def scenario(p: MistralBatchProvider) -> tuple[list[RemoteStatus], Any]:
+        statuses = await run_batch(p, tmp_path, path)
+        (job,) = fake.batches
+        return statuses, await p.get_batch(job)
 
-    statuses, final = asyncio.run(scenario())
+    statuses, final = with_adapter(provider(fake), scenario)
     assert statuses == [RemoteStatus.VALIDATING, RemoteStatus.IN_PROGRESS, RemoteStatus.COMPLETED]
     assert (final.total, final.completed, final.failed) == (20, 17, 3)
-    assert final.metadata == {TAG_KEY: "m-c00001", JOB_KEY: "job"}
-    out = read_lines(tmp_path / "out.jsonl")
-    ids = [r["custom_id"] for r in out]
-    assert sorted(ids) == sorted(f"row-{i}" for i in range(20) if i not in (3, 11, 15))
-    assert ids != sorted(ids, key=lambda c: int(c.split("-")[1])), "the fake shuffles results"
+    assert final.metadata == {TAG_KEY: TAG, JOB_KEY: "job"}
+    out = read_shuffled_output(tmp_path / "out.jsonl")
     for rec in out:
-        assert set(rec) == {"id", "custom_id", "response", "error", "native"}
         body = rec["response"]["body"]
         n = int(rec["custom_id"].split("-")[1])
         assert rec["error"] is None and rec["response"]["status_code"] == 200
@@ -172,17 +139,13 @@ def test_embeddings_and_moderations(fake: MistralFake, tmp_path: Path) -> None:
     mod = chunk_file(tmp_path, [row(0, "/v1/moderations", {"model": "mistral-moderation-latest",
                                                            "input": ["kill it", "fine"]})], "mod.jsonl")  # fmt: skip
 
-    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        p = provider(fake)
-        try:
-            await run_batch(p, tmp_path, emb, "/v1/embeddings")
-            embedded = read_lines(tmp_path / "out.jsonl")
-            await run_batch(p, tmp_path, mod, "/v1/moderations")
-            return embedded, read_lines(tmp_path / "out.jsonl")
-        finally:
-            await p.aclose()
+    async def scenario(p: MistralBatchProvider) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        await run_batch(p, tmp_path, emb, "/v1/embeddings")
+        embedded = read_lines(tmp_path / "out.jsonl")
+        await run_batch(p, tmp_path, mod, "/v1/moderations")
+        return embedded, read_lines(tmp_path / "out.jsonl")
 
-    (embedded,), (moderated,) = asyncio.run(scenario())
+    (embedded,), (moderated,) = with_adapter(provider(fake), scenario)
     first = fake.batch_list()[0]
     assert first["endpoint"] == "/v1/embeddings"
     assert fake.lines[first["id"]][0]["body"] == {
@@ -199,34 +162,14 @@ def test_embeddings_and_moderations(fake: MistralFake, tmp_path: Path) -> None:
 
 def test_timeout_exceeded_keeps_only_finished_rows(fake: MistralFake, tmp_path: Path) -> None:
     fake.expire_next = 1
-    path = chunk_file(tmp_path, [chat_line(i, model=MODEL) for i in range(10)])
-
-    async def scenario() -> list[RemoteStatus]:
-        p = provider(fake)
-        try:
-            return await run_batch(p, tmp_path, path)
-        finally:
-            await p.aclose()
-
-    assert asyncio.run(scenario())[-1] is RemoteStatus.EXPIRED
-    assert sorted(r["custom_id"] for r in read_lines(tmp_path / "out.jsonl")) == sorted(f"row-{i}" for i in range(5))
+    with_adapter(provider(fake), lambda p: check_expiry(p, tmp_path, MODEL))
 
 
 def test_failed_validation_reports_errors_with_counts(fake: MistralFake) -> None:
     bad = jsonl([chat_line(i, model=MODEL) for i in range(3)]) + b"{not json\n"  # OpenAI's envelope, not Mistral's
     fid = fake.add_file("bad.jsonl", bad)
 
-    async def scenario() -> Any:
-        p = provider(fake)
-        try:
-            b = await p.create_batch("m-c00001", "job", fid, CHAT)
-            assert (await poll_to_end(p, b.id))[-1] is RemoteStatus.FAILED
-            return await p.get_batch(b.id)
-        finally:
-            await p.aclose()
-
-    failed = asyncio.run(scenario())
-    assert failed.output_file_id is None and failed.error_file_id is None
+    failed = with_adapter(provider(fake), lambda p: failed_batch(p, fid))
     assert sorted(e["message"] for e in failed.errors) == [
         "a line is not valid JSON",
         "lines must hold exactly custom_id and body (3 requests)",
@@ -235,20 +178,7 @@ def test_failed_validation_reports_errors_with_counts(fake: MistralFake) -> None
 
 def test_cancel_goes_through_cancellation_requested(fake: MistralFake, tmp_path: Path) -> None:
     fake.running_polls = 50
-    path = chunk_file(tmp_path, [chat_line(i, model=MODEL) for i in range(6)])
-
-    async def scenario() -> list[RemoteStatus]:
-        p = provider(fake)
-        try:
-            b = await p.create_batch("m-c00001", "job", await p.upload("m-c00001", path), CHAT)
-            await p.get_batch(b.id)
-            await p.get_batch(b.id)
-            cancelling = await p.cancel(b.id)
-            return [cancelling.status, *await poll_to_end(p, b.id)]
-        finally:
-            await p.aclose()
-
-    assert asyncio.run(scenario()) == [RemoteStatus.CANCELLING, RemoteStatus.CANCELLED]
+    with_adapter(provider(fake), lambda p: check_cancel(p, tmp_path, MODEL))
     (b,) = fake.batches.values()
     assert b["status"] == "CANCELLED" and b["output_file"]
 
@@ -256,55 +186,35 @@ def test_cancel_goes_through_cancellation_requested(fake: MistralFake, tmp_path:
 def test_find_batch_pages_through_the_listing(fake: MistralFake, tmp_path: Path) -> None:
     path = chunk_file(tmp_path, [chat_line(i, model=MODEL) for i in range(3)])
 
-    async def scenario() -> None:
-        p = provider(fake)
+    async def scenario(p: MistralBatchProvider) -> None:
         p.page_size = 10
-        try:
-            since = int(time.time()) - 300
-            fid = await p.upload("m-c00001", path)
-            made = await p.create_batch("m-c00001", "job", fid, CHAT)
-            for _ in range(25):  # newer batches push ours to the third page
-                fake.add_batch(metadata={"other": "x"})
-            by_tag = await p.find_batch("m-c00001", since)
-            by_file = await p.find_batch("m-c00009", since, fid)
-            assert by_tag is not None and by_file is not None and by_tag.id == by_file.id == made.id
-            assert await p.find_batch("m-c00002", since, "another-file") is None
-            assert await p.find_batch("m-c00001", int(time.time()) + 3600, fid) is None
-        finally:
-            await p.aclose()
+        since = int(time.time()) - 300
+        fid = await p.upload("m-c00001", path)
+        made = await p.create_batch("m-c00001", "job", fid, CHAT)
+        for _ in range(25):  # newer batches push ours to the third page
+            fake.add_batch(metadata={"other": "x"})
+        by_tag = await p.find_batch("m-c00001", since)
+        by_file = await p.find_batch("m-c00009", since, fid)
+        assert by_tag is not None and by_file is not None and by_tag.id == by_file.id == made.id
+        assert await p.find_batch("m-c00002", since, "another-file") is None
+        assert await p.find_batch("m-c00001", int(time.time()) + 3600, fid) is None
 
-    asyncio.run(scenario())
+    with_adapter(provider(fake), scenario)
     listings = [c for c in fake.calls if c.startswith("GET /v1/batch/jobs?")]
     assert any("page=2" in c for c in listings), listings
     assert all("created_after=" in c for c in listings)
 
 
 def test_runner_adopts_an_upload_and_a_batch_made_before_a_crash(fake: MistralFake, tmp_path: Path) -> None:
-    inp = tmp_path / "in.jsonl"
-    inp.write_bytes(jsonl([chat_line(i, model=MODEL) for i in range(30)]))
-    settings = JobSettings(provider="mistral", base_url=fake.url, batch_size=10, poll_interval=0.05)
-    store, job_dir, _ = open_job([inp], settings, tmp_path / "jobs")
-    ingest(store, [inp], settings)
+    store, job_dir, settings = thirty_row_job(tmp_path, "mistral", fake.url, MODEL)
 
     async def scenario() -> tuple[str, str]:
         p = provider(fake)
-        runner = JobRunner(store, job_dir, settings, p, say=lambda m: None)
-        runner.plan()
-        c1, c2, _c3 = store.chunks(("planned",))
-        store.move_chunk(c1.id, "uploading", ("planned",), intent_at=c1.created_at)
-        orphan_upload = await p.upload(c1.tag, runner._write_chunk_file(c1))
-        file_id = await p.upload(c2.tag, runner._write_chunk_file(c2))
-        store.move_chunk(c2.id, "uploading", ("planned",), intent_at=c2.created_at)
-        store.move_chunk(c2.id, "uploaded", ("uploading",), file_id=file_id)
-        store.move_chunk(c2.id, "creating", ("uploaded",), intent_at=c2.created_at)
-        orphan_batch = await p.create_batch(c2.tag, runner.job_id, file_id, c2.endpoint)
+        orphans = await leave_orphans(store, job_dir, settings, p)
         await p.aclose()
         # The restart: a fresh process, which learns the found upload's model from the file.
-        p = provider(fake)
-        outcome = await JobRunner(store, job_dir, settings, p, say=lambda m: None).run()
-        await p.aclose()
-        assert outcome.code == 0, outcome.summary
-        return orphan_upload, orphan_batch.id
+        await restart(store, job_dir, settings, provider(fake))
+        return orphans
 
     orphan_upload, orphan_batch = asyncio.run(scenario())
     batches = fake.batch_list()
@@ -316,19 +226,15 @@ def test_runner_adopts_an_upload_and_a_batch_made_before_a_crash(fake: MistralFa
 
 
 def test_direct_translates_both_ways(fake: MistralFake) -> None:
-    async def scenario() -> list[tuple[int, Any]]:
-        p = provider(fake)
-        try:
-            return [
-                await p.direct(CHAT, chat_line(0, "THINK hi", model=MODEL, max_completion_tokens=3)["body"]),
-                await p.direct(CHAT, chat_line(1, "FAIL400", model=MODEL)["body"]),
-                await p.direct("/v1/embeddings", {"model": "mistral-embed", "input": "x", "dimensions": 2}),
-                await p.direct("/v1/completions", {"model": MODEL, "prompt": "x"}),
-            ]
-        finally:
-            await p.aclose()
+    async def scenario(p: MistralBatchProvider) -> list[tuple[int, Any]]:
+        return [
+            await p.direct(CHAT, chat_line(0, "THINK hi", model=MODEL, max_completion_tokens=3)["body"]),
+            await p.direct(CHAT, chat_line(1, "FAIL400", model=MODEL)["body"]),
+            await p.direct("/v1/embeddings", {"model": "mistral-embed", "input": "x", "dimensions": 2}),
+            await p.direct("/v1/completions", {"model": MODEL, "prompt": "x"}),
+        ]
 
-    (status, body), (bad_status, bad_body), (emb_status, _), (other_status, _) = asyncio.run(scenario())
+    (status, body), (bad_status, bad_body), (emb_status, _), (other_status, _) = with_adapter(provider(fake), scenario)
     assert status == 200 and body["choices"][0]["message"]["content"] == "THINK hi"
     assert fake.direct_bodies[0]["max_tokens"] == 3 and "max_completion_tokens" not in fake.direct_bodies[0]
     assert bad_status == 400 and bad_body["error"]["message"] == "Invalid request: FAIL400"
@@ -411,88 +317,26 @@ def test_key_and_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- `llmbatch run --provider mistral` -----------------------------------------------------
 
 
-def run_cli(tmp_path: Path, fake: MistralFake, inp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MISTRAL_")}
-    env.update(LLMBATCH_HOME=str(tmp_path / "home"), MISTRAL_API_KEY=KEY, NO_PROXY="127.0.0.1,localhost")
-    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "mistral",
-           "--base-url", fake.url, "--poll-interval", "0.05", *extra]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def found_events(tmp_path: Path) -> list[str]:
-    """The job's "found upload/batch" events: what reconciliation adopted."""
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    db = sqlite3.connect(job_dir / "job.sqlite")
-    try:
-        return [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%: found %'")]
-    finally:
-        db.close()
-
-
 def test_cli_chunks_order_row_errors_retries_and_lost_answers(fake: MistralFake, tmp_path: Path) -> None:
     fake.expire_next = 1  # the first batch to end times out with half its rows done
     fake.lose_create_answers = 2  # two creations happen, but their answers are lost
-    texts = [f"text {i}" for i in range(25)]
-    texts[4], texts[17] = "FAIL400 four", "FAIL400 seventeen"
-    texts[6], texts[12], texts[21] = "FAIL429 six", "FAIL429 twelve", "FAIL429 twenty-one"
-    rows = [chat_line(i, t, model=MODEL, max_completion_tokens=20) for i, t in enumerate(texts)]
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
-
-    proc = run_cli(tmp_path, fake, inp, "--batch-size", "10")
-    assert proc.returncode == 1, proc.stderr
-
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
-    for n, rec in enumerate(out):
-        if n in (4, 17):
-            assert rec["response"]["status_code"] == 400
-        else:
-            assert rec["response"]["status_code"] == 200, rec
-            assert rec["response"]["body"]["choices"][0]["message"]["content"] == texts[n]
-    errors = read_lines(tmp_path / "input.errors.jsonl")
-    assert [e["custom_id"] for e in errors] == ["row-4", "row-17"]
-    assert all(e["response"]["body"]["error"]["message"] == "Invalid request: FAIL400" for e in errors)
+    run_marked_job("mistral", tmp_path, fake.url, "Invalid request: FAIL400", model=MODEL, max_completion_tokens=20)
 
     batches = fake.batch_list()
     tags = [b["metadata"][TAG_KEY] for b in batches]
     assert len(set(tags)) == len(tags), "a chunk got two remote batches"
-    assert sorted(len(fake.lines[b["id"]]) for b in batches[:3]) == [5, 10, 10]
     assert all(line["body"]["max_tokens"] == 20 for b in batches for line in fake.lines[b["id"]])
-    (lapsed,) = [b for b in batches if b["status"] == "TIMEOUT_EXCEEDED"]
-    half = len(fake.lines[lapsed["id"]]) // 2
-    expired = sorted(line["custom_id"] for line in fake.lines[lapsed["id"]][half:])
-    retried = sorted(line["custom_id"] for b in batches[3:] for line in fake.lines[b["id"]])
-    assert retried == sorted(expired + ["row-12", "row-21", "row-6"])
+    check_marked_batches(fake.lines, batches, "TIMEOUT_EXCEEDED")
     assert sum("found batch" in m for m in found_events(tmp_path)) == 2
 
 
 def test_cli_reports_unsupported_parameters_at_ingest(fake: MistralFake, tmp_path: Path) -> None:
-    rows = [chat_line(0, model=MODEL), chat_line(1, model=MODEL, logit_bias={"5": 1}),
-            chat_line(2, model=MODEL), chat_line(3, model=MODEL, user="someone")]  # fmt: skip
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
-
-    proc = run_cli(tmp_path, fake, inp)
-    assert proc.returncode == 2, proc.stderr
-    assert "input.jsonl:2" in proc.stderr and "logit_bias" in proc.stderr
-    assert "input.jsonl:4" in proc.stderr and "`user`" in proc.stderr
-    assert "input.jsonl:1" not in proc.stderr and "input.jsonl:3" not in proc.stderr
+    stderr = run_refused_job("mistral", tmp_path, fake.url, MODEL, logit_bias={"5": 1})
+    assert "logit_bias" in stderr
     assert fake.batches == {} and fake.files == {}
 
 
 @pytest.mark.live
 def test_live_tiny_job(tmp_path: Path) -> None:
     """Two rows on Mistral's real Batch API (run with pytest --live and MISTRAL_API_KEY set)."""
-    if not os.environ.get("MISTRAL_API_KEY"):
-        pytest.skip("MISTRAL_API_KEY is not set")
-    rows = [chat_line(i, f"Reply with the word {w}.", model="mistral-small-latest", max_completion_tokens=5)
-            for i, w in enumerate(["apple", "pear"])]  # fmt: skip
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
-    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "mistral", "--poll-interval", "20"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=6 * 3600)
-    assert proc.returncode == 0, proc.stderr
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["response"]["status_code"] for r in out] == [200, 200]
+    run_live_job("mistral", tmp_path, "mistral-small-latest", max_completion_tokens=5)

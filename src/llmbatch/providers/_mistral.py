@@ -30,7 +30,20 @@ import orjson
 
 from .._exceptions import ConfigError, ProviderError
 from ._base import JOB_KEY, TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
-from ._chat import HTTP_STATUS_OF_ERROR, chat_completion, error_result, not_run_line, text_of
+from ._chat import (
+    chat_completion,
+    content_part_reasons,
+    error_body,
+    error_fields,
+    error_result,
+    failed_line,
+    not_run_line,
+    openai_like_line,
+    parse_json,
+    split_lines,
+    text_of,
+    write_lines,
+)
 from ._openai import tagged_filename
 
 try:  # mistralai >= 2
@@ -128,12 +141,7 @@ def _check_messages(messages: Any) -> list[str]:
         extra = sorted(k for k, v in m.items() if k not in allowed and v is not None)
         if extra:
             reasons.append(f"messages[{n}]: Mistral's {role} messages have no {', '.join(extra)}")
-        content = m.get("content")
-        if isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in _CONTENT_TYPES:
-                    reasons.append(f"messages[{n}]: Mistral takes no {kind!r} content parts")
+        reasons += content_part_reasons(n, m.get("content"), _CONTENT_TYPES, "Mistral")
     return reasons
 
 
@@ -196,8 +204,6 @@ def to_mistral(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
 # -- results -------------------------------------------------------------------------------
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "model_length": "length", "tool_calls": "tool_calls"}
-_TYPE_OF_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
 class _ModelError(Exception):
@@ -205,17 +211,9 @@ class _ModelError(Exception):
 
 
 def _error_body(body: Any, status: int) -> dict[str, Any]:
-    """OpenAI's `{"error": {message, type, param, code}}` from Mistral's flat `{object: "error", message, ...}`."""
-    src = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
-    if isinstance(src, dict):
-        message = src.get("message", src.get("detail", src.get("error")))
-        etype, param, code = src.get("type"), src.get("param"), src.get("code")
-    else:
-        message, etype, param, code = src, None, None, None
-    if not isinstance(message, str):
-        message = orjson.dumps(message).decode() if message is not None else f"HTTP {status}"
-    default_type = "api_error" if status >= 500 else _TYPE_OF_STATUS.get(status, "invalid_request_error")
-    return {"error": {"message": message, "type": etype or default_type, "param": param, "code": code}}
+    """OpenAI's `{"error": {message, type, param, code}}` from Mistral's flat `{object: "error", message, ...}`
+    (or a `{detail}` answer)."""
+    return error_body(body, status, ("message", "detail", "error"))
 
 
 def _tool_calls(calls: Any) -> list[dict[str, Any]] | None:
@@ -294,83 +292,20 @@ def _success_body(body: Any) -> Any:
 
 def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
     """One Mistral result line as an OpenAI batch output line (the original under "native" if changed)."""
-    cid = rec.get("custom_id")
-    response, error = rec.get("response"), rec.get("error")
-    status = response.get("status_code") if isinstance(response, dict) else None
-    line: dict[str, Any]
-    if isinstance(status, int):
-        assert isinstance(response, dict)
-        body = response.get("body")
-        if isinstance(body, str | bytes):
-            try:
-                body = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                pass
-        if 200 <= status < 300:
-            try:
-                body = _success_body(body)
-            except _ModelError as exc:
-                return error_result(cid, 500, str(exc), native=rec)
-        else:
-            body = _error_body(body, status)
-        line = {
-            "id": rec.get("id"),
-            "custom_id": cid,
-            "response": {"status_code": status, "request_id": response.get("request_id"), "body": body},
-            "error": None,
-        }
-    elif error is not None:
-        line = {**_error_line(cid, error), "id": rec.get("id")}
-    else:
-        missing = {"code": "missing_response", "message": "Mistral sent neither a response nor an error"}
-        line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
-    if line != _filled(rec):
-        line["native"] = rec
-    return line
-
-
-def _filled(rec: dict[str, Any]) -> dict[str, Any]:
-    """`rec` with the keys an OpenAI line always has (`id`, `response.request_id`) filled with null."""
-    response = rec.get("response")
-    if isinstance(response, dict):
-        response = {"request_id": None, **response}
-    return {"id": None, **rec, "response": response}
+    try:
+        return openai_like_line(rec, "Mistral", success=_success_body, failure=_error_body, error_line=_error_line)
+    except _ModelError as exc:
+        return error_result(rec.get("custom_id"), 500, str(exc), native=rec)
 
 
 def _error_line(cid: Any, error: Any) -> dict[str, Any]:
     """A line for a request Mistral reports only as an error: a bare string or `{message, code, type}`."""
-    if isinstance(error, dict):
-        message, code, etype = error.get("message"), error.get("code"), error.get("type")
-        status = error.get("status_code")
-    else:
-        message, code, etype, status = error, None, None, None
-    message = message if isinstance(message, str) else orjson.dumps(message).decode()
-    if isinstance(code, int) and 100 <= code < 600:
-        status, code = status or code, None
-    elif isinstance(code, str) and code.isdigit() and 100 <= int(code) < 600:
-        status, code = status or int(code), None
+    message, code, etype, status = error_fields(error)
     if code in ("batch_expired", "timeout_exceeded"):
         return not_run_line(cid, "batch_expired", message)
     if code in ("batch_cancelled", "cancelled"):
         return not_run_line(cid, "batch_cancelled", message)
-    if not isinstance(status, int):
-        status = HTTP_STATUS_OF_ERROR.get(etype or "") or HTTP_STATUS_OF_ERROR.get(code or "")
-    if isinstance(status, int):
-        default_type = "api_error" if status >= 500 else _TYPE_OF_STATUS.get(status, "invalid_request_error")
-        return error_result(cid, status, message, type=etype or default_type)
-    return {"id": None, "custom_id": cid, "response": None, "error": {"code": str(code or "error"), "message": message}}
-
-
-async def _split_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Lines split on b"\\n" only: JSON strings may hold U+2028, which `splitlines` would cut at."""
-    rest = b""
-    async for chunk in chunks:
-        rest += chunk
-        *lines, rest = rest.split(b"\n")
-        for line in lines:
-            yield line
-    if rest:
-        yield rest
+    return failed_line(cid, message, code, etype, status)
 
 
 def _hours(window: str) -> int:
@@ -458,7 +393,7 @@ class MistralBatchProvider(Provider):
             return await fn()
         except MistralError as exc:
             status = exc.status_code
-            message = _error_body(_json(exc.body), status)["error"]["message"]
+            message = _error_body(parse_json(exc.body), status)["error"]["message"]
             raise ProviderError(f"{what} failed: HTTP {status}: {message}", status=status, body=exc.body) from exc
         except _TRANSPORT_ERRORS as exc:
             raise ProviderError(f"{what} failed: cannot reach {self.base_url}: {exc!r}") from exc
@@ -497,7 +432,7 @@ class MistralBatchProvider(Provider):
             async def first_line() -> bytes:
                 resp = await self._client.files.download_async(file_id=file_id)
                 try:
-                    async for line in _split_lines(resp.aiter_bytes()):
+                    async for line in split_lines(resp.aiter_bytes()):
                         return line
                     return b""
                 finally:
@@ -576,15 +511,7 @@ class MistralBatchProvider(Provider):
             resp = await self._client.files.download_async(file_id=file_id)
             try:
                 with open(tmp, "wb") as out:
-                    async for raw in _split_lines(resp.aiter_bytes()):
-                        if not raw.strip():
-                            continue
-                        try:
-                            rec = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            log.warning("Mistral file %s: skipping a line that is not JSON", file_id)
-                            continue
-                        out.write(orjson.dumps(openai_line(rec)) + b"\n")
+                    await write_lines(resp.aiter_bytes(), out, openai_line, "Mistral", file_id)
             finally:
                 await resp.aclose()
             os.replace(tmp, dest)
@@ -611,20 +538,10 @@ class MistralBatchProvider(Provider):
             )
         except _TRANSPORT_ERRORS as exc:
             return 502, {"error": {"message": f"cannot reach the direct API: {exc!r}", "type": "connection_error"}}
-        answer = _json(resp.content)
+        answer = parse_json(resp.content)
         if not 200 <= resp.status_code < 300:
             return resp.status_code, _error_body(answer, resp.status_code)
         try:
             return resp.status_code, _success_body(answer)
         except _ModelError as exc:
             return 500, _error_body(str(exc), 500)
-
-
-def _json(raw: Any) -> Any:
-    """Parsed JSON where `raw` is JSON text, else `raw` itself."""
-    if isinstance(raw, str | bytes) and raw:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return raw
-    return raw

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,15 @@ import together
 
 from .._exceptions import ConfigError, ProviderError
 from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
-from ._chat import HTTP_STATUS_OF_ERROR, error_result, not_run_line
+from ._chat import (
+    content_part_reasons,
+    error_body,
+    error_fields,
+    failed_line,
+    not_run_line,
+    openai_like_line,
+    write_lines,
+)
 from ._openai import tagged_filename
 
 __all__ = ["TOGETHER_LIMITS", "TogetherBatchProvider"]
@@ -64,8 +72,6 @@ _CHAT_PARAMS = frozenset(
 #: Message content part types Together's chat endpoint accepts.
 _CONTENT_TYPES = frozenset({"text", "image_url", "video_url", "audio_url", "input_audio"})
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "tool_calls": "tool_calls"}
-_TYPE_OF_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                   404: "not_found_error", 429: "rate_limit_error"}  # fmt: skip
 
 
 def _check_chat(body: dict[str, Any]) -> list[str]:
@@ -85,11 +91,7 @@ def _check_chat(body: dict[str, Any]) -> list[str]:
             reasons.append(f"Together's chat completions have no `{key}` parameter")
     for n, message in enumerate(body.get("messages") or []):
         content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in _CONTENT_TYPES:
-                    reasons.append(f"messages[{n}]: Together takes no {kind!r} content parts")
+        reasons += content_part_reasons(n, content, _CONTENT_TYPES, "Together")
     return reasons
 
 
@@ -113,20 +115,6 @@ def to_together(body: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- result lines --------------------------------------------------------------------------
-
-
-def _error_body(body: Any, status: int) -> dict[str, Any]:
-    """OpenAI's `{"error": {message, type, param, code}}` from Together's `{"error": "string"}` or the like."""
-    src = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
-    if isinstance(src, dict):
-        message = src.get("message", src.get("error"))
-        etype, param, code = src.get("type"), src.get("param"), src.get("code")
-    else:
-        message, etype, param, code = src, None, None, None
-    if not isinstance(message, str):
-        message = orjson.dumps(message).decode() if message is not None else f"HTTP {status}"
-    default_type = "api_error" if status >= 500 else _TYPE_OF_STATUS.get(status, "invalid_request_error")
-    return {"error": {"message": message, "type": etype or default_type, "param": param, "code": code}}
 
 
 def _chat_body(body: Any) -> Any:
@@ -155,82 +143,19 @@ def _chat_body(body: Any) -> Any:
 
 def openai_line(rec: dict[str, Any]) -> dict[str, Any]:
     """One Together result line as an OpenAI batch output line (the original under "native" if changed)."""
-    cid = rec.get("custom_id")
-    response, error = rec.get("response"), rec.get("error")
-    status = response.get("status_code") if isinstance(response, dict) else None
-    line: dict[str, Any]
-    if isinstance(status, int):
-        assert isinstance(response, dict)
-        body = response.get("body")
-        if isinstance(body, str | bytes):
-            try:
-                body = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                pass
-        ok = 200 <= status < 300
-        line = {
-            "id": rec.get("id"),
-            "custom_id": cid,
-            "response": {
-                "status_code": status,
-                "request_id": response.get("request_id"),
-                "body": _chat_body(body) if ok else _error_body(body, status),
-            },
-            "error": None,
-        }
-    elif error is not None:
-        line = {**_error_line(cid, error), "id": rec.get("id")}
-    else:
-        missing = {"code": "missing_response", "message": "Together sent neither a response nor an error"}
-        line = {"id": rec.get("id"), "custom_id": cid, "response": None, "error": missing}
-    if line != _filled(rec):
-        line["native"] = rec
-    return line
-
-
-def _filled(rec: dict[str, Any]) -> dict[str, Any]:
-    """`rec` with the keys an OpenAI line always has (`id`, `response.request_id`) filled with null."""
-    response = rec.get("response")
-    if isinstance(response, dict):
-        response = {"request_id": None, **response}
-    return {"id": None, **rec, "response": response}
+    return openai_like_line(rec, "Together", success=_chat_body, failure=error_body, error_line=_error_line)
 
 
 def _error_line(cid: Any, error: Any) -> dict[str, Any]:
     """A line for a request Together reports only as an error: a string or `{message, code, type}`."""
-    if isinstance(error, dict):
-        message = error.get("message")
-        code, etype = error.get("code"), error.get("type")
-        status = error.get("status_code") or error.get("status")
-    else:
-        message, code, etype, status = error, None, None, None
-    message = message if isinstance(message, str) else orjson.dumps(message).decode()
-    if isinstance(code, int) and 100 <= code < 600:
-        status, code = status or code, None
-    elif isinstance(code, str) and code.isdigit():
+    message, code, etype, status = error_fields(error, ("status_code", "status"))
+    if isinstance(code, str) and code.isdigit():  # digits outside 100-599 are taken as a status too
         status, code = status or int(code), None
     if code in ("batch_expired", "expired") or etype == "expired":
         return not_run_line(cid, "batch_expired", message)
     if code in ("batch_cancelled", "cancelled") or etype == "cancelled":
         return not_run_line(cid, "batch_cancelled", message)
-    if not isinstance(status, int):
-        status = HTTP_STATUS_OF_ERROR.get(etype or "") or HTTP_STATUS_OF_ERROR.get(code or "")
-    if isinstance(status, int):
-        default_type = "api_error" if status >= 500 else _TYPE_OF_STATUS.get(status, "invalid_request_error")
-        return error_result(cid, status, message, type=etype or default_type)
-    return {"id": None, "custom_id": cid, "response": None, "error": {"code": str(code or "error"), "message": message}}
-
-
-async def _split_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Lines split on b"\\n" only: JSON strings may hold U+2028, which `splitlines` would cut at."""
-    rest = b""
-    async for chunk in chunks:
-        rest += chunk
-        *lines, rest = rest.split(b"\n")
-        for line in lines:
-            yield line
-    if rest:
-        yield rest
+    return failed_line(cid, message, code, etype, status)
 
 
 def _existing_file(exc: ProviderError) -> str | None:
@@ -314,7 +239,7 @@ class TogetherBatchProvider(Provider):
         try:
             return await fn()
         except together.APIStatusError as exc:
-            message = _error_body(exc.body, exc.status_code)["error"]["message"]
+            message = error_body(exc.body, exc.status_code)["error"]["message"]
             raise ProviderError(
                 f"{what} failed: HTTP {exc.status_code}: {message}", status=exc.status_code, body=exc.body
             ) from exc
@@ -397,15 +322,7 @@ class TogetherBatchProvider(Provider):
             tmp = dest.with_suffix(dest.suffix + ".part")
             async with self._client.files.with_streaming_response.content(file_id) as resp:
                 with open(tmp, "wb") as out:
-                    async for raw in _split_lines(resp.iter_bytes(1 << 20)):
-                        if not raw.strip():
-                            continue
-                        try:
-                            rec = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            log.warning("Together file %s: skipping a line that is not JSON", file_id)
-                            continue
-                        out.write(orjson.dumps(openai_line(rec)) + b"\n")
+                    await write_lines(resp.iter_bytes(1 << 20), out, openai_line, "Together", file_id)
             os.replace(tmp, dest)
 
         await self._call(f"downloading {file_id}", fetch)
@@ -418,11 +335,11 @@ class TogetherBatchProvider(Provider):
 
     async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
         if endpoint not in self.endpoints:
-            return 400, _error_body(f"the together provider cannot send {endpoint}", 400)
+            return 400, error_body(f"the together provider cannot send {endpoint}", 400)
         try:
             answer = await self._client.post(self._path(endpoint), body=to_together(body), cast_to=object)
         except together.APIStatusError as exc:
-            return exc.status_code, _error_body(exc.body, exc.status_code)
+            return exc.status_code, error_body(exc.body, exc.status_code)
         except together.APIConnectionError as exc:
             return 502, {"error": {"message": f"cannot reach the direct API: {exc}", "type": "connection_error"}}
         return 200, _chat_body(answer)

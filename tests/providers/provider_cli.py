@@ -1,0 +1,261 @@
+"""Helpers the Together and Mistral adapter tests share (test_together.py, test_mistral.py).
+
+Both run their adapter against an HTTP fake (tests/fakes/together.py, tests/fakes/mistral.py)
+and `llmbatch run --provider NAME` as a subprocess against the same fake; the fakes take the
+same row markers (`FAIL400`, `FAIL429`) and keep the same state (tests/fakes/_openai_like.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pytest
+from fakes._serve import serve_app
+
+from conftest import chat_line, jsonl
+from llmbatch.jobs import JobRunner, JobSettings, JobStore, ingest, open_job
+from llmbatch.providers import Provider, RemoteBatch, RemoteStatus
+
+KEY = "test-key"
+CHAT = "/v1/chat/completions"
+#: The chunk tag of the batches the adapter-level tests make.
+TAG = "x-c00001"
+
+
+class ServedFake(Protocol):
+    app: Any
+    url: str
+
+
+F = TypeVar("F", bound=ServedFake)
+P = TypeVar("P", bound=Provider)
+T = TypeVar("T")
+
+
+@contextmanager
+def served(fake: F) -> Iterator[F]:
+    """Serves `fake` over real HTTP until the block ends, with `fake.url` set to its root URL."""
+    with serve_app(fake.app) as url:
+        fake.url = url
+        yield fake
+
+
+# -- the adapter ---------------------------------------------------------------------------
+
+
+def with_adapter(p: P, fn: Callable[[P], Awaitable[T]]) -> T:
+    """Runs `fn(p)` to its end, closing the adapter `p` afterwards."""
+
+    async def main() -> T:
+        try:
+            return await fn(p)
+        finally:
+            await p.aclose()
+
+    return asyncio.run(main())
+
+
+def chunk_file(tmp_path: Path, rows: list[dict[str, Any]], name: str = "chunk.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(jsonl(rows))
+    return path
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+async def poll_to_end(p: Provider, batch_id: str) -> list[RemoteStatus]:
+    seen: list[RemoteStatus] = []
+    for _ in range(20):
+        b = await p.get_batch(batch_id)
+        if not seen or seen[-1] != b.status:
+            seen.append(b.status)
+        if b.status.terminal:
+            return seen
+    raise AssertionError(f"batch {batch_id} never ended: {seen}")
+
+
+async def run_batch(p: Provider, tmp_path: Path, path: Path, endpoint: str = CHAT) -> list[RemoteStatus]:
+    """Uploads, creates, polls to the end and downloads both result files to out/err.jsonl."""
+    b = await p.create_batch(TAG, "job", await p.upload(TAG, path), endpoint)
+    statuses = await poll_to_end(p, b.id)
+    final = await p.get_batch(b.id)
+    for file_id, name in ((final.output_file_id, "out.jsonl"), (final.error_file_id, "err.jsonl")):
+        if file_id:
+            await p.download(file_id, tmp_path / name)
+    return statuses
+
+
+def read_shuffled_output(path: Path) -> list[dict[str, Any]]:
+    """The output file of a batch of 20 rows whose rows 3, 11 and 15 failed: the other rows' lines,
+    shuffled (as the fakes do), each with the line as the provider sent it under "native"."""
+    out = read_lines(path)
+    ids = [r["custom_id"] for r in out]
+    assert sorted(ids) == sorted(f"row-{i}" for i in range(20) if i not in (3, 11, 15))
+    assert ids != sorted(ids, key=lambda c: int(c.split("-")[1])), "the fake shuffles results"
+    for rec in out:
+        assert set(rec) == {"id", "custom_id", "response", "error", "native"}
+    return out
+
+
+async def check_expiry(p: Provider, tmp_path: Path, model: str) -> None:
+    """A batch of 10 rows that expires (the fake's `expire_next`) ends EXPIRED with the first 5 rows' results."""
+    path = chunk_file(tmp_path, [chat_line(i, model=model) for i in range(10)])
+    assert (await run_batch(p, tmp_path, path))[-1] is RemoteStatus.EXPIRED
+    assert sorted(r["custom_id"] for r in read_lines(tmp_path / "out.jsonl")) == sorted(f"row-{i}" for i in range(5))
+
+
+async def failed_batch(p: Provider, file_id: str) -> RemoteBatch:
+    """A batch of `file_id`, a file that fails validation, polled to its end: FAILED, without result files."""
+    b = await p.create_batch(TAG, "job", file_id, CHAT)
+    assert (await poll_to_end(p, b.id))[-1] is RemoteStatus.FAILED
+    failed = await p.get_batch(b.id)
+    assert failed.output_file_id is None and failed.error_file_id is None
+    return failed
+
+
+async def check_cancel(p: Provider, tmp_path: Path, model: str) -> None:
+    """A batch of 6 rows polled twice, then cancelled: CANCELLING, then CANCELLED (slow the fake down first)."""
+    path = chunk_file(tmp_path, [chat_line(i, model=model) for i in range(6)])
+    b = await p.create_batch(TAG, "job", await p.upload(TAG, path), CHAT)
+    await p.get_batch(b.id)
+    await p.get_batch(b.id)
+    cancelling = await p.cancel(b.id)
+    assert [cancelling.status, *await poll_to_end(p, b.id)] == [RemoteStatus.CANCELLING, RemoteStatus.CANCELLED]
+
+
+def thirty_row_job(tmp_path: Path, provider: str, url: str, model: str) -> tuple[JobStore, Path, JobSettings]:
+    """A job of 30 chat rows (tmp_path/in.jsonl) in chunks of 10, ingested but not planned."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(jsonl([chat_line(i, model=model) for i in range(30)]))
+    settings = JobSettings(provider=provider, base_url=url, batch_size=10, poll_interval=0.05)
+    store, job_dir, _ = open_job([inp], settings, tmp_path / "jobs")
+    ingest(store, [inp], settings)
+    return store, job_dir, settings
+
+
+async def leave_orphans(store: JobStore, job_dir: Path, settings: JobSettings, p: Provider) -> tuple[str, str]:
+    """Plans the job and crashes twice over; returns the upload and the batch the job did not record."""
+    runner = JobRunner(store, job_dir, settings, p, say=lambda m: None)
+    runner.plan()
+    c1, c2, _c3 = store.chunks(("planned",))
+    # Chunk 1 was uploaded, then the process died before recording the file id.
+    store.move_chunk(c1.id, "uploading", ("planned",), intent_at=c1.created_at)
+    orphan_upload = await p.upload(c1.tag, runner._write_chunk_file(c1))
+    # Chunk 2's batch was created, then the process died before recording the batch id.
+    file_id = await p.upload(c2.tag, runner._write_chunk_file(c2))
+    store.move_chunk(c2.id, "uploading", ("planned",), intent_at=c2.created_at)
+    store.move_chunk(c2.id, "uploaded", ("uploading",), file_id=file_id)
+    store.move_chunk(c2.id, "creating", ("uploaded",), intent_at=c2.created_at)
+    orphan_batch = await p.create_batch(c2.tag, runner.job_id, file_id, c2.endpoint)
+    return orphan_upload, orphan_batch.id
+
+
+async def restart(store: JobStore, job_dir: Path, settings: JobSettings, p: Provider) -> None:
+    """A fresh runner runs the job to its end with `p`, and closes `p`."""
+    outcome = await JobRunner(store, job_dir, settings, p, say=lambda m: None).run()
+    await p.aclose()
+    assert outcome.code == 0, outcome.summary
+
+
+# -- `llmbatch run --provider NAME` --------------------------------------------------------
+
+
+def run_cli(provider: str, tmp_path: Path, url: str, inp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`llmbatch run INP --provider PROVIDER` against the fake at `url`, with the test key."""
+    prefix = provider.upper() + "_"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefix)}
+    env.update({"LLMBATCH_HOME": str(tmp_path / "home"), f"{prefix}API_KEY": KEY, "NO_PROXY": "127.0.0.1,localhost"})
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", provider,
+           "--base-url", url, "--poll-interval", "0.05", *extra]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def found_events(tmp_path: Path) -> list[str]:
+    """The job's "found upload/batch" events: what reconciliation adopted."""
+    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
+    db = sqlite3.connect(job_dir / "job.sqlite")
+    try:
+        return [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%: found %'")]
+    finally:
+        db.close()
+
+
+def run_marked_job(provider: str, tmp_path: Path, url: str, fail400: str, **params: Any) -> None:
+    """`llmbatch run --batch-size 10` on 25 chat rows (`params` in each body) that the fake fails:
+    rows 4 and 17 (`FAIL400`) with a 400 and the message `fail400` every time, rows 6, 12 and 21
+    (`FAIL429`) with a 429 the first time. Checks that every row has its result, in input order,
+    and that the job exits 1 with the two 400s, and only them, in the errors file."""
+    texts = [f"text {i}" for i in range(25)]
+    texts[4], texts[17] = "FAIL400 four", "FAIL400 seventeen"
+    texts[6], texts[12], texts[21] = "FAIL429 six", "FAIL429 twelve", "FAIL429 twenty-one"
+    rows = [chat_line(i, t, **params) for i, t in enumerate(texts)]
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+
+    proc = run_cli(provider, tmp_path, url, inp, "--batch-size", "10")
+    assert proc.returncode == 1, proc.stderr
+
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    for n, rec in enumerate(out):
+        if n in (4, 17):
+            assert rec["response"]["status_code"] == 400
+        else:
+            assert rec["response"]["status_code"] == 200, rec
+            assert rec["response"]["body"]["choices"][0]["message"]["content"] == texts[n]
+    errors = read_lines(tmp_path / "input.errors.jsonl")
+    assert [e["custom_id"] for e in errors] == ["row-4", "row-17"]
+    assert all(e["response"]["body"]["error"]["message"] == fail400 for e in errors)
+
+
+def check_marked_batches(lines: dict[str, list[dict[str, Any]]], batches: list[dict[str, Any]], expired: str) -> None:
+    """After `run_marked_job` with the first batch to end expiring (status `expired`): the job's three
+    chunks went first, and the batches after them held the rows that expired and the three 429s."""
+    assert sorted(len(lines[b["id"]]) for b in batches[:3]) == [5, 10, 10]
+    (lapsed,) = [b for b in batches if b["status"] == expired]
+    half = len(lines[lapsed["id"]]) // 2
+    not_done = sorted(line["custom_id"] for line in lines[lapsed["id"]][half:])
+    retried = sorted(line["custom_id"] for b in batches[3:] for line in lines[b["id"]])
+    assert retried == sorted(not_done + ["row-12", "row-21", "row-6"])
+
+
+def run_refused_job(provider: str, tmp_path: Path, url: str, model: str, **lacking: Any) -> str:
+    """`llmbatch run` on four rows: row 2 with the `lacking` parameters, row 4 with a `user`. Checks that
+    ingest refuses rows 2 and 4, and only them, with exit status 2; returns stderr."""
+    rows = [chat_line(0, model=model), chat_line(1, model=model, **lacking),
+            chat_line(2, model=model), chat_line(3, model=model, user="someone")]  # fmt: skip
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+
+    proc = run_cli(provider, tmp_path, url, inp)
+    assert proc.returncode == 2, proc.stderr
+    assert "input.jsonl:2" in proc.stderr
+    assert "input.jsonl:4" in proc.stderr and "`user`" in proc.stderr
+    assert "input.jsonl:1" not in proc.stderr and "input.jsonl:3" not in proc.stderr
+    return proc.stderr
+
+
+def run_live_job(provider: str, tmp_path: Path, model: str, **params: Any) -> None:
+    """Two rows on the provider's real Batch API, both answered (skipped without its key)."""
+    if not os.environ.get(f"{provider.upper()}_API_KEY"):
+        pytest.skip(f"{provider.upper()}_API_KEY is not set")
+    rows = [chat_line(i, f"Reply with the word {w}.", model=model, **params) for i, w in enumerate(["apple", "pear"])]
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", provider, "--poll-interval", "20"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=6 * 3600)
+    assert proc.returncode == 0, proc.stderr
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["response"]["status_code"] for r in out] == [200, 200]
