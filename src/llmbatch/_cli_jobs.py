@@ -197,6 +197,9 @@ def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_
         return EXIT_INTERRUPTED
 
 
+_api_key_option = click.option(
+    "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."
+)
 _job_root_option = click.option(
     "--job-dir",
     "job_root",
@@ -229,7 +232,7 @@ def register(cli: click.Group) -> None:
         "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
     )
     @click.option("--base-url", default=None, help="The provider's API base URL [env: its own, e.g. OPENAI_BASE_URL].")
-    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
+    @_api_key_option
     @click.option(
         "-o",
         "--output",
@@ -350,7 +353,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
+    @_api_key_option
     @_job_root_option
     def resume(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Resume a job by id."""
@@ -362,7 +365,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
+    @_api_key_option
     @_job_root_option
     def wait(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Block until a job ends (running it if no other process is); exit with run's codes."""
@@ -435,7 +438,7 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("job")
-    @click.option("--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY].")
+    @_api_key_option
     @_job_root_option
     def cancel(job: str, api_key: str | None, job_root: Path | None) -> None:
         """Cancel a job's remote batches; finished rows are kept (`llmbatch results` exports them)."""
