@@ -196,8 +196,12 @@ class JobRunner:
 
     # -- planning ------------------------------------------------------------------------
 
-    def plan(self) -> bool:
-        """Packs pending rows into chunks (one endpoint and model each, under the limits)."""
+    def plan(self, *, full_only: bool = False) -> bool:
+        """Packs pending rows into chunks (one endpoint and model each, under the limits).
+
+        `full_only`: only chunks that reached a limit (requests, bytes or tokens); the rest
+        stays pending (the Python API's batching waits for more calls or its send delay).
+        """
         if self.settings.direct_below and self.store.pending_count() <= self.settings.direct_below:
             return False  # few enough left: `run_direct` sends them now instead
         planned = False
@@ -215,7 +219,7 @@ class JobRunner:
                 nbytes += length + 1
                 est_in += row_in
                 est_out += row_out
-            if idxs:
+            if idxs and (not full_only or len(idxs) >= self.batch_size):
                 self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
             planned = True
         return planned
@@ -236,10 +240,13 @@ class JobRunner:
         handles: dict[int, Any] = {}
         try:
             with open(tmp, "wb") as out:
-                for _idx, file_no, offset, length, _cid, remote_id, rewrite, model in self.store.chunk_rows(chunk.id):
-                    fh = handles.get(file_no) or handles.setdefault(file_no, open(self.inputs[file_no], "rb"))
-                    fh.seek(offset)
-                    line = fh.read(length)
+                for idx, file_no, offset, length, _cid, remote_id, rewrite, model in self.store.chunk_rows(chunk.id):
+                    if file_no < 0:  # a call made through the Python API: its request is in the store
+                        line = self.store.request(idx)
+                    else:
+                        fh = handles.get(file_no) or handles.setdefault(file_no, open(self.inputs[file_no], "rb"))
+                        fh.seek(offset)
+                        line = fh.read(length)
                     if remote_id or rewrite:  # the id the provider accepts; the model the job sets
                         rec = orjson.loads(line)
                         if remote_id:
@@ -569,9 +576,12 @@ class JobRunner:
                 failed.append((line, message, idx))
 
         async def one(idx: int, file_no: int, offset: int, length: int, cid: str, endpoint: str, model: str) -> None:
-            with open(self.inputs[file_no], "rb") as fh:
-                fh.seek(offset)
-                body = orjson.loads(fh.read(length))["body"]
+            if file_no < 0:
+                body = orjson.loads(self.store.request(idx))["body"]
+            else:
+                with open(self.inputs[file_no], "rb") as fh:
+                    fh.seek(offset)
+                    body = orjson.loads(fh.read(length))["body"]
             async with slots:
                 status, answer = await self.provider.direct(endpoint, body)
             rec = {

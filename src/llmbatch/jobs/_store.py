@@ -55,6 +55,7 @@ CREATE TABLE rows (
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     chunk_id INTEGER,
+    request BLOB,
     result BLOB,
     result_file INTEGER,
     result_offset INTEGER,
@@ -231,6 +232,40 @@ class JobStore:
                 "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+
+    def request(self, idx: int) -> bytes:
+        """The input line of a row made through the Python API (stored, not in a file)."""
+        row = self.db.execute("SELECT request FROM rows WHERE idx=?", (idx,)).fetchone()
+        if row is None or row[0] is None:
+            raise StateError(f"row {idx} has no stored request")
+        return bytes(row[0])
+
+    def next_idx(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM rows").fetchone()[0])
+
+    def add_requests(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Rows made by the Python API: (idx, custom_id, remote_id, rewrite, endpoint, model, est_input,
+        est_output, uncapped, request line); their file is -1 and their request is stored."""
+        with self.tx() as db:
+            db.executemany(
+                "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
+                "est_input, est_output, uncapped, state, request) "
+                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
+                rows,
+            )
+
+    def outcomes(self, custom_ids: Sequence[str]) -> list[tuple[str, str, Result | None, str | None]]:
+        """(custom_id, state, result, error) of the rows with these ids that are final."""
+        found: list[tuple[str, str, Result | None, str | None]] = []
+        for i in range(0, len(custom_ids), 500):
+            part = custom_ids[i : i + 500]
+            for cid, state, blob, rfile, roff, rlen, error in self.db.execute(
+                "SELECT custom_id, state, result, result_file, result_offset, result_length, error FROM rows "
+                f"WHERE state IN ('succeeded', 'failed', 'invalid') AND custom_id IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                found.append((cid, state, ResultRef(rfile, roff, rlen) if rfile is not None else blob, error))
+        return found
 
     def estimate_by_model(self) -> list[tuple[str, int, int, int, int]]:
         """(model, rows, input tokens, output tokens, rows without an output cap) of the valid rows."""
