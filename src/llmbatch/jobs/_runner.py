@@ -639,7 +639,7 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
     out_path, err_path = output_paths(inputs, settings)
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
-    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err, _ResultReader(store) as results:
+    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err, ResultReader(store) as results:
         for _idx, file_no, line_no, custom_id, state, result, error in store.export_rows():
             if state == "succeeded" and result is not None:
                 out.write(results.line(result) + b"\n")
@@ -664,7 +664,7 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
     return out_path, err_path
 
 
-class _ResultReader:
+class ResultReader:
     """Reads result lines out of a job's downloaded result files (memory-mapped, opened once each)."""
 
     def __init__(self, store: JobStore) -> None:
@@ -672,7 +672,7 @@ class _ResultReader:
         self.paths = store.result_files()
         self.maps: dict[int, mmap.mmap] = {}
 
-    def __enter__(self) -> _ResultReader:
+    def __enter__(self) -> ResultReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
