@@ -566,3 +566,28 @@ def test_openai_sdk_parses_answers() -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="m", messages=[])
     assert info.value.param == "messages"
+
+
+def test_structured_output_answers_with_an_instance_of_the_schema(client) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "label": {"type": "string", "enum": ["spam", "ham"]},
+            "why": {"type": "string"},
+            "score": {"type": "integer", "minimum": 1},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "inner": {"$ref": "#/$defs/Inner"},
+        },
+        "$defs": {"Inner": {"type": "object", "properties": {"ok": {"type": "boolean"}}}},
+    }
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "buy now"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "S", "schema": schema}},
+        max_tokens=3,  # a cap too small for the JSON is raised to fit: the answer must parse
+    )
+    assert json.loads(r.choices[0].message.content) == {
+        "label": "spam", "why": "buy now", "score": 1, "tags": [], "inner": {"ok": False},
+    }  # fmt: skip

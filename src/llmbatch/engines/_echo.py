@@ -350,6 +350,11 @@ class EchoEngine(Engine):
 
         prompt_tokens, reply, reply_tokens = _count_messages(messages, _CHAT_TEXT_PARTS, "messages")
         prompt_tokens += _REPLY_PRIMING_TOKENS
+        schema = _json_schema_of(body.get("response_format"))
+        if schema is not None:  # structured output: an instance of the schema, built from the user's text
+            reply = orjson.dumps(_instance(schema, schema, reply)).decode()
+            reply_tokens = _tokens.count_tokens(reply)
+            max_tokens = None if max_tokens is None else max(max_tokens, reply_tokens)
         reply, reply_tokens, cut = _generate(reply, reply_tokens, max_tokens, stops)
         finish_reason = "length" if cut else "stop"
         completion_tokens = reply_tokens * n
@@ -562,3 +567,51 @@ def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
 def _count_response_items(items: list[Any]) -> tuple[int, str, int]:
     """Counts a Responses input list like a chat conversation; finds the last user text."""
     return _count_messages(items, _RESPONSES_TEXT_PARTS, "input", what="input item", roleless=True)
+
+
+def _json_schema_of(response_format: Any) -> dict[str, Any] | None:
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else None
+
+
+def _instance(node: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:
+    """A JSON value that satisfies `node` (a JSON schema): the first enum value or option, the
+    user's text for strings, 0 / false / [] otherwise; so local runs of structured-output tasks
+    parse and validate. Echo's answer is a fixture, not a guess at the right label."""
+    if not isinstance(node, dict) or depth > 20:
+        return None
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return _instance(target, root, text, depth + 1)
+    if "const" in node:
+        return node["const"]
+    if isinstance(node.get("enum"), list) and node["enum"]:
+        return node["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(node.get(key), list) and node[key]:
+            return _instance(node[key][0], root, text, depth + 1)
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in node:
+        props = node.get("properties") or {}
+        return {k: _instance(v, root, text, depth + 1) for k, v in props.items()}
+    if kind == "array":
+        return (
+            [_instance(node["items"], root, text, depth + 1)] * int(node.get("minItems") or 0)
+            if isinstance(node.get("items"), dict)
+            else []
+        )
+    if kind == "string":
+        return text
+    if kind in ("integer", "number"):
+        return node.get("minimum", 0)
+    if kind == "boolean":
+        return False
+    return None
