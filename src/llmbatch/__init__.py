@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._exceptions import (
     BudgetExceeded,
     ConfigError,
@@ -23,4 +25,23 @@ __all__ = [
     "StateError",
     "ProviderError",
     "BudgetExceeded",
+    # the Python API (llmbatch.api), imported on first use so the CLI starts fast
+    "AsyncBatchClient",
+    "BatchClient",
+    "BatchConfig",
+    "Task",
+    "TaskReport",
+    "Job",
+    "JobStatus",
+    "run_file",
 ]
+
+_API = {"AsyncBatchClient", "BatchClient", "BatchConfig", "Task", "TaskReport", "Job", "JobStatus", "run_file"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'llmbatch' has no attribute {name!r}")

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,60 +25,29 @@ from .jobs import (
     default_job_root,
     export,
     find_job,
-    ingest,
     list_jobs,
     make_provider,
     open_job,
 )
 from .jobs._progress import make_progress
+from .jobs._run import (
+    JobLock,
+    cancel_batches,
+    ingest_new_rows,
+    price_table,
+    record_settings,
+    run_parts,
+    settings_for,
+    stored_job,
+)
 from .pricing import PriceTable
-from .providers import PROVIDER_NAMES, provider_class, split_model
+from .providers import PROVIDER_NAMES
 
 __all__ = ["register"]
 
 
-#: Settings that shape chunks: when they change between runs, unsent chunks are re-planned.
-_CHUNKING = ("batch_size", "max_bytes", "max_enqueued_tokens")
-
-
 def _say(message: str) -> None:
     click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
-
-
-@contextlib.contextmanager
-def _job_lock(job_dir: Path) -> Iterator[None]:
-    """One process runs a job at a time; a second would break at-most-once submission."""
-    fh = open(job_dir / "lock", "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise ConfigError(
-            f"job {job_dir.name} is already running in another process; `llmbatch wait {job_dir.name}` waits for it"
-        ) from None
-    try:
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
-
-
-def _price_table(
-    price_file: Path | None,
-    price_input: float | None,
-    price_output: float | None,
-    models: Iterable[str],
-    provider: str | None = None,
-) -> PriceTable:
-    """The bundled prices on `provider`, overridden by a price file, and flags pricing the models still unpriced."""
-    table = PriceTable.load(price_file).for_provider(provider)
-    if price_input is not None or price_output is not None:
-        if price_input is None or price_output is None:
-            raise ConfigError("--price-input and --price-output go together (USD per 1M tokens)")
-        for model in models:
-            if table.lookup(model) is None:
-                table = table.with_override(model, input=price_input, output=price_output)
-    return table
 
 
 def _print_estimate(est: Estimate, table: PriceTable, billed: bool, *, err: bool = True) -> None:
@@ -94,63 +59,23 @@ def _print_estimate(est: Estimate, table: PriceTable, billed: bool, *, err: bool
         click.echo("Cost: none (the local provider bills nothing).", err=err)
 
 
-def _settings_from(opts: dict[str, Any], inputs: list[Path]) -> JobSettings:
-    """The job's settings from `run`'s flags; the provider from --provider, else a `provider/` model prefix."""
-    provider = opts.pop("provider") or _provider_of_model(opts.get("model"), inputs) or "local"
-    cls = provider_class(provider)
-    env = getattr(cls, "base_url_env", None)
-    base_url = opts.pop("base_url") or (os.environ.get(env) if env else None)
-    return JobSettings(provider=provider, base_url=base_url, **{k: v for k, v in opts.items() if v is not None})
-
-
-def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
-    """The provider named by --model's prefix, else by the first row's model (`anthropic/claude-...`)."""
-    if model:
-        return split_model(model, None)[0]
-    for path in inputs[:1]:
-        try:
-            for _n, raw in iter_lines(path):
-                if raw.strip():
-                    body = orjson.loads(raw).get("body") or {}
-                    m = body.get("model") if isinstance(body, dict) else None
-                    return split_model(m, None)[0] if isinstance(m, str) else None
-        except (OSError, orjson.JSONDecodeError, AttributeError):
-            return None  # the row is reported with its line when the job reads it
-    return None
-
-
-def _stored_job(store: JobStore) -> tuple[dict[str, Any], JobSettings]:
-    """The job's record and the settings stored with it."""
-    job = store.job()
-    if job is None:
-        raise ConfigError(f"{store.path} holds no job: it was created but never initialised; delete it")
-    return job, JobSettings.model_validate(job["settings"])
-
-
 def _run_job(
     store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False, settings: JobSettings | None = None
 ) -> int:
     # The lock covers ingesting and planning too: a second process re-ingesting (DELETE FROM rows)
     # or planning chunks while the first runs would corrupt the job.
-    with _job_lock(job_dir):
+    with JobLock(job_dir):
         if settings is not None:
-            before = store.job()
-            store.set_job(settings=settings.model_dump(mode="json"))
-            old = JobSettings.model_validate(before["settings"]) if before else settings
-            if any(getattr(old, k) != getattr(settings, k) for k in _CHUNKING):
-                n = store.dissolve_planned()
-                if n:
-                    _say(f"chunking limits changed: re-planning {n} chunks not sent yet")
+            n = record_settings(store, settings)
+            if n:
+                _say(f"chunking limits changed: re-planning {n} chunks not sent yet")
         return _run_job_locked(store, job_dir, api_key, dry_run=dry_run)
 
 
 def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_run: bool = False) -> int:
-    job, settings = _stored_job(store)
-    if job["status"] == "ingesting":
-        with store.tx() as db:
-            db.execute("DELETE FROM rows")  # an interrupted ingest starts over
-        report = ingest(store, [Path(i["path"]) for i in job["inputs"]], settings)
-        store.set_job(status="ingested")
+    job, settings = stored_job(store)
+    report = ingest_new_rows(store, job, settings)
+    if report is not None:
         _say(f"job {job['id']}: {report.rows:,} rows read, {report.invalid:,} invalid")
         for p in report.problems or []:
             click.echo(f"  {p}", err=True)
@@ -162,10 +87,7 @@ def _run_job_locked(store: JobStore, job_dir: Path, api_key: str | None, *, dry_
             f"{invalid} invalid rows (listed above; `llmbatch status {job['id']}` shows them again); nothing was sent. "
             "Fix them, or run again with --skip-invalid to send the valid rows"
         )
-    provider = make_provider(settings, job_dir, api_key)
-    models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
-    prices = _price_table(settings.price_file, settings.price_input, settings.price_output, models, settings.provider)
-    est = Estimate.from_totals(store.estimate_by_model())
+    provider, prices, est = run_parts(store, job_dir, settings, api_key)
     _print_estimate(est, prices, provider.billed)
     if dry_run:
         runner = JobRunner(store, job_dir, settings, provider, prices=prices, say=_say)
@@ -292,7 +214,7 @@ def register(cli: click.Group) -> None:
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
     def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
         """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
-        settings = _settings_from(opts, list(inputs))
+        settings = settings_for(list(inputs), **opts)
         store, job_dir, created = open_job(list(inputs), settings, job_root or default_job_root())
         _say(f"{'new' if created else 'resuming'} job {job_dir.name} ({job_dir})")
         try:
@@ -345,7 +267,7 @@ def register(cli: click.Group) -> None:
                     continue
                 body = obj["body"]
                 est.add(body["model"], estimate_row(obj["url"], body, default_output_tokens=default_output_tokens))
-        table = _price_table(price_file, price_input, price_output, est.by_model, provider)
+        table = price_table(price_file, price_input, price_output, est.by_model, provider)
         _print_estimate(est, table, billed=True, err=False)
         if invalid:
             click.echo(f"{invalid} invalid rows (not counted above)", err=True)
@@ -402,11 +324,8 @@ def register(cli: click.Group) -> None:
         """Rows done / failed / pending, remote batches by state, tokens and cost."""
         store, _job_dir = find_job(job, job_root or default_job_root())
         try:
-            j, _settings = _stored_job(store)
-            chunks: dict[str, int] = {}
-            for ch in store.chunks():
-                key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
-                chunks[key] = chunks.get(key, 0) + 1
+            j, _settings = stored_job(store)
+            chunks = store.batches_by_state()
             est = store.db.execute(
                 "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows WHERE state!='invalid'"
             ).fetchone()
@@ -444,22 +363,18 @@ def register(cli: click.Group) -> None:
         """Cancel a job's remote batches; finished rows are kept (`llmbatch results` exports them)."""
         store, job_dir = find_job(job, job_root or default_job_root())
         try:
-            j, settings = _stored_job(store)
+            j, settings = stored_job(store)
             provider = make_provider(settings, job_dir, api_key)
             runner = JobRunner(store, job_dir, settings, provider, say=_say)
 
             async def main() -> int:
                 await provider.start()
                 try:
-                    n = await runner.cancel()
-                    while store.chunks(("submitted",)):  # collect what finished before the cancel
-                        await runner.poll()
-                        await asyncio.sleep(settings.poll_interval)
-                    return n
+                    return await cancel_batches(runner)
                 finally:
                     await provider.aclose()
 
-            with _job_lock(job_dir):
+            with JobLock(job_dir):
                 n = asyncio.run(main())
             out, _err = runner.export()
             _say(f"cancelled {n} remote batches; results so far in {out}")
@@ -473,7 +388,7 @@ def register(cli: click.Group) -> None:
         """Export a job's results again (one line per input row, in input order)."""
         store, job_dir = find_job(job, job_root or default_job_root())
         try:
-            j, settings = _stored_job(store)
+            j, settings = stored_job(store)
 
             out, err = export(store, [Path(i["path"]) for i in j["inputs"]], settings)
             c = store.counts()

@@ -18,7 +18,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,10 +179,7 @@ class JobRunner:
     def report(self) -> None:
         """Tells the progress display where the job stands."""
         c = self.store.counts()
-        batches: dict[str, int] = {}
-        for ch in self.store.chunks(("planned", "uploading", "uploaded", "creating", "submitted")):
-            key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
-            batches[key] = batches.get(key, 0) + 1
+        batches = self.store.batches_by_state(("planned", "uploading", "uploaded", "creating", "submitted"))
         self.progress.update(
             Snapshot(
                 total=sum(c.values()),
@@ -634,26 +631,34 @@ def output_paths(inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]
     return out, err
 
 
+def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """(row state, output line) of every row, in input order: its result line when it succeeded,
+    the provider's error line (or one naming its file and line) when it failed or was invalid,
+    a `not_run` error line when the job stopped before it ran."""
+    with ResultReader(store) as results:
+        for _idx, file_no, line_no, custom_id, state, result, error in store.export_rows():
+            if state == "succeeded" and result is not None:
+                yield state, results.line(result)
+            elif state in ("failed", "invalid"):
+                if result is not None:
+                    yield state, results.line(result)
+                else:
+                    where = f"{inputs[file_no].name}:{line_no}"
+                    yield state, _error_line(custom_id, "invalid_request", f"{where}: {error}")
+            else:  # pending or queued: the job stopped before this row ran
+                yield state, _error_line(custom_id, "not_run", "not run: the job stopped before this row was sent")
+
+
 def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
     """Writes one line per input row, in input order; final failures also to the errors file."""
     out_path, err_path = output_paths(inputs, settings)
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
-    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err, ResultReader(store) as results:
-        for _idx, file_no, line_no, custom_id, state, result, error in store.export_rows():
-            if state == "succeeded" and result is not None:
-                out.write(results.line(result) + b"\n")
-                continue
+    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
+        for state, line in output_lines(store, inputs):
             if state in ("failed", "invalid"):
-                where = f"{inputs[file_no].name}:{line_no}"
-                if result is not None:
-                    line = results.line(result)
-                else:
-                    line = _error_line(custom_id, "invalid_request", f"{where}: {error}")
                 err.write(line + b"\n")
                 any_errors = True
-            else:  # pending or queued: the job stopped before this row ran
-                line = _error_line(custom_id, "not_run", "not run: the job stopped before this row was sent")
             out.write(line + b"\n")
     os.replace(tmp_out, out_path)
     if any_errors:
@@ -699,4 +704,4 @@ def _error_line(custom_id: str | None, code: str, message: str) -> bytes:
     )
 
 
-__all__ += ["is_retryable_status", "export", "output_paths"]
+__all__ += ["is_retryable_status", "export", "output_lines", "output_paths"]

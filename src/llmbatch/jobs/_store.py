@@ -384,6 +384,15 @@ class JobStore:
             ).fetchall()
         return [Chunk(*r) for r in rows]
 
+    def batches_by_state(self, states: Sequence[str] | None = None) -> dict[str, int]:
+        """How many chunks are in each state; a submitted chunk counts under its remote status
+        (`in_progress`, `finalizing`, ...) once the provider has reported one."""
+        batches: dict[str, int] = {}
+        for ch in self.chunks(states):
+            key = ch.remote_status if ch.state == "submitted" and ch.remote_status else ch.state
+            batches[key] = batches.get(key, 0) + 1
+        return batches
+
     def move_chunk(self, chunk_id: int, to: str, from_: Sequence[str], message: str = "", **columns: Any) -> None:
         """Guarded chunk transition; raises StateError when the chunk is not in `from_`."""
         sets = {"state": to, **columns}

@@ -1,0 +1,624 @@
+"""Jobs from Python: `run_file` runs batch JSONL files as a durable job; `Job` is its handle.
+
+    job = run_file("requests.jsonl", provider="openai", wait=False)
+    job                                 # <Job job_...: running; 1,200/5,000 rows done ...>
+    code = job.wait()                   # 0: all ok, 1: some rows failed, 3: the budget stopped it
+    for record in job.results(): ...    # one OpenAI batch output record per input row, in order
+
+These are the jobs of `llmbatch run`: the same inputs run the same way are the same job, kept
+in the same place ($LLMBATCH_HOME/jobs), so the CLI and this API resume each other's jobs, and
+`Job.attach(job_id)` opens one started anywhere. One process runs a job at a time (the job's
+lock); any process may read it. A run here goes in the calling thread, or in a worker thread
+when the caller asked not to wait or runs an event loop itself (Jupyter). What a run says goes
+to the `llmbatch.jobs` logger (`logging.basicConfig(level="INFO")` shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import ValidationError
+
+from .._exceptions import ConfigError, InputError, LLMBatchError
+from ..jobs import (
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    JobRunner,
+    JobSettings,
+    JobStore,
+    default_job_root,
+    export,
+    find_job,
+    make_provider,
+    open_job,
+)
+from ..jobs._progress import PlainProgress
+from ..jobs._run import (
+    JobLock,
+    cancel_batches,
+    ingest_new_rows,
+    lock_held,
+    record_settings,
+    run_parts,
+    settings_for,
+    stored_job,
+)
+from ..jobs._runner import output_lines
+from ..providers import Provider
+
+__all__ = ["Job", "JobStatus", "run_file"]
+
+log = logging.getLogger("llmbatch.jobs")
+
+T = TypeVar("T")
+
+#: Stored statuses a job ends in; any other, with no process running the job, reads "stopped".
+_ENDED = ("finished", "budget_stopped", "cancelled")
+#: Invalid rows named in the error that refuses to run a job.
+_SHOWN_PROBLEMS = 20
+#: Seconds between looks at a job that another process runs.
+_POLL = 0.2
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a job stands, read from its store (`Job.status()`)."""
+
+    id: str
+    """The job's id (`job_` and 16 hex digits)."""
+    state: str
+    """`ingesting` (reading and checking its rows) or `running`, while a process runs it; else
+    `finished` (every row is final), `budget_stopped` (`max_cost` held the rest back),
+    `cancelled`, or `stopped` (interrupted, killed or stopped by an error: `resume()` goes on)."""
+    succeeded: int
+    """Rows answered successfully."""
+    failed: int
+    """Rows that failed for good (the provider refused them, or they ran out of attempts)."""
+    invalid: int
+    """Rows that failed validation and were never sent."""
+    pending: int
+    """Rows not final yet: waiting for a batch, or in one."""
+    batches: dict[str, int]
+    """Remote batches by state: a submitted batch under its provider status (`in_progress`,
+    `finalizing`, ...), the others under the job's own (`planned`, `collected`, ...)."""
+    input_tokens: int
+    """Input tokens of the rows answered so far."""
+    output_tokens: int
+    """Output tokens of the rows answered so far."""
+    cost: float
+    """USD spent on the rows answered so far (0 on the local provider)."""
+    estimated_cost: float
+    """USD estimated, before sending, for every batch planned so far."""
+    error: str | None = None
+    """The error that stopped this process's last run of the job, if one did."""
+
+    @property
+    def total(self) -> int:
+        """Every row of the job's inputs."""
+        return self.succeeded + self.failed + self.invalid + self.pending
+
+    @property
+    def done(self) -> int:
+        """Rows that are final: succeeded, failed or invalid."""
+        return self.succeeded + self.failed + self.invalid
+
+    @property
+    def running(self) -> bool:
+        """Whether a process (this one or another) is running the job now."""
+        return self.state in ("ingesting", "running")
+
+
+def run_file(
+    inputs: str | os.PathLike[str] | list[str | os.PathLike[str]],
+    *,
+    provider: str | None = None,
+    model: str | None = None,
+    wait: bool = True,
+    job_dir: str | os.PathLike[str] | None = None,
+    api_key: str | None = None,
+    **settings: Any,
+) -> Job:
+    """Runs OpenAI-format batch JSONL files as one durable job, like `llmbatch run`; returns its handle.
+
+    The same files run the same way (provider, base URL, engine, model) are the same job: a
+    job interrupted, budget-stopped or cancelled, here or by the CLI, is resumed, not started
+    again, and rows already answered are never sent twice. Results also go to the output file
+    (`INPUTS.results.jsonl` next to the first input unless `output=` says otherwise), as with
+    the CLI.
+
+    inputs: a JSONL file of batch rows (`custom_id`, `method`, `url`, `body`), or a list of them.
+    provider: where the batches run (a name from `llmbatch.providers.PROVIDER_NAMES`); default:
+        a `provider/` prefix on `model` or on the first row's model, else `local` (an
+        in-process llmbatch server).
+    model: send every row with this model (an Azure deployment name, or one model for a file).
+    wait: True runs the job to its end before returning (in a worker thread when this thread
+        runs an event loop, as in Jupyter); False starts it in a background thread and returns
+        at once (`wait()` waits for it). The run is stopped when the process exits; the job
+        stays resumable.
+    job_dir: where jobs live (the CLI's `--job-dir`; default `$LLMBATCH_HOME/jobs`).
+    api_key: the provider's key (default: its environment variable, e.g. `OPENAI_API_KEY`);
+        never stored with the job.
+    settings: any other `llmbatch.jobs.JobSettings` field, as `llmbatch run`'s flags set them:
+        `base_url`, `batch_size`, `max_in_flight`, `max_cost`, `max_attempts`, `skip_invalid`,
+        `direct_below`, `price_file`, `output`, `poll_interval`, ... They are stored with the
+        job; running it again with new ones (a larger `max_cost`) uses those.
+
+    Raises InputError for an input that cannot be read or has invalid rows (each named by
+    file and line, as the CLI prints them; `skip_invalid=True` runs the valid ones),
+    ConfigError for bad settings, a missing key, or a job another process is running, and
+    ProviderError when the provider refuses the job for good. With `wait=False` only the
+    first of these come from here: the others come from `wait()`.
+    """
+    paths = _input_paths(inputs)
+    job_settings = _settings(paths, provider, model, settings)
+    store, path, created = open_job(paths, job_settings, Path(job_dir) if job_dir is not None else default_job_root())
+    store.close()
+    log.info("%s job %s (%s)", "new" if created else "resuming", path.name, path)
+    job = Job(path, api_key=api_key)
+    job._start(job_settings, api_key, wait=wait)
+    return job
+
+
+class Job:
+    """The handle of one durable job: its state, its results, and runs of it in this process.
+
+    Get one from `run_file` (which runs the job) or `Job.attach` (which opens a job started
+    anywhere, read-only until `resume()` or `cancel()`). Every read goes to the job's store,
+    so a handle sees what any process running the job has done.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, api_key: str | None = None) -> None:
+        """Opens the job in `path`, its own directory (holding `job.sqlite`); `Job.attach` finds it by id."""
+        self._dir = Path(path)
+        self._api_key = api_key
+        self._run: _Run | None = None
+        with self._open_store() as store:
+            job, _settings = stored_job(store)
+        self._id: str = job["id"]
+
+    @classmethod
+    def attach(cls, job_id: str, job_dir: str | os.PathLike[str] | None = None, *, api_key: str | None = None) -> Job:
+        """Opens a job started elsewhere (by `llmbatch run`, or another process) by its id.
+
+        job_id: the id `llmbatch jobs` lists (or the job's own directory).
+        job_dir: where jobs live (the CLI's `--job-dir`; default `$LLMBATCH_HOME/jobs`).
+        api_key: the provider's key, for `resume()` and `cancel()` (default: its environment variable).
+
+        Attaching changes nothing: `status()`, `wait()` and `results()` read the job while
+        whichever process runs it goes on; `resume()` runs it here. Raises ConfigError when
+        there is no such job.
+        """
+        store, path = find_job(job_id, Path(job_dir) if job_dir is not None else default_job_root())
+        store.close()
+        return cls(path, api_key=api_key)
+
+    @property
+    def id(self) -> str:
+        """The job's id, as `llmbatch jobs` lists it and `llmbatch resume ID` takes it."""
+        return self._id
+
+    @property
+    def dir(self) -> Path:
+        """The job's own directory (its store `job.sqlite`, chunk files and downloaded results)."""
+        return self._dir
+
+    # -- reading -------------------------------------------------------------------------
+
+    def status(self) -> JobStatus:
+        """Rows by state, remote batches by state, tokens and cost, now."""
+        with self._open_store() as store:
+            job, _settings = stored_job(store)
+            counts = store.counts()
+            totals = store.totals()
+            batches = store.batches_by_state()
+            estimated = store.estimated_cost()
+        run = self._run
+        running = (run is not None and not run.done.is_set()) or lock_held(self._dir)
+        stored = job["status"]
+        if running:
+            state = "ingesting" if stored == "ingesting" else "running"
+        else:
+            state = stored if stored in _ENDED else "stopped"
+        return JobStatus(
+            id=self._id,
+            state=state,
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            invalid=counts["invalid"],
+            pending=counts["pending"] + counts["queued"],
+            batches=batches,
+            input_tokens=int(totals["input_tokens"]),
+            output_tokens=int(totals["output_tokens"]),
+            cost=float(totals["cost"]),
+            estimated_cost=estimated,
+            error=str(error) if (error := self._run_error(stored)) is not None else None,
+        )
+
+    @property
+    def progress(self) -> str:
+        """One line on where the job stands: state, rows done, batches in flight, spend."""
+        s = self.status()
+        batches = ", ".join(f"{n} {state}" for state, n in sorted(s.batches.items())) or "none"
+        return (
+            f"{s.state}; {s.done:,}/{s.total:,} rows done ({s.failed + s.invalid:,} failed); "
+            f"batches: {batches}; spent ${s.cost:.4f} of est. ${s.estimated_cost:.4f}"
+        )
+
+    def __repr__(self) -> str:
+        try:
+            return f"<Job {self._id}: {self.progress}>"
+        except (LLMBatchError, OSError, sqlite3.Error) as exc:  # its directory went away, or its store is unreadable
+            return f"<Job {self._id} ({self._dir}): unreadable: {exc}>"
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Waits for the run of the job in progress (here or in another process) to end.
+
+        Returns `llmbatch run`'s exit code: 0 every row succeeded, 1 some rows failed (see
+        `errors()`), 3 the budget (`max_cost`) stopped the job before every row ran, 130 the
+        job stopped before its end (interrupted, cancelled, or run by no one: `resume()` goes
+        on). Returns at once when no process runs the job. Raises the error that stopped this
+        process's last run of the job, if one did (and the job has not ended since), and
+        TimeoutError when `timeout` seconds pass first.
+        """
+        if not self._wait_done(timeout):
+            raise TimeoutError(f"job {self._id} is still running after {timeout} s")
+        with self._open_store() as store:
+            job, _settings = stored_job(store)
+            counts = store.counts()
+        error = self._run_error(job["status"])
+        if error is not None:
+            raise error
+        if job["status"] == "finished":
+            return EXIT_FAILED_ROWS if counts["failed"] + counts["invalid"] else EXIT_OK
+        if job["status"] == "budget_stopped":
+            return EXIT_BUDGET
+        return EXIT_INTERRUPTED
+
+    def results(self, *, wait: bool = True) -> Iterator[dict[str, Any]]:
+        """The output records, one per input row, in input order, read from the job's store.
+
+        Each is an OpenAI batch output record (`id`, `custom_id`, `response`, `error`): the
+        provider's answer for rows that ran, an `error` record for rows that failed, and one
+        with code `not_run` for rows the job never ran (it was stopped, or the budget held
+        them back). They are the lines `llmbatch run` writes to its results file.
+
+        wait: first wait for a run in progress (here or elsewhere) to end, without raising its
+        error (`wait()` does); False reads the rows as they are now (while the job is still
+        `ingesting`, the rows not read yet are missing).
+        """
+        if wait:
+            self._wait_done(None)
+        return self._records(None)
+
+    def errors(self, *, wait: bool = True) -> Iterator[dict[str, Any]]:
+        """The final failures, in input order: the records of failed and invalid rows (an
+        invalid row's message names its file and line). They are the lines of the errors file.
+
+        wait: as for `results()`.
+        """
+        if wait:
+            self._wait_done(None)
+        return self._records(("failed", "invalid"))
+
+    def export(self, path: str | os.PathLike[str] | None = None) -> tuple[Path, Path | None]:
+        """Writes the results file again from the store, as `llmbatch results` does, and returns
+        (results file, errors file or None when no row failed).
+
+        path: where the results go (default: the job's output file, `INPUTS.results.jsonl`);
+        the errors file goes next to it (`NAME.errors.jsonl`). Exports the rows as they are
+        now, without waiting for a run in progress.
+        """
+        with self._open_store() as store:
+            job, settings = stored_job(store)
+            if path is not None:
+                settings = settings.model_copy(update={"output": Path(path), "errors": None})
+            out, err = export(store, [Path(i["path"]) for i in job["inputs"]], settings)
+        return out, err if err.exists() else None
+
+    # -- running -------------------------------------------------------------------------
+
+    def resume(self, *, wait: bool = True, api_key: str | None = None) -> Job:
+        """Runs the job here, with its stored settings, from where it stands; returns this handle.
+
+        As `llmbatch resume ID`: rows already final are kept, remote batches in flight are
+        collected, and the rest is sent. wait: as for `run_file`. api_key: the provider's key
+        (default: the one given to `attach`, else the provider's environment variable). Raises
+        ConfigError when a process (this one included) runs the job already. To change
+        settings (a larger `max_cost`), call `run_file` again with the same inputs instead.
+        """
+        self._start(None, api_key or self._api_key, wait=wait)
+        return self
+
+    def cancel(self, *, api_key: str | None = None) -> int:
+        """Cancels the job's remote batches, as `llmbatch cancel` does; returns how many.
+
+        A run of the job in this process is stopped first. Rows the batches finished before the
+        cancel are kept (and exported); the others stay pending, and `resume()` (or `llmbatch
+        resume`) runs them without counting the cut-off attempt. Raises ConfigError when
+        another process runs the job (stop it there, or cancel there).
+        """
+        run = self._run
+        if run is not None and not run.done.is_set():
+            run.stop(cancel=True)
+            run.done.wait()
+            if run.cancelled is not None:
+                return run.cancelled
+        key = api_key or self._api_key
+        with JobLock(self._dir):
+            return _blocking(lambda: self._cancel_batches(key))
+
+    def _cancel_batches(self, api_key: str | None) -> int:
+        with self._open_store() as store:
+            _job, settings = stored_job(store)
+            provider = make_provider(settings, self._dir, api_key)
+            runner = JobRunner(store, self._dir, settings, provider, progress=PlainProgress(self._say))
+
+            async def main() -> int:
+                await provider.start()
+                try:
+                    return await cancel_batches(runner)
+                finally:
+                    await provider.aclose()
+
+            n = asyncio.run(main())
+            out, _err = runner.export()
+        self._say(f"cancelled {n} remote batches; results so far in {out}")
+        return n
+
+    def _start(self, settings: JobSettings | None, api_key: str | None, *, wait: bool) -> None:
+        """Runs the job (recording `settings` first, when given) under its lock."""
+        if self._run is not None and not self._run.done.is_set():
+            raise ConfigError(f"job {self._id} is already running in this process; wait() waits for it")
+        lock = JobLock(self._dir)
+        lock.acquire()  # here, so that "already running" is raised to the caller whether or not it waits
+        run = self._run = _Run(self._dir, self._id, lock, api_key, settings)
+        if wait and not _loop_running():
+            run()
+        else:
+            thread = threading.Thread(target=run, name=f"llmbatch-{self._id}", daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                lock.release()
+                raise
+            if not wait:
+                return
+            try:
+                run.done.wait()
+            except KeyboardInterrupt:  # Jupyter's "interrupt the kernel": stop the run, as Ctrl+C would
+                run.stop()
+                run.done.wait()
+                raise
+        if run.interrupt is not None:
+            raise run.interrupt
+        if run.error is not None:
+            raise run.error
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _open_store(self) -> Iterator[JobStore]:
+        """A connection of its own to the job's store (a run's connection belongs to its thread)."""
+        db = self._dir / "job.sqlite"
+        if not db.exists():
+            raise ConfigError(f"no job in {self._dir}: `llmbatch jobs` lists them")
+        store = JobStore(db)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def _wait_done(self, timeout: float | None) -> bool:
+        """Waits until no process runs the job; False when `timeout` passed first."""
+        run = self._run
+        if run is not None and not run.done.wait(timeout):
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while lock_held(self._dir):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(_POLL if left is None else min(_POLL, left))
+        return True
+
+    def _run_error(self, stored_status: str) -> Exception | None:
+        """The error that stopped this process's last run, unless the job ended since (elsewhere)."""
+        run = self._run
+        if run is None or run.error is None or stored_status in _ENDED:
+            return None
+        return run.error
+
+    def _records(self, states: Collection[str] | None) -> Iterator[dict[str, Any]]:
+        with self._open_store() as store:
+            job, _settings = stored_job(store)
+            inputs = [Path(i["path"]) for i in job["inputs"]]
+            for state, line in output_lines(store, inputs):
+                if states is None or state in states:
+                    yield orjson.loads(line)
+
+    def _say(self, message: str) -> None:
+        log.info("job %s: %s", self._id, message)
+
+
+class _Run:
+    """One run of a job in this process, in the calling thread or a worker thread.
+
+    It holds the job's lock from before it starts (the caller takes it) until it ends, and
+    never raises: an error that stops it is left in `error` (or `interrupt`) for the caller;
+    how the job stands afterwards is in its store.
+    """
+
+    def __init__(
+        self, job_dir: Path, job_id: str, lock: JobLock, api_key: str | None, settings: JobSettings | None
+    ) -> None:
+        self.job_dir = job_dir
+        self.job_id = job_id
+        self.lock = lock
+        self.api_key = api_key
+        self.settings = settings
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.interrupt: KeyboardInterrupt | None = None
+        #: Remote batches cancelled by `stop(cancel=True)`; None until such a cancel ran.
+        self.cancelled: int | None = None
+        self._guard = threading.Lock()
+        self._stopping = False
+        self._cancelling = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def __call__(self) -> None:
+        store = JobStore(self.job_dir / "job.sqlite")
+        try:
+            self._run(store)
+        except KeyboardInterrupt as exc:
+            self._say("interrupted: remote batches keep running; resume() or `llmbatch resume` goes on")
+            self.interrupt = exc
+        except Exception as exc:
+            log.debug("job %s: the run stopped", self.job_id, exc_info=True)
+            self.error = exc
+        finally:
+            store.close()
+            self.lock.release()
+            self.done.set()
+
+    def stop(self, *, cancel: bool = False) -> None:
+        """Stops the run (from any thread); with `cancel`, cancels the job's remote batches too."""
+        with self._guard:
+            self._stopping = True
+            self._cancelling |= cancel
+            if self._task is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def _run(self, store: JobStore) -> int:
+        """Runs the job to its end; returns `llmbatch run`'s exit code."""
+        if self.settings is not None:
+            n = record_settings(store, self.settings)
+            if n:
+                self._say(f"chunking limits changed: re-planning {n} chunks not sent yet")
+        job, settings = stored_job(store)
+        report = ingest_new_rows(store, job, settings)
+        if report is not None:
+            self._say(f"{report.rows:,} rows read, {report.invalid:,} invalid")
+        invalid = store.counts()["invalid"]
+        if invalid and not settings.skip_invalid:
+            raise InputError(_invalid_rows_message(store, job, invalid))
+        for problem in _invalid_rows(store, job, _SHOWN_PROBLEMS if invalid else 0):
+            log.warning("job %s: skipped %s", self.job_id, problem)
+        provider, prices, est = run_parts(store, self.job_dir, settings, self.api_key)
+        if provider.billed:
+            est.cost(prices)
+        for line in est.summary_lines():
+            self._say(line)
+        runner = JobRunner(store, self.job_dir, settings, provider, prices=prices, progress=PlainProgress(self._say))
+        return asyncio.run(self._main(provider, runner))
+
+    async def _main(self, provider: Provider, runner: JobRunner) -> int:
+        await provider.start()
+        try:
+            task = asyncio.ensure_future(runner.run())
+            with self._guard:
+                self._loop, self._task = asyncio.get_running_loop(), task
+                if self._stopping:
+                    task.cancel()
+            try:
+                outcome = await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not self._stopping or (current is not None and current.cancelling()):
+                    raise  # Ctrl+C: asyncio.run cancelled this coroutine, not stop()
+                if self._cancelling:
+                    self.cancelled = await cancel_batches(runner)
+                    out, _err = runner.export()
+                    self._say(f"cancelled {self.cancelled} remote batches; results so far in {out}")
+                else:
+                    self._say("stopped: remote batches keep running; resume() or `llmbatch resume` goes on")
+                return EXIT_INTERRUPTED
+            self._say(outcome.summary.replace("\n", "; "))
+            return outcome.code
+        finally:
+            with self._guard:
+                self._task = None
+            await provider.aclose()
+
+    def _say(self, message: str) -> None:
+        log.info("job %s: %s", self.job_id, message)
+
+
+def _input_paths(inputs: Any) -> list[Path]:
+    items = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+    if not items:
+        raise ConfigError("run_file needs at least one input file")
+    for item in items:
+        if not isinstance(item, str | os.PathLike):
+            raise TypeError(f"run_file takes paths of JSONL files, not {type(item).__name__}")
+    return [Path(item) for item in items]
+
+
+def _settings(paths: list[Path], provider: str | None, model: str | None, settings: dict[str, Any]) -> JobSettings:
+    """The job's settings, as `llmbatch run` makes them from its flags; unknown names are refused."""
+    unknown = sorted(set(settings) - set(JobSettings.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {', '.join(unknown)}: run_file takes these: {', '.join(JobSettings.model_fields)}"
+        )
+    try:
+        return settings_for(paths, provider=provider, model=model, **settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _invalid_rows(store: JobStore, job: dict[str, Any], limit: int) -> list[str]:
+    """`FILE:LINE: reason` of the first `limit` invalid rows, as `llmbatch run` prints them."""
+    found: list[str] = []
+    if limit <= 0:
+        return found
+    inputs = [i["path"] for i in job["inputs"]]
+    for _idx, file_no, line, _cid, state, _result, error in store.export_rows():
+        if state == "invalid":
+            found.append(f"{inputs[file_no]}:{line}: {error}")
+            if len(found) >= limit:
+                break
+    return found
+
+
+def _invalid_rows_message(store: JobStore, job: dict[str, Any], invalid: int) -> str:
+    shown = _invalid_rows(store, job, _SHOWN_PROBLEMS)
+    more = f"\n  ... and {invalid - len(shown):,} more" if invalid > len(shown) else ""
+    return (
+        f"{invalid} invalid rows; nothing was sent. Fix them, or pass skip_invalid=True to send the valid rows:\n  "
+        + "\n  ".join(shown)
+        + more
+    )
+
+
+def _loop_running() -> bool:
+    """Whether this thread runs an event loop (Jupyter does), where `asyncio.run` cannot run."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _blocking(fn: Callable[[], T]) -> T:
+    """`fn()`, in a worker thread when this thread runs an event loop (it calls `asyncio.run`)."""
+    if not _loop_running():
+        return fn()
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="llmbatch") as pool:
+        return pool.submit(fn).result()
