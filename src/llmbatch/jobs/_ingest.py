@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,10 +142,18 @@ def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    methods = multiprocessing.get_all_start_methods()
-    # fork shares the loaded tokenizer and modules; forkserver/spawn re-import them (about 0.5 s).
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    # fork shares the loaded tokenizer and modules with the workers.
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _can_fork() -> bool:
+    """Whether worker processes can be forked safely: only from a single-threaded process.
+
+    Forking a process that runs other threads (a notebook kernel, `run_file(wait=False)`)
+    can deadlock the child, and spawned workers would re-import the user's `__main__` script;
+    such callers check rows in-process instead.
+    """
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
 def ingest(
@@ -168,7 +177,7 @@ def ingest(
     report = IngestReport(problems=[])
     sizes = [p.stat().st_size for p in inputs]
     if workers is None:
-        workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _POOL_MIN_BYTES else 0
+        workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _POOL_MIN_BYTES and _can_fork() else 0
     tasks = [
         (n, path, s, e)
         for n, (path, size) in enumerate(zip(inputs, sizes))
