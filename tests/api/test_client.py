@@ -226,3 +226,27 @@ def test_a_rerun_after_a_kill_reuses_results_and_batches_in_flight(server_factor
     assert third.returncode == 0, third.stderr
     assert json.loads(third.stdout) == answers
     assert {b.id for b in _batches(server)} == before
+
+
+def test_a_client_job_shows_in_the_cli(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncBatchClient("seen", job_dir=tmp_path / "jobs", config=BatchConfig(send_delay=0.1)) as c:
+            await asyncio.gather(*(_ask(c, f"c {i}") for i in range(3)))
+
+    asyncio.run(main())
+    cmd = [sys.executable, "-m", "llmbatch"]
+    jobs = subprocess.run([*cmd, "jobs", "--job-dir", str(tmp_path / "jobs")], capture_output=True, text=True)
+    assert jobs.returncode == 0 and "api-seen" in jobs.stdout, jobs.stderr
+    status = subprocess.run(
+        [*cmd, "status", "api-seen", "--json", "--job-dir", str(tmp_path / "jobs")], capture_output=True, text=True
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["rows"]["succeeded"] == 3
+    results = subprocess.run(
+        [*cmd, "results", "api-seen", "--job-dir", str(tmp_path / "jobs")], capture_output=True, text=True
+    )
+    assert results.returncode == 0, results.stderr
+    lines = (tmp_path / "jobs" / "api-seen" / "calls.results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["response"]["body"]["choices"][0]["message"]["content"] for x in lines] == [
+        f"c {i}" for i in range(3)
+    ]

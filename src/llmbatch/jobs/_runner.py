@@ -620,9 +620,10 @@ class JobRunner:
         return export(self.store, self.inputs, self.settings)
 
 
-def output_paths(inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
-    """The results and errors files: as set, else next to the first input."""
-    first = inputs[0]
+def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None = None) -> tuple[Path, Path]:
+    """The results and errors files: as set, else next to the first input (a job of calls made
+    through the Python API has no input file: its files go in its job directory)."""
+    first = inputs[0] if inputs else (job_dir or Path.cwd()) / "calls.jsonl"
     stem = first.name[: -len(".jsonl")] if first.name.endswith(".jsonl") else first.name
     out = settings.output or first.with_name(f"{stem}.results.jsonl")
     err = settings.errors or out.with_name(
@@ -643,7 +644,7 @@ def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, byt
                 if result is not None:
                     yield state, results.line(result)
                 else:
-                    where = f"{inputs[file_no].name}:{line_no}"
+                    where = f"{inputs[file_no].name}:{line_no}" if file_no >= 0 else "a call"
                     yield state, _error_line(custom_id, "invalid_request", f"{where}: {error}")
             else:  # pending or queued: the job stopped before this row ran
                 yield state, _error_line(custom_id, "not_run", "not run: the job stopped before this row was sent")
@@ -651,7 +652,7 @@ def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, byt
 
 def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
     """Writes one line per input row, in input order; final failures also to the errors file."""
-    out_path, err_path = output_paths(inputs, settings)
+    out_path, err_path = output_paths(inputs, settings, store.path.parent)
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
     with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
