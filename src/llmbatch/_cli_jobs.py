@@ -210,6 +210,7 @@ def register(cli: click.Group) -> None:
         default=None,
         help="JSON prices overriding the bundled table.",
     )
+    @click.option("--price-as", default=None, help="Price every row as this model (e.g. an Azure deployment's model).")
     @click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models.")
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
     def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
@@ -237,6 +238,7 @@ def register(cli: click.Group) -> None:
         default=None,
         help="JSON prices overriding the bundled table.",
     )
+    @click.option("--price-as", default=None, help="Price every row as this model (e.g. an Azure deployment's model).")
     @click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models.")
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
     @click.option("--provider", type=click.Choice(PROVIDER_NAMES), default=None, help="Price at this provider's rates.")
@@ -247,6 +249,7 @@ def register(cli: click.Group) -> None:
         price_input: float | None,
         price_output: float | None,
         provider: str | None,
+        price_as: str | None,
     ) -> None:
         """Validate rows and estimate tokens and cost, offline; sends nothing.
 
@@ -267,7 +270,7 @@ def register(cli: click.Group) -> None:
                     continue
                 body = obj["body"]
                 est.add(body["model"], estimate_row(obj["url"], body, default_output_tokens=default_output_tokens))
-        table = price_table(price_file, price_input, price_output, est.by_model, provider)
+        table = price_table(price_file, price_input, price_output, est.by_model, provider, price_as)
         _print_estimate(est, table, billed=True, err=False)
         if invalid:
             click.echo(f"{invalid} invalid rows (not counted above)", err=True)

@@ -182,3 +182,16 @@ def test_uploads_are_deleted_once_collected(server_factory, tmp_path: Path) -> N
     with server.client() as c:
         assert list(c.files.list(purpose="batch")) == []  # inputs gone; outputs stay for the user
         assert len(list(c.files.list(purpose="batch_output"))) == 3
+
+
+def test_price_as_prices_deployment_names(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory()
+    inp = write_input(tmp_path, [chat_line(i, max_tokens=10) for i in range(5)])
+    base = ["run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--model", "my-deployment"]
+    refused = llmbatch(tmp_path, *base, "--max-cost", "1")
+    assert refused.returncode == 2 and "my-deployment" in refused.stderr  # no price for a deployment name
+    proc = llmbatch(tmp_path, *base, "--max-cost", "1", "--price-as", "gpt-4o-mini")
+    assert proc.returncode == 0, proc.stderr
+    job = next((tmp_path / "home" / "jobs").iterdir()).name
+    status = json.loads(llmbatch(tmp_path, "status", job, "--json").stdout)
+    assert status["usage"]["cost"] > 0 and status["estimate"]["cost"] > 0  # priced as gpt-4o-mini

@@ -295,3 +295,18 @@ def test_provider_scoped_prices() -> None:
     assert table.for_provider(None).lookup("gpt-oss-120b") is None
     assert table.for_provider("anthropic").lookup("claude-sonnet-4-5-20250929").batch_input == 1.5  # type: ignore[union-attr]
     assert all("@" not in k for k in table.for_provider("groq").models)
+
+
+def test_priced_as_gives_other_names_a_model_s_prices() -> None:
+    import pytest
+
+    from llmbatch._exceptions import ConfigError
+    from llmbatch.pricing import PriceTable
+
+    table = PriceTable.load()
+    mini = table.lookup("gpt-4o-mini")
+    priced = table.priced_as(["my-deployment"], "gpt-4o-mini").lookup("my-deployment")
+    assert mini is not None and priced is not None
+    assert priced.rates(batch=True) == mini.rates(batch=True) and priced.rates(batch=False) == mini.rates(batch=False)
+    with pytest.raises(ConfigError, match="no-such-model"):
+        table.priced_as(["x"], "no-such-model")

@@ -176,9 +176,12 @@ def price_table(
     price_output: float | None,
     models: Iterable[str],
     provider: str | None = None,
+    price_as: str | None = None,
 ) -> PriceTable:
-    """The bundled prices on `provider`, overridden by a price file, and flags pricing the models still unpriced."""
-    table = PriceTable.load(price_file).for_provider(provider)
+    """The bundled prices on `provider`, overridden by a price file, `price_as` pricing every model
+    as that one, and flags pricing the models still unpriced."""
+    models = list(models)
+    table = PriceTable.load(price_file).for_provider(provider).priced_as(models, price_as)
     if price_input is not None or price_output is not None:
         if price_input is None or price_output is None:
             raise ConfigError("--price-input and --price-output go together (USD per 1M tokens)")
@@ -194,7 +197,9 @@ def run_parts(
     """The provider (not started), the price table and the estimate of an ingested job."""
     provider = make_provider(settings, job_dir, api_key)
     models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
-    prices = price_table(settings.price_file, settings.price_input, settings.price_output, models, settings.provider)
+    prices = price_table(
+        settings.price_file, settings.price_input, settings.price_output, models, settings.provider, settings.price_as
+    )
     return provider, prices, Estimate.from_totals(store.estimate_by_model())
 
 

@@ -74,7 +74,11 @@ class JobRunner:
         self.job_dir = job_dir
         self.settings = settings
         self.provider = provider
-        self.prices = prices or PriceTable.load(settings.price_file).for_provider(settings.provider)
+        if prices is None:
+            models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+            prices = PriceTable.load(settings.price_file).for_provider(settings.provider)
+            prices = prices.priced_as(models, settings.price_as)
+        self.prices = prices
         self.progress = progress or PlainProgress(say)
         self.say = self.progress.message
         job = store.job()

@@ -52,6 +52,8 @@ class JobSettings(BaseModel):
     """Longest wait between polls."""
     price_file: Path | None = None
     """A JSON file of prices that overrides the bundled table."""
+    price_as: str | None = None
+    """Price every row as this model (an Azure deployment's underlying model, say)."""
     price_input: float | None = None
     """USD per 1M input tokens for models the table lacks (with `price_output`)."""
     price_output: float | None = None

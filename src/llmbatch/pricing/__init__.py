@@ -17,7 +17,7 @@ base model, and a silent base price would understate the spend.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -136,6 +136,21 @@ class PriceTable:
             suffix = "@" + provider.lower()
             plain.update({k.removesuffix(suffix): v for k, v in self._models.items() if k.endswith(suffix)})
         return PriceTable(plain, taken=self.taken, source=self.source)
+
+    def priced_as(self, models: Iterable[str], as_model: str | None) -> PriceTable:
+        """A copy in which each of `models` costs what `as_model` costs (e.g. an Azure deployment
+        name priced as the model it deploys). Raises ConfigError when `as_model` is unpriced."""
+        if not as_model:
+            return self
+        price = self.lookup(as_model)
+        if price is None:
+            raise ConfigError(
+                f"--price-as {as_model}: no price for that model in the table (prices as of {self.taken or 'unknown'})"
+            )
+        table = self
+        for model in models:
+            table = table.with_override(model, **price.model_dump(exclude={"provider"}, exclude_none=True))
+        return table
 
     @property
     def models(self) -> Mapping[str, ModelPrice]:
