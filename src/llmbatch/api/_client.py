@@ -275,13 +275,7 @@ class AsyncBatchClient:
         if not self._new:
             return
         calls, self._new = self._new, []
-        known = {
-            cid
-            for (cid,) in self.store.db.execute(
-                f"SELECT custom_id FROM rows WHERE custom_id IN ({','.join('?' * len(calls))})",
-                [c.custom_id for c in calls],
-            )
-        } if len(calls) <= 900 else {c.custom_id for c in calls if self._known(c.custom_id)}  # fmt: skip
+        known = self.store.known_ids([c.custom_id for c in calls])
         rows = []
         idx = self.store.next_idx()
         for call in calls:
@@ -306,9 +300,6 @@ class AsyncBatchClient:
             self.store.add_requests(rows)
             if self._oldest_pending is None:
                 self._oldest_pending = time.monotonic()
-
-    def _known(self, custom_id: str) -> bool:
-        return self.store.db.execute("SELECT 1 FROM rows WHERE custom_id=?", (custom_id,)).fetchone() is not None
 
     def _plan(self) -> None:
         """Forms batches from waiting calls when a trigger fires (size, bytes, send delay)."""
@@ -340,7 +331,7 @@ class AsyncBatchClient:
                         call.future.set_result(line)
                     else:
                         call.future.set_exception(_sdk_error(call.endpoint, line, error or "failed"))
-        if self._runner._budget_blocked and not self.store.chunks(("uploading", "uploaded", "creating", "submitted")):
+        if self._runner.budget_blocked and not self.store.chunks(("uploading", "uploaded", "creating", "submitted")):
             pending = {
                 cid
                 for (cid,) in self.store.db.execute("SELECT custom_id FROM rows WHERE state IN ('pending', 'queued')")

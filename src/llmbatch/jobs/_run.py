@@ -196,7 +196,7 @@ def run_parts(
 ) -> tuple[Provider, PriceTable, Estimate]:
     """The provider (not started), the price table and the estimate of an ingested job."""
     provider = make_provider(settings, job_dir, api_key)
-    models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+    models = store.models()
     prices = price_table(
         settings.price_file, settings.price_input, settings.price_output, models, settings.provider, settings.price_as
     )

@@ -75,9 +75,8 @@ class JobRunner:
         self.settings = settings
         self.provider = provider
         if prices is None:
-            models = [m for (m,) in store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
             prices = PriceTable.load(settings.price_file).for_provider(settings.provider)
-            prices = prices.priced_as(models, settings.price_as)
+            prices = prices.priced_as(store.models(), settings.price_as)
         self.prices = prices
         self.progress = progress or PlainProgress(say)
         self.say = self.progress.message
@@ -93,10 +92,13 @@ class JobRunner:
         (job_dir / "chunks").mkdir(exist_ok=True)
         (job_dir / "results").mkdir(exist_ok=True)
         self._budget_blocked = False
-        self._prices_of: dict[str, Any] = {}
         self._quota_failures = 0
-        self._quota_backoff = 0.0
         self._quota_wait_until = 0.0
+
+    @property
+    def budget_blocked(self) -> bool:
+        """Whether the budget is holding back the next chunk."""
+        return self._budget_blocked
 
     # -- pricing -------------------------------------------------------------------------
 
@@ -104,10 +106,7 @@ class JobRunner:
         """Estimated or actual USD at batch prices (0 for a provider that bills nothing)."""
         if not self.provider.billed:
             return 0.0
-        try:
-            price = self._prices_of[model]
-        except KeyError:  # looked up once per model: this runs for every result row
-            price = self._prices_of[model] = self.prices.lookup(model)
+        price = self.prices.lookup(model)
         if price is None:
             return 0.0
         return cost(price, input_tokens, output_tokens, cached, batch=True)
@@ -115,8 +114,7 @@ class JobRunner:
     def unpriced_models(self) -> list[str]:
         if not self.provider.billed:
             return []
-        models = [m for (m,) in self.store.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
-        return [m for m in models if self.prices.lookup(m) is None]
+        return [m for m in self.store.models() if self.prices.lookup(m) is None]
 
     # -- the run -------------------------------------------------------------------------
 
@@ -462,11 +460,11 @@ class JobRunner:
         # nothing about its rows: they go back without using up an attempt, after a pause.
         quota_full = bool(batch.errors) and all(e.get("code") in _QUOTA_CODES for e in batch.errors)
         if quota_full:
-            self._quota_backoff = min(max(self.settings.poll_interval, 1.0) * 2**self._quota_failures, 900.0)
+            backoff = min(max(self.settings.poll_interval, 1.0) * 2**self._quota_failures, 900.0)
             self._quota_failures += 1
-            self._quota_wait_until = time.monotonic() + self._quota_backoff
+            self._quota_wait_until = time.monotonic() + backoff
             self.say(f"chunk {chunk.tag}: the provider's token quota is full ({general}); "
-                     f"sending again in {self._quota_backoff:.0f} s")  # fmt: skip
+                     f"sending again in {backoff:.0f} s")  # fmt: skip
         for n, idx in enumerate(by_line, start=1):
             if idx in seen:
                 continue

@@ -267,6 +267,19 @@ class JobStore:
                 found.append((cid, state, ResultRef(rfile, roff, rlen) if rfile is not None else blob, error))
         return found
 
+    def models(self) -> list[str]:
+        """Every model the job's valid rows name."""
+        return [m for (m,) in self.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+
+    def known_ids(self, custom_ids: Sequence[str]) -> set[str]:
+        """Which of these custom_ids the job already has rows for."""
+        found: set[str] = set()
+        for i in range(0, len(custom_ids), 500):
+            part = custom_ids[i : i + 500]
+            query = f"SELECT custom_id FROM rows WHERE custom_id IN ({','.join('?' * len(part))})"
+            found.update(cid for (cid,) in self.db.execute(query, part))
+        return found
+
     def estimate_by_model(self) -> list[tuple[str, int, int, int, int]]:
         """(model, rows, input tokens, output tokens, rows without an output cap) of the valid rows."""
         return self.db.execute(
