@@ -20,6 +20,10 @@ import pytest
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
+# The suite runs on the echo engine unless a test names another: the default engine ("auto")
+# would load the packaged model where it is installed. Tests of "auto" itself clear this.
+os.environ["LLMBATCH_ENGINE"] = "echo"
+
 
 def free_port() -> int:
     with socket.socket() as s:

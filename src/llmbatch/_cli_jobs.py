@@ -11,8 +11,10 @@ from typing import Any
 import click
 import orjson
 
+from ._cli_engine import ENGINE_HELP, engine_config_options, engine_options
 from ._exceptions import ConfigError
 from ._rows import check_row, iter_lines
+from .engines import resolve_engine
 from .estimate import Estimate, estimate_row
 from .jobs import (
     EXIT_FAILED_ROWS,
@@ -149,7 +151,8 @@ def register(cli: click.Group) -> None:
         help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
     )
     @click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
-    @click.option("--engine", default="echo", show_default=True, help="local: the server's engine.")
+    @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
+    @engine_options
     @click.option(
         "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
     )
@@ -215,7 +218,12 @@ def register(cli: click.Group) -> None:
     @click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models.")
     def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
         """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
+        opts["engine_options"] = engine_config_options(opts) or None
         settings = settings_for(list(inputs), **opts)
+        if settings.provider == "local":
+            notice = resolve_engine(opts["engine"])[1]
+            if notice:
+                _say(f"note: {notice}")
         store, job_dir, created = open_job(list(inputs), settings, job_root or default_job_root())
         _say(f"{'new' if created else 'resuming'} job {job_dir.name} ({job_dir})")
         try:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
+from ._cli_engine import ENGINE_HELP, engine_config_options, engine_options
 from ._exceptions import LLMBatchError
 from ._paths import default_server_dir
 
@@ -30,7 +32,8 @@ def cli() -> None:
     default=None,
     help="Where metadata and files live [default: $LLMBATCH_HOME/server].",
 )
-@click.option("--engine", default="echo", show_default=True, help="What answers requests: echo or openai.")
+@click.option("--engine", default="auto", show_default=True, help=ENGINE_HELP)
+@engine_options
 @click.option(
     "--api-key",
     "api_keys",
@@ -85,12 +88,16 @@ def serve(
     max_lines: int,
     max_active_batches: int,
     log_level: str,
+    **model_options: Any,
 ) -> None:
     """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
-    from .engines import EngineConfig, create_engine
+    from .engines import EngineConfig, create_engine, resolve_engine
     from .server import ServerConfig, parse_size, parse_window
     from .server import serve as run_server
 
+    engine, notice = resolve_engine(engine)
+    if notice:
+        click.echo(f"note: {notice}", err=True)
     config = ServerConfig(
         data_dir=data_dir or default_server_dir(),
         api_keys=list(api_keys),
@@ -105,6 +112,7 @@ def serve(
             upstream_url=upstream_url,
             upstream_api_key=upstream_api_key,
             max_concurrency=max_concurrency,
+            **engine_config_options(model_options),
         ),
     )
     create_engine(config.engine, config.engine_config)  # fail fast, before binding the port

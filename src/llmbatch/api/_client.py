@@ -144,7 +144,7 @@ class AsyncBatchClient:
         provider: str = "local",
         base_url: str | None = None,
         api_key: str | None = None,
-        engine: str = "echo",
+        engine: str = "auto",
         config: BatchConfig | None = None,
         max_cost: float | None = None,
         max_attempts: int = 3,

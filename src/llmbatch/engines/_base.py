@@ -124,3 +124,7 @@ class Engine(ABC):
     async def list_models(self) -> list[dict[str, Any]]:
         """Models for GET /v1/models, as OpenAI model objects."""
         return []
+
+    def served_models(self) -> tuple[str, ...] | None:
+        """The `body.model` values this engine answers, or None when it takes any name."""
+        return None

@@ -51,7 +51,7 @@ __all__ = [
     "open_job",
 ]
 
-_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "model")
+_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "engine_options", "model")
 
 
 def default_job_root() -> Path:
@@ -127,5 +127,5 @@ def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = No
     options = {"api_version": settings.api_version} if settings.api_version else {}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
-        **options,
+        engine_config=settings.engine_options, **options,
     )  # fmt: skip

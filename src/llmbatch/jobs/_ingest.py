@@ -55,10 +55,19 @@ class RowRules:
     provider: str | None = None
     model: str | None = None
     default_output_tokens: int = 1024
+    #: The model names the local provider's engine answers (None: any), with the engine's name.
+    models: tuple[str, ...] | None = None
+    engine: str | None = None
 
     @classmethod
     def of(cls, settings: JobSettings) -> RowRules:
-        return cls(settings.provider, settings.model, settings.default_output_tokens)
+        models = engine = None
+        if settings.provider == "local":
+            from ..engines import EngineConfig, create_engine
+
+            engine = settings.engine
+            models = create_engine(engine, EngineConfig(**settings.engine_options)).served_models()
+        return cls(settings.provider, settings.model, settings.default_output_tokens, models, engine)
 
     def check(self, raw: bytes) -> tuple[Any, ...]:
         """(custom_id, remote_id, rewrite, endpoint, model, est_in, est_out, uncapped, state, error) of one line."""
@@ -72,6 +81,12 @@ class RowRules:
         body, endpoint = obj["body"], obj["url"]
         model = split_model(self.model or body["model"], self.provider)[1]
         rewrite = int(model != body["model"])
+        if self.models is not None and model not in self.models:
+            message = (
+                f"unknown_model: the local {self.engine} engine serves {self.models[0]!r}, not {model!r}; "
+                f"run with --model {self.models[0]} to send every row to it"
+            )
+            return (custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", message)
         if rewrite:
             body = {**body, "model": model}
         remote_id = None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 __all__ = ["JobSettings"]
 
@@ -20,8 +21,11 @@ class JobSettings(BaseModel):
     """Sent as every row's model (an Azure deployment name, or one model for a whole file)."""
     api_version: str | None = None
     """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
-    engine: str = "echo"
-    """local: the engine of the in-process server."""
+    engine: str = Field("auto", validate_default=True)
+    """local: the engine of the in-process server; "auto" is resolved when the settings are made
+    (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`)."""
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    """local: `engines.EngineConfig` fields for the in-process server (model path, adapters, ...)."""
     completion_window: str = "24h"
     """The window asked of the provider (OpenAI accepts only 24h; Groq up to 7d)."""
     batch_size: int | None = Field(None, gt=0)
@@ -62,3 +66,10 @@ class JobSettings(BaseModel):
     """Where results go (default: next to the first input, `NAME.results.jsonl`)."""
     errors: Path | None = None
     """Where final failures go (default: next to the first input, `NAME.errors.jsonl`)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _concrete_engine(cls, value: str) -> str:
+        from ..engines import resolve_engine
+
+        return resolve_engine(value)[0]

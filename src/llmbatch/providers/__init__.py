@@ -87,14 +87,21 @@ def create_provider(
     base_url: str | None = None,
     job_dir: Path | None = None,
     engine: str = "echo",
+    engine_config: dict[str, Any] | None = None,
     **options: Any,
 ) -> Provider:
-    """An adapter ready to `start()`. Keys and base URLs default to each provider's environment."""
+    """An adapter ready to `start()`. Keys and base URLs default to each provider's environment.
+
+    `engine` and `engine_config` (EngineConfig fields) set up the `local` provider's server.
+    """
     cls = provider_class(name)
     if name == "local":
         if job_dir is None:
             raise ConfigError("the local provider needs a job directory")
-        return cls(job_dir / "local-server", engine=engine)  # type: ignore[call-arg]
+        from ..engines import EngineConfig
+
+        config = EngineConfig(**(engine_config or {}))
+        return cls(job_dir / "local-server", engine=engine, engine_config=config)  # type: ignore[call-arg]
     return cls(api_key=api_key, base_url=base_url, **options)  # type: ignore[call-arg]
 
 

