@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 MODEL = DEFAULT_CHAT_MODEL
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CHAT = "/v1/chat/completions"
 
 
@@ -206,3 +211,30 @@ def test_whole_batch_through_the_server(server_factory: Any) -> None:
     batch = run_batch(client, bad)
     assert batch.status == "failed"
     assert "not-a-model" in batch.errors.data[0].message
+
+
+def test_readme_main_command_gives_real_answers_by_default(tmp_path: Path) -> None:
+    """`llmbatch run` with nothing configured runs the packaged model; unknown models are refused at ingest."""
+    env = {k: v for k, v in os.environ.items() if k != "LLMBATCH_ENGINE" and not k.startswith("OPENAI_")}
+    env["LLMBATCH_HOME"] = str(tmp_path / "home")
+    rows = [json.loads(line) for line in (EXAMPLES / "requests.jsonl").read_text().splitlines()]
+    inp = tmp_path / "requests.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli = [sys.executable, "-m", "llmbatch", "run", str(inp), "--poll-interval", "0.1"]
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "echo" not in done.stderr  # no fallback note
+    out = [json.loads(line) for line in (tmp_path / "requests.results.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == [r["custom_id"] for r in rows]
+    for o, r in zip(out, rows):
+        body = o["response"]["body"]
+        assert body["model"] == MODEL
+        reply = body["choices"][0]["message"]["content"]
+        assert reply and reply != r["body"]["messages"][-1]["content"]  # a model's answer, not an echo
+        assert body["usage"]["completion_tokens"] <= r["body"]["max_tokens"]
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "body": {**r["body"], "model": "gpt-4o-mini"}}) + "\n" for r in rows))
+    refused = subprocess.run([*cli[:4], str(other)], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert f"{other}:1: unknown_model" in refused.stderr and "--model SmolLM2-135M-Instruct" in refused.stderr
