@@ -202,6 +202,7 @@ class LlamaCppEngine(ModelEngine):
             if self._stopping:
                 for seq in [*(s for s in slots if s is not None), *waiting]:
                     seq.item.generation.error = "the llamacpp engine stopped"
+                    seq.item.generation.error_status = 503
                     self._finish(seq, slots, requests, failed=True)
                 return
             for seq in slots:
@@ -233,6 +234,7 @@ class LlamaCppEngine(ModelEngine):
             if rc != 0:
                 for seq in active:
                     seq.item.generation.error = f"llamacpp: decode failed (code {rc})"
+                    seq.item.generation.error_status = 500
                     self._finish(seq, slots, requests, failed=True)
                 continue
             for seq in active:

@@ -89,8 +89,10 @@ class Generation:
     json_schema: dict[str, Any] | None = None
     prompt_tokens: int = 0
     choices: list[Choice] = field(default_factory=list)
-    #: Set by the engine when the request cannot be run (e.g. prompt longer than the context): a 400.
+    #: Set by the engine when the request cannot be run: a 400 for the row's own fault (a prompt
+    #: longer than the context), `error_status` 5xx when the engine failed.
     error: str | None = None
+    error_status: int = 400
 
 
 def parse_adapters(values: list[str] | tuple[str, ...] | dict[str, str]) -> dict[str, str]:
@@ -248,6 +250,7 @@ class ModelEngine(Engine):
                 return
             if item is not None:
                 item.generation.error = message
+                item.generation.error_status = 500
                 self._done(item)
 
     def _done(self, item: _Item) -> None:
@@ -314,7 +317,8 @@ class ModelEngine(Engine):
             item.cancelled = True
             raise
         if gen.error is not None:
-            return EngineResponse(400, error_body(gen.error, "invalid_request_error"))
+            kind = "invalid_request_error" if gen.error_status < 500 else "server_error"
+            return EngineResponse(gen.error_status, error_body(gen.error, kind))
         return self.response(gen)
 
     def parse(self, endpoint: str, body: Any) -> Generation:
