@@ -438,7 +438,7 @@ def test_batches_through_the_server_with_an_adapter(server_factory, tiny: tuple[
             ]
         )
 
-    # One batch per model (a batch runs one model); both run at once, so base and adapter rows share steps.
+    # A base batch and an adapter batch run at once, so base and adapter rows share steps.
     created = [
         client.batches.create(input_file_id=upload(client, rows(m)).id, endpoint=CHAT, completion_window="24h")
         for m in (MODEL, ADAPTER)

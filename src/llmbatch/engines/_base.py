@@ -125,6 +125,11 @@ class Engine(ABC):
         """Models for GET /v1/models, as OpenAI model objects."""
         return []
 
+    def model_family(self, model: str) -> str:
+        """What must be the same across a batch's rows: the model itself, unless the engine can mix
+        models in one batch (a base model and its LoRA adapters share the base's family)."""
+        return model
+
     def served_models(self) -> tuple[str, ...] | None:
         """The `body.model` values this engine answers, or None when it takes any name."""
         return None

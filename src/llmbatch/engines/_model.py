@@ -272,6 +272,12 @@ class ModelEngine(Engine):
         what = "adapter or model" if self.adapters else "model"
         return f"unknown {what} {model!r}: this server serves {', '.join(repr(k) for k in known)}"
 
+    def model_family(self, model: str) -> str:
+        # The base model and its adapters run side by side: a batch may mix them.
+        if model in self.adapters or model in self.base_names:
+            return self.base_names[0] if self.base_names else model
+        return model
+
     def served_models(self) -> tuple[str, ...] | None:
         embedding = self.embedder.names if self.embedder is not None else ()
         return (*self.base_names, *self.adapters, *embedding)

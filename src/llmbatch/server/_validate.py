@@ -66,17 +66,21 @@ def validate_input(
     max_errors: int,
     tmp_dir: Path,
     check_model: Callable[[str], str | None] = lambda model: None,
+    model_family: Callable[[str], str] = lambda model: model,
 ) -> ValidationResult:
     """Checks every line of a batch input file against OpenAI's rules for `endpoint`.
 
     Each line must be a JSON object with a unique non-empty string `custom_id`, `method`
     "POST", `url` equal to the endpoint and an object `body` naming a `model`; every line
-    must name the same model and the engine must serve it (`check_model` says why not).
+    must name the same model (or models of one `model_family`: a base model and its LoRA
+    adapters) and the engine must serve it (`check_model` says why not).
     Blank lines are skipped. Errors carry OpenAI's `{code, message, param, line}`.
     """
     result = ValidationResult()
     seen = _SeenIds(tmp_dir / f"validate-{os.getpid()}-{id(result)}.sqlite")
     first_model_line = 0
+    family: str | None = None
+    checked: dict[str, str | None] = {}
 
     def error(line: int, code: str, message: str, param: str | None = None) -> None:
         if len(result.errors) < max_errors:
@@ -116,13 +120,19 @@ def validate_input(
             model = body.get("model") if isinstance(body, dict) else None
             if not isinstance(model, str) or not model:
                 continue
+            if model not in checked:
+                if len(checked) > 1000:  # a file of endless distinct names: stay bounded
+                    checked.clear()
+                checked[model] = check_model(model)
+            why = checked[model]
+            if why:
+                error(n, "model_not_found", why, "body.model")
+                continue
             if result.model is None:
                 result.model = model
                 first_model_line = n
-                why = check_model(model)
-                if why:
-                    error(n, "model_not_found", why, "body.model")
-            elif model != result.model:
+                family = model_family(model)
+            elif model != result.model and model_family(model) != family:
                 error(
                     n,
                     "mismatched_model",

@@ -220,6 +220,7 @@ class BatchWorker:
                 max_errors=self.config.max_validation_errors,
                 tmp_dir=self._tmp,
                 check_model=self.engine.validate_model,
+                model_family=self.engine.model_family,
             )
         try:
             self._record_validation(b, result)
