@@ -199,3 +199,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "live" in item.keywords:
             item.add_marker(skip)
+
+
+class EngineHandle:
+    """An engine started on its own event loop, for synchronous tests: `one(body)`, `many([...])`."""
+
+    def __init__(self, name: str, config: Any) -> None:
+        import asyncio
+
+        from llmbatch.engines import create_engine
+
+        self.loop = asyncio.new_event_loop()
+        self.engine: Any = create_engine(name, config)
+        self.loop.run_until_complete(self.engine.start())
+
+    def many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Answers (endpoint, body) requests, all in flight at once."""
+        import asyncio
+
+        from llmbatch.engines import EngineRequest
+
+        async def go() -> list[Any]:
+            return await asyncio.gather(*(self.engine.handle(EngineRequest(ep, body)) for ep, body in requests))
+
+        return self.loop.run_until_complete(go())
+
+    def one(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> Any:
+        return self.many([(endpoint, body)])[0]
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.aclose())
+        self.loop.close()

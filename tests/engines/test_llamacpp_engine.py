@@ -7,7 +7,6 @@ is missing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -18,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from conftest import chat_line, read_jsonl, run_batch
-from llmbatch.engines import EngineConfig, EngineRequest, create_engine, resolve_engine
+from conftest import EngineHandle, chat_line, read_jsonl, run_batch
+from llmbatch.engines import EngineConfig, resolve_engine
 from llmbatch.engines._packaged import DEFAULT_CHAT_MODEL, local_engine_available, packaged_chat_model
 
 pytestmark = pytest.mark.skipif(
@@ -31,31 +30,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CHAT = "/v1/chat/completions"
 
 
-class _Engine:
-    """A started engine on its own event loop, used from synchronous tests."""
-
-    def __init__(self, **config: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine = create_engine("llamacpp", EngineConfig(embedding_model="none", **config))
-        self.loop.run_until_complete(self.engine.start())
-
-    def many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        async def go() -> list[Any]:
-            return await asyncio.gather(*(self.engine.handle(EngineRequest(ep, body)) for ep, body in requests))
-
-        return self.loop.run_until_complete(go())
-
-    def one(self, body: dict[str, Any], endpoint: str = CHAT) -> Any:
-        return self.many([(endpoint, body)])[0]
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.engine.aclose())
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def engine() -> Iterator[_Engine]:
-    e = _Engine(n_parallel=4)
+def engine() -> Iterator[EngineHandle]:
+    e = EngineHandle("llamacpp", EngineConfig(embedding_model="none", n_parallel=4))
     yield e
     e.close()
 
@@ -81,7 +58,7 @@ def _prompt_tokens(text: str) -> int:
         llm.close()
 
 
-def test_chat_answer_has_openai_shape_and_real_usage(engine: _Engine) -> None:
+def test_chat_answer_has_openai_shape_and_real_usage(engine: EngineHandle) -> None:
     r = engine.one(chat("What is the capital of France?", max_tokens=40, temperature=0))
     assert r.status_code == 200
     body = r.body
@@ -97,7 +74,7 @@ def test_chat_answer_has_openai_shape_and_real_usage(engine: _Engine) -> None:
     assert (r.usage.input_tokens, r.usage.output_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
-def test_max_tokens_cuts_with_length(engine: _Engine) -> None:
+def test_max_tokens_cuts_with_length(engine: EngineHandle) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
         r = engine.one(chat("Write a long story about a dragon and a knight.", temperature=0, **{key: 5}))
         choice = r.body["choices"][0]
@@ -105,7 +82,7 @@ def test_max_tokens_cuts_with_length(engine: _Engine) -> None:
         assert choice["finish_reason"] == "length"
 
 
-def test_stop_string_ends_the_answer(engine: _Engine) -> None:
+def test_stop_string_ends_the_answer(engine: EngineHandle) -> None:
     body = chat("Count from 1 to 20, separated by commas.", temperature=0, max_tokens=80)
     free = engine.one(body).body["choices"][0]["message"]["content"]
     assert "5" in free, free  # the model does count; the stop below must cut there
@@ -117,7 +94,7 @@ def test_stop_string_ends_the_answer(engine: _Engine) -> None:
     assert r.body["usage"]["completion_tokens"] < engine.one(body).body["usage"]["completion_tokens"]
 
 
-def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: _Engine) -> None:
+def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: EngineHandle) -> None:
     body = chat("Tell me a short story.", temperature=1.0, seed=1234, max_tokens=30, n=3)
     a, b = engine.one(body), engine.one(body)
     texts_a = [c["message"]["content"] for c in a.body["choices"]]
@@ -133,7 +110,7 @@ def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: _Engin
     assert other != texts_a[0]
 
 
-def test_greedy_answers_do_not_depend_on_other_rows_in_flight(engine: _Engine) -> None:
+def test_greedy_answers_do_not_depend_on_other_rows_in_flight(engine: EngineHandle) -> None:
     body = chat("Name three fruits.", temperature=0, max_tokens=25)
     alone = engine.one(body).body["choices"][0]["message"]["content"]
     crowd = engine.many(
@@ -144,7 +121,7 @@ def test_greedy_answers_do_not_depend_on_other_rows_in_flight(engine: _Engine) -
     assert all(r.status_code == 200 for r in crowd)
 
 
-def test_completions_endpoint(engine: _Engine) -> None:
+def test_completions_endpoint(engine: EngineHandle) -> None:
     body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     r = engine.one(body, "/v1/completions")
     assert r.status_code == 200
@@ -154,7 +131,7 @@ def test_completions_endpoint(engine: _Engine) -> None:
     assert r.body["usage"]["prompt_tokens"] >= 4
 
 
-def test_json_schema_output_parses(engine: _Engine) -> None:
+def test_json_schema_output_parses(engine: EngineHandle) -> None:
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -167,7 +144,7 @@ def test_json_schema_output_parses(engine: _Engine) -> None:
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
 
 
-def test_bad_rows_get_400_naming_the_reason(engine: _Engine) -> None:
+def test_bad_rows_get_400_naming_the_reason(engine: EngineHandle) -> None:
     unknown = engine.one(chat("hi", model="gpt-4o-mini"))
     assert unknown.status_code == 400
     assert "gpt-4o-mini" in unknown.body["error"]["message"] and MODEL in unknown.body["error"]["message"]

@@ -8,7 +8,6 @@ large ones, so the greedy answers used here run to max_tokens.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -17,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from conftest import jsonl, read_jsonl, upload, wait_batch
+from conftest import EngineHandle, jsonl, read_jsonl, upload, wait_batch
 from llmbatch._exceptions import ConfigError
-from llmbatch.engines import EngineConfig, EngineRequest, create_engine
+from llmbatch.engines import EngineConfig, create_engine
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -196,30 +195,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, build_lora_adapter(root / "adapter", model)
 
 
-class _Engine:
-    """A started engine on its own event loop, used from synchronous tests."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine: Any = create_engine("transformers", config)
-        self.loop.run_until_complete(self.engine.start())
-
-    def many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        async def go() -> list[Any]:
-            return await asyncio.gather(*(self.engine.handle(EngineRequest(ep, body)) for ep, body in requests))
-
-        return self.loop.run_until_complete(go())
-
-    def one(self, body: dict[str, Any], endpoint: str = CHAT) -> Any:
-        return self.many([(endpoint, body)])[0]
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.engine.aclose())
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def engine(tiny: tuple[Path, Path]) -> Iterator[_Engine]:
+def engine(tiny: tuple[Path, Path]) -> Iterator[EngineHandle]:
     model, adapter = tiny
     # 4 sequences per call: the mixed tests below need several calls, some shared by rows of different lengths.
     config = EngineConfig(
@@ -230,7 +207,7 @@ def engine(tiny: tuple[Path, Path]) -> Iterator[_Engine]:
         n_ctx=N_CTX,
         device="cpu",  # float32 like the reference, on a GPU machine too
     )
-    e = _Engine(config)
+    e = EngineHandle("transformers", config)
     yield e
     e.close()
 
@@ -280,7 +257,7 @@ def content(response: Any) -> list[str]:
 
 
 def test_chat_answer_has_openai_shape_real_usage_and_matches_transformers(
-    engine: _Engine, reference: _Reference
+    engine: EngineHandle, reference: _Reference
 ) -> None:
     text = "Tell me a story about a dragon."
     r = engine.one(chat(text, max_tokens=12, temperature=0))
@@ -297,7 +274,7 @@ def test_chat_answer_has_openai_shape_real_usage_and_matches_transformers(
     assert (r.usage.input_tokens, r.usage.output_tokens) == (usage["prompt_tokens"], 12)
 
 
-def test_completions_default_to_16_tokens_and_match_transformers(engine: _Engine, reference: _Reference) -> None:
+def test_completions_default_to_16_tokens_and_match_transformers(engine: EngineHandle, reference: _Reference) -> None:
     prompt = "The knight and the castle by the river"
     r = engine.one({"model": MODEL, "prompt": prompt, "temperature": 0}, COMPLETIONS)
     assert r.status_code == 200, r.body
@@ -312,7 +289,7 @@ def test_completions_default_to_16_tokens_and_match_transformers(engine: _Engine
 
 
 def test_base_and_adapter_rows_in_flight_together_each_get_their_own_model(
-    engine: _Engine, reference: _Reference
+    engine: EngineHandle, reference: _Reference
 ) -> None:
     texts = ["Write a line about green apples.", "Count seven blue water people.", "Who made the round place?", "Hi"]
     requests = [(CHAT, chat(t, model=m, max_tokens=10, temperature=0)) for t in texts for m in (MODEL, ADAPTER)]
@@ -326,7 +303,7 @@ def test_base_and_adapter_rows_in_flight_together_each_get_their_own_model(
         assert base.body["usage"]["prompt_tokens"] == tuned.body["usage"]["prompt_tokens"]
 
 
-def test_max_tokens_is_honoured_per_row_in_one_call(engine: _Engine, reference: _Reference) -> None:
+def test_max_tokens_is_honoured_per_row_in_one_call(engine: EngineHandle, reference: _Reference) -> None:
     text = "Write a long story about a dragon and a knight."
     full = reference.chat(text, 9)
     for key in ("max_tokens", "max_completion_tokens"):
@@ -336,7 +313,7 @@ def test_max_tokens_is_honoured_per_row_in_one_call(engine: _Engine, reference: 
         assert content(long) == [full] and full.startswith(content(short)[0])
 
 
-def test_stop_string_ends_the_answer(engine: _Engine) -> None:
+def test_stop_string_ends_the_answer(engine: EngineHandle) -> None:
     body = chat("Count from one to twenty.", temperature=0, max_tokens=24)
     (free,) = content(engine.one(body))
     assert len(free) > 10, free
@@ -352,7 +329,7 @@ def test_stop_string_ends_the_answer(engine: _Engine) -> None:
 
 
 def test_end_of_sequence_ends_the_answer_without_counting_it(
-    engine: _Engine, reference: _Reference, monkeypatch: pytest.MonkeyPatch
+    engine: EngineHandle, reference: _Reference, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     text = "Name three rivers."
     ids = reference.greedy(reference.chat_ids(text), 8)
@@ -367,7 +344,7 @@ def test_end_of_sequence_ends_the_answer_without_counting_it(
     assert r.body["usage"]["completion_tokens"] == k
 
 
-def test_fixed_seed_is_deterministic_whatever_else_runs(engine: _Engine) -> None:
+def test_fixed_seed_is_deterministic_whatever_else_runs(engine: EngineHandle) -> None:
     body = chat("Tell me a short story.", temperature=1.0, seed=1234, max_tokens=16, n=3)
     a = engine.one(body)
     crowd = engine.many(
@@ -382,7 +359,7 @@ def test_fixed_seed_is_deterministic_whatever_else_runs(engine: _Engine) -> None
     assert content(other) != content(a)
 
 
-def test_temperature_zero_is_deterministic_and_n_copies_the_answer(engine: _Engine) -> None:
+def test_temperature_zero_is_deterministic_and_n_copies_the_answer(engine: EngineHandle) -> None:
     body = chat("Name two rivers.", temperature=0, max_tokens=6, n=2)
     first, second = engine.one(body), engine.one(body)
     assert content(first) == content(second)
@@ -391,14 +368,14 @@ def test_temperature_zero_is_deterministic_and_n_copies_the_answer(engine: _Engi
     assert first.body["usage"]["completion_tokens"] == 12
 
 
-def test_more_choices_than_sequences_per_call(engine: _Engine) -> None:
+def test_more_choices_than_sequences_per_call(engine: EngineHandle) -> None:
     r = engine.one(chat("Tell me a short story.", temperature=1.0, max_tokens=3, n=6))  # n_parallel is 4
     assert r.status_code == 200, r.body
     assert [c["index"] for c in r.body["choices"]] == list(range(6))
     assert 6 < r.body["usage"]["completion_tokens"] <= 18
 
 
-def test_penalties_change_a_repetitive_answer(engine: _Engine) -> None:
+def test_penalties_change_a_repetitive_answer(engine: EngineHandle) -> None:
     body = chat("Say it again and again.", temperature=0, max_tokens=40)
     plain = engine.one(body)
     tokens = engine.engine._tokenizer.encode(content(plain)[0], add_special_tokens=False)
@@ -412,7 +389,7 @@ def test_penalties_change_a_repetitive_answer(engine: _Engine) -> None:
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_unknown_model_is_a_400_naming_it_and_the_served_ones(engine: _Engine) -> None:
+def test_unknown_model_is_a_400_naming_it_and_the_served_ones(engine: EngineHandle) -> None:
     r = engine.one(chat("hello", model="no-such-adapter"))
     assert r.status_code == 400
     assert r.body["error"]["param"] == "model"
@@ -423,7 +400,7 @@ def test_unknown_model_is_a_400_naming_it_and_the_served_ones(engine: _Engine) -
     assert engine.engine.validate_model(ADAPTER) is None and engine.engine.validate_model(MODEL) is None
 
 
-def test_unsupported_parameters_are_a_400_naming_them(engine: _Engine) -> None:
+def test_unsupported_parameters_are_a_400_naming_them(engine: EngineHandle) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
     for param, value in (("tools", tools), ("response_format", fmt), ("logprobs", True)):
@@ -432,7 +409,7 @@ def test_unsupported_parameters_are_a_400_naming_them(engine: _Engine) -> None:
         assert r.body["error"]["param"] == param and param in r.body["error"]["message"]
 
 
-def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: _Engine) -> None:
+def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: EngineHandle) -> None:
     too_long, fine = engine.many(
         [(CHAT, chat(" ".join(["water"] * N_CTX), max_tokens=4)), (CHAT, chat("short", max_tokens=4, temperature=0))]
     )
@@ -442,7 +419,7 @@ def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: _
     assert fine.status_code == 200 and fine.body["usage"]["completion_tokens"] == 4
 
 
-def test_a_failing_group_fails_only_its_rows(engine: _Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_group_fails_only_its_rows(engine: EngineHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     real = engine.engine._call
 
     def broken(group: Any, seqs: Any) -> None:
@@ -458,7 +435,7 @@ def test_a_failing_group_fails_only_its_rows(engine: _Engine, monkeypatch: pytes
     assert engine.one(chat("hi", model=ADAPTER, max_tokens=3)).status_code == 200  # the worker thread lives on
 
 
-def test_models_list_names_the_base_model_and_the_adapter(engine: _Engine) -> None:
+def test_models_list_names_the_base_model_and_the_adapter(engine: EngineHandle) -> None:
     models = engine.loop.run_until_complete(engine.engine.list_models())
     assert [m["id"] for m in models] == [MODEL, ADAPTER]
     assert models[1]["parent"] == MODEL
@@ -470,7 +447,7 @@ def test_model_without_chat_template_answers_completions_only(tiny: tuple[Path, 
     model = tmp_path / "plain"
     shutil.copytree(tiny[0], model)
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    e = _Engine(EngineConfig(model_path=str(model), embedding_model="none", device="cpu"))
+    e = EngineHandle("transformers", EngineConfig(model_path=str(model), embedding_model="none", device="cpu"))
     try:
         no_chat, completion = e.many(
             [(CHAT, chat("hi", model="plain")), (COMPLETIONS, {"model": "plain", "prompt": "The", "max_tokens": 2})]
@@ -494,7 +471,7 @@ def test_gguf_file_loads_through_transformers_and_answers_like_the_directory(
 ) -> None:
     pytest.importorskip("gguf")
     path = write_gguf(tiny[0], tmp_path / "tiny.gguf")
-    e = _Engine(EngineConfig(model_path=str(path), embedding_model="none", device="cpu"))
+    e = EngineHandle("transformers", EngineConfig(model_path=str(path), embedding_model="none", device="cpu"))
     try:
         assert e.engine.validate_model("tiny") is None  # the file's name without .gguf
         text = "Tell me about the dragon."

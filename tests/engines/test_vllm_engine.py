@@ -11,7 +11,6 @@ test, the reference and the server's), each with a fifth of its memory.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -21,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from conftest import jsonl, read_jsonl, upload, wait_batch
-from llmbatch.engines import EngineConfig, EngineRequest, create_engine
+from conftest import EngineHandle, jsonl, read_jsonl, upload, wait_batch
+from llmbatch.engines import EngineConfig
 from llmbatch.engines._vllm import llm_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -197,31 +196,9 @@ def config(tiny: tuple[Path, Path]) -> EngineConfig:
     )
 
 
-class _Engine:
-    """A started engine on its own event loop, used from synchronous tests."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine = create_engine("vllm", config)
-        self.loop.run_until_complete(self.engine.start())
-
-    def many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        async def go() -> list[Any]:
-            return await asyncio.gather(*(self.engine.handle(EngineRequest(ep, body)) for ep, body in requests))
-
-        return self.loop.run_until_complete(go())
-
-    def one(self, body: dict[str, Any], endpoint: str = CHAT) -> Any:
-        return self.many([(endpoint, body)])[0]
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.engine.aclose())
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
-def engine(config: EngineConfig) -> Iterator[_Engine]:
-    e = _Engine(config)
+def engine(config: EngineConfig) -> Iterator[EngineHandle]:
+    e = EngineHandle("vllm", config)
     yield e
     e.close()
 
@@ -256,7 +233,7 @@ class _Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(config: EngineConfig, tiny: tuple[Path, Path], engine: _Engine) -> Iterator[_Reference]:
+def reference(config: EngineConfig, tiny: tuple[Path, Path], engine: EngineHandle) -> Iterator[_Reference]:
     # Depends on `engine` so the two never profile GPU memory at the same time.
     ref = _Reference(config, tiny[1])
     yield ref
@@ -274,7 +251,7 @@ def content(response: Any) -> list[str]:
 # -- the engine -------------------------------------------------------------------------------
 
 
-def test_chat_answer_has_openai_shape_and_matches_vllm(engine: _Engine, reference: _Reference) -> None:
+def test_chat_answer_has_openai_shape_and_matches_vllm(engine: EngineHandle, reference: _Reference) -> None:
     r = engine.one(chat("Tell me a story about a dragon.", max_tokens=12, temperature=0))
     assert r.status_code == 200, r.body
     body = r.body
@@ -290,7 +267,7 @@ def test_chat_answer_has_openai_shape_and_matches_vllm(engine: _Engine, referenc
     assert (r.usage.input_tokens, r.usage.output_tokens) == (usage["prompt_tokens"], 12)
 
 
-def test_completions_default_to_16_tokens_and_match_vllm(engine: _Engine, reference: _Reference) -> None:
+def test_completions_default_to_16_tokens_and_match_vllm(engine: EngineHandle, reference: _Reference) -> None:
     prompt = "The knight and the castle by the river"
     r = engine.one({"model": MODEL, "prompt": prompt, "temperature": 0}, COMPLETIONS)
     assert r.status_code == 200, r.body
@@ -303,7 +280,7 @@ def test_completions_default_to_16_tokens_and_match_vllm(engine: _Engine, refere
 
 
 def test_adapter_rows_differ_from_base_rows_and_match_vllm_with_the_lora(
-    engine: _Engine, reference: _Reference
+    engine: EngineHandle, reference: _Reference
 ) -> None:
     for text in ("Write a line about green apples.", "Count seven blue water people.", "Who made the round place?"):
         base = engine.one(chat(text, max_tokens=16, temperature=0))
@@ -316,7 +293,7 @@ def test_adapter_rows_differ_from_base_rows_and_match_vllm_with_the_lora(
         assert base.body["usage"]["prompt_tokens"] == tuned.body["usage"]["prompt_tokens"]
 
 
-def test_base_and_adapter_rows_run_together(engine: _Engine) -> None:
+def test_base_and_adapter_rows_run_together(engine: EngineHandle) -> None:
     texts = [f"Say something about number {i}." for i in range(12)]
     requests = [(CHAT, chat(t, model=m, max_tokens=8, temperature=0)) for t in texts for m in (MODEL, ADAPTER)]
     together = engine.many(requests)
@@ -326,14 +303,14 @@ def test_base_and_adapter_rows_run_together(engine: _Engine) -> None:
         assert tuned.body["model"] == ADAPTER and content(base) != content(tuned)
 
 
-def test_max_tokens_cuts_with_length(engine: _Engine) -> None:
+def test_max_tokens_cuts_with_length(engine: EngineHandle) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
         r = engine.one(chat("Write a long story about a dragon and a knight.", temperature=0, **{key: 5}))
         assert r.body["usage"]["completion_tokens"] == 5
         assert r.body["choices"][0]["finish_reason"] == "length"
 
 
-def test_stop_string_ends_the_answer(engine: _Engine) -> None:
+def test_stop_string_ends_the_answer(engine: EngineHandle) -> None:
     body = chat("Count from one to twenty.", temperature=0, max_tokens=24)
     (free,) = content(engine.one(body))
     assert len(free) > 10, free
@@ -347,7 +324,7 @@ def test_stop_string_ends_the_answer(engine: _Engine) -> None:
     assert r.body["usage"]["completion_tokens"] < 24
 
 
-def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: _Engine, reference: _Reference) -> None:
+def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: EngineHandle, reference: _Reference) -> None:
     body = chat("Tell me a short story.", temperature=1.0, seed=1234, max_tokens=16, n=3)
     a, b = engine.one(body), engine.one(body)
     assert content(a) == content(b)
@@ -359,7 +336,7 @@ def test_fixed_seed_is_deterministic_and_n_gives_distinct_choices(engine: _Engin
     assert content(other) != content(a)
 
 
-def test_greedy_with_n_returns_n_equal_choices(engine: _Engine) -> None:
+def test_greedy_with_n_returns_n_equal_choices(engine: EngineHandle) -> None:
     r = engine.one(chat("Name two rivers.", temperature=0, max_tokens=6, n=2))
     assert r.status_code == 200, r.body
     first, second = content(r)
@@ -367,7 +344,7 @@ def test_greedy_with_n_returns_n_equal_choices(engine: _Engine) -> None:
     assert r.body["usage"]["completion_tokens"] == 12
 
 
-def test_json_schema_answer_follows_the_schema(engine: _Engine) -> None:
+def test_json_schema_answer_follows_the_schema(engine: EngineHandle) -> None:
     schema = {
         "type": "object",
         "properties": {"a": {"type": "boolean"}},
@@ -383,14 +360,14 @@ def test_json_schema_answer_follows_the_schema(engine: _Engine) -> None:
     assert set(answer) == {"a"} and isinstance(answer["a"], bool)
 
 
-def test_unknown_adapter_is_a_400_naming_the_served_ones(engine: _Engine) -> None:
+def test_unknown_adapter_is_a_400_naming_the_served_ones(engine: EngineHandle) -> None:
     r = engine.one(chat("hello", model="no-such-adapter"))
     assert r.status_code == 400
     assert r.body["error"]["param"] == "model"
     assert ADAPTER in r.body["error"]["message"] and MODEL in r.body["error"]["message"]
 
 
-def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: _Engine) -> None:
+def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: EngineHandle) -> None:
     long_text = " ".join(["water"] * (2 * N_CTX))
     too_long, fine = engine.many(
         [(CHAT, chat(long_text, max_tokens=4)), (CHAT, chat("short", max_tokens=4, temperature=0))]
@@ -400,7 +377,7 @@ def test_prompt_longer_than_the_context_is_a_400_and_spares_the_others(engine: _
     assert fine.status_code == 200 and fine.body["usage"]["completion_tokens"] == 4
 
 
-def test_models_list_names_the_base_model_and_the_adapter(engine: _Engine) -> None:
+def test_models_list_names_the_base_model_and_the_adapter(engine: EngineHandle) -> None:
     models = engine.loop.run_until_complete(engine.engine.list_models())
     ids = [m["id"] for m in models]
     assert ids == [MODEL, ADAPTER]

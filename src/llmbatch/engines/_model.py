@@ -460,6 +460,22 @@ class ModelEngine(Engine):
         return EngineResponse(200, body, Usage(gen.prompt_tokens, completion_tokens, 0, 0))
 
 
+def hf_prompt_ids(tokenizer: Any, gen: Generation) -> list[int]:
+    """A row's prompt as token ids with a Hugging Face tokenizer (transformers and vllm engines).
+
+    Chat rows go through the tokenizer's chat template, which writes the special tokens (BOS,
+    role markers) itself, so the rendered text is encoded without adding more; completions
+    prompts get the tokenizer's usual special tokens.
+    """
+    if gen.messages is None:
+        assert gen.prompt is not None
+        return list(tokenizer.encode(gen.prompt, add_special_tokens=True))
+    rendered = tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(rendered, str):  # tokenizers that render straight to ids (Mistral's)
+        return list(rendered)
+    return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """`text` up to the earliest stop string, and whether one was found."""
     best = -1

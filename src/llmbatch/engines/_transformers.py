@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError, EngineError
-from ._model import Choice, Generation, ModelEngine, _Item, _Take, cut_at_stop, model_names
+from ._model import Choice, ModelEngine, _Item, _Take, cut_at_stop, hf_prompt_ids, model_names
 
 if TYPE_CHECKING:
     from . import EngineConfig
@@ -265,7 +265,7 @@ class TransformersEngine(ModelEngine):
             self._fail(item, "This model has no chat template: send its rows to /v1/completions.")
             return None
         try:
-            ids = self._prompt_ids(gen)
+            ids = hf_prompt_ids(self._tokenizer, gen)
         except Exception as exc:
             what = "apply the chat template" if gen.messages is not None else "tokenize the prompt"
             self._fail(item, f"could not {what}: {exc}")
@@ -283,15 +283,6 @@ class TransformersEngine(ModelEngine):
             return None
         gen.prompt_tokens = len(ids)
         return _Row(item, ids, room if gen.max_tokens is None else min(gen.max_tokens, room))
-
-    def _prompt_ids(self, gen: Generation) -> list[int]:
-        tokenizer = self._tokenizer
-        if gen.messages is None:
-            assert gen.prompt is not None
-            return list(tokenizer.encode(gen.prompt, add_special_tokens=True))
-        rendered = tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=False)
-        # The template writes the special tokens (BOS, role markers) itself, as in transformers' own chat path.
-        return list(tokenizer.encode(rendered, add_special_tokens=False))
 
     def _generate(self, group: _Group, rows: list[_Row]) -> None:
         """Answers `rows` (one group's) with padded `generate` calls of at most `n_parallel` sequences."""

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError, EngineError
-from ._model import Choice, Generation, ModelEngine, _Item, _Take, model_names, parse_adapters
+from ._model import Choice, Generation, ModelEngine, _Item, _Take, hf_prompt_ids, model_names, parse_adapters
 
 if TYPE_CHECKING:
     from . import EngineConfig
@@ -257,7 +257,7 @@ class VLLMEngine(ModelEngine):
         """Sends one request to vLLM's scheduler, or fails it with a 400 saying why."""
         gen = item.generation
         try:
-            prompt = self._prompt_ids(gen)
+            prompt = hf_prompt_ids(self._tokenizer, gen)
         except Exception as exc:
             what = "apply the chat template" if gen.messages is not None else "tokenize the prompt"
             self._fail(item, f"could not {what}: {exc}")
@@ -287,17 +287,6 @@ class VLLMEngine(ModelEngine):
             return
         gen.prompt_tokens = len(prompt)
         running[request_id] = _Running(item, copies)
-
-    def _prompt_ids(self, gen: Generation) -> list[int]:
-        tokenizer = self._tokenizer
-        if gen.messages is None:
-            assert gen.prompt is not None
-            return list(tokenizer.encode(gen.prompt, add_special_tokens=True))
-        rendered = tokenizer.apply_chat_template(gen.messages, add_generation_prompt=True, tokenize=False)
-        if not isinstance(rendered, str):  # tokenizers that render straight to ids (Mistral's)
-            return list(rendered)
-        # The template writes the special tokens itself, as in vLLM's own chat path.
-        return list(tokenizer.encode(rendered, add_special_tokens=False))
 
     def _sampling_params(self, gen: Generation, room: int) -> tuple[Any, int]:
         """vLLM's SamplingParams for `gen`, and how many copies of the answer the row wants."""
