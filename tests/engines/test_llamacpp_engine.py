@@ -215,3 +215,30 @@ def test_readme_main_command_gives_real_answers_by_default(tmp_path: Path) -> No
     refused = subprocess.run([*cli[:4], str(other)], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert f"{other}:1: unknown_model" in refused.stderr and "--model SmolLM2-135M-Instruct" in refused.stderr
+
+
+def test_task_structured_outputs_on_the_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task API's JSON-schema outputs come back valid from the real model (grammar-constrained)."""
+    from typing import Literal
+
+    import pydantic
+
+    import llmbatch
+
+    class Sentiment(pydantic.BaseModel):
+        label: Literal["positive", "negative", "neutral"]
+        confidence: float
+
+    monkeypatch.delenv("LLMBATCH_ENGINE", raising=False)
+    reviews = ["I love it, works great!", "Broke after a day.", "It is a phone case.", "Awful support."]
+    report = llmbatch.Task(
+        "sentiment",
+        inputs=reviews,
+        request=lambda text: {"model": MODEL, "temperature": 0, "max_tokens": 60,
+                              "messages": [{"role": "user", "content": f"Sentiment of this review: {text}"}]},
+        output=Sentiment,
+        sink=None,
+        job_dir=tmp_path / "jobs",
+    ).run()  # fmt: skip
+    assert (report.succeeded, report.failed) == (len(reviews), 0)
+    assert all(isinstance(row.output, Sentiment) for row in report.rows)
