@@ -223,6 +223,7 @@ class ModelEngine(Engine):
             self._run(self._take)
         except BaseException as exc:  # the thread must not die silently with requests waiting
             log.exception("engine %s: worker thread failed", self.name)
+            self._stopping = True
             self._fail_all(f"{self.name} engine failed: {exc!r}")
 
     def _take(self, limit: int, block: bool) -> list[_Item]:
@@ -317,6 +318,8 @@ class ModelEngine(Engine):
             return EngineResponse(503, error_body(f"the {self.name} engine is not running", "server_error"))
         item = _Item(gen, asyncio.get_running_loop().create_future())
         self._queue.put(item)
+        if not self._thread.is_alive():  # the worker died meanwhile: nobody else will answer it
+            self._fail_all(f"the {self.name} engine stopped")
         try:
             await item.future
         except asyncio.CancelledError:
