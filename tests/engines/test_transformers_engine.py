@@ -9,7 +9,10 @@ large ones, so the greedy answers used here run to max_tokens.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -534,3 +537,42 @@ def test_batches_through_the_server_with_an_adapter(
 
     direct = client.chat.completions.create(**chat(texts[0], model=ADAPTER, max_tokens=8, temperature=0))
     assert direct.model == ADAPTER and direct.choices[0].message.content == reference.chat(texts[0], 8, adapter=True)
+
+
+def test_llmbatch_run_on_the_local_transformers_engine_with_an_adapter(
+    tiny: tuple[Path, Path], reference: _Reference, tmp_path: Path
+) -> None:
+    """`llmbatch run --engine transformers --model-path --adapter`: the engine options reach the in-process
+    server, rows naming the adapter run on it, and a row naming an unknown adapter is refused at ingest."""
+    model, adapter = tiny
+    texts = ["Tell me about the dragon.", "Count to nine.", "Who came back?"]
+    rows = [
+        {
+            "custom_id": f"{name}-{i}",
+            "method": "POST",
+            "url": CHAT,
+            "body": chat(t, model=name, max_tokens=6, temperature=0),
+        }
+        for i, t in enumerate(texts)
+        for name in (MODEL, ADAPTER)
+    ]
+    inp = tmp_path / "rows.jsonl"
+    inp.write_bytes(jsonl(rows))
+    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--engine", "transformers", "--model-path", str(model),
+           "--adapter", f"{ADAPTER}={adapter}", "--device", "cpu", "--embedding-model", "none",
+           "--poll-interval", "0.1"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in (tmp_path / "rows.results.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == [r["custom_id"] for r in rows]
+    for o, r in zip(out, rows):
+        name = r["body"]["model"]
+        expected = reference.chat(r["body"]["messages"][0]["content"], 6, adapter=name == ADAPTER)
+        assert o["response"]["body"]["choices"][0]["message"]["content"] == expected
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(jsonl([{**rows[0], "body": {**rows[0]["body"], "model": "no-such-adapter"}}]))
+    refused = subprocess.run([*cmd[:4], str(bad), *cmd[5:]], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert f"{bad}:1: unknown_model" in refused.stderr and "no-such-adapter" in refused.stderr
