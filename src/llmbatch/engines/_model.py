@@ -254,6 +254,12 @@ class ModelEngine(Engine):
                 item.generation.error_status = 500
                 self._done(item)
 
+    def _fail(self, item: _Item, message: str, status: int = 400) -> None:
+        """Answers `item` with an error: 400 for the row's own fault, 5xx when the engine failed."""
+        item.generation.error = message
+        item.generation.error_status = status
+        self._done(item)
+
     def _done(self, item: _Item) -> None:
         """Called by the worker thread when `item` is finished (or failed with `generation.error`)."""
         loop = self._loop

@@ -240,7 +240,7 @@ class TransformersEngine(ModelEngine):
         """Generates the answers of `rows` and hands each back; a failure fails these rows only."""
         if self._stopping:
             for row in rows:
-                self._fail(row.item, "the transformers engine stopped")
+                self._fail(row.item, "the transformers engine stopped", 503)
             return
         for row in rows:
             if row.item.cancelled:  # its batch was cancelled while it waited here
@@ -253,7 +253,7 @@ class TransformersEngine(ModelEngine):
         except Exception as exc:
             log.exception("transformers: generation failed")
             for row in rows:
-                self._fail(row.item, f"transformers failed: {exc}")
+                self._fail(row.item, f"transformers failed: {exc}", 500)
             return
         for row in rows:
             self._done(row.item)
@@ -384,10 +384,6 @@ class TransformersEngine(ModelEngine):
             return model.disable_adapter()
         model.set_adapter(name)
         return contextlib.nullcontext()
-
-    def _fail(self, item: _Item, message: str) -> None:
-        item.generation.error = message
-        self._done(item)
 
 
 class _PerSequenceStop:

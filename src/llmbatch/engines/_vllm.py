@@ -342,11 +342,6 @@ class VLLMEngine(ModelEngine):
             self._fail(req.item, message, 500)
         running.clear()
 
-    def _fail(self, item: _Item, message: str, status: int = 400) -> None:
-        item.generation.error = message
-        item.generation.error_status = status
-        self._done(item)
-
 
 def _structured_output(schema: dict[str, Any]) -> dict[str, Any]:
     """SamplingParams keywords constraining the answer to `schema` ({}: any JSON object)."""
