@@ -127,9 +127,10 @@ class AsyncBatchClient:
     `job` names the job (its store lives under `job_dir`, default `$LLMBATCH_HOME/jobs`, as
     `api-<job>`): the same name in a later run reuses its finished results and its batches in
     flight. `provider` is any provider `llmbatch run` supports (default `local`, an in-process
-    llmbatch server running `engine`); `base_url` and `api_key` default to the provider's
-    environment variables. `max_cost` (USD) holds back batches whose estimate would pass it:
-    calls that cannot be sent then raise `llmbatch.BudgetExceeded`. `max_attempts` bounds the
+    llmbatch server running `engine`: "auto" is the packaged local model when installed, else
+    echo); `base_url` and `api_key` default to the provider's environment variables. `max_cost`
+    (USD) holds back batches whose estimate would pass it: calls that cannot be sent then raise
+    `llmbatch.BudgetExceeded`. `max_attempts` bounds the
     tries of a call that fails retryably (429, 5xx, expired batches).
 
     Covered calls: `chat.completions.create(...)` and `embeddings.create(...)`, with the SDK's
