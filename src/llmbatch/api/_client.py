@@ -130,8 +130,8 @@ class AsyncBatchClient:
     llmbatch server running `engine`: "auto" is the packaged local model when installed, else
     echo); `base_url` and `api_key` default to the provider's environment variables. `max_cost`
     (USD) holds back batches whose estimate would pass it: calls that cannot be sent then raise
-    `llmbatch.BudgetExceeded`. `max_attempts` bounds the
-    tries of a call that fails retryably (429, 5xx, expired batches).
+    `llmbatch.BudgetExceeded`. `max_attempts` bounds the tries of a call that fails retryably
+    (429, 5xx, expired batches).
 
     Covered calls: `chat.completions.create(...)` and `embeddings.create(...)`, with the SDK's
     keyword arguments. Use it as `async with AsyncBatchClient(...) as client:` or call
