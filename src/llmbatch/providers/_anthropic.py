@@ -171,10 +171,8 @@ class AnthropicBatchProvider(Provider):
         max_retries: int = 5,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or os.environ.get(self.key_env or "")
-        if not key:
-            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
-        self.base_url = base_url or os.environ.get(self.base_url_env or "") or self.default_base_url
+        key = self.api_key_from(api_key)
+        self.base_url = self.base_url_from(base_url, self.default_base_url)
         self.limits = limits or ANTHROPIC_LIMITS
         self._client = anthropic.AsyncAnthropic(
             api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout

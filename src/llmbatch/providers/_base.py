@@ -8,6 +8,7 @@ back as OpenAI batch output lines.
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class Provider(ABC):
     billed: bool = True
     #: The environment variable that holds the API key (None: no key needed).
     key_env: ClassVar[str | None] = None
+    #: A second environment variable the key may be in (Gemini's GOOGLE_API_KEY).
+    alt_key_env: ClassVar[str | None] = None
     #: The environment variable that overrides the API's base URL (None: none does).
     base_url_env: ClassVar[str | None] = None
     #: Endpoints this provider can batch.
@@ -101,6 +104,21 @@ class Provider(ABC):
     #: The output cap the adapter sends for a row that sets none (providers that require one);
     #: estimates use it instead of the generic guess, so budgets see the real ceiling.
     default_max_tokens: ClassVar[int | None] = None
+
+    @classmethod
+    def api_key_from(cls, api_key: str | None) -> str:
+        """The key given, else the one in the provider's environment variable; ConfigError naming it when none is."""
+        names = [n for n in (cls.key_env, cls.alt_key_env) if n]
+        for key in (api_key, *(os.environ.get(n) for n in names)):
+            if key:
+                return key
+        where = f"{names[0]} (or {names[1]})" if len(names) > 1 else names[0] if names else "a key"
+        raise ConfigError(f"the {cls.name} provider needs an API key: set {where} or pass --api-key")
+
+    @classmethod
+    def base_url_from(cls, base_url: str | None, default: str | None = None) -> str | None:
+        """The base URL given, else the provider's environment variable, else `default`."""
+        return base_url or (os.environ.get(cls.base_url_env) if cls.base_url_env else None) or default
 
     @classmethod
     def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:

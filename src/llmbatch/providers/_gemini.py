@@ -154,13 +154,8 @@ class GeminiBatchProvider(Provider):
         page_size: int = 50,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or os.environ.get(self.key_env) or os.environ.get(self.alt_key_env)
-        if not key:
-            raise ConfigError(
-                f"the {self.name} provider needs an API key: set {self.key_env} (or {self.alt_key_env}) "
-                "or pass --api-key"
-            )
-        self.base_url = base_url or os.environ.get(self.base_url_env) or None
+        key = self.api_key_from(api_key)
+        self.base_url = self.base_url_from(base_url)
         self.limits = limits or GEMINI_LIMITS
         if inline_max_bytes is None:
             env = os.environ.get(INLINE_ENV)

@@ -367,9 +367,7 @@ class MistralBatchProvider(Provider):
         limits: ProviderLimits | None = None,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or os.environ.get(self.key_env or "")
-        if not key:
-            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
+        key = self.api_key_from(api_key)
         # The SDK's paths start with /v1: the server URL is the root.
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/").removesuffix("/v1")
         self.limits = limits or MISTRAL_LIMITS

@@ -68,12 +68,8 @@ class OpenAIBatchProvider(Provider):
         max_retries: int = 5,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or (os.environ.get(self.key_env) if self.key_env else None)
-        if not key:
-            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
-        self.base_url = (
-            base_url or (os.environ.get(self.base_url_env) if self.base_url_env else None) or self.default_base_url
-        )
+        key = self.api_key_from(api_key)
+        self.base_url = self.base_url_from(base_url, self.default_base_url)
         self.limits = limits or self.default_limits
         self._client = self._make_client(key, max_retries, timeout)
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import orjson
 import together
 
-from .._exceptions import ConfigError, ProviderError
+from .._exceptions import ProviderError
 from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
 from ._chat import (
     content_part_reasons,
@@ -215,10 +215,8 @@ class TogetherBatchProvider(Provider):
         max_retries: int = 5,
         timeout: float = 600.0,
     ) -> None:
-        key = api_key or os.environ.get(self.key_env or "")
-        if not key:
-            raise ConfigError(f"the {self.name} provider needs an API key: set {self.key_env} or pass --api-key")
-        url = base_url or os.environ.get(self.base_url_env or "") or None
+        key = self.api_key_from(api_key)
+        url = self.base_url_from(base_url)
         if url:
             # Accept the root or the `/v1` URL whichever SDK major is installed.
             root = url.rstrip("/").removesuffix("/v1")
