@@ -94,7 +94,7 @@ def start_server(tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
         port = s.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "llmbatch", "serve", "--port", str(port), "--data-dir", str(tmp / name),
-         "--log-level", "warning", "--max-concurrency", "256"],
+         "--log-level", "warning", "--engine", "echo", "--max-concurrency", "256"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     for _ in range(300):

@@ -41,7 +41,7 @@ class Server:
         log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmbatch", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--log-level", "warning", *args],
+             "--log-level", "warning", "--engine", "echo", *args],  # a later --engine in args wins
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 30
