@@ -1,11 +1,12 @@
 """Classify texts into a pydantic schema (structured outputs), as batches.
 
-    python examples/classify_texts.py                   # the local server (echo engine), no key
+    python examples/classify_texts.py                   # local server: the packaged model (else echo), no key
     python examples/classify_texts.py --provider openai  # OPENAI_API_KEY set: real labels
 
 The schema goes out as `response_format`; every answer is parsed and validated, and an answer
-that does not validate is asked again with the error shown to the model. On the local echo
-engine the answers are schema-shaped fixtures (the first allowed label), not real labels.
+that does not validate is asked again with the error shown to the model. On the local model the
+schema constrains its tokens (a grammar), so every answer validates; on the echo engine the
+answers are schema-shaped fixtures (the first allowed label), not real labels.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ class Topic(BaseModel):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--provider", default="local")
-    ap.add_argument("--model", default="gpt-4o-mini")
+    ap.add_argument("--model", default=None, help="[local: SmolLM2-135M-Instruct; else: gpt-4o-mini]")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
+    args.model = args.model or ("SmolLM2-135M-Instruct" if args.provider == "local" else "gpt-4o-mini")
 
     articles = [json.loads(line) for line in open(HERE / "articles.jsonl") if line.strip()]
     task = Task(

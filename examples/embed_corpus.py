@@ -1,6 +1,6 @@
 """Embed a corpus with ordinary-looking `embeddings.create` calls, sent as one batch.
 
-    python examples/embed_corpus.py                     # the local server (echo engine), no key
+    python examples/embed_corpus.py                     # local server: the packaged model (else echo), no key
     python examples/embed_corpus.py --provider openai    # OPENAI_API_KEY set: real embeddings
 
 Writes `embeddings.jsonl` ({"id", "embedding"} per article) next to this file or into `--out`.
@@ -34,9 +34,10 @@ async def embed(provider: str, model: str, out: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--provider", default="local")
-    ap.add_argument("--model", default="text-embedding-3-small")
+    ap.add_argument("--model", default=None, help="[local: all-MiniLM-L6-v2; else: text-embedding-3-small]")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
+    args.model = args.model or ("all-MiniLM-L6-v2" if args.provider == "local" else "text-embedding-3-small")
     n = asyncio.run(embed(args.provider, args.model, args.out))
     print(f"{n} embeddings -> {args.out / 'embeddings.jsonl'}")
 

@@ -1,6 +1,6 @@
 """Summarise every article of a JSONL file, as batches, resumably.
 
-    python examples/summarize_articles.py                   # the local server (echo engine), no key
+    python examples/summarize_articles.py                   # local server: the packaged model (else echo), no key
     python examples/summarize_articles.py --provider openai  # OPENAI_API_KEY set: real summaries
 
 Writes `summaries.jsonl` (one record per article, in input order) next to this file, or into
@@ -21,9 +21,10 @@ HERE = Path(__file__).parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--provider", default="local")
-    ap.add_argument("--model", default="gpt-4o-mini")
+    ap.add_argument("--model", default=None, help="[local: SmolLM2-135M-Instruct; else: gpt-4o-mini]")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
+    args.model = args.model or ("SmolLM2-135M-Instruct" if args.provider == "local" else "gpt-4o-mini")
 
     articles = (json.loads(line) for line in open(HERE / "articles.jsonl") if line.strip())
     task = Task(

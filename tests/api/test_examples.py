@@ -1,4 +1,5 @@
-"""Every example in examples/ runs as written against the local server (no key, no network)."""
+"""Every example in examples/ runs as written against the local server (no key, no network): on the
+echo engine, and on the packaged local model where it is installed (the examples' default there)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from llmbatch.engines._packaged import local_engine_available, packaged_embedding_model
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
+_real = pytest.mark.skipif(
+    not local_engine_available() or packaged_embedding_model() is None, reason="needs the packaged local models"
+)
+
+
+@pytest.mark.parametrize("engine", ["echo", pytest.param("auto", marks=_real)])
 @pytest.mark.parametrize(
     ("script", "output", "check"),
     [
@@ -21,8 +30,8 @@ EXAMPLES = Path(__file__).parents[2] / "examples"
         ("embed_corpus.py", "embeddings.jsonl", lambda r: len(r["embedding"]) > 0),
     ],
 )
-def test_example_runs(tmp_path: Path, script: str, output: str, check) -> None:  # type: ignore[no-untyped-def]
-    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
+def test_example_runs(tmp_path: Path, script: str, output: str, check, engine: str) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "LLMBATCH_ENGINE": engine}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path)], env=env, capture_output=True, text=True,
         timeout=120,
