@@ -7,17 +7,18 @@ so a batch of many small embedding rows runs as a few large forward passes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib.util
 import queue
 import threading
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._exceptions import ConfigError
 from ._base import EngineResponse, Usage, error_body
-from ._echo import _BadRequest
+from ._echo import _BadRequest, _embedding_base64
+from ._model import _resolve
 from ._packaged import DEFAULT_EMBEDDING_MODEL, INSTALL_EMBEDDINGS, packaged_embedding_model
 
 __all__ = ["SentenceEmbedder", "resolve_embedding_model"]
@@ -120,12 +121,7 @@ class SentenceEmbedder:
         for i, vector in enumerate(job.vectors):
             if dimensions is not None:
                 vector = _renormalise(vector[:dimensions])
-            if as_base64:
-                import array
-
-                encoded: Any = base64.b64encode(array.array("f", vector).tobytes()).decode()
-            else:
-                encoded = vector
+            encoded: Any = _embedding_base64(array("f", vector)) if as_base64 else vector
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         out = {
             "object": "list",
@@ -205,8 +201,3 @@ class SentenceEmbedder:
 def _renormalise(vector: list[float]) -> list[float]:
     norm = sum(x * x for x in vector) ** 0.5
     return vector if norm == 0 else [x / norm for x in vector]
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
