@@ -53,7 +53,11 @@ def test_bundled_table_is_dated_and_covers_the_main_models(table: PriceTable) ->
 
 
 def test_bundled_batch_prices_are_half_of_direct(table: PriceTable) -> None:
+    """Every provider's batch discount is 50%, except on Together, where unlisted models get none."""
     for model, price in table.models.items():
+        if price.provider == "together" and price.batch_input == price.input:
+            assert price.batch_output == price.output, model
+            continue
         assert price.batch_input == pytest.approx(price.input / 2), model
         assert price.batch_output == pytest.approx(price.output / 2), model
         if price.batch_cached_input is not None:
@@ -291,10 +295,28 @@ def test_provider_scoped_prices() -> None:
 
     table = PriceTable.load()
     assert table.for_provider("groq").lookup("openai/gpt-oss-120b") is not None
-    assert table.for_provider("together").lookup("gpt-oss-120b") is None  # Groq's price does not leak
+    assert table.for_provider("mistral").lookup("gpt-oss-120b") is None  # Groq's price does not leak
     assert table.for_provider(None).lookup("gpt-oss-120b") is None
     assert table.for_provider("anthropic").lookup("claude-sonnet-4-5-20250929").batch_input == 1.5  # type: ignore[union-attr]
     assert all("@" not in k for k in table.for_provider("groq").models)
+
+
+def test_mistral_and_together_batch_discounts_follow_their_docs() -> None:
+    """Mistral batches cost half of direct for every model; Together's only for the models it lists."""
+    from llmbatch.pricing import PriceTable
+
+    table = PriceTable.load()
+    mistral = table.for_provider("mistral")
+    large = mistral.lookup("mistral/mistral-large-2512")
+    assert large is not None and (large.batch_input, large.batch_output) == (large.input / 2, large.output / 2)
+    assert mistral.lookup("mistral-large-latest") is None  # the sources disagree on where the alias points
+    together = table.for_provider("together")
+    mixtral = together.lookup("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    assert mixtral is not None and mixtral.batch_input == mixtral.input / 2
+    oss = together.lookup("openai/gpt-oss-120b")
+    assert oss is not None and (oss.batch_input, oss.batch_output) == (oss.input, oss.output)  # not discounted
+    assert oss != table.for_provider("groq").lookup("openai/gpt-oss-120b")
+    assert table.for_provider("openai").lookup("mistral-large-2512") is None  # Mistral's prices stay on Mistral
 
 
 def test_priced_as_gives_other_names_a_model_s_prices() -> None:
