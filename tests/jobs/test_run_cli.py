@@ -151,6 +151,14 @@ def test_ten_thousand_rows_in_four_chunks(server_factory, tmp_path: Path) -> Non
     assert all(tags) and len(set(tags)) == 4, tags
     assert sorted(b.request_counts.total for b in batches) == [1000, 3000, 3000, 3000]
     assert all(b.status == "completed" for b in batches)
+    # The first chunk went out before the others were planned: the provider starts work sooner.
+    db = sqlite3.connect(job_dir_of(tmp_path) / "job.sqlite")
+    try:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE kind IN ('plan', 'submitted') ORDER BY seq")]
+    finally:
+        db.close()
+    assert kinds[:3] == ["plan", "submitted", "plan"], kinds
+    assert kinds.count("plan") == 4
 
 
 # -- 2: retryable failures are retried until they succeed -------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from .._exceptions import ConfigError, ProviderError, StateError
-from ..pricing import PriceTable, cost
+from ..pricing import PriceTable, cost_at
 from ..providers import Provider, RemoteBatch, RemoteStatus
 from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._settings import JobSettings
@@ -94,6 +94,7 @@ class JobRunner:
         self._budget_blocked = False
         self._quota_failures = 0
         self._quota_wait_until = 0.0
+        self._rates: dict[tuple[str, bool], tuple[float, float, float] | None] = {}
 
     @property
     def budget_blocked(self) -> bool:
@@ -102,14 +103,19 @@ class JobRunner:
 
     # -- pricing -------------------------------------------------------------------------
 
+    def rates(self, model: str, *, batch: bool = True) -> tuple[float, float, float] | None:
+        """`model`'s (input, cached input, output) USD per 1M tokens at batch or direct prices;
+        None for a provider that bills nothing or a model without a price (it costs 0)."""
+        key = (model, batch)
+        if key not in self._rates:
+            price = self.prices.lookup(model) if self.provider.billed else None
+            self._rates[key] = price.rates(batch=batch) if price is not None else None
+        return self._rates[key]
+
     def chunk_cost(self, model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> float:
         """Estimated or actual USD at batch prices (0 for a provider that bills nothing)."""
-        if not self.provider.billed:
-            return 0.0
-        price = self.prices.lookup(model)
-        if price is None:
-            return 0.0
-        return cost(price, input_tokens, output_tokens, cached, batch=True)
+        rates = self.rates(model)
+        return cost_at(rates, input_tokens, output_tokens, cached) if rates else 0.0
 
     def unpriced_models(self) -> list[str]:
         if not self.provider.billed:
@@ -134,8 +140,11 @@ class JobRunner:
                 raise
             # Not sure yet what an interrupted submission created: `submit` asks again each round.
             self.say(f"looking up earlier submissions failed: {exc}; will try again")
-        self.plan()
+        # One chunk first: the provider starts on it while the rest are planned and uploaded.
+        self.plan(limit=1)
         self.store.set_job(status="running")
+        await self.submit()
+        self.plan()
         delay = self.settings.poll_interval
         while True:
             progressed = await self.submit()
@@ -195,33 +204,43 @@ class JobRunner:
 
     # -- planning ------------------------------------------------------------------------
 
-    def plan(self, *, full_only: bool = False) -> bool:
-        """Packs pending rows into chunks (one endpoint and model each, under the limits).
+    def plan(self, *, full_only: bool = False, limit: int | None = None) -> bool:
+        """Packs pending rows into chunks (one endpoint and model each, under the limits);
+        returns whether it planned any.
 
         `full_only`: only chunks that reached a limit (requests, bytes or tokens); the rest
         stays pending (the Python API's batching waits for more calls or its send delay).
+        `limit`: at most this many chunks now (the first goes out before the rest are planned).
+        Rows are read a chunk's worth at a time, so memory stays flat however large the job.
         """
         if self.settings.direct_below and self.store.pending_count() <= self.settings.direct_below:
             return False  # few enough left: `run_direct` sends them now instead
-        planned = False
+        planned = 0
         for endpoint, model in self.store.pending_groups():
-            idxs: list[int] = []
-            nbytes = est_in = est_out = 0
-            for idx, _file_no, _offset, length, row_in, row_out in list(self.store.pending_rows(endpoint, model)):
-                too_many = len(idxs) >= self.batch_size
-                too_big = nbytes + length + 1 > self.max_bytes
-                too_heavy = self.max_enqueued is not None and est_in + row_in > self.max_enqueued
-                if idxs and (too_many or too_big or too_heavy):
-                    self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
-                    idxs, nbytes, est_in, est_out = [], 0, 0, 0
-                idxs.append(idx)
-                nbytes += length + 1
-                est_in += row_in
-                est_out += row_out
-            if idxs and (not full_only or len(idxs) >= self.batch_size):
+            after = -1
+            while limit is None or planned < limit:
+                page = self.store.pending_rows(endpoint, model, after, self.batch_size)
+                if not page:
+                    break
+                idxs: list[int] = []
+                nbytes = est_in = est_out = 0
+                full = len(page) >= self.batch_size
+                for idx, _file_no, _offset, length, row_in, row_out in page:
+                    too_big = nbytes + length + 1 > self.max_bytes
+                    too_heavy = self.max_enqueued is not None and est_in + row_in > self.max_enqueued
+                    if idxs and (too_big or too_heavy):
+                        full = True
+                        break
+                    idxs.append(idx)
+                    nbytes += length + 1
+                    est_in += row_in
+                    est_out += row_out
+                if full_only and not full:
+                    break
                 self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
-            planned = True
-        return planned
+                planned += 1
+                after = idxs[-1]
+        return planned > 0
 
     def _plan_chunk(self, endpoint: str, model: str, idxs: list[int], nbytes: int, est_in: int, est_out: int) -> None:
         n = int(self.store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
@@ -399,6 +418,7 @@ class JobRunner:
         by_id = {remote or cid: idx for idx, _f, _o, _l, cid, remote, _r, _m in rows}
         cid_of = {idx: cid for idx, _f, _o, _l, cid, *_ in rows}
         by_line = [idx for idx, *_ in rows]
+        rates = self.rates(chunk.model)
         attempts = dict(
             self.store.db.execute("SELECT idx, attempts FROM rows WHERE chunk_id=? AND state='queued'", (chunk.id,))
         )
@@ -435,7 +455,7 @@ class JobRunner:
                 for raw in fh:
                     start, end = end, end + len(raw)
                     line = raw.rstrip(b"\r\n")
-                    if not line.strip():
+                    if not line or line.isspace():
                         continue
                     try:
                         rec = orjson.loads(line)
@@ -452,7 +472,7 @@ class JobRunner:
                         result = orjson.dumps(rec)
                     else:
                         result = ResultRef(ref_file, start, len(line))
-                    self._classify(chunk.model, idx, result, rec, succeeded, failed, give_up_or_retry)
+                    self._classify(rates, idx, result, rec, succeeded, failed, give_up_or_retry)
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
         general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
@@ -494,16 +514,15 @@ class JobRunner:
 
     def _classify(
         self,
-        model: str,
+        rates: tuple[float, float, float] | None,
         idx: int,
         line: Result,
         rec: dict[str, Any],
         succeeded: list[tuple[Result, int, int, int, int, float, int]],
         failed: list[tuple[Result, str, int]],
         give_up_or_retry: Callable[[int, Result, str], None],
-        *,
-        batch: bool = True,
     ) -> None:
+        """Sorts one answered row into succeeded (priced at `rates`), failed, or retry."""
         response = rec.get("response") or {}
         error = rec.get("error")
         status = response.get("status_code") if isinstance(response, dict) else None
@@ -516,7 +535,7 @@ class JobRunner:
             reasoning = (u.get("completion_tokens_details") or u.get("output_tokens_details") or {}).get(
                 "reasoning_tokens"
             ) or 0
-            spent = self.chunk_cost(model, inp, out, cached) if batch else self._direct_cost(model, inp, out)
+            spent = cost_at(rates, inp, out, cached) if rates else 0.0
             succeeded.append((line, inp, out, cached, reasoning, spent, idx))
             return
         if isinstance(error, dict):
@@ -590,15 +609,15 @@ class JobRunner:
                 "error": None,
             }
             line = orjson.dumps(rec)
-            self._classify(model, idx, line, rec, succeeded, failed, give_up_or_retry, batch=False)
+            self._classify(self.rates(model, batch=False), idx, line, rec, succeeded, failed, give_up_or_retry)
 
         await asyncio.gather(*(one(*r[:7]) for r in rows))
         self.store.finish_direct(succeeded, retry, failed)
         return True
 
-    def _direct_cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
-        price = self.prices.lookup(model) if self.provider.billed else None
-        return cost(price, input_tokens, output_tokens, batch=False) if price else 0.0
+    def _direct_cost(self, model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> float:
+        rates = self.rates(model, batch=False)
+        return cost_at(rates, input_tokens, output_tokens, cached) if rates else 0.0
 
     # -- cancelling ----------------------------------------------------------------------
 

@@ -70,7 +70,8 @@ CREATE TABLE rows (
 CREATE UNIQUE INDEX rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
 -- Only pending rows: results landing on queued rows then touch no index.
 CREATE INDEX rows_pending ON rows(endpoint, model, idx) WHERE state='pending';
-CREATE INDEX rows_chunk ON rows(chunk_id);
+-- Rows get a chunk when planned: pending ones, which have none, stay out of the index.
+CREATE INDEX rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
 CREATE TABLE chunks (
     id INTEGER PRIMARY KEY,
     tag TEXT NOT NULL UNIQUE,
@@ -311,13 +312,16 @@ class JobStore:
             "SELECT endpoint, model FROM rows WHERE state='pending' GROUP BY endpoint, model ORDER BY MIN(idx)"
         ).fetchall()
 
-    def pending_rows(self, endpoint: str, model: str) -> Iterator[tuple[int, int, int, int, int, int]]:
-        """(idx, file_no, offset, length, est_input, est_output) of pending rows, in input order."""
-        yield from self.db.execute(
+    def pending_rows(
+        self, endpoint: str, model: str, after: int = -1, limit: int = -1
+    ) -> list[tuple[int, int, int, int, int, int]]:
+        """(idx, file_no, offset, length, est_input, est_output) of pending rows past `after`, in
+        input order, at most `limit` of them (-1: all)."""
+        return self.db.execute(
             "SELECT idx, file_no, offset, length, est_input, est_output FROM rows "
-            "WHERE state='pending' AND endpoint=? AND model=? ORDER BY idx",
-            (endpoint, model),
-        )
+            "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
+            (endpoint, model, after, limit),
+        ).fetchall()
 
     def chunk_rows(self, chunk_id: int) -> list[tuple[int, int, int, int, str, str | None, int, str]]:
         """(idx, file_no, offset, length, custom_id, remote_id, rewrite, model) of a chunk's rows, in input order.

@@ -80,7 +80,12 @@ def cost(
     OpenAI's usage (`prompt_tokens` includes `cached_tokens`); it is billed at the cached rate
     and the rest of the input at the full rate. `batch` picks Batch or Standard prices.
     """
-    inp, cached_rate, out = price.rates(batch=batch)
+    return cost_at(price.rates(batch=batch), input_tokens, output_tokens, cached_tokens)
+
+
+def cost_at(rates: tuple[float, float, float], input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+    """USD at `rates` (`ModelPrice.rates`): `cost` for callers pricing many rows of one model."""
+    inp, cached_rate, out = rates
     cached = min(max(cached_tokens, 0), input_tokens)
     return ((input_tokens - cached) * inp + cached * cached_rate + output_tokens * out) / 1_000_000
 
