@@ -22,7 +22,7 @@ from llmbatch.estimate import (
     estimate_row,
     is_reasoning_model,
 )
-from llmbatch.pricing import PriceTable, cost
+from llmbatch.pricing import PriceTable, cost, cost_at
 
 
 def ntok(text: str) -> int:
@@ -312,6 +312,34 @@ def test_estimate_totals_and_per_model() -> None:
     other.add("o3", RowEstimate(5, 5))
     est.merge(other)
     assert est.by_model["o3"] == (2, 15, 4101) and est.rows == 4
+
+
+def test_rows_with_long_prompts_are_priced_apart() -> None:
+    """Per model, the rows over 200k prompt tokens pay the long-prompt rates and the rest the
+    base ones; the same from the job store's sums (`from_totals`) as from row by row."""
+    table = PriceTable.load()
+    rows = [RowEstimate(150_000, 1_000), RowEstimate(250_000, 2_000), RowEstimate(1_000, 10)]
+    est = Estimate()
+    for row in rows:
+        est.add("gemini-2.5-pro", row)
+    est.add("gpt-4.1", RowEstimate(300_000, 5))  # no long-prompt rates: priced as usual
+    assert est.long_by_model == {"gemini-2.5-pro": (1, 250_000, 2_000), "gpt-4.1": (1, 300_000, 5)}
+    est.cost(table)
+    pro = table.lookup("gemini-2.5-pro")
+    assert pro is not None
+    by_row = sum(cost(pro, r.input_tokens, r.output_tokens) for r in rows)
+    assert est.model_costs["gemini-2.5-pro"][0] == pytest.approx(by_row)
+    assert est.model_costs["gemini-2.5-pro"][0] > cost_at(pro.rates(batch=True), 401_000, 3_010)  # > all at base rates
+    assert est.long_priced == {"gemini-2.5-pro"}
+    text = "\n".join(est.summary_lines())
+    assert "gemini-2.5-pro: 3 rows, 401,000 in, 3,010 out (1 with prompts over 200,000 tokens" in text
+    assert "gpt-4.1: 1 row, 300,000 in, 5 out;" in text
+
+    same = Estimate.from_totals(
+        [("gemini-2.5-pro", 3, 401_000, 3_010, 0, 1, 250_000, 2_000), ("gpt-4.1", 1, 300_000, 5, 0, 1, 300_000, 5)]
+    )
+    same.cost(table)
+    assert (same.cost_batch, same.cost_direct) == pytest.approx((est.cost_batch, est.cost_direct))
 
 
 def test_estimate_cost_and_unpriced() -> None:

@@ -38,7 +38,7 @@ import orjson
 
 from . import _tokens
 from .engines._base import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
-from .pricing import PriceTable, cost, normalize_model
+from .pricing import LONG_PROMPT_TOKENS, PriceTable, cost_at, normalize_model
 
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
@@ -388,6 +388,9 @@ class Estimate:
     uncapped_rows: int = 0
     #: model -> (rows, input tokens, output tokens), keyed by the model string of the rows.
     by_model: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: The same for the rows among them whose prompt is over `LONG_PROMPT_TOKENS` (priced apart:
+    #: some models charge more per token for those).
+    long_by_model: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: Filled by `cost`: USD at Batch and at Standard (direct) prices, unpriced models as 0.
     cost_batch: float = 0.0
     cost_direct: float = 0.0
@@ -397,6 +400,8 @@ class Estimate:
     unpriced_models: set[str] = field(default_factory=set)
     #: Filled by `cost`: the date of the prices used; None until priced.
     prices_taken: str | None = None
+    #: Filled by `cost`: models whose rows with long prompts were priced at higher long-prompt rates.
+    long_priced: set[str] = field(default_factory=set)
 
     def add(self, model: str, row: RowEstimate) -> None:
         """Counts one row for `model`."""
@@ -407,20 +412,23 @@ class Estimate:
         self.output_tokens += out
         if not row.capped:
             self.uncapped_rows += 1
-        by_model = self.by_model
-        prev = by_model.get(model)
-        by_model[model] = (1, inp, out) if prev is None else (prev[0] + 1, prev[1] + inp, prev[2] + out)
+        _tally(self.by_model, model, 1, inp, out)
+        if inp > LONG_PROMPT_TOKENS:
+            _tally(self.long_by_model, model, 1, inp, out)
 
     @classmethod
-    def from_totals(cls, totals: Iterable[tuple[str, int, int, int, int]]) -> Estimate:
-        """An estimate from per-model sums: (model, rows, input tokens, output tokens, uncapped rows)."""
+    def from_totals(cls, totals: Iterable[tuple[str, int, int, int, int, int, int, int]]) -> Estimate:
+        """An estimate from per-model sums: (model, rows, input tokens, output tokens, uncapped
+        rows, and rows, input and output tokens of those with prompts over `LONG_PROMPT_TOKENS`)."""
         est = cls()
-        for model, rows, inp, out, uncapped in totals:
+        for model, rows, inp, out, uncapped, long_rows, long_in, long_out in totals:
             est.rows += rows
             est.input_tokens += inp
             est.output_tokens += out
             est.uncapped_rows += uncapped
             est.by_model[model] = (rows, inp, out)
+            if long_rows:
+                est.long_by_model[model] = (long_rows, long_in, long_out)
         return est
 
     def merge(self, other: Estimate) -> None:
@@ -430,13 +438,15 @@ class Estimate:
         self.output_tokens += other.output_tokens
         self.uncapped_rows += other.uncapped_rows
         for model, (r, i, o) in other.by_model.items():
-            prev = self.by_model.get(model, (0, 0, 0))
-            self.by_model[model] = (prev[0] + r, prev[1] + i, prev[2] + o)
+            _tally(self.by_model, model, r, i, o)
+        for model, (r, i, o) in other.long_by_model.items():
+            _tally(self.long_by_model, model, r, i, o)
 
     def cost(self, table: PriceTable) -> None:
         """Prices the totals with `table`, filling cost_batch, cost_direct and the rest.
 
-        Assumes no prompt-cache hits, since they cannot be known in advance. Unpriced
+        Assumes no prompt-cache hits, since they cannot be known in advance. Rows with prompts
+        over `LONG_PROMPT_TOKENS` pay their model's long-prompt rates where it has them. Unpriced
         models count as 0 and are listed in `unpriced_models`; a budget check should refuse
         to proceed while any remain.
         """
@@ -444,14 +454,23 @@ class Estimate:
         self.cost_direct = 0.0
         self.model_costs = {}
         self.unpriced_models = set()
+        self.long_priced = set()
         self.prices_taken = table.taken
         for model, (_rows, inp, out) in self.by_model.items():
             price = table.lookup(model)
             if price is None:
                 self.unpriced_models.add(model)
                 continue
-            batch = cost(price, inp, out, batch=True)
-            direct = cost(price, inp, out, batch=False)
+            # Sums of many rows: the short prompts' at the base rates, the long ones' at theirs.
+            long_rows, long_in, long_out = self.long_by_model.get(model, (0, 0, 0))
+            long = price.tier(LONG_PROMPT_TOKENS + 1)
+            if long_rows and long is not price:
+                self.long_priced.add(model)
+            batch, direct = (
+                cost_at(price.rates(batch=b), inp - long_in, out - long_out)
+                + cost_at(long.rates(batch=b), long_in, long_out)
+                for b in (True, False)
+            )
             self.model_costs[model] = (batch, direct)
             self.cost_batch += batch
             self.cost_direct += direct
@@ -466,6 +485,9 @@ class Estimate:
         for model in sorted(self.by_model):
             rows, inp, out = self.by_model[model]
             line = f"  {model or '(no model)'}: {_plural(rows, 'row')}, {inp:,} in, {out:,} out"
+            if model in self.long_priced:
+                long_rows = self.long_by_model[model][0]
+                line += f" ({long_rows:,} with prompts over {LONG_PROMPT_TOKENS:,} tokens, at its long-prompt rates)"
             if priced:
                 costs = self.model_costs.get(model)
                 if costs is None:
@@ -494,6 +516,11 @@ class Estimate:
                 "or --price-input/--price-output."
             )
         return lines
+
+
+def _tally(by_model: dict[str, tuple[int, int, int]], model: str, rows: int, inp: int, out: int) -> None:
+    prev = by_model.get(model)
+    by_model[model] = (rows, inp, out) if prev is None else (prev[0] + rows, prev[1] + inp, prev[2] + out)
 
 
 def _plural(count: int, noun: str) -> str:

@@ -401,6 +401,37 @@ def test_budget_counts_actual_spend_once_batches_finish(server_factory, tmp_path
     assert_one_batch_at_a_time(tmp_path)
 
 
+def test_rows_with_long_prompts_are_priced_at_the_long_prompt_rates(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A model dearer above 200k prompt tokens: the estimate, the chunk's estimated cost and
+    the spend recorded from the results each price the long row at those rates, the short
+    row at the base ones (never the whole chunk's sum at either)."""
+    server = server_factory()
+    long_text = " hello" * 200_050
+    rows = [chat_line(0, "hi there", max_tokens=4), chat_line(1, long_text, max_tokens=4)]
+    inp = write_input(tmp_path, rows)
+    rates = {"input": 1.0, "output": 2.0, "batch_input": 1.0, "batch_output": 2.0}
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"gpt-4o-mini": {**rates, "above_200k": {k: v * 10 for k, v in rates.items()}}}))
+
+    proc = run_openai(tmp_path, inp, server, "--price-file", str(prices))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 with prompts over 200,000 tokens" in proc.stderr
+    out = read_lines(tmp_path / "input.results.jsonl")
+    usage = [r["response"]["body"]["usage"] for r in out]
+    assert usage[1]["prompt_tokens"] > 200_000 >= usage[0]["prompt_tokens"]
+    spent = [(u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0) / 1e6 for u in usage]
+    spent[1] *= 10
+    status = json.loads(llmbatch(tmp_path, "status", job_dir_of(tmp_path).name, "--json").stdout)
+    assert status["usage"]["cost"] == pytest.approx(sum(spent))
+    db = sqlite3.connect(job_dir_of(tmp_path) / "job.sqlite")
+    try:
+        ((est_cost,),) = db.execute("SELECT est_cost FROM chunks").fetchall()
+        est = db.execute("SELECT est_input, est_output FROM rows ORDER BY idx").fetchall()
+    finally:
+        db.close()
+    assert est_cost == pytest.approx((est[0][0] + 2 * est[0][1]) / 1e6 + 10 * (est[1][0] + 2 * est[1][1]) / 1e6)
+
+
 def test_enqueued_token_limit_spreads_chunks_and_passes_rows_larger_than_it(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = server_factory()
     rows = [chat_line(i) for i in range(12)]  # 10 input tokens each (chat counting rule)

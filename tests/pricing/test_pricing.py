@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmbatch._exceptions import ConfigError, InputError
-from llmbatch.pricing import ModelPrice, PriceTable, cost, normalize_model
+from llmbatch.pricing import ModelPrice, PriceTable, Tariff, cost, normalize_model
 
 REQUIRED_MODELS = [
     "gpt-4o",
@@ -54,7 +54,10 @@ def test_bundled_table_is_dated_and_covers_the_main_models(table: PriceTable) ->
 
 def test_bundled_batch_prices_are_half_of_direct(table: PriceTable) -> None:
     """Every provider's batch discount is 50%, except on Together, where unlisted models get none."""
-    for model, price in table.models.items():
+    tiers = [(f"{m} above 200k", p.above_200k) for m, p in table.models.items() if p.above_200k is not None]
+    assert tiers  # the long-prompt rates are checked the same way
+    for model, price in [*table.models.items(), *tiers]:
+        assert price is not None
         if price.provider == "together" and price.batch_input == price.input:
             assert price.batch_output == price.output, model
             continue
@@ -332,3 +335,39 @@ def test_priced_as_gives_other_names_a_model_s_prices() -> None:
     assert priced.rates(batch=True) == mini.rates(batch=True) and priced.rates(batch=False) == mini.rates(batch=False)
     with pytest.raises(ConfigError, match="no-such-model"):
         table.priced_as(["x"], "no-such-model")
+
+
+def test_long_prompts_pay_the_long_prompt_rates(table: PriceTable) -> None:
+    """Above 200,000 prompt tokens the whole request is billed at the higher tier; at or under, the base."""
+    pro = table.lookup("gemini-2.5-pro-preview-06-05")
+    assert pro is not None and pro.above_200k is not None
+    assert cost(pro, 200_000, 1_000, batch=False) == pytest.approx((200_000 * 1.25 + 1_000 * 10.0) / 1e6)
+    assert cost(pro, 200_001, 1_000, batch=False) == pytest.approx((200_001 * 2.5 + 1_000 * 15.0) / 1e6)
+    assert cost(pro, 200_001, 1_000) == pytest.approx(cost(pro, 200_001, 1_000, batch=False) / 2)
+    tariff = Tariff(pro, batch=True)
+    assert tariff.priced and tariff(300_000, 10, 100_000) == pytest.approx(cost(pro, 300_000, 10, 100_000))
+    assert tariff(1_000, 10) == pytest.approx(cost(pro, 1_000, 10))
+    assert not Tariff(None, batch=True).priced and Tariff(None, batch=False)(300_000, 10) == 0.0
+    flat = table.lookup("gpt-4.1")
+    assert flat is not None and flat.above_200k is None
+    assert cost(flat, 300_000, 0) == pytest.approx(300_000 * flat.rates(batch=True)[0] / 1e6)
+
+
+def test_long_prompt_rates_in_price_files_flags_and_price_as(tmp_path: Path, table: PriceTable) -> None:
+    path = tmp_path / "prices.json"
+    long = {"input": 4, "output": 8}
+    path.write_text(json.dumps({"my-model": {"input": 1, "output": 2, "above_200k": long}}))
+    mine = PriceTable.load(path).lookup("my-model")
+    assert mine is not None and mine.above_200k == ModelPrice(**long)
+    assert cost(mine, 250_000, 0, batch=False) == pytest.approx(1.0)
+    path.write_text(json.dumps({"my-model": {"input": 1, "output": 2, "above_200k": {**long, "above_200k": long}}}))
+    with pytest.raises(InputError, match="above_200k"):
+        PriceTable.load(path)
+    # Flags cannot state long-prompt rates: a new input or output price drops them.
+    changed = table.with_override("gemini-2.5-pro", input=2.0).lookup("gemini-2.5-pro")
+    assert changed is not None and changed.above_200k is None
+    kept = table.with_override("gemini-2.5-pro", batch_input=0.5).lookup("gemini-2.5-pro")
+    assert kept is not None and kept.above_200k is not None
+    # A deployment priced as a model pays that model's long-prompt rates too.
+    as_pro = table.priced_as(["my-deployment"], "gemini-2.5-pro").lookup("my-deployment")
+    assert as_pro is not None and as_pro.above_200k == table.lookup("gemini-2.5-pro").above_200k  # type: ignore[union-attr]

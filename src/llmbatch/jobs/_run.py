@@ -22,7 +22,7 @@ import orjson
 from .._exceptions import ConfigError
 from .._rows import iter_lines
 from ..estimate import Estimate
-from ..pricing import PriceTable
+from ..pricing import LONG_PROMPT_TOKENS, PriceTable
 from ..providers import Provider, provider_class, split_model
 from . import make_provider
 from ._ingest import IngestReport, ingest
@@ -200,7 +200,7 @@ def run_parts(
     prices = price_table(
         settings.price_file, settings.price_input, settings.price_output, models, settings.provider, settings.price_as
     )
-    return provider, prices, Estimate.from_totals(store.estimate_by_model())
+    return provider, prices, Estimate.from_totals(store.estimate_by_model(LONG_PROMPT_TOKENS))
 
 
 async def cancel_batches(runner: JobRunner) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from .._exceptions import ConfigError, ProviderError, StateError
-from ..pricing import PriceTable, cost_at
+from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteBatch, RemoteStatus
 from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._settings import JobSettings
@@ -94,7 +94,7 @@ class JobRunner:
         self._budget_blocked = False
         self._quota_failures = 0
         self._quota_wait_until = 0.0
-        self._rates: dict[tuple[str, bool], tuple[float, float, float] | None] = {}
+        self._tariffs: dict[tuple[str, bool], Tariff] = {}
 
     @property
     def budget_blocked(self) -> bool:
@@ -103,19 +103,15 @@ class JobRunner:
 
     # -- pricing -------------------------------------------------------------------------
 
-    def rates(self, model: str, *, batch: bool = True) -> tuple[float, float, float] | None:
-        """`model`'s (input, cached input, output) USD per 1M tokens at batch or direct prices;
-        None for a provider that bills nothing or a model without a price (it costs 0)."""
+    def tariff(self, model: str, *, batch: bool = True) -> Tariff:
+        """Prices one request of `model` at batch or direct prices (0 for a provider that bills
+        nothing, or a model without a price)."""
         key = (model, batch)
-        if key not in self._rates:
+        found = self._tariffs.get(key)
+        if found is None:
             price = self.prices.lookup(model) if self.provider.billed else None
-            self._rates[key] = price.rates(batch=batch) if price is not None else None
-        return self._rates[key]
-
-    def chunk_cost(self, model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> float:
-        """Estimated or actual USD at batch prices (0 for a provider that bills nothing)."""
-        rates = self.rates(model)
-        return cost_at(rates, input_tokens, output_tokens, cached) if rates else 0.0
+            found = self._tariffs[key] = Tariff(price, batch=batch)
+        return found
 
     def unpriced_models(self) -> list[str]:
         if not self.provider.billed:
@@ -217,6 +213,7 @@ class JobRunner:
             return False  # few enough left: `run_direct` sends them now instead
         planned = 0
         for endpoint, model in self.store.pending_groups():
+            price = self.tariff(model)
             after = -1
             while limit is None or planned < limit:
                 page = self.store.pending_rows(endpoint, model, after, self.batch_size)
@@ -224,6 +221,7 @@ class JobRunner:
                     break
                 idxs: list[int] = []
                 nbytes = est_in = est_out = 0
+                est_cost = 0.0
                 full = len(page) >= self.batch_size
                 for idx, _file_no, _offset, length, row_in, row_out in page:
                     too_big = nbytes + length + 1 > self.max_bytes
@@ -235,19 +233,20 @@ class JobRunner:
                     nbytes += length + 1
                     est_in += row_in
                     est_out += row_out
+                    est_cost += price(row_in, row_out)  # per row: a long prompt costs more per token
                 if full_only and not full:
                     break
-                self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out)
+                self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out, est_cost)
                 planned += 1
                 after = idxs[-1]
         return planned > 0
 
-    def _plan_chunk(self, endpoint: str, model: str, idxs: list[int], nbytes: int, est_in: int, est_out: int) -> None:
+    def _plan_chunk(
+        self, endpoint: str, model: str, idxs: list[int], nbytes: int, est_in: int, est_out: int, est_cost: float
+    ) -> None:
         n = int(self.store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
         tag = f"{self.job_id}-c{n + 1:05d}"
-        self.store.plan_chunk(
-            tag, endpoint, model, idxs, nbytes, est_in, est_out, self.chunk_cost(model, est_in, est_out)
-        )
+        self.store.plan_chunk(tag, endpoint, model, idxs, nbytes, est_in, est_out, est_cost)
 
     # -- submitting ----------------------------------------------------------------------
 
@@ -418,7 +417,7 @@ class JobRunner:
         by_id = {remote or cid: idx for idx, _f, _o, _l, cid, remote, _r, _m in rows}
         cid_of = {idx: cid for idx, _f, _o, _l, cid, *_ in rows}
         by_line = [idx for idx, *_ in rows]
-        rates = self.rates(chunk.model)
+        tariff = self.tariff(chunk.model)
         attempts = dict(
             self.store.db.execute("SELECT idx, attempts FROM rows WHERE chunk_id=? AND state='queued'", (chunk.id,))
         )
@@ -472,7 +471,7 @@ class JobRunner:
                         result = orjson.dumps(rec)
                     else:
                         result = ResultRef(ref_file, start, len(line))
-                    self._classify(rates, idx, result, rec, succeeded, failed, give_up_or_retry)
+                    self._classify(tariff, idx, result, rec, succeeded, failed, give_up_or_retry)
         # Rows the provider said nothing about: a failed batch names bad lines; others are retried.
         line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
         general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
@@ -514,7 +513,7 @@ class JobRunner:
 
     def _classify(
         self,
-        rates: tuple[float, float, float] | None,
+        tariff: Tariff,
         idx: int,
         line: Result,
         rec: dict[str, Any],
@@ -522,7 +521,7 @@ class JobRunner:
         failed: list[tuple[Result, str, int]],
         give_up_or_retry: Callable[[int, Result, str], None],
     ) -> None:
-        """Sorts one answered row into succeeded (priced at `rates`), failed, or retry."""
+        """Sorts one answered row into succeeded (priced by `tariff`), failed, or retry."""
         response = rec.get("response") or {}
         error = rec.get("error")
         status = response.get("status_code") if isinstance(response, dict) else None
@@ -535,7 +534,7 @@ class JobRunner:
             reasoning = (u.get("completion_tokens_details") or u.get("output_tokens_details") or {}).get(
                 "reasoning_tokens"
             ) or 0
-            spent = cost_at(rates, inp, out, cached) if rates else 0.0
+            spent = tariff(inp, out, cached)
             succeeded.append((line, inp, out, cached, reasoning, spent, idx))
             return
         if isinstance(error, dict):
@@ -568,10 +567,8 @@ class JobRunner:
         if not limit or not pending or pending > limit or self._budget_blocked:
             return False
         if self.settings.max_cost is not None:
-            est = self.store.db.execute(
-                "SELECT model, SUM(est_input), SUM(est_output) FROM rows WHERE state='pending' GROUP BY model"
-            ).fetchall()
-            direct_cost = sum(self._direct_cost(m, i, o) for m, i, o in est)
+            est = self.store.db.execute("SELECT model, est_input, est_output FROM rows WHERE state='pending'")
+            direct_cost = sum(self.tariff(m, batch=False)(i, o) for m, i, o in est)  # few rows: priced one by one
             committed = self.store.totals()["cost"] + self.store.in_flight_cost()
             if committed + direct_cost > self.settings.max_cost:
                 self.say(f"budget: the last {pending} rows at direct prices (est. ${direct_cost:.4f}) pass the cap")
@@ -609,15 +606,11 @@ class JobRunner:
                 "error": None,
             }
             line = orjson.dumps(rec)
-            self._classify(self.rates(model, batch=False), idx, line, rec, succeeded, failed, give_up_or_retry)
+            self._classify(self.tariff(model, batch=False), idx, line, rec, succeeded, failed, give_up_or_retry)
 
         await asyncio.gather(*(one(*r[:7]) for r in rows))
         self.store.finish_direct(succeeded, retry, failed)
         return True
-
-    def _direct_cost(self, model: str, input_tokens: int, output_tokens: int, cached: int = 0) -> float:
-        rates = self.rates(model, batch=False)
-        return cost_at(rates, input_tokens, output_tokens, cached) if rates else 0.0
 
     # -- cancelling ----------------------------------------------------------------------
 

@@ -281,11 +281,15 @@ class JobStore:
             found.update(cid for (cid,) in self.db.execute(query, part))
         return found
 
-    def estimate_by_model(self) -> list[tuple[str, int, int, int, int]]:
-        """(model, rows, input tokens, output tokens, rows without an output cap) of the valid rows."""
+    def estimate_by_model(self, long_prompt: int) -> list[tuple[str, int, int, int, int, int, int, int]]:
+        """(model, rows, input tokens, output tokens, rows without an output cap, and the rows,
+        input and output tokens of those with more than `long_prompt` input tokens) of the valid rows."""
         return self.db.execute(
-            "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped) FROM rows "
-            "WHERE state != 'invalid' GROUP BY model ORDER BY model"
+            "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped), SUM(est_input > ?1), "
+            "SUM(CASE WHEN est_input > ?1 THEN est_input ELSE 0 END), "
+            "SUM(CASE WHEN est_input > ?1 THEN est_output ELSE 0 END) FROM rows "
+            "WHERE state != 'invalid' GROUP BY model ORDER BY model",
+            (long_prompt,),
         ).fetchall()
 
     def row_of_custom_id(self, custom_id: str) -> tuple[int, int, int] | None:

@@ -12,6 +12,11 @@ it ending at a dash ("gpt-4o-mini", not "gpt-4o"). Snapshots priced differently 
 base ("gpt-4o-2024-05-13") have their own entries, which win because they match exactly.
 Fine-tuned ids ("ft:gpt-4o-mini:...") match only an exact entry: they cost more than their
 base model, and a silent base price would understate the spend.
+
+Some models cost more per token when a request's prompt is long (Gemini 2.5 and 3 Pro, Claude
+Sonnet 4 and 4.5 with the 1M context: above 200,000 prompt tokens). Their entries carry the
+higher rates as `above_200k`, applied to each request whose prompt exceeds that, whole
+(input and output), which is how those providers bill.
 """
 
 from __future__ import annotations
@@ -24,18 +29,22 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .._exceptions import ConfigError, InputError
 
-__all__ = ["ModelPrice", "PriceTable", "cost", "normalize_model"]
+__all__ = ["LONG_PROMPT_TOKENS", "ModelPrice", "PriceTable", "Tariff", "cost", "cost_at", "normalize_model"]
+
+#: Prompts longer than this many tokens are billed at a model's `above_200k` rates, where it has them.
+LONG_PROMPT_TOKENS = 200_000
 
 _BUNDLED = "prices.json"
 _PRICE_FIELDS = ("input", "cached_input", "output", "batch_input", "batch_cached_input", "batch_output")
 # What a price file entry may hold, for error messages.
 _ENTRY_HELP = (
     'each model maps to {"input": USD per 1M input tokens, "output": USD per 1M output tokens} '
-    "and optionally cached_input, batch_input, batch_cached_input, batch_output, provider"
+    "and optionally cached_input, batch_input, batch_cached_input, batch_output, provider, and above_200k "
+    "(the same fields for prompts over 200,000 tokens)"
 )
 # Lookups are per model, not per row, but a long job asks for the same few ids many times.
 _LOOKUP_CACHE_SIZE = 4096
@@ -59,6 +68,19 @@ class ModelPrice(BaseModel):
     batch_input: float | None = Field(default=None, ge=0)
     batch_cached_input: float | None = Field(default=None, ge=0)
     batch_output: float | None = Field(default=None, ge=0)
+    #: The prices of a request whose prompt exceeds `LONG_PROMPT_TOKENS` (same fallbacks, within).
+    above_200k: ModelPrice | None = None
+
+    @model_validator(mode="after")
+    def _one_tier(self) -> ModelPrice:
+        if self.above_200k is not None and self.above_200k.above_200k is not None:
+            raise ValueError("above_200k prices cannot have an above_200k of their own")
+        return self
+
+    def tier(self, input_tokens: int) -> ModelPrice:
+        """The price a request with this many prompt tokens pays."""
+        long = self.above_200k
+        return long if long is not None and input_tokens > LONG_PROMPT_TOKENS else self
 
     def rates(self, *, batch: bool) -> tuple[float, float, float]:
         """(uncached input, cached input, output) USD per 1M tokens after the fallbacks."""
@@ -74,20 +96,44 @@ class ModelPrice(BaseModel):
 def cost(
     price: ModelPrice, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, batch: bool = True
 ) -> float:
-    """USD for a request (or a sum of them) at `price`.
+    """USD for one request at `price` (its long-prompt tier when the prompt is over 200k tokens).
 
     `cached_tokens` is the part of `input_tokens` served from the prompt cache, as in
     OpenAI's usage (`prompt_tokens` includes `cached_tokens`); it is billed at the cached rate
-    and the rest of the input at the full rate. `batch` picks Batch or Standard prices.
+    and the rest of the input at the full rate. `batch` picks Batch or Standard prices. For a
+    sum of requests, price the ones with long prompts apart (see `Estimate.cost`).
     """
-    return cost_at(price.rates(batch=batch), input_tokens, output_tokens, cached_tokens)
+    return cost_at(price.tier(input_tokens).rates(batch=batch), input_tokens, output_tokens, cached_tokens)
 
 
 def cost_at(rates: tuple[float, float, float], input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
-    """USD at `rates` (`ModelPrice.rates`): `cost` for callers pricing many rows of one model."""
+    """USD at `rates` (`ModelPrice.rates`), whatever the prompt's length."""
     inp, cached_rate, out = rates
     cached = min(max(cached_tokens, 0), input_tokens)
     return ((input_tokens - cached) * inp + cached * cached_rate + output_tokens * out) / 1_000_000
+
+
+class Tariff:
+    """`cost` for many requests of one model at batch or direct prices, its rates looked up once.
+
+    Calling it prices one request; a model without a price (or on a provider that bills
+    nothing: `price` None) costs 0.
+    """
+
+    __slots__ = ("_base", "_long")
+
+    def __init__(self, price: ModelPrice | None, *, batch: bool) -> None:
+        self._base = price.rates(batch=batch) if price is not None else None
+        long = price.above_200k if price is not None else None
+        self._long = long.rates(batch=batch) if long is not None else None
+
+    @property
+    def priced(self) -> bool:
+        return self._base is not None
+
+    def __call__(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        rates = self._long if self._long is not None and input_tokens > LONG_PROMPT_TOKENS else self._base
+        return cost_at(rates, input_tokens, output_tokens, cached_tokens) if rates is not None else 0.0
 
 
 def normalize_model(model: str) -> str:
@@ -205,6 +251,7 @@ class PriceTable:
         batch_input: float | None = None,
         batch_cached_input: float | None = None,
         batch_output: float | None = None,
+        above_200k: ModelPrice | Mapping[str, Any] | None = None,
     ) -> PriceTable:
         """A copy of this table with `model`'s prices set from CLI-style flags (USD per 1M).
 
@@ -212,7 +259,9 @@ class PriceTable:
         resolves to). A rate derived from one that changed is dropped unless also given, so
         it falls back to the new value: a new `input` drops `cached_input` and `batch_input`;
         a new `output` drops `batch_output`. A model the table cannot price needs both
-        `input` and `output`. Raises ConfigError otherwise, or for negative prices.
+        `input` and `output`. Flags cannot state long-prompt rates, so a new `input` or `output`
+        also drops the entry's `above_200k` (unless given): use a price file for those. Raises
+        ConfigError otherwise, or for negative prices.
         """
         given = {
             "input": input,
@@ -221,6 +270,7 @@ class PriceTable:
             "batch_input": batch_input,
             "batch_cached_input": batch_cached_input,
             "batch_output": batch_output,
+            "above_200k": above_200k,
         }
         given = {k: v for k, v in given.items() if v is not None}
         if not given:
@@ -239,6 +289,8 @@ class PriceTable:
                 fields.update(cached_input=None, batch_input=None, batch_cached_input=None)
             if output is not None:
                 fields["batch_output"] = None
+            if input is not None or output is not None:
+                fields["above_200k"] = None
             if batch_input is not None:
                 fields["batch_cached_input"] = None
         fields.update(given)
