@@ -466,7 +466,8 @@ class GeminiFake:
         text = "".join(p.get("text", "") for p in (_get(req, "content") or {}).get("parts") or [])
         if "FAIL400" in text:
             return {"error": {"code": 400, "message": "fake: invalid argument", "status": "INVALID_ARGUMENT"}}
-        return {"response": {"embedding": {"values": embedding_of(text, _get(req, "outputDimensionality") or 4)}}}
+        values = embedding_of(text, _get(req, "outputDimensionality") or 4)
+        return {"response": {"embedding": {"values": values}, "tokenCount": len(text.split())}}
 
     # -- the direct API --------------------------------------------------------------------
 

@@ -280,16 +280,22 @@ class TogetherFake(OpenAILikeFake):
         for n, rec in enumerate(self._done_rows(b, partial)):
             cid, body = rec["custom_id"], rec["body"]
             text = _text(body)
-            rid = f"req-{b['id'][:8]}-{n}"
+            # The shapes of Together's docs: a result line is `{custom_id, response: {status_code,
+            # body}}`; an error-file line `{custom_id, error: {message, code}}`, the code a name.
             if "FAIL400" in text:
-                response = {"status_code": 400, "request_id": rid, "body": {"error": "Input validation error: FAIL400"}}
-                err.append({"id": rid, "custom_id": cid, "response": response, "error": None})
+                err.append({"custom_id": cid, "error": {"message": "Input validation error: FAIL400",
+                            "code": "invalid_model"}})  # fmt: skip
             elif "FAIL429" in text and cid not in self.seen_429:
                 self.seen_429.add(cid)
-                err.append({"custom_id": cid, "error": {"message": "Rate limit exceeded, retry later", "code": 429}})
+                err.append({"custom_id": cid, "error": {"message": "Request timed out, retry later",
+                            "code": "timeout"}})  # fmt: skip
+            elif "FAILSTATUS" in text:  # the OpenAI-like shape, in case Together also writes it
+                rid = f"req-{b['id'][:8]}-{n}"
+                message = "Input validation error: FAILSTATUS"
+                response = {"status_code": 400, "request_id": rid, "body": {"error": message}}
+                err.append({"id": rid, "custom_id": cid, "response": response, "error": None})
             else:
-                out.append({"id": rid, "custom_id": cid, "response": {"status_code": 200, "request_id": rid,
-                            "body": self._completion(body, text)}, "error": None})  # fmt: skip
+                out.append({"custom_id": cid, "response": {"status_code": 200, "body": self._completion(body, text)}})
         self._rng.shuffle(out)
         self._rng.shuffle(err)
         if out:

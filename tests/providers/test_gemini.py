@@ -703,6 +703,7 @@ def test_embeddings_go_by_file_and_come_back_per_row(start: Start, tmp_path: Pat
     assert body["object"] == "list" and body["model"] == model
     assert [d["embedding"] for d in body["data"]] == [embedding_of(t, 3) for t in ("b", "cc", "ddd")]
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] == 3  # the embed results' tokenCount, summed over the row's inputs
     assert out["e3"]["response"]["status_code"] == 400
 
 

@@ -88,7 +88,7 @@ def test_upload_writes_together_lines_under_the_tagged_name(fake: TogetherFake, 
 
 def test_batch_lifecycle_results_and_row_errors(fake: TogetherFake, tmp_path: Path) -> None:
     texts = [f"hello {i}" for i in range(20)]
-    texts[3], texts[11], texts[15] = "FAIL400 please", "FAIL429 now", "FAIL429 again"
+    texts[3], texts[11], texts[15] = "FAIL400 please", "FAIL429 now", "FAILSTATUS"
     rows = [chat_line(i, t, model=MODEL) for i, t in enumerate(texts)]
     path = chunk_file(tmp_path, rows)
 
@@ -116,13 +116,19 @@ def test_batch_lifecycle_results_and_row_errors(fake: TogetherFake, tmp_path: Pa
         assert body["usage"]["completion_tokens"] == len(texts[n].split())
     errors = {r["custom_id"]: r for r in read_lines(tmp_path / "err.jsonl")}
     assert set(errors) == {"row-3", "row-11", "row-15"}
+    # A code naming a bad request ("invalid_model", as in Together's docs) fails the row for good: a 400.
     bad = errors["row-3"]["response"]
     assert bad["status_code"] == 400
-    assert bad["body"]["error"]["message"] == "Input validation error: FAIL400"  # was {"error": "string"}
+    assert bad["body"]["error"]["message"] == "Input validation error: FAIL400"
     assert bad["body"]["error"]["type"] == "invalid_request_error"
+    assert errors["row-3"]["native"]["error"]["code"] == "invalid_model"
+    also_bad = errors["row-15"]["response"]
+    assert also_bad["status_code"] == 400  # a status-400 response line, its bare string error made a body
+    assert also_bad["body"]["error"]["message"] == "Input validation error: FAILSTATUS"
+    assert also_bad["body"]["error"]["type"] == "invalid_request_error"
+    # Any other code ("timeout") is a row that did not run: retried by the runner.
     limited = errors["row-11"]
-    assert limited["error"] is None and limited["response"]["status_code"] == 429
-    assert limited["response"]["body"]["error"]["type"] == "rate_limit_error"
+    assert limited["response"] is None and limited["error"]["code"] == "timeout"
 
 
 def test_expired_batch_keeps_only_finished_rows(fake: TogetherFake, tmp_path: Path) -> None:

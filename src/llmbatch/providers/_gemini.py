@@ -487,6 +487,7 @@ class _EmbeddingGroups:
             response = item.get("response") or {}
             embedding = response.get("embedding") or (response.get("embeddings") or [{}])[0]
             vectors.append(list(embedding.get("values") or []))
-            tokens += (response.get("usageMetadata") or {}).get("promptTokenCount") or 0
+            # The SDK's embed result carries `tokenCount`; generate-style usage is kept as a fallback.
+            tokens += response.get("tokenCount") or (response.get("usageMetadata") or {}).get("promptTokenCount") or 0
         body = gt.embedding_body(vectors, model=self.model, prompt_tokens=tokens)
         return _chat.result_line(cid, 200, body, native=items)

@@ -155,7 +155,16 @@ def _error_line(cid: Any, error: Any) -> dict[str, Any]:
         return not_run_line(cid, "batch_expired", message)
     if code in ("batch_cancelled", "cancelled") or etype == "cancelled":
         return not_run_line(cid, "batch_cancelled", message)
+    if status is None and isinstance(code, str) and (code in _FINAL_CODES or code.startswith("invalid")):
+        # Together's error file names the problem, not a status ("invalid_model"): such a row
+        # fails the same way every time, so it is a 400, never retried; "timeout" and codes
+        # not known here stay retryable.
+        status, etype = 400, etype or "invalid_request_error"
     return failed_line(cid, message, code, etype, status)
+
+
+#: Error codes of Together's error file that mean the request itself is wrong.
+_FINAL_CODES = frozenset({"model_not_found", "context_length_exceeded", "validation_error", "bad_request"})
 
 
 def _existing_file(exc: ProviderError) -> str | None:
