@@ -56,21 +56,23 @@ __all__ = ["VLLMEngine", "llm_kwargs", "lora_rank"]
 log = logging.getLogger("llmbatch.engines")
 
 INSTALL_VLLM = 'pip install "llmbatch[vllm]" (Linux with a CUDA GPU)'
-#: The `max_lora_rank` values vLLM accepts (`MaxLoRARanks` in vllm/config/lora.py).
-_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: The `max_lora_rank` values vLLM accepts (`MaxLoRARanks` in vllm/config/lora.py); 1 only from
+#: 0.11.2 on, so it is left out (the rank is a ceiling: 8 serves rank-1 adapters too).
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 #: Rows taken from the queue at once; all go to vLLM's scheduler, which admits what fits.
 _TAKE_LIMIT = 4096
 #: Rows the server keeps queued per sequence vLLM runs at once, so a freed slot is refilled at once.
 _QUEUE_FACTOR = 4
 #: Seconds between looks for rows of cancelled batches, whose requests are then aborted.
 _CANCEL_SWEEP_S = 0.25
-#: vLLM hands seeds to torch.Generator.manual_seed; larger JSON integers are folded into range.
+#: vLLM keeps seeds as int64 (and gives choice i of a request `seed + i`); larger JSON integers
+#: are folded into range, leaving room for those increments.
 _SEED_RANGE = 2**63
 
 
 def lora_rank(adapters: dict[str, str]) -> int:
     """The smallest `max_lora_rank` vLLM accepts that fits every adapter's rank (PEFT `r`, `rank_pattern`)."""
-    highest = 1
+    highest = 0
     for name, path in adapters.items():
         config_path = Path(path) / "adapter_config.json"
         try:
@@ -169,7 +171,8 @@ class VLLMEngine(ModelEngine):
         for i, (name, adapter_path) in enumerate(self.adapters.items()):
             request = LoRARequest(name, i + 1, adapter_path)
             try:
-                engine.add_lora(request)
+                if engine.add_lora(request) is False:
+                    raise RuntimeError("vllm refused it")
             except Exception as e:
                 self._unload()
                 raise EngineError(f"vllm could not load adapter {name!r} from {adapter_path}: {e}") from e
@@ -301,7 +304,7 @@ class VLLMEngine(ModelEngine):
             "top_p": 1.0 if greedy else gen.top_p,
             "max_tokens": max_tokens,
             "stop": list(gen.stop) or None,
-            "seed": None if gen.seed is None else gen.seed % _SEED_RANGE,
+            "seed": None if gen.seed is None else gen.seed % (_SEED_RANGE - gen.n),
             "frequency_penalty": gen.frequency_penalty,
             "presence_penalty": gen.presence_penalty,
             "output_kind": RequestOutputKind.FINAL_ONLY,
@@ -313,8 +316,10 @@ class VLLMEngine(ModelEngine):
     def _finish(self, req: _Running, out: Any) -> None:
         gen = req.item.generation
         completions = sorted(out.outputs, key=lambda c: c.index)
-        if not completions or any(c.finish_reason == "abort" for c in completions):
-            self._fail(req.item, "vllm aborted the request", 500)
+        # "abort", and from vLLM 0.15 "error": the request did not run to an answer.
+        failed = [c.finish_reason for c in completions if c.finish_reason in ("abort", "error")]
+        if not completions or failed:
+            self._fail(req.item, f"vllm ended the request: {failed[0] if failed else 'no output'}", 500)
             return
         choices = [
             Choice(c.text, "length" if c.finish_reason == "length" else "stop", len(c.token_ids)) for c in completions
