@@ -165,6 +165,8 @@ class GeminiFake:
         self.reverse_results = reverse_results
         #: Leave `metadata.key` out of inline results, as some reports say the API does.
         self.drop_inline_keys = drop_inline_keys
+        #: Embed results inline even for a batch whose requests came in a file (reported to happen).
+        self.inline_embed_results = False
         self.max_page_size = max_page_size
         #: Seconds between making a batch and answering the create call (a window for crashes).
         self.create_delay = create_delay
@@ -394,14 +396,15 @@ class GeminiFake:
         b.results = [{**answer(key, req, b.model), "_key": key} for key, req in b.requests]
         ordered = list(reversed(b.results)) if self.reverse_results else b.results
         b.state = "BATCH_STATE_SUCCEEDED"
-        if b.source == "inline":
+        if b.source == "inline" or (b.kind == "embed" and self.inline_embed_results):
             items = []
             for r in ordered:
                 item = {k: v for k, v in r.items() if k != "_key"}
                 if not self.drop_inline_keys:
                     item["metadata"] = {"key": r["_key"]}
                 items.append(item)
-            b.output = {"inlinedResponses": {"inlinedResponses": items}}
+            field = "inlinedResponses" if b.kind == "generate" else "inlinedEmbedContentResponses"
+            b.output = {field: {"inlinedResponses": items}}
         else:
             lines = b"".join(
                 orjson.dumps({"key": r["_key"], **{k: v for k, v in r.items() if k != "_key"}}) + b"\n" for r in ordered

@@ -666,8 +666,12 @@ def test_an_unreachable_api_is_a_retryable_error(tmp_path: Path) -> None:
     assert err.retryable and err.status is None and "cannot reach" in str(err)
 
 
-def test_embeddings_go_by_file_and_come_back_per_row(start: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline_results", [False, True], ids=["results-file", "results-inline"])
+def test_embeddings_go_by_file_and_come_back_per_row(start: Start, tmp_path: Path, inline_results: bool) -> None:
+    """Embeddings go by file; their results come back per row whether Gemini writes them to a
+    file or, as reported for some file batches, inline (`inlinedEmbedContentResponses`)."""
     fake, root = start(reverse_results=True)
+    fake.inline_embed_results = inline_results
     model = "gemini-embedding-001"
     rows = [
         {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": "alpha"}},

@@ -302,13 +302,14 @@ class GeminiBatchProvider(Provider):
         total = completed = failed = 0
         dest = b.dest
         if status.terminal and dest is not None:
+            inline = _inline_results(dest)
             if dest.file_name:
                 output = f"{model}|{dest.file_name}"
-            elif dest.inlined_responses:
+            elif inline:
                 output = f"{model}|{b.name}"
                 self._finished[b.name] = b
-                total = len(dest.inlined_responses)
-                failed = sum(1 for r in dest.inlined_responses if r.error is not None)
+                total = len(inline)
+                failed = sum(1 for r in inline if r.error is not None)
                 completed = total - failed
         return RemoteBatch(
             id=b.name,
@@ -330,7 +331,7 @@ class GeminiBatchProvider(Provider):
             job = self._finished.pop(ref, None) or await self._call(
                 "fetching results", lambda: self._aio.batches.get(name=ref)
             )
-            responses = (job.dest.inlined_responses or []) if job.dest else []
+            responses = _inline_results(job.dest) if job.dest else []
             created = _timestamp(job.end_time or job.update_time) or int(time.time())
             unkeyed = await asyncio.to_thread(_write_results, map(_dump, responses), tmp, model, created)
             if unkeyed:
@@ -409,6 +410,12 @@ def _inline_requests(path: Path) -> list[dict[str, Any]]:
     """A translated chunk's lines as inline requests (`metadata.key` carries the custom_id)."""
     with open(path, "rb") as fh:
         return [{"request": rec["request"], "metadata": {"key": rec["key"]}} for rec in map(orjson.loads, fh)]
+
+
+def _inline_results(dest: types.BatchJobDestination) -> list[Any]:
+    """A finished batch's inline results: generate responses, or embed ones (which Gemini may
+    also return inline for a batch whose requests came in a file)."""
+    return list(dest.inlined_responses or dest.inlined_embed_content_responses or [])
 
 
 def _key_of(item: dict[str, Any]) -> str | None:
