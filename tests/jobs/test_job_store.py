@@ -199,3 +199,23 @@ def test_reopening_keeps_state(tmp_path: Path) -> None:
         assert [c.tag for c in again.chunks()] == ["job_test-c00001"]
     finally:
         again.close()
+
+
+def test_result_reader_keeps_few_files_mapped(store: JobStore, tmp_path: Path) -> None:
+    """Reading results across many downloaded files maps only a few at once (a long job's export
+    would otherwise hold every file's pages), and each line still comes out whole."""
+    from llmbatch.jobs._runner import _OPEN_MAPS, ResultReader
+    from llmbatch.jobs._store import ResultRef
+
+    (tmp_path / "results").mkdir()
+    refs = []
+    for n in range(3 * _OPEN_MAPS):
+        line = f'{{"custom_id": "r{n}"}}'.encode()
+        (tmp_path / "results" / f"f{n}.jsonl").write_bytes(b"junk\n" + line + b"\n")
+        refs.append((ResultRef(store.result_file(f"results/f{n}.jsonl"), 5, len(line)), line))
+    with ResultReader(store) as reader:
+        for ref, line in [*refs, *reversed(refs), *refs[:2] * 3]:
+            assert reader.line(ref) == line
+            assert len(reader.maps) <= _OPEN_MAPS
+        assert reader.line(b"inline bytes") == b"inline bytes"
+    assert not reader.maps

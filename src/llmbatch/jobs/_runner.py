@@ -18,6 +18,7 @@ import mmap
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -685,12 +686,17 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
 
 
 class ResultReader:
-    """Reads result lines out of a job's downloaded result files (memory-mapped, opened once each)."""
+    """Reads result lines out of a job's downloaded result files (memory-mapped).
+
+    At most `_OPEN_MAPS` files stay mapped, the least recently read closed first: an export in
+    input order reads one chunk's file after another, and a mapped file's pages count towards the
+    process's memory while it stays mapped, so a long job's export would otherwise grow with it.
+    """
 
     def __init__(self, store: JobStore) -> None:
         self.root = store.path.parent
         self.paths = store.result_files()
-        self.maps: dict[int, mmap.mmap] = {}
+        self.maps: OrderedDict[int, mmap.mmap] = OrderedDict()
 
     def __enter__(self) -> ResultReader:
         return self
@@ -698,19 +704,30 @@ class ResultReader:
     def __exit__(self, *exc: object) -> None:
         for m in self.maps.values():
             m.close()
+        self.maps.clear()
 
     def line(self, result: Result) -> bytes:
         if not isinstance(result, ResultRef):
             return result
-        m = self.maps.get(result.file)
+        maps = self.maps
+        m = maps.get(result.file)
         if m is None:
             path = self.root / self.paths[result.file]
             try:
                 with open(path, "rb") as fh:
-                    m = self.maps[result.file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError as exc:
                 raise StateError(f"{path}: a result file of this job is missing or unreadable: {exc}") from exc
+            maps[result.file] = m
+            if len(maps) > _OPEN_MAPS:
+                maps.popitem(last=False)[1].close()
+        elif next(reversed(maps)) != result.file:
+            maps.move_to_end(result.file)
         return m[result.offset : result.offset + result.length]
+
+
+#: Result files a `ResultReader` keeps mapped at once.
+_OPEN_MAPS = 4
 
 
 def _error_line(custom_id: str | None, code: str, message: str) -> bytes:
