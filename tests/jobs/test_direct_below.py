@@ -32,3 +32,21 @@ def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Pa
     )
     failed_in_batch = sum(1 for r in out if r["id"] is None)  # rows answered directly carry no batch request id
     assert direct == failed_in_batch > 0
+
+
+def test_a_job_larger_than_the_threshold_goes_in_batches_only(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """150 rows in chunks of 100 with --direct-below 100: both chunks are batches. The first chunk
+    goes out before the second is planned, and the 50 rows left then are still part of the job's
+    first round, not "the last few" for the direct API (which costs about twice as much)."""
+    server = server_factory()
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(jsonl([chat_line(i) for i in range(150)]))
+    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "k"}
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url", server.base_url,
+           "--poll-interval", "0.05", "--direct-below", "100", "--batch-size", "100"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "direct API" not in done.stderr
+    assert sorted(b.request_counts.total for b in server.client().batches.list()) == [50, 100]
+    out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
+    assert all(r["id"] is not None for r in out)  # every row answered in a batch

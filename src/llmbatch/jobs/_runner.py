@@ -18,7 +18,7 @@ import mmap
 import os
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +138,11 @@ class JobRunner:
             # Not sure yet what an interrupted submission created: `submit` asks again each round.
             self.say(f"looking up earlier submissions failed: {exc}; will try again")
         # One chunk first: the provider starts on it while the rest are planned and uploaded.
-        self.plan(limit=1)
+        first = self.plan(limit=1)
         self.store.set_job(status="running")
-        await self.submit()
-        self.plan()
+        if first:
+            await self.submit()
+            self.plan(direct=False)  # the same round: the rows left are not "the last few"
         delay = self.settings.poll_interval
         while True:
             progressed = await self.submit()
@@ -201,45 +202,53 @@ class JobRunner:
 
     # -- planning ------------------------------------------------------------------------
 
-    def plan(self, *, full_only: bool = False, limit: int | None = None) -> bool:
+    def plan(self, *, full_only: bool = False, limit: int | None = None, direct: bool = True) -> bool:
         """Packs pending rows into chunks (one endpoint and model each, under the limits);
         returns whether it planned any.
 
         `full_only`: only chunks that reached a limit (requests, bytes or tokens); the rest
         stays pending (the Python API's batching waits for more calls or its send delay).
         `limit`: at most this many chunks now (the first goes out before the rest are planned).
-        Rows are read a chunk's worth at a time, so memory stays flat however large the job.
+        `direct`: leave the rows to `run_direct` when no more than `--direct-below` are pending.
+        Rows are read in pages of a chunk's size, so memory stays flat however large the job.
         """
-        if self.settings.direct_below and self.store.pending_count() <= self.settings.direct_below:
+        if direct and self.settings.direct_below and self.store.pending_count() <= self.settings.direct_below:
             return False  # few enough left: `run_direct` sends them now instead
         planned = 0
         for endpoint, model in self.store.pending_groups():
             price = self.tariff(model)
-            after = -1
+            rows: deque[tuple[int, int, int, int, int, int]] = deque()
+            read_to, more = -1, True
             while limit is None or planned < limit:
-                page = self.store.pending_rows(endpoint, model, after, self.batch_size)
-                if not page:
+                if more and len(rows) < self.batch_size:
+                    page = self.store.pending_rows(endpoint, model, read_to, self.batch_size)
+                    more = len(page) == self.batch_size
+                    if page:
+                        rows.extend(page)
+                        read_to = page[-1][0]
+                if not rows:
                     break
                 idxs: list[int] = []
                 nbytes = est_in = est_out = 0
                 est_cost = 0.0
-                full = len(page) >= self.batch_size
-                for idx, _file_no, _offset, length, row_in, row_out in page:
+                full = False
+                while rows and len(idxs) < self.batch_size:
+                    idx, _file_no, _offset, length, row_in, row_out = rows[0]
                     too_big = nbytes + length + 1 > self.max_bytes
                     too_heavy = self.max_enqueued is not None and est_in + row_in > self.max_enqueued
                     if idxs and (too_big or too_heavy):
-                        full = True
+                        full = True  # the row that did not fit starts the next chunk
                         break
+                    rows.popleft()
                     idxs.append(idx)
                     nbytes += length + 1
                     est_in += row_in
                     est_out += row_out
                     est_cost += price(row_in, row_out)  # per row: a long prompt costs more per token
-                if full_only and not full:
+                if full_only and not (full or len(idxs) >= self.batch_size):
                     break
                 self._plan_chunk(endpoint, model, idxs, nbytes, est_in, est_out, est_cost)
                 planned += 1
-                after = idxs[-1]
         return planned > 0
 
     def _plan_chunk(
@@ -688,9 +697,10 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
 class ResultReader:
     """Reads result lines out of a job's downloaded result files (memory-mapped).
 
-    At most `_OPEN_MAPS` files stay mapped, the least recently read closed first: an export in
-    input order reads one chunk's file after another, and a mapped file's pages count towards the
-    process's memory while it stays mapped, so a long job's export would otherwise grow with it.
+    At most `_OPEN_MAPS` files stay mapped (and open), the least recently read closed first: an
+    export in input order moves from one chunk's files to the next, and a mapped file's pages count
+    towards the process's memory while it stays mapped, so a long job's export would otherwise
+    grow with it (and run out of file handles).
     """
 
     def __init__(self, store: JobStore) -> None:
@@ -726,8 +736,9 @@ class ResultReader:
         return m[result.offset : result.offset + result.length]
 
 
-#: Result files a `ResultReader` keeps mapped at once.
-_OPEN_MAPS = 4
+#: Result files a `ResultReader` keeps mapped at once: enough for the files an export in input
+#: order moves between (a chunk's output and errors, and the chunks its retried rows went in).
+_OPEN_MAPS = 16
 
 
 def _error_line(custom_id: str | None, code: str, message: str) -> bytes:
