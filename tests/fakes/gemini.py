@@ -470,7 +470,8 @@ class GeminiFake:
         if "FAIL400" in text:
             return {"error": {"code": 400, "message": "fake: invalid argument", "status": "INVALID_ARGUMENT"}}
         values = embedding_of(text, _get(req, "outputDimensionality") or 4)
-        return {"response": {"embedding": {"values": values}, "tokenCount": len(text.split())}}
+        # tokenCount is an int64, which Gemini's REST JSON writes as a string.
+        return {"response": {"embedding": {"values": values}, "tokenCount": str(len(text.split()))}}
 
     # -- the direct API --------------------------------------------------------------------
 

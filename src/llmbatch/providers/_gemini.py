@@ -412,6 +412,14 @@ def _inline_requests(path: Path) -> list[dict[str, Any]]:
         return [{"request": rec["request"], "metadata": {"key": rec["key"]}} for rec in map(orjson.loads, fh)]
 
 
+def _count(value: Any) -> int:
+    """A token count from Gemini's JSON: a number, or an int64 as a string; anything else is 0."""
+    try:
+        return max(int(value), 0) if value is not None and not isinstance(value, bool) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 def _inline_results(dest: types.BatchJobDestination) -> list[Any]:
     """A finished batch's inline results: generate responses, or embed ones (which Gemini may
     also return inline for a batch whose requests came in a file)."""
@@ -494,7 +502,9 @@ class _EmbeddingGroups:
             response = item.get("response") or {}
             embedding = response.get("embedding") or (response.get("embeddings") or [{}])[0]
             vectors.append(list(embedding.get("values") or []))
-            # The SDK's embed result carries `tokenCount`; generate-style usage is kept as a fallback.
-            tokens += response.get("tokenCount") or (response.get("usageMetadata") or {}).get("promptTokenCount") or 0
+            # An embed result carries `tokenCount`, an int64 (a string in REST JSON); generate-style
+            # usage is the fallback.
+            count = response.get("tokenCount") or (response.get("usageMetadata") or {}).get("promptTokenCount")
+            tokens += _count(count)
         body = gt.embedding_body(vectors, model=self.model, prompt_tokens=tokens)
         return _chat.result_line(cid, 200, body, native=items)

@@ -28,6 +28,7 @@ import together
 from .._exceptions import ProviderError
 from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
 from ._chat import (
+    HTTP_STATUS_OF_ERROR,
     content_part_reasons,
     error_body,
     error_fields,
@@ -155,7 +156,7 @@ def _error_line(cid: Any, error: Any) -> dict[str, Any]:
         return not_run_line(cid, "batch_expired", message)
     if code in ("batch_cancelled", "cancelled") or etype == "cancelled":
         return not_run_line(cid, "batch_cancelled", message)
-    if status is None and isinstance(code, str) and (code in _FINAL_CODES or code.startswith("invalid")):
+    if status is None and code in _BAD_REQUEST_CODES and not HTTP_STATUS_OF_ERROR.get(etype or ""):
         # Together's error file names the problem, not a status ("invalid_model"): such a row
         # fails the same way every time, so it is a 400, never retried; "timeout" and codes
         # not known here stay retryable.
@@ -164,7 +165,10 @@ def _error_line(cid: Any, error: Any) -> dict[str, Any]:
 
 
 #: Error codes of Together's error file that mean the request itself is wrong.
-_FINAL_CODES = frozenset({"model_not_found", "context_length_exceeded", "validation_error", "bad_request"})
+_BAD_REQUEST_CODES = frozenset(
+    {"invalid_model", "invalid_request", "invalid_request_error", "invalid_argument", "invalid_parameter",
+     "invalid_json", "model_not_found", "context_length_exceeded", "validation_error", "bad_request"}
+)  # fmt: skip
 
 
 def _existing_file(exc: ProviderError) -> str | None:
