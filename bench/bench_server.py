@@ -2,6 +2,7 @@
 
 1. A 100,000-row chat batch on the echo engine, end to end (upload -> completed -> download):
    wall time, rows/s, and the server's peak RSS. Target on 2 cores: under 60 s, RSS < 300 MB.
+   Also how fast the API answers while the batch runs (a batch retrieve every 50 ms).
 2. The same for a batch 5x larger: peak RSS must stay flat (streaming, not whole files).
 3. 100,000 rows through the `openai` forwarding engine against an echo upstream with 50 ms
    latency at 256 in flight, as a ratio to the ideal time rows x latency / concurrency.
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,9 +117,13 @@ def run_batch(url: str, path: Path, rows: int, out_path: Path) -> dict[str, floa
         f = client.files.create(file=(path.name, fh), purpose="batch")
     t_up = time.perf_counter()
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    latencies: list[float] = []
     while b.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.1)
+        time.sleep(0.05)
+        t = time.perf_counter()
         b = client.batches.retrieve(b.id)
+        if b.status == "in_progress":
+            latencies.append(time.perf_counter() - t)
     t_done = time.perf_counter()
     if b.status != "completed":
         raise RuntimeError(f"batch ended {b.status}: {b.errors}")
@@ -136,6 +142,8 @@ def run_batch(url: str, path: Path, rows: int, out_path: Path) -> dict[str, floa
         "download_s": t_end - t_done,
         "total_s": t_end - t0,
         "server_processing_s": float(processing),
+        "poll_median_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        "poll_max_ms": 1000 * max(latencies) if latencies else float("nan"),
     }
 
 
@@ -168,7 +176,8 @@ def main() -> None:
                 print(
                     f"echo {rows:>9,} rows ({size / 1e6:,.0f} MB in): total {r['total_s']:6.1f} s "
                     f"(upload {r['upload_s']:.1f}, batch {r['batch_s']:.1f}, download {r['download_s']:.1f}) "
-                    f"= {rows / r['total_s']:,.0f} rows/s; server peak RSS {echo.peak_rss / 2**20:,.0f} MiB"
+                    f"= {rows / r['total_s']:,.0f} rows/s; server peak RSS {echo.peak_rss / 2**20:,.0f} MiB; "
+                    f"a poll while it runs: median {r['poll_median_ms']:.1f} ms, max {r['poll_max_ms']:.1f} ms"
                 )
                 inp.unlink()
             if len(rss) == 2:

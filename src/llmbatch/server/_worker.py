@@ -270,6 +270,10 @@ class BatchWorker:
                 task = asyncio.create_task(self._row(b.endpoint, n, raw, journal, limit))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+                # Let the row (and the API's requests) run before the next row is read: without
+                # this, rows that need no I/O (echo) pile up as ready tasks by the hundred, and
+                # every API request waits behind all of them.
+                await asyncio.sleep(0)
             if inflight and run.stop is None:
                 # Wait for the last rows, unless told to stop meanwhile.
                 stopper = asyncio.create_task(run.wake.wait())
