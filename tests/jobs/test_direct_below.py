@@ -12,15 +12,21 @@ from pathlib import Path
 from conftest import chat_line, jsonl
 
 
-def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = server_factory("--echo-fail-rate", "0.2")
+def run_direct_below(tmp_path: Path, base_url: str, rows: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`llmbatch run` of `rows` chat rows with `--direct-below 100` and `args`; it must exit 0."""
     inp = tmp_path / "in.jsonl"
-    inp.write_bytes(jsonl([chat_line(i) for i in range(200)]))
+    inp.write_bytes(jsonl([chat_line(i) for i in range(rows)]))
     env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url", server.base_url,
-           "--poll-interval", "0.05", "--direct-below", "100", "--max-attempts", "8"]  # fmt: skip
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url", base_url,
+           "--poll-interval", "0.05", "--direct-below", "100", *args]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory("--echo-fail-rate", "0.2")
+    done = run_direct_below(tmp_path, server.base_url, 200, "--max-attempts", "8")
     assert "direct API" in done.stderr
     out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
     assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(200)]
@@ -39,13 +45,7 @@ def test_a_job_larger_than_the_threshold_goes_in_batches_only(server_factory, tm
     goes out before the second is planned, and the 50 rows left then are still part of the job's
     first round, not "the last few" for the direct API (which costs about twice as much)."""
     server = server_factory()
-    inp = tmp_path / "in.jsonl"
-    inp.write_bytes(jsonl([chat_line(i) for i in range(150)]))
-    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url", server.base_url,
-           "--poll-interval", "0.05", "--direct-below", "100", "--batch-size", "100"]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = run_direct_below(tmp_path, server.base_url, 150, "--batch-size", "100")
     assert "direct API" not in done.stderr
     assert sorted(b.request_counts.total for b in server.client().batches.list()) == [50, 100]
     out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
