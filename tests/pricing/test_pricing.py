@@ -345,9 +345,9 @@ def test_long_prompts_pay_the_long_prompt_rates(table: PriceTable) -> None:
     assert cost(pro, 200_001, 1_000, batch=False) == pytest.approx((200_001 * 2.5 + 1_000 * 15.0) / 1e6)
     assert cost(pro, 200_001, 1_000) == pytest.approx(cost(pro, 200_001, 1_000, batch=False) / 2)
     tariff = Tariff(pro, batch=True)
-    assert tariff.priced and tariff(300_000, 10, 100_000) == pytest.approx(cost(pro, 300_000, 10, 100_000))
+    assert tariff(300_000, 10, 100_000) == pytest.approx(cost(pro, 300_000, 10, 100_000))
     assert tariff(1_000, 10) == pytest.approx(cost(pro, 1_000, 10))
-    assert not Tariff(None, batch=True).priced and Tariff(None, batch=False)(300_000, 10) == 0.0
+    assert Tariff(None, batch=True)(300_000, 10) == Tariff(None, batch=False)(1, 1) == 0.0
     flat = table.lookup("gpt-4.1")
     assert flat is not None and flat.above_200k is None
     assert cost(flat, 300_000, 0) == pytest.approx(300_000 * flat.rates(batch=True)[0] / 1e6)

@@ -127,10 +127,6 @@ class Tariff:
         long = price.above_200k if price is not None else None
         self._long = long.rates(batch=batch) if long is not None else None
 
-    @property
-    def priced(self) -> bool:
-        return self._base is not None
-
     def __call__(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         rates = self._long if self._long is not None and input_tokens > LONG_PROMPT_TOKENS else self._base
         return cost_at(rates, input_tokens, output_tokens, cached_tokens) if rates is not None else 0.0
