@@ -55,9 +55,10 @@ class APIError(Exception):
 
 
 class _FileResponse(FileResponse):
-    """File downloads in 1 MiB pieces (Starlette's are 64 KiB): each piece waits its turn on the
-    event loop, which also runs batches' rows, so a large results file sent while a batch is
-    running would otherwise take a dozen times longer than on an idle server."""
+    """File downloads in 1 MiB pieces (Starlette's are 64 KiB): each piece is a read in a thread
+    and a send, each waiting its turn on the event loop that also runs batches' rows, so fewer
+    pieces mean fewer waits (a 59 MB file during a batch: 1.8 s instead of 2.2 s, 0.10 s instead
+    of 0.18 s idle)."""
 
     chunk_size = 1 << 20
 
