@@ -1,29 +1,21 @@
-"""The `llmbatch` command line. Errors become one clean line and a non-zero exit code."""
+"""`llmbatch serve`: the OpenAI-compatible Files + Batches API on your own engine."""
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__
-from ._cli_engine import ENGINE_HELP, engine_config_options, engine_options
-from ._exceptions import LLMBatchError
-from ._paths import default_server_dir
+from .. import __version__
+from .._paths import default_server_dir
+from ._engine_options import ENGINE_HELP, engine_config_options, engine_options
 
-__all__ = ["main", "cli"]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="llmbatch")
-def cli() -> None:
-    """Run large numbers of LLM requests cheaply and reliably."""
+__all__ = ["serve"]
 
 
-@cli.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option(
@@ -91,9 +83,9 @@ def serve(
     **model_options: Any,
 ) -> None:
     """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
-    from .engines import EngineConfig, create_engine, resolve_engine
-    from .server import ServerConfig, parse_size, parse_window
-    from .server import serve as run_server
+    from ..engines import EngineConfig, create_engine, resolve_engine
+    from ..server import ServerConfig, parse_size, parse_window
+    from ..server import serve as run_server
 
     engine, notice = resolve_engine(engine)
     if notice:
@@ -122,25 +114,3 @@ def serve(
         err=True,
     )
     run_server(config, host=host, port=port, log_level=log_level)
-
-
-from ._cli_jobs import register as _register_job_commands  # noqa: E402 - after `cli` exists
-
-_register_job_commands(cli)
-
-
-def main() -> None:
-    """Entry point: runs the CLI, turning llmbatch errors into one line and exit code 2."""
-    try:
-        cli.main(standalone_mode=False)
-    except LLMBatchError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)

@@ -95,8 +95,8 @@ def engine_config_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     Only options the user gave (not at their defaults) are returned, so a job's stored
     settings stay small and the engine's own defaults apply.
     """
-    from .engines import EngineConfig
-    from .engines._model import parse_adapters
+    from ..engines import EngineConfig
+    from ..engines._model import parse_adapters
 
     defaults = EngineConfig()
     out: dict[str, Any] = {}

@@ -11,12 +11,11 @@ from typing import Any
 import click
 import orjson
 
-from ._cli_engine import ENGINE_HELP, engine_config_options, engine_options
-from ._exceptions import ConfigError
-from ._rows import check_row, iter_lines
-from .engines import resolve_engine
-from .estimate import Estimate, estimate_row
-from .jobs import (
+from .._exceptions import ConfigError
+from .._rows import check_row, iter_lines
+from ..engines import resolve_engine
+from ..estimate import Estimate, estimate_row
+from ..jobs import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,8 +30,8 @@ from .jobs import (
     make_provider,
     open_job,
 )
-from .jobs._progress import make_progress
-from .jobs._run import (
+from ..jobs._progress import make_progress
+from ..jobs._run import (
     JobLock,
     cancel_batches,
     ingest_new_rows,
@@ -42,8 +41,9 @@ from .jobs._run import (
     settings_for,
     stored_job,
 )
-from .pricing import PriceTable
-from .providers import PROVIDER_NAMES
+from ..pricing import PriceTable
+from ..providers import PROVIDER_NAMES
+from ._engine_options import ENGINE_HELP, engine_config_options, engine_options
 
 __all__ = ["register"]
 

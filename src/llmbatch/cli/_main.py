@@ -1,0 +1,44 @@
+"""The `llmbatch` group: one module per command, each registered here with `add_command`.
+
+Errors become one clean line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from .._exceptions import LLMBatchError
+from ._jobs import register
+from ._serve import serve
+
+__all__ = ["main", "cli"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmbatch")
+def cli() -> None:
+    """Run large numbers of LLM requests cheaply and reliably."""
+
+
+cli.add_command(serve)
+register(cli)
+
+
+def main() -> None:
+    """Entry point: runs the CLI, turning llmbatch errors into one line and exit code 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except LLMBatchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
