@@ -2,7 +2,9 @@
 
     LLMBatchError                 base of every error llmbatch raises on purpose
     +-- ConfigError               bad flags, settings or environment; the message says the fix
+    |   +-- JobBusy               another process (or run) holds the job's lock
     +-- InputError                bad user input (a file, a line, a value); names where and why
+    |   +-- InvalidRows           a job's input has invalid rows and skip_invalid is off
     +-- EngineError               an engine could not be created or started
     +-- StateError                a stored object is not in a state that allows the operation
     +-- ProviderError             a provider's API refused or failed a call (status, body)
@@ -16,7 +18,9 @@ from __future__ import annotations
 __all__ = [
     "LLMBatchError",
     "ConfigError",
+    "JobBusy",
     "InputError",
+    "InvalidRows",
     "EngineError",
     "StateError",
     "ProviderError",
@@ -32,8 +36,22 @@ class ConfigError(LLMBatchError):
     """A flag, setting or environment variable is missing or invalid."""
 
 
+class JobBusy(ConfigError):
+    """Another process, or another run in this one, is running the job (holds its lock)."""
+
+
 class InputError(LLMBatchError):
     """User input is invalid; the message names the file, line and reason where known."""
+
+
+class InvalidRows(InputError):
+    """A job's inputs have invalid rows, so nothing was sent. `count` rows are invalid;
+    `problems` names the first few as `FILE:LINE: code: reason`."""
+
+    def __init__(self, message: str, *, count: int, problems: list[str]) -> None:
+        super().__init__(message)
+        self.count = count
+        self.problems = problems
 
 
 class EngineError(LLMBatchError):

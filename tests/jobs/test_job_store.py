@@ -2,39 +2,49 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from llmbatch._exceptions import StateError
-from llmbatch.jobs import JobStore
+from llmbatch.jobs import CheckedRow, JobStore, ResultReader, ResultRef
+from llmbatch.jobs._export import _OPEN_MAPS
+from llmbatch.jobs._records import Failure, Outcome, Retry, Success
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 
 
-def row_tuple(idx: int, state: str = "pending", custom_id: str | None = None) -> tuple[object, ...]:
-    """(idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, error)."""
-    return (idx, 0, idx + 1, idx * 100, 99, custom_id or f"row-{idx}", CHAT, MODEL, 10, 20, state, None)
+def row_tuple(
+    idx: int, state: str = "pending", custom_id: str | None = None
+) -> tuple[int, int, int, int, int, CheckedRow]:
+    """(idx, file_no, line, offset, length, checked row) as reading an input makes them."""
+    checked = CheckedRow(custom_id or f"row-{idx}", None, 0, CHAT, MODEL, 10, 20, 0, state, None)
+    return (idx, 0, idx + 1, idx * 100, 99, checked)
 
 
 @pytest.fixture
 def store(tmp_path: Path):  # type: ignore[no-untyped-def]
     s = JobStore(tmp_path / "job.sqlite")
     s.create_job("job_test", [{"path": str(tmp_path / "in.jsonl"), "size": 1, "mtime_ns": 1}], {"provider": "local"})
-    s.insert_rows([row_tuple(i) for i in range(5)])
+    s.insert_checked([row_tuple(i) for i in range(5)], ["in.jsonl"])
     yield s
     s.close()
 
 
 def rows(store: JobStore) -> dict[int, tuple[str, int, int | None, str | None]]:
-    """idx -> (state, attempts, chunk_id, error)."""
-    return {
-        idx: (state, attempts, chunk_id, error)
-        for idx, state, attempts, chunk_id, error in store.db.execute(
-            "SELECT idx, state, attempts, chunk_id, error FROM rows ORDER BY idx"
-        )
-    }
+    """idx -> (state, attempts, chunk_id, error), read by a connection of the test's own."""
+    db = sqlite3.connect(store.path)
+    try:
+        return {
+            idx: (state, attempts, chunk_id, error)
+            for idx, state, attempts, chunk_id, error in db.execute(
+                "SELECT idx, state, attempts, chunk_id, error FROM rows ORDER BY idx"
+            )
+        }
+    finally:
+        db.close()
 
 
 def plan(store: JobStore, tag: str, idxs: list[int]) -> int:
@@ -85,7 +95,7 @@ def test_plan_chunk_queues_rows_and_counts_attempts(store: JobStore) -> None:
 
     # A row sent back to pending and planned again has its second attempt counted.
     submit(store, cid)
-    store.collect(cid, [], [("HTTP 500: boom", 0)], [], "completed")
+    store.collect(cid, Outcome(3, retry=[Retry("HTTP 500: boom", 0)]), "completed")
     assert rows(store)[0] == ("pending", 1, None, "HTTP 500: boom")
     cid3 = plan(store, "job_test-c00003", [0])
     assert rows(store)[0][:3] == ("queued", 2, cid3)
@@ -130,13 +140,13 @@ def test_move_chunk_guards_its_state(store: JobStore) -> None:
 def test_collect_applies_results(store: JobStore) -> None:
     cid = plan(store, "job_test-c00001", [0, 1, 2, 3])
     submit(store, cid)
-    store.collect(
-        cid,
-        succeeded=[(b'{"ok": 0}', 11, 5, 2, 1, 0.25, 0), (b'{"ok": 1}', 9, 4, 0, 0, 0.125, 1)],
-        retry=[("HTTP 429: slow down", 2)],
-        failed=[(b'{"bad": 3}', "HTTP 400: no messages", 3)],
-        remote_status="completed",
+    outcome = Outcome(
+        3,
+        succeeded=[Success(b'{"ok": 0}', 11, 5, 2, 1, 0.25, 0), Success(b'{"ok": 1}', 9, 4, 0, 0, 0.125, 1)],
+        retry=[Retry("HTTP 429: slow down", 2)],
+        failed=[Failure(b'{"bad": 3}', "HTTP 400: no messages", 3)],
     )
+    store.collect(cid, outcome, remote_status="completed")
     r = rows(store)
     assert r[0] == ("succeeded", 1, cid, None)
     assert r[1] == ("succeeded", 1, cid, None)
@@ -156,7 +166,7 @@ def test_collect_applies_results(store: JobStore) -> None:
 
     # Collecting the same chunk again is refused and changes nothing.
     with pytest.raises(StateError):
-        store.collect(cid, [(b'{"again": 2}', 1, 1, 0, 0, 9.0, 2)], [], [], "completed")
+        store.collect(cid, Outcome(3, succeeded=[Success(b'{"again": 2}', 1, 1, 0, 0, 9.0, 2)]), "completed")
     assert rows(store)[2] == ("pending", 1, None, "HTTP 429: slow down")
     assert store.totals()["cost"] == 0.375
 
@@ -166,7 +176,9 @@ def test_collect_refuses_a_chunk_not_submitted(store: JobStore) -> None:
     store.move_chunk(cid, "uploading", ("planned",))
     store.move_chunk(cid, "uploaded", ("uploading",), file_id="file-1")
     with pytest.raises(StateError):
-        store.collect(cid, [(b'{"ok": 0}', 1, 1, 0, 0, 0.1, 0)], [("x", 1)], [], "completed")
+        store.collect(
+            cid, Outcome(3, succeeded=[Success(b'{"ok": 0}', 1, 1, 0, 0, 0.1, 0)], retry=[Retry("x", 1)]), "completed"
+        )
     # The whole transaction was rolled back: the rows are untouched.
     r = rows(store)
     assert r[0] == ("queued", 1, cid, None) and r[1] == ("queued", 1, cid, None)
@@ -179,7 +191,9 @@ def test_collect_only_touches_queued_rows(store: JobStore) -> None:
     cid = plan(store, "job_test-c00001", [0, 1])
     submit(store, cid)
     # Row 4 was never queued: a stray result for it must not mark it.
-    store.collect(cid, [(b"{}", 1, 1, 0, 0, 0.1, 0), (b"{}", 1, 1, 0, 0, 0.1, 4)], [], [(b"{}", "e", 1)], "completed")
+    outcome = Outcome(3, succeeded=[Success(b"{}", 1, 1, 0, 0, 0.1, 0), Success(b"{}", 1, 1, 0, 0, 0.1, 4)])
+    outcome.failed.append(Failure(b"{}", "e", 1))
+    store.collect(cid, outcome, "completed")
     r = rows(store)
     assert r[0][0] == "succeeded" and r[1][0] == "failed" and r[4] == ("pending", 0, None, None)
     assert store.totals()["cost"] == pytest.approx(0.1)
@@ -188,7 +202,7 @@ def test_collect_only_touches_queued_rows(store: JobStore) -> None:
 def test_reopening_keeps_state(tmp_path: Path) -> None:
     first = JobStore(tmp_path / "job.sqlite")
     first.create_job("job_test", [], {})
-    first.insert_rows([row_tuple(0), row_tuple(1)])
+    first.insert_checked([row_tuple(0), row_tuple(1)], ["in.jsonl"])
     cid = plan(first, "job_test-c00001", [0])
     first.close()
     again = JobStore(tmp_path / "job.sqlite")
@@ -204,9 +218,6 @@ def test_reopening_keeps_state(tmp_path: Path) -> None:
 def test_result_reader_keeps_few_files_mapped(store: JobStore, tmp_path: Path) -> None:
     """Reading results across many downloaded files maps only a few at once (a long job's export
     would otherwise hold every file's pages), and each line still comes out whole."""
-    from llmbatch.jobs._runner import _OPEN_MAPS, ResultReader
-    from llmbatch.jobs._store import ResultRef
-
     (tmp_path / "results").mkdir()
     refs = []
     for n in range(3 * _OPEN_MAPS):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -120,11 +121,16 @@ def test_remote_ids_replace_only_refused_ids() -> None:
 # -- reading inputs -------------------------------------------------------------------------
 
 
-def _rows_of(db: JobStore) -> list[tuple[object, ...]]:
-    return db.db.execute(
-        "SELECT idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, error "
-        "FROM rows ORDER BY idx"
-    ).fetchall()
+def _rows_of(store: JobStore) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(store.path)  # the test's own connection: what is on disk
+    try:
+        return db.execute(
+            "SELECT idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, "
+            "error "
+            "FROM rows ORDER BY idx"
+        ).fetchall()
+    finally:
+        db.close()
 
 
 def test_ingest_in_worker_processes_matches_in_process(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from conftest import chat_line, jsonl
-from llmbatch.jobs import JobRunner, JobSettings, ingest, open_job
+from llmbatch.jobs import JobRunner, JobSession, JobSettings, ingest
 from llmbatch.providers._openai import OpenAIBatchProvider
 
 
@@ -16,7 +16,8 @@ def test_runner_adopts_upload_and_batch_made_before_a_crash(server_factory, tmp_
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(jsonl([chat_line(i) for i in range(30)]))
     settings = JobSettings(provider="openai", base_url=server.base_url, batch_size=10, poll_interval=0.05)
-    store, job_dir, _ = open_job([inp], settings, tmp_path / "jobs")
+    session, _ = JobSession.open([inp], settings, tmp_path / "jobs")
+    store, job_dir = session.store, session.dir
     ingest(store, [inp], settings)
 
     async def scenario() -> tuple[str, str]:
@@ -26,9 +27,9 @@ def test_runner_adopts_upload_and_batch_made_before_a_crash(server_factory, tmp_
         c1, c2, _c3 = store.chunks(("planned",))
         # Chunk 1: uploaded remotely, then "killed" before the file id was recorded.
         store.move_chunk(c1.id, "uploading", ("planned",), intent_at=c1.created_at)
-        orphan_upload = await provider.upload(c1.tag, runner._write_chunk_file(c1))
+        orphan_upload = await provider.upload(c1.tag, runner.write_chunk_file(c1))
         # Chunk 2: batch created remotely, then "killed" before the batch id was recorded.
-        file_id = await provider.upload(c2.tag, runner._write_chunk_file(c2))
+        file_id = await provider.upload(c2.tag, runner.write_chunk_file(c2))
         store.move_chunk(c2.id, "uploading", ("planned",), intent_at=c2.created_at)
         store.move_chunk(c2.id, "uploaded", ("uploading",), file_id=file_id)
         store.move_chunk(c2.id, "creating", ("uploaded",), intent_at=c2.created_at)
@@ -47,7 +48,7 @@ def test_runner_adopts_upload_and_batch_made_before_a_crash(server_factory, tmp_
     assert len(batches) == 3 and len(set(tags)) == 3, tags
     assert orphan_batch in {b.id for b in batches}, "the batch made before the crash was adopted"
     assert orphan_upload in {b.input_file_id for b in batches}, "the upload made before the crash was adopted"
-    chunk_batches = {bid for (bid,) in store.db.execute("SELECT batch_id FROM chunks")}
+    chunk_batches = {c.batch_id for c in store.chunks()}
     assert chunk_batches == {b.id for b in batches}
     out = (tmp_path / "in.results.jsonl").read_text().splitlines()
     assert len(out) == 30

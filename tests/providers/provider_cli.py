@@ -22,7 +22,7 @@ import pytest
 from fakes._serve import serve_app
 
 from conftest import chat_line, jsonl
-from llmbatch.jobs import JobRunner, JobSettings, JobStore, ingest, open_job
+from llmbatch.jobs import JobRunner, JobSession, JobSettings, JobStore, ingest
 from llmbatch.providers import Provider, RemoteBatch, RemoteStatus
 
 KEY = "test-key"
@@ -139,7 +139,8 @@ def thirty_row_job(tmp_path: Path, provider: str, url: str, model: str) -> tuple
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(jsonl([chat_line(i, model=model) for i in range(30)]))
     settings = JobSettings(provider=provider, base_url=url, batch_size=10, poll_interval=0.05)
-    store, job_dir, _ = open_job([inp], settings, tmp_path / "jobs")
+    session, _ = JobSession.open([inp], settings, tmp_path / "jobs")
+    store, job_dir = session.store, session.dir
     ingest(store, [inp], settings)
     return store, job_dir, settings
 
@@ -151,9 +152,9 @@ async def leave_orphans(store: JobStore, job_dir: Path, settings: JobSettings, p
     c1, c2, _c3 = store.chunks(("planned",))
     # Chunk 1 was uploaded, then the process died before recording the file id.
     store.move_chunk(c1.id, "uploading", ("planned",), intent_at=c1.created_at)
-    orphan_upload = await p.upload(c1.tag, runner._write_chunk_file(c1))
+    orphan_upload = await p.upload(c1.tag, runner.write_chunk_file(c1))
     # Chunk 2's batch was created, then the process died before recording the batch id.
-    file_id = await p.upload(c2.tag, runner._write_chunk_file(c2))
+    file_id = await p.upload(c2.tag, runner.write_chunk_file(c2))
     store.move_chunk(c2.id, "uploading", ("planned",), intent_at=c2.created_at)
     store.move_chunk(c2.id, "uploaded", ("uploading",), file_id=file_id)
     store.move_chunk(c2.id, "creating", ("uploaded",), intent_at=c2.created_at)

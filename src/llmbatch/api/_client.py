@@ -36,10 +36,8 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
-from .._exceptions import BudgetExceeded, ConfigError, ProviderError
-from ..jobs import JobRunner, JobSettings, JobStore, default_job_root, make_provider
-from ..jobs._ingest import RowRules
-from ..jobs._runner import ResultReader
+from .._exceptions import BudgetExceeded, ConfigError
+from ..jobs import JobSession, JobSettings, RequestRow, ResultReader, RowRules, default_job_root, provider_started
 from ..providers import split_model
 
 __all__ = ["AsyncBatchClient", "BatchClient", "BatchConfig"]
@@ -131,7 +129,13 @@ class AsyncBatchClient:
     echo); `base_url` and `api_key` default to the provider's environment variables. `max_cost`
     (USD) holds back batches whose estimate would pass it: calls that cannot be sent then raise
     `llmbatch.BudgetExceeded`. `max_attempts` bounds the tries of a call that fails retryably
-    (429, 5xx, expired batches).
+    (429, 5xx, expired batches). `direct_below` sends the calls waiting when a batch would be
+    sent through the provider's direct API instead, when there are no more than that many (at
+    direct prices; 0: always batch).
+
+    One client runs a job at a time (the job's lock, as `llmbatch run` takes it): another
+    client with the same job name, here or in another process, raises `llmbatch.JobBusy`
+    until this one is closed.
 
     Covered calls: `chat.completions.create(...)` and `embeddings.create(...)`, with the SDK's
     keyword arguments. Use it as `async with AsyncBatchClient(...) as client:` or call
@@ -151,6 +155,7 @@ class AsyncBatchClient:
         max_attempts: int = 3,
         job_dir: Path | str | None = None,
         api_version: str | None = None,
+        direct_below: int = 0,
     ) -> None:
         self.config = config or BatchConfig()
         self.settings = JobSettings(
@@ -165,24 +170,20 @@ class AsyncBatchClient:
             max_cost=max_cost,
             poll_interval=self.config.poll_interval,
             max_poll_interval=self.config.max_poll_interval,
+            direct_below=direct_below,
         )
         self.job_id = f"api-{job}"
-        self.job_dir = Path(job_dir or default_job_root()) / self.job_id
-        self.job_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(self.job_dir / "job.sqlite")
-        stored = self.store.job()
-        if stored is None:
-            self.store.create_job(self.job_id, [], self.settings.model_dump(mode="json"))
-        elif stored["settings"].get("provider") != provider:
-            raise ConfigError(
-                f"job {job!r} runs on the {stored['settings'].get('provider')} provider, not {provider}: "
-                "use another job name"
-            )
-        else:
-            self.store.set_job(settings=self.settings.model_dump(mode="json"))
-        self.store.set_job(status="running")
-        self._provider = make_provider(self.settings, self.job_dir, api_key)
-        self._runner = JobRunner(self.store, self.job_dir, self.settings, self._provider, say=self._say)
+        self._session = JobSession.named(
+            self.job_id, self.settings, Path(job_dir or default_job_root()), api_key=api_key, say=self._say
+        )
+        try:
+            self._session.lock.acquire()
+        except BaseException:
+            self._session.close()
+            raise
+        self.job_dir = self._session.dir
+        self.store = self._session.store
+        self._runner = self._session.calls_runner(self.settings)
         self._rules = RowRules.of(self.settings)
         self._seen: Counter[str] = Counter()
         self._new: list[_Call] = []
@@ -234,42 +235,38 @@ class AsyncBatchClient:
 
     async def _loop(self) -> None:
         assert self._wake is not None
-        await self._provider.start()
-        try:
+        async with provider_started(self._runner.ctx.provider):
             try:
-                await self._runner.reconcile()
-            except ProviderError as exc:
-                if not exc.retryable:
-                    raise
-            next_poll, interval = 0.0, self.config.poll_interval
-            while True:
-                self._admit()
-                self._plan()
-                await self._runner.submit()
-                now = time.monotonic()
-                if now >= next_poll and self.store.chunks(("submitted",)):
-                    progressed = await self._runner.poll()
-                    interval = (
-                        self.config.poll_interval if progressed else min(interval * 1.5, self.config.max_poll_interval)
-                    )
-                    next_poll = now + interval
-                self._resolve()
-                if self._closing and not self._waiting and not self._new:
-                    return
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.config.tick)
-                except TimeoutError:
-                    pass
-        except BaseException as exc:  # a fatal error (bad key, refused batch): every caller hears it
-            for call in [*self._new, *self._waiting.values()]:
-                if not call.future.done():
-                    call.future.set_exception(exc if isinstance(exc, Exception) else ConfigError(str(exc)))
-            self._new.clear()
-            self._waiting.clear()
-            raise
-        finally:
-            await self._provider.aclose()
+                await self._runner.start()
+                next_poll, interval = 0.0, self.config.poll_interval
+                while True:
+                    self._admit()
+                    send_now = self._plan()
+                    now = time.monotonic()
+                    due = now >= next_poll and bool(self.store.chunks(("submitted",)))
+                    progressed = await self._runner.round(full_only=True, poll=due, direct=send_now)
+                    if due:
+                        interval = (
+                            self.config.poll_interval
+                            if progressed
+                            else min(interval * 1.5, self.config.max_poll_interval)
+                        )
+                        next_poll = now + interval
+                    self._resolve()
+                    if self._closing and not self._waiting and not self._new:
+                        return
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.config.tick)
+                    except TimeoutError:
+                        pass
+            except BaseException as exc:  # a fatal error (bad key, refused batch): every caller hears it
+                for call in [*self._new, *self._waiting.values()]:
+                    if not call.future.done():
+                        call.future.set_exception(exc if isinstance(exc, Exception) else ConfigError(str(exc)))
+                self._new.clear()
+                self._waiting.clear()
+                raise
 
     def _admit(self) -> None:
         """Moves newly queued calls into the job store (or straight to their stored outcome)."""
@@ -284,37 +281,38 @@ class AsyncBatchClient:
             if call.custom_id in known:
                 continue  # asked before (an earlier run): finished, or in flight, or pending
             checked = self._rules.check(call.raw)
-            cid, remote_id, rewrite, endpoint, model, est_in, est_out, uncapped, state, error = checked
-            if state == "invalid":
+            if checked.state == "invalid":
                 del self._waiting[call.custom_id]
                 call.future.set_exception(
                     openai.BadRequestError(
-                        f"invalid request: {error}",
+                        f"invalid request: {checked.error}",
                         response=httpx.Response(400, request=httpx.Request("POST", "https://llmbatch.invalid")),
-                        body={"error": {"message": error, "type": "invalid_request_error"}},
+                        body={"error": {"message": checked.error, "type": "invalid_request_error"}},
                     )
                 )
                 continue
-            rows.append((idx, cid, remote_id, rewrite, endpoint, model, est_in, est_out, uncapped, call.raw))
+            rows.append(RequestRow(idx, checked, call.raw))
             idx += 1
         if rows:
             self.store.add_requests(rows)
             if self._oldest_pending is None:
                 self._oldest_pending = time.monotonic()
 
-    def _plan(self) -> None:
-        """Forms batches from waiting calls when a trigger fires (size, bytes, send delay)."""
+    def _plan(self) -> bool:
+        """Forms batches from waiting calls when a trigger fires (size, bytes, send delay);
+        returns whether the waiting calls are to be sent now, whatever their number."""
         if not self.store.pending_count():
             self._oldest_pending = None
-            return
+            return False
         now = time.monotonic()
         if self._oldest_pending is None:  # rows back from a failed attempt, or from an earlier run
             self._oldest_pending = now - self.config.send_delay
         if self._closing or now - self._oldest_pending >= self.config.send_delay:
-            self._runner.plan()
+            self._runner.plan()  # (none when `direct_below` sends them instead)
             self._oldest_pending = None
-        else:
-            self._runner.plan(full_only=True)
+            return True
+        self._runner.plan(full_only=True)
+        return False
 
     def _resolve(self) -> None:
         """Hands finished rows to their callers."""
@@ -333,10 +331,7 @@ class AsyncBatchClient:
                     else:
                         call.future.set_exception(_sdk_error(call.endpoint, line, error or "failed"))
         if self._runner.budget_blocked and not self.store.chunks(("uploading", "uploaded", "creating", "submitted")):
-            pending = {
-                cid
-                for (cid,) in self.store.db.execute("SELECT custom_id FROM rows WHERE state IN ('pending', 'queued')")
-            }
+            pending = self.store.unfinished_ids()
             for cid in [c for c in self._waiting if c in pending]:
                 call = self._waiting.pop(cid)
                 if not call.future.done():
@@ -354,7 +349,8 @@ class AsyncBatchClient:
                 await self._task
             finally:
                 self._task = None
-        self.store.close()
+        self._session.lock.release()
+        self._session.close()
 
 
 class _Completions:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
 import logging
 import os
 import sqlite3
@@ -31,34 +30,22 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from .._exceptions import ConfigError, InputError, LLMBatchError
+from .._exceptions import ConfigError, JobBusy, LLMBatchError
 from ..jobs import (
     EXIT_BUDGET,
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    JobRunner,
-    JobSettings,
-    JobStore,
-    default_job_root,
-    export,
-    find_job,
-    make_provider,
-    open_job,
-)
-from ..jobs._progress import PlainProgress
-from ..jobs._run import (
     JobLock,
-    cancel_batches,
-    ingest_new_rows,
+    JobRunner,
+    JobSession,
+    JobSettings,
+    default_job_root,
     lock_held,
-    record_settings,
-    run_parts,
+    output_lines,
+    provider_started,
     settings_for,
-    stored_job,
 )
-from ..jobs._runner import output_lines
-from ..providers import Provider
 
 __all__ = ["Job", "JobStatus", "run_file"]
 
@@ -68,8 +55,6 @@ T = TypeVar("T")
 
 #: Stored statuses a job ends in; any other, with no process running the job, reads "stopped".
 _ENDED = ("finished", "budget_stopped", "cancelled")
-#: Invalid rows named in the error that refuses to run a job.
-_SHOWN_PROBLEMS = 20
 #: Seconds between looks at a job that another process runs.
 _POLL = 0.2
 
@@ -165,10 +150,11 @@ def run_file(
     """
     paths = _input_paths(inputs)
     job_settings = _settings(paths, provider, model, settings)
-    store, path, created = open_job(paths, job_settings, Path(job_dir) if job_dir is not None else default_job_root())
-    store.close()
-    log.info("%s job %s (%s)", "new" if created else "resuming", path.name, path)
-    job = Job(path, api_key=api_key)
+    root = Path(job_dir) if job_dir is not None else default_job_root()
+    session, created = JobSession.open(paths, job_settings, root, api_key=api_key)
+    session.close()
+    log.info("%s job %s (%s)", "new" if created else "resuming", session.id, session.dir)
+    job = Job(session.dir, api_key=api_key)
     job._start(job_settings, api_key, wait=wait)
     return job
 
@@ -186,8 +172,8 @@ class Job:
         self._dir = Path(path)
         self._api_key = api_key
         self._run: _Run | None = None
-        with self._open_store() as store:
-            job, _settings = stored_job(store)
+        with self._session() as session:
+            job, _settings = session.stored()
         self._id: str = job["id"]
 
     @classmethod
@@ -202,9 +188,9 @@ class Job:
         whichever process runs it goes on; `resume()` runs it here. Raises ConfigError when
         there is no such job.
         """
-        store, path = find_job(job_id, Path(job_dir) if job_dir is not None else default_job_root())
-        store.close()
-        return cls(path, api_key=api_key)
+        session = JobSession.find(job_id, Path(job_dir) if job_dir is not None else default_job_root())
+        session.close()
+        return cls(session.dir, api_key=api_key)
 
     @property
     def id(self) -> str:
@@ -220,8 +206,9 @@ class Job:
 
     def status(self) -> JobStatus:
         """Rows by state, remote batches by state, tokens and cost, now."""
-        with self._open_store() as store:
-            job, _settings = stored_job(store)
+        with self._session() as session:
+            job, _settings = session.stored()
+            store = session.store
             counts = store.counts()
             totals = store.totals()
             batches = store.batches_by_state()
@@ -276,9 +263,9 @@ class Job:
         """
         if not self._wait_done(timeout):
             raise TimeoutError(f"job {self._id} is still running after {timeout} s")
-        with self._open_store() as store:
-            job, _settings = stored_job(store)
-            counts = store.counts()
+        with self._session() as session:
+            job, _settings = session.stored()
+            counts = session.store.counts()
         error = self._run_error(job["status"])
         if error is not None:
             raise error
@@ -322,11 +309,8 @@ class Job:
         the errors file goes next to it (`NAME.errors.jsonl`). Exports the rows as they are
         now, without waiting for a run in progress.
         """
-        with self._open_store() as store:
-            job, settings = stored_job(store)
-            if path is not None:
-                settings = settings.model_copy(update={"output": Path(path), "errors": None})
-            out, err = export(store, [Path(i["path"]) for i in job["inputs"]], settings)
+        with self._session() as session:
+            out, err = session.export(Path(path) if path is not None else None)
         return out, err if err.exists() else None
 
     # -- running -------------------------------------------------------------------------
@@ -362,27 +346,16 @@ class Job:
             return _blocking(lambda: self._cancel_batches(key))
 
     def _cancel_batches(self, api_key: str | None) -> int:
-        with self._open_store() as store:
-            _job, settings = stored_job(store)
-            provider = make_provider(settings, self._dir, api_key)
-            runner = JobRunner(store, self._dir, settings, provider, progress=PlainProgress(self._say))
-
-            async def main() -> int:
-                await provider.start()
-                try:
-                    return await cancel_batches(runner)
-                finally:
-                    await provider.aclose()
-
-            n = asyncio.run(main())
-            out, _err = runner.export()
+        with self._session(api_key) as session:
+            n = asyncio.run(session.cancel())
+            out, _err = session.export()
         self._say(f"cancelled {n} remote batches; results so far in {out}")
         return n
 
     def _start(self, settings: JobSettings | None, api_key: str | None, *, wait: bool) -> None:
         """Runs the job (recording `settings` first, when given) under its lock."""
         if self._run is not None and not self._run.done.is_set():
-            raise ConfigError(f"job {self._id} is already running in this process; wait() waits for it")
+            raise JobBusy(f"job {self._id} is already running in this process; wait() waits for it")
         lock = JobLock(self._dir)
         lock.acquire()  # here, so that "already running" is raised to the caller whether or not it waits
         run = self._run = _Run(self._dir, self._id, lock, api_key, settings)
@@ -410,17 +383,9 @@ class Job:
 
     # -- helpers -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _open_store(self) -> Iterator[JobStore]:
-        """A connection of its own to the job's store (a run's connection belongs to its thread)."""
-        db = self._dir / "job.sqlite"
-        if not db.exists():
-            raise ConfigError(f"no job in {self._dir}: `llmbatch jobs` lists them")
-        store = JobStore(db)
-        try:
-            yield store
-        finally:
-            store.close()
+    def _session(self, api_key: str | None = None) -> JobSession:
+        """A session of its own on the job (a run's store connection belongs to its thread)."""
+        return JobSession(self._dir, api_key=api_key, say=self._say)
 
     def _wait_done(self, timeout: float | None) -> bool:
         """Waits until no process runs the job; False when `timeout` passed first."""
@@ -443,10 +408,8 @@ class Job:
         return run.error
 
     def _records(self, states: Collection[str] | None) -> Iterator[dict[str, Any]]:
-        with self._open_store() as store:
-            job, _settings = stored_job(store)
-            inputs = [Path(i["path"]) for i in job["inputs"]]
-            for state, line in output_lines(store, inputs):
+        with self._session() as session:
+            for state, line in output_lines(session.store, session.inputs()):
                 if states is None or state in states:
                     yield orjson.loads(line)
 
@@ -482,9 +445,9 @@ class _Run:
         self._task: asyncio.Task[Any] | None = None
 
     def __call__(self) -> None:
-        store = JobStore(self.job_dir / "job.sqlite")
+        session = JobSession(self.job_dir, api_key=self.api_key, say=self._say)
         try:
-            self._run(store)
+            self._run(session)
         except KeyboardInterrupt as exc:
             self._say("interrupted: remote batches keep running; resume() or `llmbatch resume` goes on")
             self.interrupt = exc
@@ -492,7 +455,7 @@ class _Run:
             log.debug("job %s: the run stopped", self.job_id, exc_info=True)
             self.error = exc
         finally:
-            store.close()
+            session.close()
             self.lock.release()
             self.done.set()
 
@@ -504,32 +467,15 @@ class _Run:
             if self._task is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._task.cancel)
 
-    def _run(self, store: JobStore) -> int:
+    def _run(self, session: JobSession) -> int:
         """Runs the job to its end; returns `llmbatch run`'s exit code."""
-        if self.settings is not None:
-            n = record_settings(store, self.settings)
-            if n:
-                self._say(f"chunking limits changed: re-planning {n} chunks not sent yet")
-        job, settings = stored_job(store)
-        report = ingest_new_rows(store, job, settings)
-        if report is not None:
-            self._say(f"{report.rows:,} rows read, {report.invalid:,} invalid")
-        invalid = store.counts()["invalid"]
-        if invalid and not settings.skip_invalid:
-            raise InputError(_invalid_rows_message(store, job, invalid))
-        for problem in _invalid_rows(store, job, _SHOWN_PROBLEMS if invalid else 0):
-            log.warning("job %s: skipped %s", self.job_id, problem)
-        provider, prices, est = run_parts(store, self.job_dir, settings, self.api_key)
-        if provider.billed:
-            est.cost(prices)
-        for line in est.summary_lines():
+        prepared = session.prepare(self.settings, skip_hint="pass skip_invalid=True")
+        for line in prepared.estimate.summary_lines():
             self._say(line)
-        runner = JobRunner(store, self.job_dir, settings, provider, prices=prices, progress=PlainProgress(self._say))
-        return asyncio.run(self._main(provider, runner))
+        return asyncio.run(self._main(session, session.runner(prepared)))
 
-    async def _main(self, provider: Provider, runner: JobRunner) -> int:
-        await provider.start()
-        try:
+    async def _main(self, session: JobSession, runner: JobRunner) -> int:
+        async with provider_started(runner.ctx.provider):
             task = asyncio.ensure_future(runner.run())
             with self._guard:
                 self._loop, self._task = asyncio.get_running_loop(), task
@@ -542,18 +488,17 @@ class _Run:
                 if not self._stopping or (current is not None and current.cancelling()):
                     raise  # Ctrl+C: asyncio.run cancelled this coroutine, not stop()
                 if self._cancelling:
-                    self.cancelled = await cancel_batches(runner)
-                    out, _err = runner.export()
+                    self.cancelled = await runner.cancel()
+                    out, _err = session.export()
                     self._say(f"cancelled {self.cancelled} remote batches; results so far in {out}")
                 else:
                     self._say("stopped: remote batches keep running; resume() or `llmbatch resume` goes on")
                 return EXIT_INTERRUPTED
+            finally:
+                with self._guard:
+                    self._task = None
             self._say(outcome.summary.replace("\n", "; "))
             return outcome.code
-        finally:
-            with self._guard:
-                self._task = None
-            await provider.aclose()
 
     def _say(self, message: str) -> None:
         log.info("job %s: %s", self.job_id, message)
@@ -581,30 +526,6 @@ def _settings(paths: list[Path], provider: str | None, model: str | None, settin
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from None
-
-
-def _invalid_rows(store: JobStore, job: dict[str, Any], limit: int) -> list[str]:
-    """`FILE:LINE: reason` of the first `limit` invalid rows, as `llmbatch run` prints them."""
-    found: list[str] = []
-    if limit <= 0:
-        return found
-    inputs = [i["path"] for i in job["inputs"]]
-    for _idx, file_no, line, _cid, state, _result, error in store.export_rows():
-        if state == "invalid":
-            found.append(f"{inputs[file_no]}:{line}: {error}")
-            if len(found) >= limit:
-                break
-    return found
-
-
-def _invalid_rows_message(store: JobStore, job: dict[str, Any], invalid: int) -> str:
-    shown = _invalid_rows(store, job, _SHOWN_PROBLEMS)
-    more = f"\n  ... and {invalid - len(shown):,} more" if invalid > len(shown) else ""
-    return (
-        f"{invalid} invalid rows; nothing was sent. Fix them, or pass skip_invalid=True to send the valid rows:\n  "
-        + "\n  ".join(shown)
-        + more
-    )
 
 
 def _loop_running() -> bool:

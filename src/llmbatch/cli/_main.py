@@ -11,7 +11,9 @@ import click
 
 from .. import __version__
 from .._exceptions import LLMBatchError
-from ._jobs import register
+from ._estimate import estimate
+from ._jobs import cancel, jobs, results, resume, status, wait
+from ._run import run
 from ._serve import serve
 
 __all__ = ["main", "cli"]
@@ -23,8 +25,8 @@ def cli() -> None:
     """Run large numbers of LLM requests cheaply and reliably."""
 
 
-cli.add_command(serve)
-register(cli)
+for _command in (serve, run, estimate, resume, wait, jobs, status, cancel, results):
+    cli.add_command(_command)
 
 
 def main() -> None:

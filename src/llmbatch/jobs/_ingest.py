@@ -13,18 +13,17 @@ import hashlib
 import multiprocessing
 import os
 import re
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .._rows import _BOM as BOM
 from .._rows import check_row
 from ..estimate import estimate_row
 from ..providers import Provider, provider_class, split_model
+from ._records import CheckedRow
 from ._settings import JobSettings
 from ._store import JobStore
 
@@ -34,11 +33,6 @@ __all__ = ["IngestReport", "RowRules", "ingest"]
 _RANGE_BYTES = 8 << 20
 #: Inputs smaller than this are checked in-process.
 _POOL_MIN_BYTES = 16 << 20
-
-_INSERT = (
-    "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-    "est_input, est_output, uncapped, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 
 
 @dataclass
@@ -69,14 +63,14 @@ class RowRules:
             models = create_engine(engine, EngineConfig(**settings.engine_options)).served_models()
         return cls(settings.provider, settings.model, settings.default_output_tokens, models, engine)
 
-    def check(self, raw: bytes) -> tuple[Any, ...]:
-        """(custom_id, remote_id, rewrite, endpoint, model, est_in, est_out, uncapped, state, error) of one line."""
+    def check(self, raw: bytes) -> CheckedRow:
+        """One input line validated (OpenAI's batch rules, the provider's own) and estimated."""
         obj, problems = check_row(raw)
         custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
         custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
         if problems or obj is None:
             message = "; ".join(f"{p.code}: {p.message}" for p in problems)
-            return (custom_id, None, 0, None, None, 0, 0, 0, "invalid", message)
+            return CheckedRow.invalid(custom_id, message)
         assert custom_id is not None
         body, endpoint = obj["body"], obj["url"]
         model = split_model(self.model or body["model"], self.provider)[1]
@@ -86,7 +80,7 @@ class RowRules:
                 f"unknown_model: the local {self.engine} engine serves {self.models[0]!r}, not {model!r}; "
                 f"run with --model {self.models[0]} to send every row to it"
             )
-            return (custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", message)
+            return CheckedRow.invalid(custom_id, message, endpoint, model)
         if rewrite:
             body = {**body, "model": model}
         remote_id = None
@@ -98,12 +92,12 @@ class RowRules:
             reasons = cls.check_request(endpoint, body)
             if reasons:
                 message = "; ".join(f"unsupported_by_provider: {r}" for r in reasons)
-                return (custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", message)
+                return CheckedRow.invalid(custom_id, message, endpoint, model)
             remote_id = remote_id_for(custom_id, cls.custom_id_pattern)
         default_out = (cls.default_max_tokens if cls is not None else None) or self.default_output_tokens
         est = estimate_row(endpoint, body, default_output_tokens=default_out)
-        return (custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
-                int(not est.capped), "pending", None)  # fmt: skip
+        return CheckedRow(custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
+                          int(not est.capped), "pending", None)  # fmt: skip
 
 
 _provider_classes: dict[str, type[Provider]] = {}
@@ -133,9 +127,13 @@ def _ranges(path: Path, size: int, step: int) -> Iterator[tuple[int, int]]:
             start = end
 
 
-def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int, list[tuple[Any, ...]]]:
-    """(lines in the range, [(line in range, offset, length, *checked row)]) for non-blank lines."""
-    rows: list[tuple[Any, ...]] = []
+#: A checked line of a range: (line number in the range, byte offset, length, the checked row).
+_Checked = tuple[int, int, int, CheckedRow]
+
+
+def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int, list[_Checked]]:
+    """(lines in the range, its non-blank lines checked)."""
+    rows: list[_Checked] = []
     n = 0
     with open(path, "rb") as f:
         f.seek(start)
@@ -152,7 +150,7 @@ def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int
             raw, offset = raw[len(BOM) :], len(BOM)
         raw = raw.rstrip(b"\r")
         if raw.strip():
-            rows.append((n, offset, len(raw), *check(raw)))
+            rows.append((n, offset, len(raw), check(raw)))
     return n, rows
 
 
@@ -174,7 +172,7 @@ def _can_fork() -> bool:
 def ingest(
     store: JobStore,
     inputs: list[Path],
-    settings: JobSettings,
+    settings: JobSettings | RowRules,
     max_problems: int = 50,
     *,
     workers: int | None = None,
@@ -182,13 +180,15 @@ def ingest(
 ) -> IngestReport:
     """Validates and estimates every row of every input, in order, into the job store.
 
-    Each invalid row is stored as `invalid` with a message naming its file, line and reason.
+    Rows are checked by the job's `settings` (or by `RowRules` given directly: `llmbatch
+    estimate` checks without a job). Each invalid row is stored as `invalid` with a message
+    naming its file, line and reason; the report names the first `max_problems`.
     `workers`: checking processes (default: one per core, none for small inputs);
     `range_bytes`: the size of the pieces they check.
     """
-    rules = RowRules.of(settings)
-    if settings.provider is not None:
-        provider_class(settings.provider)  # a missing SDK is a configuration error, said once
+    rules = settings if isinstance(settings, RowRules) else RowRules.of(settings)
+    if rules.provider is not None:
+        provider_class(rules.provider)  # a missing SDK is a configuration error, said once
     report = IngestReport(problems=[])
     sizes = [p.stat().st_size for p in inputs]
     if workers is None:
@@ -201,22 +201,31 @@ def ingest(
     idx = 0
     line_base = [0] * len(inputs)
 
-    def store_range(file_no: int, lines: int, rows: list[tuple[Any, ...]]) -> None:
+    names = [p.name for p in inputs]
+
+    def store_range(file_no: int, lines: int, rows: list[_Checked]) -> None:
         nonlocal idx
         base = line_base[file_no]
         line_base[file_no] += lines
-        batch = []
-        for row in rows:
-            batch.append((idx, file_no, base + row[0], *row[1:]))
-            idx += 1
-        _insert(store, inputs, batch, report, max_problems)
+        batch = [
+            (idx + n, file_no, base + line, offset, length, row) for n, (line, offset, length, row) in enumerate(rows)
+        ]
+        idx += len(rows)
+        problems = [
+            (file_no, line, row.error or "") for _i, file_no, line, _o, _l, row in batch if row.state == "invalid"
+        ]
+        if batch:
+            problems += store.insert_checked(batch, names)
+        assert report.problems is not None
+        for f, line, message in sorted(problems)[: max(0, max_problems - len(report.problems))]:
+            report.problems.append(f"{inputs[f]}:{line}: {message}")
 
     if workers <= 1 or len(tasks) <= 1:
         for file_no, path, s, e in tasks:
             store_range(file_no, *_check_range(path, s, e, rules))
     else:
         with _pool(workers) as pool:
-            window: deque[tuple[int, cf.Future[tuple[int, list[tuple[Any, ...]]]]]] = deque()
+            window: deque[tuple[int, cf.Future[tuple[int, list[_Checked]]]]] = deque()
             todo = iter(tasks)
             for file_no, path, s, e in todo:
                 window.append((file_no, pool.submit(_check_range, path, s, e, rules)))
@@ -227,34 +236,5 @@ def ingest(
                 done_no, fut = window.popleft()
                 store_range(done_no, *fut.result())
     report.rows = idx
-    report.invalid = int(store.db.execute("SELECT COUNT(*) FROM rows WHERE state='invalid'").fetchone()[0])
+    report.invalid = store.invalid_count()
     return report
-
-
-def _insert(
-    store: JobStore, inputs: list[Path], rows: list[tuple[Any, ...]], report: IngestReport, max_problems: int
-) -> None:
-    """Writes checked rows; a custom_id already used by an earlier row makes the later row invalid."""
-    problems = [(row[1], row[2], row[14]) for row in rows if row[13] == "invalid"]
-    with store.tx() as db:
-        try:
-            db.executemany(_INSERT, rows)
-            clash = False
-        except sqlite3.IntegrityError:
-            clash = True
-        if clash:  # the whole range again, row by row, to find which rows repeat an id
-            db.execute("DELETE FROM rows WHERE idx >= ?", (rows[0][0],))
-            for row in rows:
-                try:
-                    db.execute(_INSERT, row)
-                except sqlite3.IntegrityError:
-                    first = db.execute(
-                        "SELECT file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (row[5],)
-                    ).fetchone()
-                    where = f"{inputs[first[0]].name}:{first[1]}" if first else "an earlier row"
-                    message = f"duplicate_custom_id: custom_id {row[5]!r} was already used on {where}"
-                    db.execute(_INSERT, (*row[:6], None, 0, *row[8:10], 0, 0, 0, "invalid", message))
-                    problems.append((row[1], row[2], message))
-    assert report.problems is not None
-    for file_no, line, message in sorted(problems)[: max(0, max_problems - len(report.problems))]:
-        report.problems.append(f"{inputs[file_no]}:{line}: {message}")

@@ -11,26 +11,36 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from .._exceptions import StateError
+from ._records import (
+    IN_FLIGHT,
+    ROW_STATES,
+    CheckedRow,
+    Chunk,
+    ChunkRow,
+    DirectRow,
+    ExportRow,
+    ModelEstimate,
+    Outcome,
+    PendingRow,
+    RequestRow,
+    Result,
+    ResultRef,
+)
 
-__all__ = ["JobStore", "Chunk", "Result", "ResultRef", "ROW_STATES", "CHUNK_STATES"]
+__all__ = ["JobStore", "SCHEMA_VERSION"]
 
-#: pending: waiting for a chunk · queued: in a chunk not yet collected · succeeded / failed:
-#: final · invalid: failed validation (final, never sent).
-ROW_STATES = ("pending", "queued", "succeeded", "failed", "invalid")
-#: planned -> uploading -> uploaded -> creating -> submitted -> collected (or abandoned).
-CHUNK_STATES = ("planned", "uploading", "uploaded", "creating", "submitted", "collected", "abandoned")
-
-_SCHEMA = """
-CREATE TABLE job (
+#: The first schema, as every release before versioning made it (`IF NOT EXISTS`: a database
+#: from before versioning has it already, and migrating it to version 1 changes nothing).
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS job (
     id TEXT PRIMARY KEY,
     created_at INTEGER NOT NULL,
     inputs TEXT NOT NULL,
@@ -38,7 +48,7 @@ CREATE TABLE job (
     status TEXT NOT NULL,
     estimate TEXT
 );
-CREATE TABLE rows (
+CREATE TABLE IF NOT EXISTS rows (
     idx INTEGER PRIMARY KEY,
     file_no INTEGER NOT NULL,
     line INTEGER NOT NULL,
@@ -67,12 +77,12 @@ CREATE TABLE rows (
     reasoning_tokens INTEGER NOT NULL DEFAULT 0,
     cost REAL NOT NULL DEFAULT 0
 );
-CREATE UNIQUE INDEX rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
+CREATE UNIQUE INDEX IF NOT EXISTS rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
 -- Only pending rows: results landing on queued rows then touch no index.
-CREATE INDEX rows_pending ON rows(endpoint, model, idx) WHERE state='pending';
+CREATE INDEX IF NOT EXISTS rows_pending ON rows(endpoint, model, idx) WHERE state='pending';
 -- Rows get a chunk when planned: pending ones, which have none, stay out of the index.
-CREATE INDEX rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
-CREATE TABLE chunks (
+CREATE INDEX IF NOT EXISTS rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     tag TEXT NOT NULL UNIQUE,
     endpoint TEXT NOT NULL,
@@ -94,11 +104,11 @@ CREATE TABLE chunks (
     submitted_at INTEGER,
     finished_at INTEGER
 );
-CREATE TABLE result_files (
+CREATE TABLE IF NOT EXISTS result_files (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE
 );
-CREATE TABLE events (
+CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
     kind TEXT NOT NULL,
@@ -108,16 +118,23 @@ CREATE TABLE events (
 """
 
 
-class ResultRef(NamedTuple):
-    """Where a row's result line lies: in a downloaded result file (`result_files`), by byte range."""
-
-    file: int
-    offset: int
-    length: int
+def _v1(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1.split(";"):
+        db.execute(statement)
 
 
-#: A row's result: its line's bytes, or where the line lies in a downloaded file.
-Result = bytes | ResultRef
+#: Ordered migrations: `_MIGRATIONS[n]` takes a database from version n to n + 1. Append a
+#: function for each schema change, never edit one that shipped: job databases made by every
+#: earlier release must open (tests/jobs/test_store_migrations.py opens one).
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+#: The schema version this release writes (`PRAGMA user_version`).
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
+_INSERT_ROW = (
+    "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
+    "est_input, est_output, uncapped, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _result_columns(result: Result) -> tuple[bytes | None, int | None, int | None, int | None]:
@@ -126,75 +143,76 @@ def _result_columns(result: Result) -> tuple[bytes | None, int | None, int | Non
     return result, None, None, None
 
 
-@dataclass(slots=True)
-class Chunk:
-    id: int
-    tag: str
-    endpoint: str
-    model: str
-    rows: int
-    bytes: int
-    est_input: int
-    est_output: int
-    est_cost: float
-    state: str
-    file_id: str | None
-    batch_id: str | None
-    remote_status: str | None
-    remote_completed: int
-    remote_failed: int
-    submit_errors: int
-    intent_at: int | None
-    created_at: int
-    submitted_at: int | None
-    finished_at: int | None
+def _result(blob: bytes | None, rfile: int | None, roff: int | None, rlen: int | None) -> Result | None:
+    return ResultRef(rfile, roff or 0, rlen or 0) if rfile is not None else blob
 
 
-_CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
 
 
 class JobStore:
-    """The SQLite file of one job."""
+    """The SQLite file of one job; the only place that knows its SQL."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        # By the tables, not the file: a process killed between creating the file and the
-        # schema's transaction leaves an empty file behind.
-        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone() is None:
-            with self.tx() as db:
-                if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone() is None:
-                    for statement in _SCHEMA.split(";"):
-                        db.execute(statement)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Brings the schema to `SCHEMA_VERSION`, one transaction for all the steps it needs.
+
+        By the version, not the file: a process killed between creating the file and the
+        schema's transaction leaves an empty file (version 0) behind, which is migrated.
+        """
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path}: this job was written by a newer llmbatch (job store schema {version}; this "
+                f"one knows up to {SCHEMA_VERSION}): upgrade llmbatch to run it"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])  # another process may have done it
+            for step in _MIGRATIONS[version:]:
+                step(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
-        self.db.close()
+        self._db.close()
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction (BEGIN IMMEDIATE ... COMMIT)."""
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self.db
+                yield self._db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            self._db.execute("COMMIT")
 
-    def event(self, kind: str, message: str, chunk_id: int | None = None, db: sqlite3.Connection | None = None) -> None:
-        (db or self.db).execute(
+    def _event(self, db: sqlite3.Connection, kind: str, message: str, chunk_id: int | None = None) -> None:
+        db.execute(
             "INSERT INTO events (at, kind, chunk_id, message) VALUES (?, ?, ?, ?)",
             (time.time(), kind, chunk_id, message),
         )
 
+    def _one(self, query: str, params: Sequence[object] = ()) -> Any:
+        return self._db.execute(query, params).fetchone()[0]
+
     # -- the job -------------------------------------------------------------------------
 
     def job(self) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT id, created_at, inputs, settings, status, estimate FROM job").fetchone()
+        row = self._db.execute("SELECT id, created_at, inputs, settings, status, estimate FROM job").fetchone()
         if row is None:
             return None
         return {
@@ -207,104 +225,156 @@ class JobStore:
         }
 
     def create_job(self, job_id: str, inputs: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-        with self.tx() as db:
+        with self._tx() as db:
             db.execute(
                 "INSERT INTO job VALUES (?, ?, ?, ?, 'ingesting', NULL)",
                 (job_id, int(time.time()), orjson.dumps(inputs), orjson.dumps(settings)),
             )
-            self.event("job", f"created job {job_id}", db=db)
+            self._event(db, "job", f"created job {job_id}")
 
     def set_job(self, **columns: Any) -> None:
         for key in ("settings", "estimate"):
             if key in columns and columns[key] is not None:
                 columns[key] = orjson.dumps(columns[key])
-        with self.tx() as db:
+        with self._tx() as db:
             db.execute(f"UPDATE job SET {', '.join(f'{k}=?' for k in columns)}", tuple(columns.values()))
             if "status" in columns:
-                self.event("job", f"job status {columns['status']}", db=db)
+                self._event(db, "job", f"job status {columns['status']}")
 
     # -- rows ----------------------------------------------------------------------------
 
-    def insert_rows(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """(idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, est_output, state, error)."""
-        with self.tx() as db:
-            db.executemany(
-                "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, endpoint, model, est_input, "
-                "est_output, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+    def clear_rows(self) -> None:
+        """Forgets every row (an interrupted ingest starts over)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM rows")
+
+    def insert_checked(
+        self, rows: Sequence[tuple[int, int, int, int, int, CheckedRow]], input_names: Sequence[str]
+    ) -> list[tuple[int, int, str]]:
+        """Writes checked input rows, (idx, file_no, line, offset, length, checked row), in one
+        transaction. A custom_id an earlier row already used makes the later row invalid.
+
+        Returns (file_no, line, message) of each row found invalid here (the repeats).
+        """
+        flat = [(idx, file_no, line, offset, length, *row) for idx, file_no, line, offset, length, row in rows]
+        repeats: list[tuple[int, int, str]] = []
+        with self._tx() as db:
+            try:
+                db.executemany(_INSERT_ROW, flat)
+                return repeats
+            except sqlite3.IntegrityError:
+                pass
+            # The whole range again, row by row, to find which rows repeat an id.
+            db.execute("DELETE FROM rows WHERE idx >= ?", (flat[0][0],))
+            for values in flat:
+                try:
+                    db.execute(_INSERT_ROW, values)
+                except sqlite3.IntegrityError:
+                    cid = values[5]
+                    first = db.execute(
+                        "SELECT file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (cid,)
+                    ).fetchone()
+                    where = f"{input_names[first[0]]}:{first[1]}" if first else "an earlier row"
+                    message = f"duplicate_custom_id: custom_id {cid!r} was already used on {where}"
+                    db.execute(_INSERT_ROW, (*values[:5], *CheckedRow.invalid(cid, message, values[8], values[9])))
+                    repeats.append((values[1], values[2], message))
+        return repeats
+
+    def invalid_count(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM rows WHERE state='invalid'"))
 
     def request(self, idx: int) -> bytes:
         """The input line of a row made through the Python API (stored, not in a file)."""
-        row = self.db.execute("SELECT request FROM rows WHERE idx=?", (idx,)).fetchone()
+        row = self._db.execute("SELECT request FROM rows WHERE idx=?", (idx,)).fetchone()
         if row is None or row[0] is None:
             raise StateError(f"row {idx} has no stored request")
         return bytes(row[0])
 
     def next_idx(self) -> int:
-        return int(self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM rows").fetchone()[0])
+        return int(self._one("SELECT COALESCE(MAX(idx) + 1, 0) FROM rows"))
 
-    def add_requests(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Rows made by the Python API: (idx, custom_id, remote_id, rewrite, endpoint, model, est_input,
-        est_output, uncapped, request line); their file is -1 and their request is stored."""
-        with self.tx() as db:
+    def add_requests(self, rows: Iterable[RequestRow]) -> None:
+        """Rows made by the Python API: their file is -1 and their request is stored."""
+        with self._tx() as db:
             db.executemany(
                 "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
                 "est_input, est_output, uncapped, state, request) "
                 "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
-                rows,
-            )
+                [
+                    (r.idx, c.custom_id, c.remote_id, c.rewrite, c.endpoint, c.model, c.est_input, c.est_output,
+                     c.uncapped, r.request)
+                    for r in rows
+                    for c in (r.row,)
+                ],
+            )  # fmt: skip
 
     def outcomes(self, custom_ids: Sequence[str]) -> list[tuple[str, str, Result | None, str | None]]:
         """(custom_id, state, result, error) of the rows with these ids that are final."""
         found: list[tuple[str, str, Result | None, str | None]] = []
         for i in range(0, len(custom_ids), 500):
             part = custom_ids[i : i + 500]
-            for cid, state, blob, rfile, roff, rlen, error in self.db.execute(
+            for cid, state, blob, rfile, roff, rlen, error in self._db.execute(
                 "SELECT custom_id, state, result, result_file, result_offset, result_length, error FROM rows "
-                f"WHERE state IN ('succeeded', 'failed', 'invalid') AND custom_id IN ({','.join('?' * len(part))})",
+                f"WHERE state IN ('succeeded', 'failed', 'invalid') AND custom_id IN ({_marks(part)})",
                 part,
             ):
-                found.append((cid, state, ResultRef(rfile, roff, rlen) if rfile is not None else blob, error))
+                found.append((cid, state, _result(blob, rfile, roff, rlen), error))
         return found
+
+    def unfinished_ids(self) -> set[str]:
+        """The custom_ids of rows not final yet (pending or queued)."""
+        return {cid for (cid,) in self._db.execute("SELECT custom_id FROM rows WHERE state IN ('pending', 'queued')")}
 
     def models(self) -> list[str]:
         """Every model the job's valid rows name."""
-        return [m for (m,) in self.db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+        return [m for (m,) in self._db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
 
     def known_ids(self, custom_ids: Sequence[str]) -> set[str]:
         """Which of these custom_ids the job already has rows for."""
         found: set[str] = set()
         for i in range(0, len(custom_ids), 500):
             part = custom_ids[i : i + 500]
-            query = f"SELECT custom_id FROM rows WHERE custom_id IN ({','.join('?' * len(part))})"
-            found.update(cid for (cid,) in self.db.execute(query, part))
+            query = f"SELECT custom_id FROM rows WHERE custom_id IN ({_marks(part)})"
+            found.update(cid for (cid,) in self._db.execute(query, part))
         return found
 
-    def estimate_by_model(self, long_prompt: int) -> list[tuple[str, int, int, int, int, int, int, int]]:
-        """(model, rows, input tokens, output tokens, rows without an output cap, and the rows,
-        input and output tokens of those with more than `long_prompt` input tokens) of the valid rows."""
-        return self.db.execute(
-            "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped), SUM(est_input > ?1), "
-            "SUM(CASE WHEN est_input > ?1 THEN est_input ELSE 0 END), "
-            "SUM(CASE WHEN est_input > ?1 THEN est_output ELSE 0 END) FROM rows "
-            "WHERE state != 'invalid' GROUP BY model ORDER BY model",
-            (long_prompt,),
-        ).fetchall()
+    def estimate_by_model(self, long_prompt: int) -> list[ModelEstimate]:
+        """Estimated tokens of the valid rows by model; "long" rows have more than `long_prompt` input tokens."""
+        return [
+            ModelEstimate._make(r)
+            for r in self._db.execute(
+                "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped), SUM(est_input > ?1), "
+                "SUM(CASE WHEN est_input > ?1 THEN est_input ELSE 0 END), "
+                "SUM(CASE WHEN est_input > ?1 THEN est_output ELSE 0 END) FROM rows "
+                "WHERE state != 'invalid' GROUP BY model ORDER BY model",
+                (long_prompt,),
+            )
+        ]
+
+    def estimated_tokens(self) -> tuple[int, int]:
+        """Estimated (input, output) tokens of every valid row."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows WHERE state!='invalid'"
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def pending_estimates(self) -> list[tuple[str, int, int]]:
+        """(model, estimated input, output tokens) of each pending row."""
+        return self._db.execute("SELECT model, est_input, est_output FROM rows WHERE state='pending'").fetchall()
 
     def row_of_custom_id(self, custom_id: str) -> tuple[int, int, int] | None:
         """(idx, file_no, line) of a valid row with this custom_id."""
-        return self.db.execute(
+        return self._db.execute(
             "SELECT idx, file_no, line FROM rows WHERE custom_id=? AND state != 'invalid'", (custom_id,)
         ).fetchone()
 
     def counts(self) -> dict[str, int]:
-        found = dict(self.db.execute("SELECT state, COUNT(*) FROM rows GROUP BY state").fetchall())
+        found = dict(self._db.execute("SELECT state, COUNT(*) FROM rows GROUP BY state").fetchall())
         return {s: found.get(s, 0) for s in ROW_STATES}
 
     def totals(self) -> dict[str, float]:
         """Actual usage and cost of answered rows so far."""
-        row = self.db.execute(
+        row = self._db.execute(
             "SELECT COALESCE(SUM(input_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(cached_tokens),0),"
             " COALESCE(SUM(reasoning_tokens),0), COALESCE(SUM(cost),0) FROM rows"
         ).fetchone()
@@ -312,42 +382,45 @@ class JobStore:
 
     def pending_groups(self) -> list[tuple[str, str]]:
         """(endpoint, model) pairs that have pending rows, in order of their first row."""
-        return self.db.execute(
+        return self._db.execute(
             "SELECT endpoint, model FROM rows WHERE state='pending' GROUP BY endpoint, model ORDER BY MIN(idx)"
         ).fetchall()
 
-    def pending_rows(
-        self, endpoint: str, model: str, after: int = -1, limit: int = -1
-    ) -> list[tuple[int, int, int, int, int, int]]:
-        """(idx, file_no, offset, length, est_input, est_output) of pending rows past `after`, in
-        input order, at most `limit` of them (-1: all)."""
-        return self.db.execute(
-            "SELECT idx, file_no, offset, length, est_input, est_output FROM rows "
-            "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
-            (endpoint, model, after, limit),
-        ).fetchall()
+    def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
+        """Pending rows of an endpoint and model past `after`, in input order, at most `limit` of them (-1: all)."""
+        return [
+            PendingRow._make(r)
+            for r in self._db.execute(
+                "SELECT idx, length, est_input, est_output FROM rows "
+                "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
+                (endpoint, model, after, limit),
+            )
+        ]
 
-    def chunk_rows(self, chunk_id: int) -> list[tuple[int, int, int, int, str, str | None, int, str]]:
-        """(idx, file_no, offset, length, custom_id, remote_id, rewrite, model) of a chunk's rows, in input order.
+    def chunk_rows(self, chunk_id: int) -> list[ChunkRow]:
+        """The rows of a chunk still waiting for their results, in input order."""
+        return [
+            ChunkRow._make(r)
+            for r in self._db.execute(
+                "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, model, attempts FROM rows "
+                "WHERE chunk_id=? AND state='queued' ORDER BY idx",
+                (chunk_id,),
+            )
+        ]
 
-        remote_id: the id sent to the provider when the row's own does not fit its rules;
-        rewrite: 1 when the line must be rewritten before sending (its model is set by the job).
-        """
-        return self.db.execute(
-            "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, model FROM rows "
-            "WHERE chunk_id=? AND state='queued' ORDER BY idx",
-            (chunk_id,),
-        ).fetchall()
-
-    def export_rows(self) -> Iterator[tuple[int, int, int, str | None, str, Result | None, str | None]]:
-        """(idx, file_no, line, custom_id, state, result, error) of every row, in input order."""
-        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error in self.db.execute(
+    def export_rows(self) -> Iterator[ExportRow]:
+        """Every row, in input order, with its result or error."""
+        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error in self._db.execute(
             "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error "
             "FROM rows ORDER BY idx"
         ):
-            yield idx, file_no, line, cid, state, (ResultRef(rfile, roff, rlen) if rfile is not None else blob), error
+            yield ExportRow(idx, file_no, line, cid, state, _result(blob, rfile, roff, rlen), error)
 
     # -- chunks --------------------------------------------------------------------------
+
+    def chunk_count(self) -> int:
+        """Chunks ever planned (abandoned ones too: tags are never reused)."""
+        return int(self._one("SELECT COUNT(*) FROM chunks"))
 
     def plan_chunk(
         self,
@@ -361,7 +434,7 @@ class JobStore:
         cost: float,
     ) -> int:
         """Records a chunk and queues its rows, in one transaction (the plan survives a crash)."""
-        with self.tx() as db:
+        with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO chunks (tag, endpoint, model, rows, bytes, est_input, est_output, est_cost, state, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
@@ -377,7 +450,7 @@ class JobStore:
             ).rowcount
             if queued != len(idxs):
                 raise StateError(f"chunk {tag}: expected to queue {len(idxs)} rows, queued {queued}")
-            self.event("plan", f"chunk {tag}: {len(idxs)} rows of {model} ({nbytes} bytes)", chunk_id, db)
+            self._event(db, "plan", f"chunk {tag}: {len(idxs)} rows of {model} ({nbytes} bytes)", chunk_id)
         return chunk_id
 
     def dissolve_planned(self) -> int:
@@ -385,23 +458,22 @@ class JobStore:
 
         Only `planned` chunks: nothing remote carries their tags. They are kept as `abandoned`.
         """
-        with self.tx() as db:
+        with self._tx() as db:
             db.execute(
                 "UPDATE rows SET state='pending', chunk_id=NULL, attempts=MAX(attempts-1, 0) "
                 "WHERE state='queued' AND chunk_id IN (SELECT id FROM chunks WHERE state='planned')"
             )
             n = db.execute("UPDATE chunks SET state='abandoned' WHERE state='planned'").rowcount
             if n:
-                self.event("replan", f"{n} unsent chunks dissolved to re-plan under new limits", db=db)
+                self._event(db, "replan", f"{n} unsent chunks dissolved to re-plan under new limits")
         return n
 
     def chunks(self, states: Sequence[str] | None = None) -> list[Chunk]:
         if states is None:
-            rows = self.db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks ORDER BY id").fetchall()
+            rows = self._db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks ORDER BY id").fetchall()
         else:
-            marks = ", ".join("?" * len(states))
-            rows = self.db.execute(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE state IN ({marks}) ORDER BY id", tuple(states)
+            rows = self._db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE state IN ({_marks(states)}) ORDER BY id", tuple(states)
             ).fetchall()
         return [Chunk(*r) for r in rows]
 
@@ -417,143 +489,110 @@ class JobStore:
     def move_chunk(self, chunk_id: int, to: str, from_: Sequence[str], message: str = "", **columns: Any) -> None:
         """Guarded chunk transition; raises StateError when the chunk is not in `from_`."""
         sets = {"state": to, **columns}
-        marks = ", ".join("?" * len(from_))
-        with self.tx() as db:
+        with self._tx() as db:
             changed = db.execute(
-                f"UPDATE chunks SET {', '.join(f'{k}=?' for k in sets)} WHERE id=? AND state IN ({marks})",
+                f"UPDATE chunks SET {', '.join(f'{k}=?' for k in sets)} WHERE id=? AND state IN ({_marks(from_)})",
                 (*sets.values(), chunk_id, *from_),
             ).rowcount
             if changed != 1:
                 raise StateError(f"chunk {chunk_id} cannot move to {to}: not in {', '.join(from_)}")
-            self.event(to, message or f"chunk {chunk_id} -> {to}", chunk_id, db)
+            self._event(db, to, message or f"chunk {chunk_id} -> {to}", chunk_id)
 
     def update_chunk(self, chunk_id: int, **columns: Any) -> None:
         """Records remote progress (no state change)."""
-        with self.tx() as db:
+        with self._tx() as db:
             db.execute(
                 f"UPDATE chunks SET {', '.join(f'{k}=?' for k in columns)} WHERE id=?", (*columns.values(), chunk_id)
             )
 
-    def _finish_rows(
-        self,
-        db: sqlite3.Connection,
-        succeeded: list[tuple[Result, int, int, int, int, float, int]],
-        retry: list[tuple[str, int]],
-        failed: list[tuple[Result, str, int]],
-        refund: Sequence[tuple[str, int]] = (),
-    ) -> None:
+    def _apply(self, db: sqlite3.Connection, outcome: Outcome) -> None:
         db.executemany(
             "UPDATE rows SET state='succeeded', result=?, result_file=?, result_offset=?, result_length=?, "
             "input_tokens=?, output_tokens=?, cached_tokens=?, reasoning_tokens=?, cost=?, error=NULL "
             "WHERE idx=? AND state='queued'",
-            [(*_result_columns(r[0]), *r[1:]) for r in succeeded],
+            [(*_result_columns(r.result), *r[1:]) for r in outcome.succeeded],
         )
-        db.executemany("UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", retry)
+        db.executemany(
+            "UPDATE rows SET state='pending', chunk_id=NULL, error=? WHERE idx=? AND state='queued'", outcome.retry
+        )
         db.executemany(
             "UPDATE rows SET state='pending', chunk_id=NULL, error=?, attempts=MAX(attempts-1, 0) "
             "WHERE idx=? AND state='queued'",
-            refund,
+            outcome.refund,
         )
         db.executemany(
             "UPDATE rows SET state='failed', result=?, result_file=?, result_offset=?, result_length=?, error=? "
             "WHERE idx=? AND state='queued'",
-            [(*_result_columns(r[0]), *r[1:]) for r in failed],
+            [(*_result_columns(r.result), *r[1:]) for r in outcome.failed],
         )
 
     def result_file(self, path: str) -> int:
         """The id of a downloaded result file (a path under the job directory), registered once."""
-        with self.tx() as db:
+        with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO result_files (path) VALUES (?)", (path,))
             return int(db.execute("SELECT id FROM result_files WHERE path=?", (path,)).fetchone()[0])
 
     def result_files(self) -> dict[int, str]:
-        return dict(self.db.execute("SELECT id, path FROM result_files"))
+        return dict(self._db.execute("SELECT id, path FROM result_files"))
 
-    def collect(
-        self,
-        chunk_id: int,
-        succeeded: list[tuple[Result, int, int, int, int, float, int]],
-        retry: list[tuple[str, int]],
-        failed: list[tuple[Result, str, int]],
-        remote_status: str,
-        *,
-        refund: Sequence[tuple[str, int]] = (),
-    ) -> None:
+    def collect(self, chunk_id: int, outcome: Outcome, remote_status: str) -> None:
         """Applies a finished chunk's results and marks it collected, in one transaction.
 
-        succeeded: (result, input, output, cached, reasoning tokens, cost, idx);
-        retry: (last error, idx) back to pending; failed: (result, error, idx), final. A result
-        is its line's bytes, or a `ResultRef` to the line in a downloaded file (fsynced first).
-        refund: (last error, idx) back to pending with the attempt given back (the user cancelled).
+        A result is its line's bytes, or a `ResultRef` to the line in a downloaded file (which
+        the caller fsynced first).
         """
-        with self.tx() as db:
-            self._finish_rows(db, succeeded, retry, failed, refund)
+        with self._tx() as db:
+            self._apply(db, outcome)
             changed = db.execute(
                 "UPDATE chunks SET state='collected', remote_status=?, finished_at=? WHERE id=? AND state='submitted'",
                 (remote_status, int(time.time()), chunk_id),
             ).rowcount
             if changed != 1:
                 raise StateError(f"chunk {chunk_id} was not submitted; its results were not applied")
-            self.event(
-                "collected",
-                f"chunk {chunk_id}: {len(succeeded)} succeeded, {len(retry) + len(refund)} to retry, "
-                f"{len(failed)} failed",
-                chunk_id,
-                db,
-            )
+            self._event(db, "collected", f"chunk {chunk_id}: {outcome.describe()}", chunk_id)
 
     def pending_count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM rows WHERE state='pending'").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM rows WHERE state='pending'"))
 
-    def start_direct(self) -> list[tuple[int, int, int, int, str, str, str, int, int]]:
-        """Queues every pending row for the direct API (chunk_id NULL), returning
-        (idx, file_no, offset, length, custom_id, endpoint, model, est_input, est_output)."""
-        with self.tx() as db:
+    def start_direct(self) -> list[DirectRow]:
+        """Queues every pending row for the direct API (chunk_id NULL) and returns them."""
+        with self._tx() as db:
             rows = db.execute(
-                "SELECT idx, file_no, offset, length, custom_id, endpoint, model, est_input, est_output FROM rows "
+                "SELECT idx, file_no, offset, length, custom_id, endpoint, model, attempts + 1 FROM rows "
                 "WHERE state='pending' ORDER BY idx"
             ).fetchall()
             db.execute("UPDATE rows SET state='queued', chunk_id=NULL, attempts=attempts+1 WHERE state='pending'")
-            self.event("direct", f"{len(rows)} rows sent to the direct API", db=db)
-        return rows
+            self._event(db, "direct", f"{len(rows)} rows sent to the direct API")
+        return [DirectRow._make(r) for r in rows]
 
-    def finish_direct(
-        self,
-        succeeded: list[tuple[Result, int, int, int, int, float, int]],
-        retry: list[tuple[str, int]],
-        failed: list[tuple[Result, str, int]],
-    ) -> None:
-        with self.tx() as db:
-            self._finish_rows(db, succeeded, retry, failed)
+    def finish_direct(self, outcome: Outcome) -> None:
+        with self._tx() as db:
+            self._apply(db, outcome)
 
     def requeue_interrupted_direct(self) -> int:
         """Rows that were with the direct API when the process died go back to pending."""
-        with self.tx() as db:
+        with self._tx() as db:
             return db.execute("UPDATE rows SET state='pending' WHERE state='queued' AND chunk_id IS NULL").rowcount
 
     def in_flight_cost(self) -> float:
         """Estimated cost of chunks submitted (or about to be) and not yet collected."""
-        return float(
-            self.db.execute(
-                "SELECT COALESCE(SUM(est_cost), 0) FROM chunks "
-                "WHERE state IN ('uploading', 'uploaded', 'creating', 'submitted')"
-            ).fetchone()[0]
-        )
+        query = f"SELECT COALESCE(SUM(est_cost), 0) FROM chunks WHERE state IN ({_marks(IN_FLIGHT)})"
+        return float(self._one(query, IN_FLIGHT))
 
     def estimated_cost(self) -> float:
         """Estimated cost of every chunk planned so far (at batch prices)."""
-        return float(self.db.execute("SELECT COALESCE(SUM(est_cost), 0) FROM chunks").fetchone()[0])
+        return float(self._one("SELECT COALESCE(SUM(est_cost), 0) FROM chunks"))
 
     def in_flight_tokens(self, model: str) -> int:
         """Estimated prompt tokens of this model's chunks in flight (the provider's enqueued-token queue)."""
         return int(
-            self.db.execute(
+            self._one(
                 "SELECT COALESCE(SUM(est_input), 0) FROM chunks WHERE model=? AND state IN ('creating','submitted')",
                 (model,),
-            ).fetchone()[0]
+            )
         )
 
     def events(self, limit: int = 50) -> list[tuple[float, str, int | None, str]]:
-        return self.db.execute(
+        return self._db.execute(
             "SELECT at, kind, chunk_id, message FROM events ORDER BY seq DESC LIMIT ?", (limit,)
         ).fetchall()[::-1]

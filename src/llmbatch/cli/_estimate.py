@@ -1,0 +1,70 @@
+"""`llmbatch estimate`: rows validated and estimated offline, by the same code as `run`; sends nothing."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..estimate import Estimate
+from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table
+from ..pricing import LONG_PROMPT_TOKENS
+from ..providers import PROVIDER_NAMES
+from ._options import price_options, print_estimate
+
+__all__ = ["estimate"]
+
+#: Invalid rows listed by line; the rest are counted.
+_SHOWN_PROBLEMS = 50
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--default-output-tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Output tokens assumed for rows that set no max_tokens.",
+)
+@price_options
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDER_NAMES),
+    default=None,
+    help="Price at this provider's rates, and check rows by its rules too.",
+)
+def estimate(
+    inputs: tuple[Path, ...],
+    default_output_tokens: int,
+    price_file: Path | None,
+    price_input: float | None,
+    price_output: float | None,
+    provider: str | None,
+    price_as: str | None,
+) -> None:
+    """Validate rows and estimate tokens and cost, offline; sends nothing.
+
+    Exits 2 when some rows are invalid (each is listed with its file and line).
+    """
+    rules = RowRules(provider=provider, default_output_tokens=default_output_tokens)
+    paths = list(inputs)
+    # The rows go through `run`'s own reading and checking, into a scratch store: memory
+    # stays flat however large the input, and run and estimate cannot disagree.
+    with tempfile.TemporaryDirectory(prefix="llmbatch-estimate-") as tmp:
+        store = JobStore(Path(tmp) / "estimate.sqlite")
+        try:
+            report = ingest(store, paths, rules, max_problems=_SHOWN_PROBLEMS)
+            est = Estimate.from_totals(store.estimate_by_model(LONG_PROMPT_TOKENS))
+        finally:
+            store.close()
+    for problem in report.problems or []:
+        click.echo(problem, err=True)
+    table = price_table(price_file, price_input, price_output, est.by_model, provider, price_as)
+    est.cost(table)
+    print_estimate(est, billed=True, err=False)
+    if report.invalid:
+        click.echo(f"{report.invalid} invalid rows (not counted above)", err=True)
+        sys.exit(EXIT_USAGE)

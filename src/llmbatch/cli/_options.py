@@ -1,0 +1,66 @@
+"""What the job commands share: options, the message line, the estimate printout."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..estimate import Estimate
+from ..jobs import default_job_root
+
+__all__ = ["api_key_option", "job_root_option", "price_options", "print_estimate", "root_of", "say"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(message: str) -> None:
+    """A message line on stderr, with the time."""
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
+
+
+def print_estimate(est: Estimate, *, billed: bool, err: bool = True) -> None:
+    """The estimate's summary lines (costed already when `billed`)."""
+    for line in est.summary_lines():
+        click.echo(line, err=err)
+    if not billed:
+        click.echo("Cost: none (the local provider bills nothing).", err=err)
+
+
+def root_of(given: Path | None) -> Path:
+    """Where jobs live: as given (`--job-dir`), else `$LLMBATCH_HOME/jobs`."""
+    return given or default_job_root()
+
+
+api_key_option = click.option(
+    "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."
+)
+job_root_option = click.option(
+    "--job-dir",
+    "job_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where jobs live [default: $LLMBATCH_HOME/jobs].",
+)
+
+_PRICE_OPTIONS: list[Callable[[F], F]] = [
+    click.option(
+        "--price-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="JSON prices overriding the bundled table.",
+    ),
+    click.option("--price-as", default=None, help="Price every row as this model (e.g. an Azure deployment's model)."),
+    click.option("--price-input", type=float, default=None, help="USD per 1M input tokens for unpriced models."),
+    click.option("--price-output", type=float, default=None, help="USD per 1M output tokens for unpriced models."),
+]
+
+
+def price_options(f: F) -> F:
+    """--price-file, --price-as, --price-input, --price-output."""
+    for option in reversed(_PRICE_OPTIONS):
+        f = option(f)
+    return f

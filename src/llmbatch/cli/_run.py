@@ -1,0 +1,135 @@
+"""`llmbatch run`: OpenAI-format batch JSONL files run as one durable job (re-running resumes it)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..engines import resolve_engine
+from ..jobs import EXIT_INTERRUPTED, EXIT_OK, JobSession, JobSettings, make_progress, settings_for
+from ..providers import PROVIDER_NAMES
+from ._engine_options import ENGINE_HELP, engine_config_options, engine_options
+from ._options import api_key_option, job_root_option, price_options, print_estimate, root_of, say
+
+__all__ = ["run", "run_job"]
+
+_SKIP_HINT = "run again with --skip-invalid"
+
+
+def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run: bool = False) -> int:
+    """Runs the job to its end on this terminal; returns `llmbatch run`'s exit code.
+
+    The lock covers reading the inputs and planning too: a second process re-reading them or
+    planning chunks while the first runs would corrupt the job.
+    """
+    with session.lock:
+        prepared = session.prepare(settings, skip_hint=_SKIP_HINT)
+        print_estimate(prepared.estimate, billed=prepared.provider.billed)
+        if dry_run:
+            for ch in session.dry_run(prepared):
+                click.echo(
+                    f"{ch.tag}: {ch.rows} rows, {ch.bytes:,} bytes, {ch.endpoint}, model {ch.model}, "
+                    f"~{ch.est_input:,} input tokens, est. ${ch.est_cost:.4f}"
+                )
+            return EXIT_OK
+        progress = make_progress(say, live=sys.stderr.isatty())
+        runner = session.runner(prepared, progress)
+        try:
+            outcome = asyncio.run(session.run(runner))
+        except KeyboardInterrupt:
+            click.echo(
+                f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {session.id}", err=True
+            )
+            return EXIT_INTERRUPTED
+        finally:
+            progress.close()
+        click.echo(outcome.summary, err=True)
+        return outcome.code
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--provider",
+    type=click.Choice(PROVIDER_NAMES),
+    default=None,
+    help="Where batches run [default: a provider/ prefix on --model or the rows' model, else local, "
+    "an in-process llmbatch server]; openai is any OpenAI-compatible Batch API.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
+)
+@click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
+@click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
+@engine_options
+@click.option(
+    "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
+)
+@click.option("--base-url", default=None, help="The provider's API base URL [env: its own, e.g. OPENAI_BASE_URL].")
+@api_key_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Results file [default: INPUT.results.jsonl next to the first input].",
+)
+@click.option(
+    "--errors", type=click.Path(path_type=Path), default=None, help="Final failures [default: INPUT.errors.jsonl]."
+)
+@job_root_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Most requests per remote batch.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None, help="Largest chunk file in bytes.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=None, help="Most remote batches at once.")
+@click.option(
+    "--max-enqueued-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most estimated prompt tokens in flight per model.",
+)
+@click.option(
+    "--direct-below",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Send the last N pending rows through the direct API instead of another batch.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Tries per row before a retryable failure is final.",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="USD cap: stop before the next submission's estimate would pass it.",
+)
+@click.option("--skip-invalid", is_flag=True, help="Send the valid rows even if some are invalid.")
+@click.option(
+    "--keep-uploads",
+    is_flag=True,
+    help="Keep each chunk's uploaded input at the provider (default: deleted once collected).",
+)
+@click.option("--dry-run", is_flag=True, help="Validate, estimate, print the planned chunks, send nothing.")
+@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=None, help="First wait between polls (s).")
+@price_options
+def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
+    """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
+    opts["engine_options"] = engine_config_options(opts) or None
+    settings = settings_for(list(inputs), **opts)
+    if settings.provider == "local":
+        notice = resolve_engine(opts["engine"])[1]
+        if notice:
+            say(f"note: {notice}")
+    session, created = JobSession.open(list(inputs), settings, root_of(job_root), api_key=api_key, say=say)
+    say(f"{'new' if created else 'resuming'} job {session.id} ({session.dir})")
+    with session:
+        sys.exit(run_job(session, settings, dry_run=dry_run))

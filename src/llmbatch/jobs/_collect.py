@@ -1,0 +1,186 @@
+"""Collecting: finished batches polled, their result files downloaded, every row sorted into an
+`Outcome` (succeeded, back to pending, failed) that the store applies in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import orjson
+
+from .._exceptions import ProviderError
+from ..pricing import Tariff
+from ..providers import RemoteBatch, RemoteStatus
+from ._context import RunContext
+from ._export import error_line
+from ._records import Chunk, ChunkRow, Failure, Outcome, Result, ResultRef, Success
+
+__all__ = ["classify", "collect", "is_retryable_status", "poll"]
+
+log = logging.getLogger("llmbatch.jobs")
+
+#: Row error codes that say the row never ran to its end, whatever their HTTP status.
+_RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
+#: Batch-level error codes meaning "the quota is full", not "these rows are bad".
+_QUOTA_CODES = {"token_limit_exceeded"}
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def is_retryable_status(status: int) -> bool:
+    """429, 408, 409 and 5xx are worth another attempt; any other 4xx is the request's fault."""
+    return status in (408, 409, 429) or status >= 500
+
+
+def classify(outcome: Outcome, tariff: Tariff, idx: int, attempts: int, line: Result, rec: dict[str, Any]) -> None:
+    """Sorts one answered row (its output record `rec`) into `outcome`: succeeded (priced by
+    `tariff`), failed for good, or retried while it has attempts left."""
+    response = rec.get("response") or {}
+    error = rec.get("error")
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if error is None and isinstance(status, int) and 200 <= status < 300:
+        body = response.get("body") or {}
+        u = body.get("usage") or {} if isinstance(body, dict) else {}
+        inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
+        out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
+        cached = (u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}).get("cached_tokens") or 0
+        details = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
+        reasoning = details.get("reasoning_tokens") or 0
+        outcome.succeeded.append(Success(line, inp, out, cached, reasoning, tariff(inp, out, cached), idx))
+        return
+    if isinstance(error, dict):
+        code = error.get("code") or "error"
+        message = f"{code}: {error.get('message')}"
+        if code in _RETRYABLE_CODES or code != "invalid_request":
+            outcome.give_up_or_retry(idx, attempts, line, message, cut_off=code == "batch_cancelled")
+        else:
+            outcome.failed.append(Failure(line, message, idx))
+        return
+    body = response.get("body") if isinstance(response, dict) else None
+    err = body.get("error") if isinstance(body, dict) else None
+    detail = err.get("message") if isinstance(err, dict) else None
+    message = f"HTTP {status}: {detail or 'error'}"
+    if isinstance(status, int) and not is_retryable_status(status):
+        outcome.failed.append(Failure(line, message, idx))
+    else:
+        outcome.give_up_or_retry(idx, attempts, line, message)
+
+
+async def poll(ctx: RunContext) -> bool:
+    """Asks the provider about every submitted chunk and collects those that ended."""
+    progressed = False
+    for chunk in ctx.store.chunks(("submitted",)):
+        assert chunk.batch_id is not None
+        try:
+            batch = await ctx.provider.get_batch(chunk.batch_id)
+        except ProviderError as exc:
+            ctx.say(f"chunk {chunk.tag}: polling failed: {exc}; will try again")
+            continue
+        seen = (batch.status.value, batch.completed, batch.failed)
+        if seen != (chunk.remote_status, chunk.remote_completed, chunk.remote_failed):
+            ctx.store.update_chunk(
+                chunk.id, remote_status=batch.status.value, remote_completed=batch.completed, remote_failed=batch.failed
+            )
+            progressed = True
+        if batch.status.terminal:
+            try:
+                await collect(ctx, chunk, batch)
+            except ProviderError as exc:  # the results stay remote: fetch them on a later poll
+                ctx.say(f"chunk {chunk.tag}: downloading results failed: {exc}; will try again")
+                continue
+            progressed = True
+    return progressed
+
+
+async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
+    """Downloads a finished batch's results and applies them to its rows, in one transaction."""
+    store, settings = ctx.store, ctx.settings
+    rows = store.chunk_rows(chunk.id)
+    by_id = {r.remote_id or r.custom_id: r for r in rows}
+    tariff = ctx.tariff(chunk.model)
+    outcome = Outcome(settings.max_attempts, user_cancelled=(store.job() or {}).get("status") == "cancelled")
+    seen: set[int] = set()
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if not file_id:
+            continue
+        name = f"{chunk.tag}-{_SAFE_NAME.sub('_', file_id)}.jsonl"
+        dest = ctx.job_dir / "results" / name
+        await ctx.provider.download(file_id, dest)
+        # Rows keep their results as references into this file, so it must be on disk
+        # before the transaction that points at it commits.
+        with open(dest, "rb") as fh:
+            os.fsync(fh.fileno())
+        ref_file = store.result_file(f"results/{name}")
+        with open(dest, "rb") as fh:
+            end = 0
+            for raw in fh:
+                start, end = end, end + len(raw)
+                line = raw.rstrip(b"\r\n")
+                if not line or line.isspace():
+                    continue
+                try:
+                    rec = orjson.loads(line)
+                    row = by_id[rec["custom_id"]]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    log.warning("chunk %s: ignoring an unmatched result line", chunk.tag)
+                    continue
+                if row.idx in seen:
+                    continue
+                seen.add(row.idx)
+                result: Result
+                if rec["custom_id"] != row.custom_id:  # sent under an id the provider accepts
+                    rec["custom_id"] = row.custom_id
+                    result = orjson.dumps(rec)
+                else:
+                    result = ResultRef(ref_file, start, len(line))
+                classify(outcome, tariff, row.idx, row.attempts, result, rec)
+    _unanswered(ctx, chunk, batch, rows, seen, outcome)
+    store.collect(chunk.id, outcome, batch.status.value)
+    if batch.status is RemoteStatus.COMPLETED:
+        ctx.quota_failures = 0
+    if chunk.file_id and not settings.keep_uploads:
+        # The input is no longer needed, and uploads count against per-account file caps.
+        try:
+            await ctx.provider.delete_file(chunk.file_id)
+        except ProviderError as exc:
+            log.warning("chunk %s: could not delete its upload %s: %s", chunk.tag, chunk.file_id, exc)
+
+
+def _unanswered(
+    ctx: RunContext, chunk: Chunk, batch: RemoteBatch, rows: list[ChunkRow], seen: set[int], outcome: Outcome
+) -> None:
+    """Rows the provider said nothing about: a failed batch names bad lines; others are retried."""
+    line_errors = {e.get("line"): e for e in batch.errors if isinstance(e.get("line"), int)}
+    general = "; ".join(e.get("message") or "" for e in batch.errors if not isinstance(e.get("line"), int))
+    # A batch refused because the provider's enqueued-token quota was full (Azure) says
+    # nothing about its rows: they go back without using up an attempt, after a pause.
+    quota_full = bool(batch.errors) and all(e.get("code") in _QUOTA_CODES for e in batch.errors)
+    if quota_full:
+        backoff = min(max(ctx.settings.poll_interval, 1.0) * 2**ctx.quota_failures, 900.0)
+        ctx.quota_failures += 1
+        ctx.quota_wait_until = time.monotonic() + backoff
+        ctx.say(f"chunk {chunk.tag}: the provider's token quota is full ({general}); sending again in {backoff:.0f} s")
+    # Rows cut off by the user's own `llmbatch cancel` were never really tried: they go back
+    # to pending with their attempt refunded (`Outcome.user_cancelled`), so a resume runs them
+    # whatever --max-attempts.
+    cancelled = batch.status is RemoteStatus.CANCELLED
+    for n, row in enumerate(rows, start=1):
+        if row.idx in seen:
+            continue
+        if n in line_errors:
+            e = line_errors[n]
+            message = f"rejected by the provider: {e.get('code')}: {e.get('message')}"
+            code = e.get("code") or "invalid_request"
+            outcome.failed.append(Failure(error_line(row.custom_id, code, message), message, row.idx))
+            continue
+        reason = general or f"no result for this row in batch {batch.id} ({batch.status.value})"
+        if cancelled:  # cut off: refunded when the user cancelled
+            reason = f"batch_cancelled: {reason}"
+        elif batch.status is RemoteStatus.EXPIRED:
+            reason = f"batch_expired: {reason}"
+        outcome.give_up_or_retry(
+            row.idx, row.attempts, error_line(row.custom_id, "missing_result", reason), reason,
+            cut_off=cancelled, refund=quota_full,
+        )  # fmt: skip

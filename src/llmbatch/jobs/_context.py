@@ -1,0 +1,94 @@
+"""What the parts of a run share: the job, its provider and limits, prices, and run-time state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..pricing import PriceTable, Tariff
+from ..providers import Provider
+from ._settings import JobSettings
+from ._store import JobStore
+
+__all__ = ["RunContext"]
+
+
+@dataclass
+class RunContext:
+    """One run of one job against one provider: built by `JobRunner`, read by its parts
+    (planning, submitting, collecting, the direct API)."""
+
+    store: JobStore
+    job_dir: Path
+    settings: JobSettings
+    provider: Provider
+    prices: PriceTable
+    #: Where messages for the user go (the progress display's `message`).
+    say: Callable[[str], None]
+    job_id: str
+    inputs: list[Path]
+    batch_size: int
+    max_bytes: int
+    max_in_flight: int
+    max_enqueued: int | None
+    #: Whether the budget is holding back the next chunk (or the last rows' direct calls).
+    budget_blocked: bool = False
+    #: Batches refused in a row because the provider's token quota was full, and when to try again.
+    quota_failures: int = 0
+    quota_wait_until: float = 0.0
+    _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        store: JobStore,
+        job_dir: Path,
+        settings: JobSettings,
+        provider: Provider,
+        prices: PriceTable | None,
+        say: Callable[[str], None],
+    ) -> RunContext:
+        if prices is None:
+            prices = PriceTable.load(settings.price_file).for_provider(settings.provider)
+            prices = prices.priced_as(store.models(), settings.price_as)
+        job = store.job()
+        assert job is not None
+        limits = provider.limits
+        return cls(
+            store=store,
+            job_dir=job_dir,
+            settings=settings,
+            provider=provider,
+            prices=prices,
+            say=say,
+            job_id=job["id"],
+            inputs=[Path(i["path"]) for i in job["inputs"]],
+            batch_size=min(settings.batch_size or limits.max_requests, limits.max_requests),
+            max_bytes=min(settings.max_bytes or limits.max_bytes, limits.max_bytes),
+            max_in_flight=settings.max_in_flight or limits.max_in_flight,
+            max_enqueued=settings.max_enqueued_tokens or limits.max_enqueued_tokens,
+        )
+
+    def tariff(self, model: str, *, batch: bool = True) -> Tariff:
+        """Prices one request of `model` at batch or direct prices (0 for a provider that bills
+        nothing, or a model without a price)."""
+        key = (model, batch)
+        found = self._tariffs.get(key)
+        if found is None:
+            price = self.prices.lookup(model) if self.provider.billed else None
+            found = self._tariffs[key] = Tariff(price, batch=batch)
+        return found
+
+    def unpriced_models(self) -> list[str]:
+        if not self.provider.billed:
+            return []
+        return [m for m in self.store.models() if self.prices.lookup(m) is None]
+
+    def read_line(self, file_no: int, offset: int, length: int, idx: int) -> bytes:
+        """A row's input line: from its file, or from the store for a call made through the Python API."""
+        if file_no < 0:
+            return self.store.request(idx)
+        with open(self.inputs[file_no], "rb") as fh:
+            fh.seek(offset)
+            return fh.read(length)

@@ -1,0 +1,123 @@
+"""Exporting: one output line per input row, in input order, read from the store and the
+downloaded result files it points into."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from .._exceptions import StateError
+from ._records import Result, ResultRef
+from ._settings import JobSettings
+from ._store import JobStore
+
+__all__ = ["ResultReader", "error_line", "export", "output_lines", "output_paths"]
+
+
+def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None = None) -> tuple[Path, Path]:
+    """The results and errors files: as set, else next to the first input (a job of calls made
+    through the Python API has no input file: its files go in its job directory)."""
+    first = inputs[0] if inputs else (job_dir or Path.cwd()) / "calls.jsonl"
+    stem = first.name[: -len(".jsonl")] if first.name.endswith(".jsonl") else first.name
+    out = settings.output or first.with_name(f"{stem}.results.jsonl")
+    err = settings.errors or out.with_name(
+        out.name.replace(".results.jsonl", ".errors.jsonl") if ".results." in out.name else f"{out.stem}.errors.jsonl"
+    )
+    return out, err
+
+
+def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """(row state, output line) of every row, in input order: its result line when it succeeded,
+    the provider's error line (or one naming its file and line) when it failed or was invalid,
+    a `not_run` error line when the job stopped before it ran."""
+    with ResultReader(store) as results:
+        for row in store.export_rows():
+            state = row.state
+            if state == "succeeded" and row.result is not None:
+                yield state, results.line(row.result)
+            elif state in ("failed", "invalid"):
+                if row.result is not None:
+                    yield state, results.line(row.result)
+                else:
+                    where = f"{inputs[row.file_no].name}:{row.line}" if row.file_no >= 0 else "a call"
+                    yield state, error_line(row.custom_id, "invalid_request", f"{where}: {row.error}")
+            else:  # pending or queued: the job stopped before this row ran
+                yield state, error_line(row.custom_id, "not_run", "not run: the job stopped before this row was sent")
+
+
+def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
+    """Writes one line per input row, in input order; final failures also to the errors file."""
+    out_path, err_path = output_paths(inputs, settings, store.path.parent)
+    tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
+    any_errors = False
+    with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
+        for state, line in output_lines(store, inputs):
+            if state in ("failed", "invalid"):
+                err.write(line + b"\n")
+                any_errors = True
+            out.write(line + b"\n")
+    os.replace(tmp_out, out_path)
+    if any_errors:
+        os.replace(tmp_err, err_path)
+    else:
+        tmp_err.unlink()
+        err_path.unlink(missing_ok=True)
+    return out_path, err_path
+
+
+class ResultReader:
+    """Reads result lines out of a job's downloaded result files (memory-mapped).
+
+    At most `_OPEN_MAPS` files stay mapped (and open), the least recently read closed first: an
+    export in input order moves from one chunk's files to the next, and a mapped file's pages count
+    towards the process's memory while it stays mapped, so a long job's export would otherwise
+    grow with it (and run out of file handles).
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.root = store.path.parent
+        self.paths = store.result_files()
+        self.maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+
+    def __enter__(self) -> ResultReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+
+    def line(self, result: Result) -> bytes:
+        if not isinstance(result, ResultRef):
+            return result
+        maps = self.maps
+        m = maps.get(result.file)
+        if m is None:
+            path = self.root / self.paths[result.file]
+            try:
+                with open(path, "rb") as fh:
+                    m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise StateError(f"{path}: a result file of this job is missing or unreadable: {exc}") from exc
+            maps[result.file] = m
+            if len(maps) > _OPEN_MAPS:
+                maps.popitem(last=False)[1].close()
+        elif next(reversed(maps)) != result.file:
+            maps.move_to_end(result.file)
+        return m[result.offset : result.offset + result.length]
+
+
+#: Result files a `ResultReader` keeps mapped at once: enough for the files an export in input
+#: order moves between (a chunk's output and errors, and the chunks its retried rows went in).
+_OPEN_MAPS = 16
+
+
+def error_line(custom_id: str | None, code: str, message: str) -> bytes:
+    return orjson.dumps(
+        {"id": None, "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+    )

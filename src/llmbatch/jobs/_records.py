@@ -1,0 +1,228 @@
+"""The records a job's parts hand each other: rows and chunks as the store reads them, and the
+outcome of collecting a batch as the store applies it. Named fields, never positional tuples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+__all__ = [
+    "CHUNK_STATES",
+    "ROW_STATES",
+    "IN_FLIGHT",
+    "CheckedRow",
+    "Chunk",
+    "ChunkRow",
+    "DirectRow",
+    "ExportRow",
+    "Failure",
+    "ModelEstimate",
+    "Outcome",
+    "PendingRow",
+    "RequestRow",
+    "Result",
+    "ResultRef",
+    "Retry",
+    "Success",
+]
+
+#: pending: waiting for a chunk · queued: in a chunk not yet collected · succeeded / failed:
+#: final · invalid: failed validation (final, never sent).
+ROW_STATES = ("pending", "queued", "succeeded", "failed", "invalid")
+#: planned -> uploading -> uploaded -> creating -> submitted -> collected (or abandoned).
+CHUNK_STATES = ("planned", "uploading", "uploaded", "creating", "submitted", "collected", "abandoned")
+#: Chunk states between the first remote call and collection: they count against the limits.
+IN_FLIGHT = ("uploading", "uploaded", "creating", "submitted")
+
+
+class ResultRef(NamedTuple):
+    """Where a row's result line lies: in a downloaded result file (`result_files`), by byte range."""
+
+    file: int
+    offset: int
+    length: int
+
+
+#: A row's result: its line's bytes, or where the line lies in a downloaded file.
+Result = bytes | ResultRef
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A planned remote batch and where it stands."""
+
+    id: int
+    tag: str
+    endpoint: str
+    model: str
+    rows: int
+    bytes: int
+    est_input: int
+    est_output: int
+    est_cost: float
+    state: str
+    file_id: str | None
+    batch_id: str | None
+    remote_status: str | None
+    remote_completed: int
+    remote_failed: int
+    submit_errors: int
+    intent_at: int | None
+    created_at: int
+    submitted_at: int | None
+    finished_at: int | None
+
+
+class CheckedRow(NamedTuple):
+    """One input line after validation and estimation (`RowRules.check`)."""
+
+    custom_id: str | None
+    #: The id sent to the provider when the row's own does not fit its rules.
+    remote_id: str | None
+    #: 1 when the line must be rewritten before sending (the job sets its model).
+    rewrite: int
+    endpoint: str | None
+    model: str | None
+    est_input: int
+    est_output: int
+    #: 1 when the row sets no output cap (its output estimate is a guess).
+    uncapped: int
+    state: str
+    error: str | None
+
+    @classmethod
+    def invalid(
+        cls, custom_id: str | None, error: str, endpoint: str | None = None, model: str | None = None
+    ) -> CheckedRow:
+        return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error)
+
+
+class RequestRow(NamedTuple):
+    """A call made through the Python API: its checked row and its request line (stored, not in a file)."""
+
+    idx: int
+    row: CheckedRow
+    request: bytes
+
+
+class PendingRow(NamedTuple):
+    """What planning needs of a pending row."""
+
+    idx: int
+    length: int
+    est_input: int
+    est_output: int
+
+
+class ChunkRow(NamedTuple):
+    """A row of a chunk being written or collected."""
+
+    idx: int
+    file_no: int
+    offset: int
+    length: int
+    custom_id: str
+    remote_id: str | None
+    rewrite: int
+    model: str
+    attempts: int
+
+
+class DirectRow(NamedTuple):
+    """A row handed to the direct API."""
+
+    idx: int
+    file_no: int
+    offset: int
+    length: int
+    custom_id: str
+    endpoint: str
+    model: str
+    attempts: int
+
+
+class ExportRow(NamedTuple):
+    """A row as the export reads it, in input order."""
+
+    idx: int
+    file_no: int
+    line: int
+    custom_id: str | None
+    state: str
+    result: Result | None
+    error: str | None
+
+
+class ModelEstimate(NamedTuple):
+    """Estimated tokens of one model's valid rows, and of those with long prompts."""
+
+    model: str
+    rows: int
+    input_tokens: int
+    output_tokens: int
+    uncapped: int
+    long_rows: int
+    long_input_tokens: int
+    long_output_tokens: int
+
+
+class Success(NamedTuple):
+    """A row answered successfully, with its usage and cost."""
+
+    result: Result
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    cost: float
+    idx: int
+
+
+class Failure(NamedTuple):
+    """A row that failed for good."""
+
+    result: Result
+    error: str
+    idx: int
+
+
+class Retry(NamedTuple):
+    """A row going back to pending, with its last error."""
+
+    error: str
+    idx: int
+
+
+@dataclass
+class Outcome:
+    """What collecting a batch (or a round of direct calls) did to its rows, applied in one
+    transaction by `JobStore.apply`."""
+
+    max_attempts: int
+    #: The user cancelled the job: rows its cancel cut off get their attempt back.
+    user_cancelled: bool = False
+    succeeded: list[Success] = field(default_factory=list)
+    retry: list[Retry] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    #: Back to pending with the attempt given back: rows the user's own cancel cut off.
+    refund: list[Retry] = field(default_factory=list)
+
+    def give_up_or_retry(
+        self, idx: int, attempts: int, result: Result, message: str, *, cut_off: bool = False, refund: bool = False
+    ) -> None:
+        """A retryable failure: another attempt while the row has some left, else final.
+
+        `cut_off`: the row's batch was cancelled before it ran (refunded when the user cancelled);
+        `refund`: the row was never tried (a batch refused for a full quota).
+        """
+        if refund or (cut_off and self.user_cancelled):
+            self.refund.append(Retry(message, idx))
+        elif attempts < self.max_attempts:
+            self.retry.append(Retry(message, idx))
+        else:
+            self.failed.append(Failure(result, message, idx))
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.succeeded)} succeeded, {len(self.retry) + len(self.refund)} to retry, {len(self.failed)} failed"
+        )

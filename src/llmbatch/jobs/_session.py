@@ -1,0 +1,401 @@
+"""One driver for a job: the steps every front end (the CLI, `run_file`/`Job`, the batching
+client) takes to run one, in one place.
+
+    JobSession.open(inputs, settings) or .find(job id)
+      -> lock -> prepare(settings): record them, ingest, refuse invalid rows, estimate
+      -> runner(progress) -> run() | dry_run() | cancel() -> export()
+
+The front ends differ only in how they report (terminal lines or log records); what a run
+does, which job it finds and the errors it raises are decided here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._exceptions import ConfigError, InputError, InvalidRows
+from .._paths import llmbatch_home
+from .._rows import iter_lines
+from ..estimate import Estimate
+from ..pricing import LONG_PROMPT_TOKENS, PriceTable
+from ..providers import Provider, create_provider, provider_class, split_model
+from ._export import export
+from ._ingest import IngestReport, ingest
+from ._lock import JobLock
+from ._progress import LiveProgress, PlainProgress
+from ._records import Chunk
+from ._runner import JobRunner, RunOutcome
+from ._settings import JobSettings
+from ._store import JobStore
+
+__all__ = [
+    "CHUNKING",
+    "JobSession",
+    "Prepared",
+    "default_job_root",
+    "job_id_for",
+    "list_jobs",
+    "make_provider",
+    "price_table",
+    "provider_started",
+    "settings_for",
+]
+
+#: Settings that shape chunks: when they change between runs, unsent chunks are re-planned.
+CHUNKING = ("batch_size", "max_bytes", "max_enqueued_tokens")
+#: Settings that make a job's identity, with the inputs.
+_IDENTITY_SETTINGS = ("provider", "base_url", "engine", "model")
+#: Invalid rows named in the error that refuses to run a job (and in the note of skipped ones).
+SHOWN_PROBLEMS = 20
+
+
+def default_job_root() -> Path:
+    return llmbatch_home() / "jobs"
+
+
+def settings_for(
+    inputs: list[Path], *, provider: str | None = None, base_url: str | None = None, **options: Any
+) -> JobSettings:
+    """A job's settings from `run`'s options (None: not given).
+
+    The provider is the one named, else a `provider/` prefix on the model or the first row's
+    model, else `local`; the base URL the one given, else the provider's environment variable.
+    """
+    provider = provider or _provider_of_model(options.get("model"), inputs) or "local"
+    cls = provider_class(provider)
+    env = getattr(cls, "base_url_env", None)
+    base_url = base_url or (os.environ.get(env) if env else None)
+    return JobSettings(provider=provider, base_url=base_url, **{k: v for k, v in options.items() if v is not None})
+
+
+def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
+    """The provider named by the model's prefix, else by the first row's model (`anthropic/claude-...`)."""
+    if model:
+        return split_model(model, None)[0]
+    for path in inputs[:1]:
+        try:
+            for _n, raw in iter_lines(path):
+                if raw.strip():
+                    body = orjson.loads(raw).get("body") or {}
+                    m = body.get("model") if isinstance(body, dict) else None
+                    return split_model(m, None)[0] if isinstance(m, str) else None
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return None  # the row is reported with its line when the job reads it
+    return None
+
+
+def _describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
+    described = []
+    for p in inputs:
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise InputError(f"{p}: cannot read the input file: {exc.strerror or exc}") from exc
+        if not p.is_file():
+            raise InputError(f"{p}: not a file")
+        described.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return described
+
+
+def job_id_for(inputs: list[dict[str, Any]], settings: JobSettings) -> str:
+    """The job's id: the same inputs run the same way give the same id."""
+    identity: list[Any] = [getattr(settings, k) for k in _IDENTITY_SETTINGS]
+    if settings.engine_options:  # only when given, so jobs from before engine options keep their ids
+        identity.append(settings.engine_options)
+    key = orjson.dumps([inputs, identity], option=orjson.OPT_SORT_KEYS)
+    return "job_" + hashlib.sha256(key).hexdigest()[:16]
+
+
+def list_jobs(job_root: Path) -> list[dict[str, Any]]:
+    """Every job under `job_root`, newest first, with row counts."""
+    jobs = []
+    if not job_root.is_dir():
+        return jobs
+    for d in job_root.iterdir():
+        if not (d / "job.sqlite").exists():
+            continue
+        store = JobStore(d / "job.sqlite")
+        try:
+            job = store.job()
+            if job is not None:
+                jobs.append({**job, "counts": store.counts(), "dir": str(d)})
+        finally:
+            store.close()
+    return sorted(jobs, key=lambda j: j["created_at"], reverse=True)
+
+
+def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
+    """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
+    options = {"api_version": settings.api_version} if settings.api_version else {}
+    return create_provider(
+        settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
+        engine_config=settings.engine_options, **options,
+    )  # fmt: skip
+
+
+def price_table(
+    price_file: Path | None,
+    price_input: float | None,
+    price_output: float | None,
+    models: Iterable[str],
+    provider: str | None = None,
+    price_as: str | None = None,
+) -> PriceTable:
+    """The bundled prices on `provider`, overridden by a price file, `price_as` pricing every model
+    as that one, and flags pricing the models still unpriced."""
+    models = list(models)
+    table = PriceTable.load(price_file).for_provider(provider).priced_as(models, price_as)
+    if price_input is not None or price_output is not None:
+        if price_input is None or price_output is None:
+            raise ConfigError("--price-input and --price-output go together (USD per 1M tokens)")
+        for model in models:
+            if table.lookup(model) is None:
+                table = table.with_override(model, input=price_input, output=price_output)
+    return table
+
+
+@contextlib.asynccontextmanager
+async def provider_started(provider: Provider) -> AsyncIterator[Provider]:
+    """The provider started for the block (its clients, or the local server), closed after it."""
+    await provider.start()
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+
+
+@dataclass
+class Prepared:
+    """A job ready to run: its record and settings, its provider (not started), prices and estimate."""
+
+    job: dict[str, Any]
+    settings: JobSettings
+    provider: Provider
+    prices: PriceTable
+    estimate: Estimate
+    #: What reading the inputs found, when this run read them (None: an earlier run did).
+    ingest: IngestReport | None = None
+
+
+class JobSession:
+    """One job, opened for a front end: its store, its lock and the steps of running it.
+
+    The session's store connection belongs to the thread that opened it: a run in another
+    thread opens a session of its own (`JobSession(job_dir)`).
+    """
+
+    def __init__(self, job_dir: Path, *, api_key: str | None = None, say: Callable[[str], None] = print) -> None:
+        db = job_dir / "job.sqlite"
+        if not db.exists():
+            raise ConfigError(f"no job in {job_dir}: `llmbatch jobs` lists them")
+        self.dir = job_dir
+        self.api_key = api_key
+        self.say = say
+        self.store = JobStore(db)
+        self.lock = JobLock(job_dir)
+
+    @classmethod
+    def open(
+        cls,
+        inputs: list[Path],
+        settings: JobSettings,
+        job_root: Path,
+        *,
+        api_key: str | None = None,
+        say: Callable[[str], None] = print,
+    ) -> tuple[JobSession, bool]:
+        """Opens the job for these inputs, creating it when new; returns (session, created).
+
+        An existing job keeps its stored settings until `prepare` records new ones (flags such
+        as --max-cost may change between runs) under the job's lock.
+        """
+        described = _describe_inputs(inputs)
+        job_dir = job_root / job_id_for(described, settings)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(job_dir / "job.sqlite")
+        try:
+            created = store.job() is None
+            if created:
+                store.create_job(job_dir.name, described, settings.model_dump(mode="json"))
+        finally:
+            store.close()
+        return cls(job_dir, api_key=api_key, say=say), created
+
+    @classmethod
+    def find(
+        cls, job: str, job_root: Path, *, api_key: str | None = None, say: Callable[[str], None] = print
+    ) -> JobSession:
+        """Opens an existing job by id (or its directory)."""
+        job_dir = Path(job) if Path(job).is_dir() else job_root / job
+        if not (job_dir / "job.sqlite").exists():
+            raise ConfigError(f"no job {job!r} under {job_root}: `llmbatch jobs` lists them")
+        return cls(job_dir, api_key=api_key, say=say)
+
+    @classmethod
+    def named(
+        cls,
+        name: str,
+        settings: JobSettings,
+        job_root: Path,
+        *,
+        api_key: str | None = None,
+        say: Callable[[str], None] = print,
+    ) -> JobSession:
+        """Opens, creating it when new, a job of calls made through the Python API: it has no
+        input files, and its name is its id. Its provider cannot change between runs."""
+        job_dir = job_root / name
+        job_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(job_dir / "job.sqlite")
+        try:
+            job = store.job()
+            if job is None:
+                store.create_job(name, [], settings.model_dump(mode="json"))
+            elif (was := job["settings"].get("provider")) != settings.provider:
+                raise ConfigError(f"job {name!r} runs on the {was} provider, not {settings.provider}: use another name")
+        finally:
+            store.close()
+        return cls(job_dir, api_key=api_key, say=say)
+
+    @property
+    def id(self) -> str:
+        return self.dir.name
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> JobSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def stored(self) -> tuple[dict[str, Any], JobSettings]:
+        """The job's record and the settings stored with it."""
+        job = self.store.job()
+        if job is None:
+            raise ConfigError(f"{self.store.path} holds no job: it was created but never initialised; delete it")
+        return job, JobSettings.model_validate(job["settings"])
+
+    def inputs(self) -> list[Path]:
+        return [Path(i["path"]) for i in self.stored()[0]["inputs"]]
+
+    def invalid_rows(self, limit: int = SHOWN_PROBLEMS) -> list[str]:
+        """`FILE:LINE: reason` of the first `limit` invalid rows."""
+        found: list[str] = []
+        inputs = self.inputs()
+        for row in self.store.export_rows():
+            if row.state == "invalid" and len(found) < limit:
+                where = f"{inputs[row.file_no]}:{row.line}" if row.file_no >= 0 else "a call"
+                found.append(f"{where}: {row.error}")
+                if len(found) >= limit:
+                    break
+        return found
+
+    # -- running (under the lock) -----------------------------------------------------------
+
+    def prepare(self, settings: JobSettings | None = None, *, skip_hint: str = "pass --skip-invalid") -> Prepared:
+        """Everything before sending: records `settings` (when given), reads and checks the
+        inputs of a job not read yet, refuses invalid rows unless the job skips them, and
+        makes the provider (not started), the prices and the estimate. The caller holds the lock.
+
+        Raises InvalidRows (naming the first rows by file and line; `skip_hint` says how to
+        send the valid ones anyway), ConfigError for bad settings or a missing key.
+        """
+        if settings is not None:
+            n = self._record_settings(settings)
+            if n:
+                self.say(f"chunking limits changed: re-planning {n} chunks not sent yet")
+        job, settings = self.stored()
+        report = self._ingest(job, settings)
+        invalid = self.store.invalid_count()
+        if invalid:
+            shown = self.invalid_rows()
+            more = f"\n  ... and {invalid - len(shown):,} more" if invalid > len(shown) else ""
+            if not settings.skip_invalid:
+                raise InvalidRows(
+                    f"{invalid} invalid rows; nothing was sent. Fix them, or {skip_hint} to send the valid rows:\n  "
+                    + "\n  ".join(shown)
+                    + more,
+                    count=invalid,
+                    problems=shown,
+                )
+            if report is not None:  # said once, when the rows are read
+                self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
+        provider = make_provider(settings, self.dir, self.api_key)
+        models = self.store.models()
+        prices = price_table(
+            settings.price_file, settings.price_input, settings.price_output, models, settings.provider,
+            settings.price_as,
+        )  # fmt: skip
+        estimate = Estimate.from_totals(self.store.estimate_by_model(LONG_PROMPT_TOKENS))
+        if provider.billed:
+            estimate.cost(prices)
+        return Prepared(job, settings, provider, prices, estimate, report)
+
+    def _record_settings(self, settings: JobSettings) -> int:
+        """Stores a run's settings with the job; returns how many unsent chunks went back to be
+        re-planned because the chunking limits changed."""
+        before = self.store.job()
+        self.store.set_job(settings=settings.model_dump(mode="json"))
+        old = JobSettings.model_validate(before["settings"]) if before else settings
+        if any(getattr(old, k) != getattr(settings, k) for k in CHUNKING):
+            return self.store.dissolve_planned()
+        return 0
+
+    def _ingest(self, job: dict[str, Any], settings: JobSettings) -> IngestReport | None:
+        """Reads and checks the inputs of a job not read yet (None: an earlier run did)."""
+        if job["status"] != "ingesting":
+            return None
+        self.store.clear_rows()  # an interrupted ingest starts over
+        report = ingest(self.store, [Path(i["path"]) for i in job["inputs"]], settings)
+        self.store.set_job(status="ingested")
+        self.say(f"job {job['id']}: {report.rows:,} rows read, {report.invalid:,} invalid")
+        return report
+
+    def runner(self, prepared: Prepared, progress: PlainProgress | LiveProgress | None = None) -> JobRunner:
+        return JobRunner(
+            self.store, self.dir, prepared.settings, prepared.provider, prices=prepared.prices,
+            progress=progress or PlainProgress(self.say),
+        )  # fmt: skip
+
+    def calls_runner(self, settings: JobSettings) -> JobRunner:
+        """The runner of a job of calls (`named`): records `settings`, no inputs to read."""
+        self._record_settings(settings)
+        provider = make_provider(settings, self.dir, self.api_key)
+        return JobRunner(self.store, self.dir, settings, provider, say=self.say)
+
+    def dry_run(self, prepared: Prepared) -> list[Chunk]:
+        """Plans the chunks and sends nothing; returns the chunks planned so far."""
+        self.runner(prepared).plan()
+        return self.store.chunks(("planned",))
+
+    async def run(self, runner: JobRunner) -> RunOutcome:
+        """Runs the job to its end (or its budget) with its provider started."""
+        async with provider_started(runner.ctx.provider):
+            return await runner.run()
+
+    async def cancel(self) -> int:
+        """Cancels the job's remote batches and collects what they finished before the cancel;
+        returns how many were cancelled. The caller holds the lock."""
+        _job, settings = self.stored()
+        provider = make_provider(settings, self.dir, self.api_key)
+        runner = JobRunner(self.store, self.dir, settings, provider, say=self.say)
+        async with provider_started(provider):
+            return await runner.cancel()
+
+    def export(self, output: Path | None = None) -> tuple[Path, Path]:
+        """Writes the results (and errors) files from the store; `output` overrides where."""
+        job, settings = self.stored()
+        if output is not None:
+            settings = settings.model_copy(update={"output": output, "errors": None})
+        return export(self.store, [Path(i["path"]) for i in job["inputs"]], settings)

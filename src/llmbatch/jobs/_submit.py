@@ -1,0 +1,164 @@
+"""Submitting: each planned chunk uploaded and created as a remote batch at most once.
+
+Intent (`uploading`, `creating`) is recorded before each remote call, and the upload and the
+batch carry the chunk's tag, so a chunk caught between intent and result by a crash (or an
+unanswered call) is looked up by its tag (`reconcile`) before anything is created again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from .._exceptions import ProviderError
+from ._context import RunContext
+from ._records import IN_FLIGHT, Chunk
+
+__all__ = ["reconcile", "submit", "write_chunk_file"]
+
+log = logging.getLogger("llmbatch.jobs")
+
+
+def write_chunk_file(ctx: RunContext, chunk: Chunk) -> Path:
+    """The chunk's JSONL: its rows' original lines, in input order (same bytes every time)."""
+    path = ctx.job_dir / "chunks" / f"{chunk.tag}.jsonl"
+    tmp = path.with_suffix(".part")
+    handles: dict[int, IO[bytes]] = {}
+    try:
+        with open(tmp, "wb") as out:
+            for row in ctx.store.chunk_rows(chunk.id):
+                if row.file_no < 0:  # a call made through the Python API: its request is in the store
+                    line = ctx.store.request(row.idx)
+                else:
+                    fh = handles.get(row.file_no)
+                    if fh is None:
+                        fh = handles[row.file_no] = open(ctx.inputs[row.file_no], "rb")  # noqa: SIM115
+                    fh.seek(row.offset)
+                    line = fh.read(row.length)
+                if row.remote_id or row.rewrite:  # the id the provider accepts; the model the job sets
+                    rec = orjson.loads(line)
+                    if row.remote_id:
+                        rec["custom_id"] = row.remote_id
+                    if row.rewrite:
+                        rec["body"]["model"] = row.model
+                    line = orjson.dumps(rec)
+                out.write(line + b"\n")
+    finally:
+        for fh in handles.values():
+            fh.close()
+    os.replace(tmp, path)
+    return path
+
+
+def _over_budget(ctx: RunContext, chunk: Chunk) -> bool:
+    """Whether sending `chunk` could take spend past `--max-cost` (and say so, once)."""
+    cap = ctx.settings.max_cost
+    if cap is None:
+        return False
+    committed = ctx.store.totals()["cost"] + ctx.store.in_flight_cost()
+    if committed + chunk.est_cost <= cap:
+        return False
+    if not ctx.budget_blocked:
+        ctx.say(
+            f"budget: chunk {chunk.tag} (est. ${chunk.est_cost:.4f}) would take spend to "
+            f"${committed + chunk.est_cost:.4f}, past the ${cap:.2f} cap; holding it back"
+        )
+    ctx.budget_blocked = True
+    return True
+
+
+async def submit(ctx: RunContext) -> bool:
+    """Submits planned chunks while the in-flight, enqueued-token and budget limits allow."""
+    store = ctx.store
+    if store.chunks(("uploading", "creating")):
+        # An earlier upload or create failed or went unanswered: find out where it got to
+        # (list and match by tag), or the chunk would sit in `uploading`/`creating` forever.
+        try:
+            await _reconcile_chunks(ctx)
+        except ProviderError as exc:
+            ctx.say(f"looking up earlier submissions failed: {exc}; will try again")
+            return False
+    progressed = False
+    in_flight = len(store.chunks(IN_FLIGHT))
+    for chunk in store.chunks(("planned", "uploaded")):
+        if chunk.state == "planned":
+            if in_flight >= ctx.max_in_flight or time.monotonic() < ctx.quota_wait_until:
+                break
+            if ctx.max_enqueued is not None:
+                enqueued = store.in_flight_tokens(chunk.model)
+                # A chunk over the limit on its own (one large row) goes when nothing of its
+                # model is in flight; holding it back for that would hold it back forever.
+                if enqueued and enqueued + chunk.est_input > ctx.max_enqueued:
+                    continue
+            if _over_budget(ctx, chunk):
+                break
+            in_flight += 1
+        try:
+            await _submit_chunk(ctx, chunk)
+            progressed = True
+        except ProviderError as exc:
+            # A refused or unanswered call: the chunk stays where it is (reconcile sorts it out).
+            store.update_chunk(chunk.id, submit_errors=chunk.submit_errors + 1)
+            if not exc.retryable:  # refused for good (bad key, window, file): trying again cannot help
+                raise
+            ctx.say(f"chunk {chunk.tag}: {exc}; will try again")
+    return progressed
+
+
+async def _submit_chunk(ctx: RunContext, chunk: Chunk) -> None:
+    store, provider = ctx.store, ctx.provider
+    if chunk.state == "planned":
+        path = write_chunk_file(ctx, chunk)
+        store.move_chunk(chunk.id, "uploading", ("planned",), intent_at=int(time.time()))
+        file_id = await provider.upload(chunk.tag, path)
+        store.move_chunk(
+            chunk.id, "uploaded", ("uploading",), f"chunk {chunk.tag}: uploaded {file_id}", file_id=file_id
+        )
+        chunk.file_id = file_id
+    store.move_chunk(chunk.id, "creating", ("uploaded",), intent_at=int(time.time()))
+    assert chunk.file_id is not None
+    batch = await provider.create_batch(
+        chunk.tag, ctx.job_id, chunk.file_id, chunk.endpoint, ctx.settings.completion_window
+    )
+    store.move_chunk(
+        chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: batch {batch.id}",
+        batch_id=batch.id, remote_status=batch.status.value, submitted_at=int(time.time()),
+    )  # fmt: skip
+    (ctx.job_dir / "chunks" / f"{chunk.tag}.jsonl").unlink(missing_ok=True)
+    log.info("chunk %s submitted as batch %s (%d rows)", chunk.tag, batch.id, chunk.rows)
+
+
+async def reconcile(ctx: RunContext) -> None:
+    """Resolves what a crash left between intent and result: direct calls go back to pending,
+    chunks in `uploading`/`creating` are looked up by their tag."""
+    requeued = ctx.store.requeue_interrupted_direct()
+    if requeued:
+        ctx.say(f"{requeued} rows were with the direct API when the last run stopped; sending them again")
+    await _reconcile_chunks(ctx)
+
+
+async def _reconcile_chunks(ctx: RunContext) -> None:
+    store, provider = ctx.store, ctx.provider
+    for chunk in store.chunks(("uploading", "creating")):
+        since = (chunk.intent_at or chunk.created_at) - 300
+        if chunk.state == "uploading":
+            file_id = await provider.find_upload(chunk.tag, since)
+            if file_id:
+                message = f"chunk {chunk.tag}: found upload {file_id}"
+                store.move_chunk(chunk.id, "uploaded", ("uploading",), message, file_id=file_id)
+            else:
+                store.move_chunk(chunk.id, "planned", ("uploading",), f"chunk {chunk.tag}: no upload found")
+        else:
+            batch = await provider.find_batch(chunk.tag, since, chunk.file_id)
+            if batch is not None:
+                store.move_chunk(
+                    chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: found batch {batch.id}",
+                    batch_id=batch.id, remote_status=batch.status.value, submitted_at=batch.created_at,
+                )  # fmt: skip
+            else:
+                store.move_chunk(chunk.id, "uploaded", ("creating",), f"chunk {chunk.tag}: no batch found")
