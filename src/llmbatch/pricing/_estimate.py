@@ -1,7 +1,7 @@
 """Offline token and cost estimates for batch rows, made before anything is spent.
 
 `estimate_row` counts a request body's input tokens with the bundled cl100k_base tokenizer
-(`llmbatch._tokens`) and sets its output tokens to the most the request may generate, so
+(`llmbatch.pricing._tokens`) and sets its output tokens to the most the request may generate, so
 that a budget check on the sum is conservative:
 
 - chat: `max_completion_tokens`, else `max_tokens`; completions: `max_tokens` (OpenAI's
@@ -36,9 +36,9 @@ from typing import Any
 
 import orjson
 
+from ..engines import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
 from . import _tokens
-from .engines._base import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
-from .pricing import LONG_PROMPT_TOKENS, PriceTable, cost_at, normalize_model
+from ._prices import LONG_PROMPT_TOKENS, PriceTable, cost_at, normalize_model
 
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",

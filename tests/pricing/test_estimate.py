@@ -9,20 +9,22 @@ from typing import Any
 import orjson
 import pytest
 
-from llmbatch import _tokens
 from llmbatch.engines import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES, EngineRequest, create_engine
-from llmbatch.estimate import (
+from llmbatch.pricing import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     DEFAULT_OUTPUT_TOKENS,
     IMAGE_TOKENS,
     IMAGE_TOKENS_LOW,
     REASONING_OUTPUT_FACTOR,
     Estimate,
+    PriceTable,
     RowEstimate,
+    _tokens,
+    cost,
+    cost_at,
     estimate_row,
     is_reasoning_model,
 )
-from llmbatch.pricing import PriceTable, cost, cost_at
 
 
 def ntok(text: str) -> int:
