@@ -4,7 +4,8 @@
   arithmetic.
 - `estimate_row` and `Estimate` (`_estimate`): a request's input tokens and output ceiling, and
   their priced totals over a job.
-- `count_tokens` and friends (`_tokens`): offline tokenizers, chosen per model.
+- `tokenizer_for` and friends (`_tokens`): offline token counts in each model's vocabulary, and
+  chat's framing rule, shared with the echo engine's usage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from ._estimate import (
     is_reasoning_model,
 )
 from ._prices import LONG_PROMPT_TOKENS, ModelPrice, PriceTable, Tariff, cost, cost_at, normalize_model
+from ._tokens import (
+    CL100K_BASE,
+    O200K_BASE,
+    REPLY_PRIMING_TOKENS,
+    TOKENS_PER_MESSAGE,
+    TOKENS_PER_NAME,
+    Tokenizer,
+    count_tokens,
+    encoding_for_model,
+    get_tokenizer,
+    tokenizer_for,
+)
 
 __all__ = [
     # prices
@@ -41,4 +54,15 @@ __all__ = [
     "RowEstimate",
     "estimate_row",
     "is_reasoning_model",
+    # tokens
+    "CL100K_BASE",
+    "O200K_BASE",
+    "REPLY_PRIMING_TOKENS",
+    "TOKENS_PER_MESSAGE",
+    "TOKENS_PER_NAME",
+    "Tokenizer",
+    "count_tokens",
+    "encoding_for_model",
+    "get_tokenizer",
+    "tokenizer_for",
 ]
