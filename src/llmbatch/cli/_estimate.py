@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..estimate import Estimate
 from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table
-from ..pricing import LONG_PROMPT_TOKENS
+from ..pricing import LONG_PROMPT_TOKENS, Estimate
 from ..providers import PROVIDER_NAMES
 from ._options import price_options, print_estimate
 

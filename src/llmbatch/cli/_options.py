@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..estimate import Estimate
 from ..jobs import default_job_root
+from ..pricing import Estimate
 
 __all__ = ["api_key_option", "job_root_option", "price_options", "print_estimate", "root_of", "say"]
 

@@ -1,8 +1,9 @@
 """The echo engine: answers like OpenAI without a model, for tests, demos and benchmarks.
 
 Chat, completions and responses requests get the (last) user text back as the reply;
-embeddings get deterministic unit vectors derived from the input. Token counts use the real
-cl100k_base tokenizer, so usage numbers are realistic. Any `model` string is accepted and
+embeddings get deterministic unit vectors derived from the input. Token counts use the model's
+real vocabulary (`llmbatch.pricing`: o200k_base or cl100k_base), so usage numbers are realistic
+and equal the estimates of requests with string contents. Any `model` string is accepted and
 reported back, so any OpenAI-format batch file can be dry-run against this engine.
 
 The per-request path is deliberately plain (no pydantic, no regexes): the server must push
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .. import _tokens
+from ..pricing import CL100K_BASE, O200K_BASE, REPLY_PRIMING_TOKENS, Tokenizer, get_tokenizer, tokenizer_for
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ _MAX_FAILURE_KEYS = 1_000_000
 
 _CHAT_TEXT_PARTS = frozenset({"text"})
 _RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
-# Chat's counting rule: every message costs 3 framing tokens, a name 1 more, the reply priming 3.
-_TOKENS_PER_MESSAGE = 3
-_TOKENS_PER_NAME = 1
-_REPLY_PRIMING_TOKENS = 3
 
 _INJECTED_FAILURE_BODY = error_body(
     "echo engine: injected failure (--echo-fail-rate)", "server_error", code="injected_failure"
@@ -68,8 +65,6 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 # Ids need uniqueness, not secrecy; a private generator leaves the global `random` state alone.
 _rng = random.Random()
-_count = _tokens.count_tokens
-# Role strings repeat on every message; remembering their counts saves a tokenizer call each.
 
 
 class _BadRequest(Exception):
@@ -145,7 +140,13 @@ def _content_text(content: Any, text_types: frozenset[str]) -> str:
 
 
 def _count_messages(
-    messages: list[Any], text_types: frozenset[str], param: str, *, what: str = "message", roleless: bool = False
+    tok: Tokenizer,
+    messages: list[Any],
+    text_types: frozenset[str],
+    param: str,
+    *,
+    what: str = "message",
+    roleless: bool = False,
 ) -> tuple[int, str, int]:
     """Counts a conversation's prompt tokens by chat's rule; also finds the last user text.
 
@@ -161,7 +162,7 @@ def _count_messages(
             raise _BadRequest(f"Invalid {what}: expected an object.", f"{param}[{i}]")
         role = message.get("role")
         if role is None and roleless:
-            total += _count_extra_fields(message)
+            total += tok.field_tokens(message)
             continue
         if type(role) is not str:
             raise _BadRequest(f"Invalid {what}: 'role' must be a string.", f"{param}[{i}].role")
@@ -170,35 +171,18 @@ def _count_messages(
         except _BadRequest as e:
             e.param = f"{param}[{i}].{e.param}"
             raise
-        n = _count(text)
-        total += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens(role) + n
+        n = tok.count(text)
+        total += tok.message_tokens(role, n)
         if role == "user":
             last_text, last_tokens = text, n
         if len(message) > 2:
-            total += _count_extra_fields(message)
+            total += tok.field_tokens(message)
     return total, last_text, last_tokens
 
 
-def _count_extra_fields(message: dict[str, Any]) -> int:
-    # Fields besides role and content (name, tool_calls, tool_call_id, ...) are part of the
-    # prompt too; structured ones are counted as their JSON, an approximation of OpenAI's.
-    total = 0
-    for key, value in message.items():
-        if key == "role" or key == "content" or key == "type" or value is None:
-            continue
-        if type(value) is str:
-            total += _count(value)
-        else:
-            try:
-                total += _count(orjson.dumps(value).decode())
-            except TypeError:
-                pass
-        if key == "name":
-            total += _TOKENS_PER_NAME
-    return total
-
-
-def _generate(text: str, n_tokens: int, max_tokens: int | None, stops: tuple[str, ...]) -> tuple[str, int, bool]:
+def _generate(
+    tok: Tokenizer, text: str, n_tokens: int, max_tokens: int | None, stops: tuple[str, ...]
+) -> tuple[str, int, bool]:
     """Applies stop strings, then the token limit, to an echoed reply.
 
     Returns (text, its token count, whether the token limit cut it). Stop strings go first
@@ -212,9 +196,9 @@ def _generate(text: str, n_tokens: int, max_tokens: int | None, stops: tuple[str
                 cut = i
         if cut != -1:
             text = text[:cut]
-            n_tokens = _count(text)
+            n_tokens = tok.count(text)
     if max_tokens is not None and n_tokens > max_tokens:
-        return _tokens.decode(_tokens.encode(text)[:max_tokens]), max_tokens, True
+        return tok.decode(tok.encode(text)[:max_tokens]), max_tokens, True
     return text, n_tokens, False
 
 
@@ -222,11 +206,11 @@ def _is_token_array(value: list[Any]) -> bool:
     return all(type(t) is int for t in value)
 
 
-def _decode_tokens(tokens: list[int], param: str) -> str:
+def _decode_tokens(tok: Tokenizer, tokens: list[int], param: str) -> str:
     try:
-        return _tokens.decode(tokens)
-    except Exception:
-        raise _BadRequest("Invalid token array: contains ids outside the cl100k_base vocabulary.", param) from None
+        return tok.decode(tokens)
+    except KeyError:
+        raise _BadRequest(f"Invalid token array: contains ids outside the {tok.name} vocabulary.", param) from None
 
 
 def _embedding(text: str, dimensions: int) -> array:
@@ -282,8 +266,9 @@ class EchoEngine(Engine):
         }
 
     async def start(self) -> None:
-        # Load the vocabulary now rather than inside the first request's latency.
-        await asyncio.to_thread(_tokens.get_encoding)
+        # Load the vocabularies now rather than inside the first requests' latency.
+        for name in (CL100K_BASE, O200K_BASE):
+            await asyncio.to_thread(get_tokenizer(name).load)
 
     def validate_model(self, model: str) -> str | None:
         return None if model else "model must be a non-empty string"
@@ -348,14 +333,15 @@ class EchoEngine(Engine):
             max_tokens = max_completion
         stops = _stop_strings(body)
 
-        prompt_tokens, reply, reply_tokens = _count_messages(messages, _CHAT_TEXT_PARTS, "messages")
-        prompt_tokens += _REPLY_PRIMING_TOKENS
+        tok = tokenizer_for(model)
+        prompt_tokens, reply, reply_tokens = _count_messages(tok, messages, _CHAT_TEXT_PARTS, "messages")
+        prompt_tokens += REPLY_PRIMING_TOKENS
         schema = _json_schema_of(body.get("response_format"))
         if schema is not None:  # structured output: an instance of the schema, built from the user's text
             reply = orjson.dumps(_instance(schema, schema, reply)).decode()
-            reply_tokens = _tokens.count_tokens(reply)
+            reply_tokens = tok.count(reply)
             max_tokens = None if max_tokens is None else max(max_tokens, reply_tokens)
-        reply, reply_tokens, cut = _generate(reply, reply_tokens, max_tokens, stops)
+        reply, reply_tokens, cut = _generate(tok, reply, reply_tokens, max_tokens, stops)
         finish_reason = "length" if cut else "stop"
         completion_tokens = reply_tokens * n
         choices = [
@@ -392,14 +378,15 @@ class EchoEngine(Engine):
         # whole prompt is more useful than an arbitrary cut.
         max_tokens = _opt_positive_int(body, "max_tokens")
         stops = _stop_strings(body)
-        prompts = _completion_prompts(body.get("prompt"))
+        tok = tokenizer_for(model)
+        prompts = _completion_prompts(tok, body.get("prompt"))
 
         prompt_tokens = 0
         completion_tokens = 0
         choices: list[dict[str, Any]] = []
         for text, n_tokens in prompts:
             prompt_tokens += n_tokens
-            reply, reply_tokens, cut = _generate(text, n_tokens, max_tokens, stops)
+            reply, reply_tokens, cut = _generate(tok, text, n_tokens, max_tokens, stops)
             finish_reason = "length" if cut else "stop"
             for _ in range(n):
                 choices.append({"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason})
@@ -430,7 +417,7 @@ class EchoEngine(Engine):
                 f"Invalid 'encoding_format': expected 'float' or 'base64', got {encoding_format!r}.",
                 "encoding_format",
             )
-        inputs = _embedding_inputs(body.get("input"))
+        inputs = _embedding_inputs(tokenizer_for(model), body.get("input"))
 
         as_base64 = encoding_format == "base64"
         data: list[dict[str, Any]] = []
@@ -462,20 +449,21 @@ class EchoEngine(Engine):
         items = body.get("input")
         # Counted like chat: instructions act as a system message, a string input as one
         # user message.
-        input_tokens = _REPLY_PRIMING_TOKENS
+        tok = tokenizer_for(model)
+        input_tokens = REPLY_PRIMING_TOKENS
         if instructions:
-            input_tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("system") + _count(instructions)
+            input_tokens += tok.message_tokens("system", tok.count(instructions))
         if type(items) is str:
             reply = items
-            reply_tokens = _count(reply)
-            input_tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("user") + reply_tokens
+            reply_tokens = tok.count(reply)
+            input_tokens += tok.message_tokens("user", reply_tokens)
         elif isinstance(items, list) and items:
-            counted, reply, reply_tokens = _count_response_items(items)
+            counted, reply, reply_tokens = _count_response_items(tok, items)
             input_tokens += counted
         else:
             raise _BadRequest("Missing or invalid 'input': expected a string or a non-empty array.", "input")
 
-        text, output_tokens, cut = _generate(reply, reply_tokens, max_output_tokens, ())
+        text, output_tokens, cut = _generate(tok, reply, reply_tokens, max_output_tokens, ())
         status = "incomplete" if cut else "completed"
         out = {
             "id": _hex_id("resp_"),
@@ -519,24 +507,24 @@ def _copy_error(body: dict[str, Any]) -> dict[str, Any]:
     return {"error": dict(body["error"])}
 
 
-def _completion_prompts(prompt: Any) -> list[tuple[str, int]]:
+def _completion_prompts(tok: Tokenizer, prompt: Any) -> list[tuple[str, int]]:
     """(text, token count) for each prompt of a completions request."""
     if type(prompt) is str:
-        return [(prompt, _count(prompt))]
+        return [(prompt, tok.count(prompt))]
     if isinstance(prompt, list) and prompt:
         if all(type(p) is str for p in prompt):
-            return [(p, _count(p)) for p in prompt]
+            return [(p, tok.count(p)) for p in prompt]
         if _is_token_array(prompt):
-            return [(_decode_tokens(prompt, "prompt"), len(prompt))]
+            return [(_decode_tokens(tok, prompt, "prompt"), len(prompt))]
         if all(isinstance(p, list) and p and _is_token_array(p) for p in prompt):
-            return [(_decode_tokens(p, f"prompt[{i}]"), len(p)) for i, p in enumerate(prompt)]
+            return [(_decode_tokens(tok, p, f"prompt[{i}]"), len(p)) for i, p in enumerate(prompt)]
     raise _BadRequest(
         "Missing or invalid 'prompt': expected a string, an array of strings, or one or more non-empty token arrays.",
         "prompt",
     )
 
 
-def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
+def _embedding_inputs(tok: Tokenizer, value: Any) -> list[tuple[str, int]]:
     """(text, token count) for each input of an embeddings request.
 
     Token arrays are decoded, so they embed exactly like the text they spell.
@@ -544,7 +532,7 @@ def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
     if type(value) is str:
         if not value:
             raise _BadRequest("Invalid 'input': empty strings cannot be embedded.", "input")
-        return [(value, _count(value))]
+        return [(value, tok.count(value))]
     if isinstance(value, list) and value:
         if len(value) > _MAX_EMBEDDING_INPUTS:
             raise _BadRequest(f"Invalid 'input': at most {_MAX_EMBEDDING_INPUTS} inputs per request.", "input")
@@ -552,11 +540,11 @@ def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
             for i, v in enumerate(value):
                 if not v:
                     raise _BadRequest("Invalid 'input': empty strings cannot be embedded.", f"input[{i}]")
-            return [(v, _count(v)) for v in value]
+            return [(v, tok.count(v)) for v in value]
         if _is_token_array(value):
-            return [(_decode_tokens(value, "input"), len(value))]
+            return [(_decode_tokens(tok, value, "input"), len(value))]
         if all(isinstance(v, list) and v and _is_token_array(v) for v in value):
-            return [(_decode_tokens(v, f"input[{i}]"), len(v)) for i, v in enumerate(value)]
+            return [(_decode_tokens(tok, v, f"input[{i}]"), len(v)) for i, v in enumerate(value)]
     raise _BadRequest(
         "Missing or invalid 'input': expected a non-empty string, an array of strings, "
         "or one or more non-empty token arrays.",
@@ -564,9 +552,9 @@ def _embedding_inputs(value: Any) -> list[tuple[str, int]]:
     )
 
 
-def _count_response_items(items: list[Any]) -> tuple[int, str, int]:
+def _count_response_items(tok: Tokenizer, items: list[Any]) -> tuple[int, str, int]:
     """Counts a Responses input list like a chat conversation; finds the last user text."""
-    return _count_messages(items, _RESPONSES_TEXT_PARTS, "input", what="input item", roleless=True)
+    return _count_messages(tok, items, _RESPONSES_TEXT_PARTS, "input", what="input item", roleless=True)
 
 
 def _json_schema_of(response_format: Any) -> dict[str, Any] | None:

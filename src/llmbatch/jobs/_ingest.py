@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._rows import _BOM as BOM
 from .._rows import check_row
-from ..estimate import estimate_row
+from ..pricing import CL100K_BASE, O200K_BASE, estimate_row, get_tokenizer
 from ..providers import Provider, provider_class, split_model
 from ._records import CheckedRow
 from ._settings import JobSettings
@@ -155,7 +155,9 @@ def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    # fork shares the loaded tokenizer and modules with the workers.
+    # fork shares the loaded vocabularies and modules with the workers: load them first.
+    for name in (CL100K_BASE, O200K_BASE):
+        get_tokenizer(name).load()
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
 
 

@@ -24,8 +24,7 @@ import orjson
 from .._exceptions import ConfigError, InputError, InvalidRows
 from .._paths import llmbatch_home
 from .._rows import iter_lines
-from ..estimate import Estimate
-from ..pricing import LONG_PROMPT_TOKENS, PriceTable
+from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
 from ._export import export
 from ._ingest import IngestReport, ingest

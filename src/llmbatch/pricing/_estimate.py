@@ -1,8 +1,8 @@
 """Offline token and cost estimates for batch rows, made before anything is spent.
 
-`estimate_row` counts a request body's input tokens with the bundled cl100k_base tokenizer
-(`llmbatch._tokens`) and sets its output tokens to the most the request may generate, so
-that a budget check on the sum is conservative:
+`estimate_row` counts a request body's input tokens offline in its model's vocabulary
+(o200k_base or cl100k_base: `llmbatch.pricing._tokens`) and sets its output tokens to the most
+the request may generate, so that a budget check on the sum is conservative:
 
 - chat: `max_completion_tokens`, else `max_tokens`; completions: `max_tokens` (OpenAI's
   default is 16 when absent); responses: `max_output_tokens`; all times `n` (and `best_of`
@@ -15,8 +15,8 @@ that a budget check on the sum is conservative:
   is `REASONING_OUTPUT_FACTOR` (4) times the default.
 
 Input counting follows OpenAI's chat rule (3 tokens per message, its role and content, 1
-more for a name, 3 to prime the reply), the same rule the echo engine reports, so estimates
-of requests with string contents match its usage exactly. Approximations, all documented
+more for a name, 3 to prime the reply; `_tokens` holds it), the rule the echo engine reports
+too, so estimates of requests with string contents match its usage exactly. Approximations, all documented
 where made: images are a fixed 765 tokens (85 at `detail: "low"`), OpenAI's count for a 1024x1024 image
 on gpt-4o (patch-priced models such as gpt-4o-mini and gpt-4.1-mini count differently);
 tools, functions and structured-output schemas are counted as their JSON text; audio and
@@ -24,8 +24,8 @@ file inputs are not estimated; prompt-cache hits are not predicted (all input is
 the uncached rate).
 
 The per-row path is plain code (no pydantic, no regexes): a million-row job is estimated
-before it starts. The tokenizer dominates (about 80,000 short chat rows per second on one
-core); system prompts and tool schemas repeated across rows are counted once.
+before it starts. The tokenizer dominates; system prompts and tool schemas repeated across rows
+are counted once (bench/bench_jobs.py measures rows per second).
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
-from . import _tokens
-from .engines._base import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
-from .pricing import LONG_PROMPT_TOKENS, PriceTable, cost_at, normalize_model
+from ..engines import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS, RESPONSES
+from ._prices import LONG_PROMPT_TOKENS, PriceTable, cost_at, normalize_model
+from ._tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, Tokenizer, tokenizer_for
 
 __all__ = [
     "DEFAULT_OUTPUT_TOKENS",
@@ -63,12 +61,6 @@ IMAGE_TOKENS = 765
 #: Any image at detail "low".
 IMAGE_TOKENS_LOW = 85
 
-# Chat's counting rule (see module docstring); kept in step with engines/_echo.py.
-_TOKENS_PER_MESSAGE = 3
-_TOKENS_PER_NAME = 1
-_REPLY_PRIMING_TOKENS = 3
-
-_count = _tokens.count_tokens
 _CHAT_TEXT_PARTS = frozenset({"text"})
 _RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})
@@ -76,13 +68,6 @@ _IMAGE_PARTS = frozenset({"image_url", "input_image"})
 # be wildly wrong, so they count 0 (documented above).
 _UNCOUNTED_PARTS = frozenset({"input_audio", "file", "input_file", "audio"})
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
-
-# Rows of one batch usually share their system prompt and tool schemas; counting each
-# distinct one once saves most of the tokenizer's work on such rows. Bounded (cleared when
-# full) so a batch of all-distinct prompts cannot grow it without limit.
-_SHARED_CACHE_SIZE = 4096
-_shared_text: dict[str, int] = {}
-_shared_json: dict[bytes, int] = {}
 _reasoning_cache: dict[str, bool] = {}
 
 
@@ -99,32 +84,6 @@ class RowEstimate:
 
 
 # -- counting helpers ------------------------------------------------------------------------
-
-
-def _count_shared(text: str) -> int:
-    """Token count of text likely repeated across rows (system prompts, instructions)."""
-    n = _shared_text.get(text)
-    if n is None:
-        n = _count(text)
-        if len(_shared_text) >= _SHARED_CACHE_SIZE:
-            _shared_text.clear()
-        _shared_text[text] = n
-    return n
-
-
-def _json_tokens(value: Any) -> int:
-    """Tokens of `value` serialised as compact JSON (tool schemas, unknown shapes)."""
-    try:
-        raw = orjson.dumps(value)
-    except TypeError:
-        return _count(repr(value))
-    n = _shared_json.get(raw)
-    if n is None:
-        n = _count(raw.decode())
-        if len(_shared_json) >= _SHARED_CACHE_SIZE:
-            _shared_json.clear()
-        _shared_json[raw] = n
-    return n
 
 
 def _positive_int(value: Any) -> int | None:
@@ -160,42 +119,29 @@ def _image_tokens(part: dict[str, Any]) -> int:
     return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS
 
 
-def _parts_tokens(parts: list[Any], text_types: frozenset[str]) -> int:
+def _parts_tokens(tok: Tokenizer, parts: list[Any], text_types: frozenset[str]) -> int:
     """Tokens of a content-part array: text parts, images at a fixed size, the rest as JSON."""
     total = 0
     for part in parts:
         if type(part) is not dict:
-            total += _count(part) if type(part) is str else _json_tokens(part)
+            total += tok.count(part) if type(part) is str else tok.count_json(part)
             continue
         kind = part.get("type")
         if kind in text_types:
             text = part.get("text")
-            total += _count(text) if type(text) is str else _json_tokens(text)
+            total += tok.count(text) if type(text) is str else tok.count_json(text)
         elif kind in _IMAGE_PARTS:
             total += _image_tokens(part)
         elif kind == "refusal":
             text = part.get("refusal")
             if type(text) is str:
-                total += _count(text)
+                total += tok.count(text)
         elif kind not in _UNCOUNTED_PARTS:
-            total += _json_tokens(part)  # unknown part: count it all rather than nothing
+            total += tok.count_json(part)  # unknown part: count it all rather than nothing
     return total
 
 
-def _extra_fields_tokens(message: dict[str, Any]) -> int:
-    # Fields besides role and content (name, tool_calls, tool_call_id, ...) are prompt too;
-    # structured ones count as their JSON, an approximation of OpenAI's.
-    total = 0
-    for key, value in message.items():
-        if key == "role" or key == "content" or key == "type" or value is None:
-            continue
-        total += _count(value) if type(value) is str else _json_tokens(value)
-        if key == "name":
-            total += _TOKENS_PER_NAME
-    return total
-
-
-def _messages_tokens(messages: list[Any], text_types: frozenset[str], *, roleless: bool) -> int:
+def _messages_tokens(tok: Tokenizer, messages: list[Any], text_types: frozenset[str], *, roleless: bool) -> int:
     """Tokens of a conversation by chat's rule, without the reply priming.
 
     `roleless` admits Responses items without a role (function_call_output, ...): only their
@@ -204,53 +150,51 @@ def _messages_tokens(messages: list[Any], text_types: frozenset[str], *, roleles
     total = 0
     for message in messages:
         if type(message) is not dict:
-            total += _count(message) if type(message) is str else _json_tokens(message)
+            total += tok.count(message) if type(message) is str else tok.count_json(message)
             continue
         role = message.get("role")
         if role is None and roleless:
-            total += _extra_fields_tokens(message)
+            total += tok.field_tokens(message)
             continue
-        total += _TOKENS_PER_MESSAGE
-        if type(role) is str:
-            total += _tokens.count_role_tokens(role)
+        total += tok.message_tokens(role, 0) if type(role) is str else TOKENS_PER_MESSAGE
         content = message.get("content")
         if type(content) is str:
             # System and developer prompts usually repeat on every row of a batch.
-            total += _count_shared(content) if role == "system" or role == "developer" else _count(content)
+            total += tok.count_shared(content) if role == "system" or role == "developer" else tok.count(content)
         elif type(content) is list:
-            total += _parts_tokens(content, text_types)
+            total += _parts_tokens(tok, content, text_types)
         elif content is not None:
-            total += _json_tokens(content)
+            total += tok.count_json(content)
         if len(message) > 2:
-            total += _extra_fields_tokens(message)
+            total += tok.field_tokens(message)
     return total
 
 
-def _texts_or_token_arrays(value: Any) -> tuple[int, int]:
+def _texts_or_token_arrays(tok: Tokenizer, value: Any) -> tuple[int, int]:
     """(tokens, number of inputs) of a completions prompt or an embeddings input.
 
     Accepts a string, an array of strings, a token array, or an array of token arrays;
     anything else counts as its JSON, one input.
     """
     if type(value) is str:
-        return _count(value), 1
+        return tok.count(value), 1
     if type(value) is list and value:
         first = value[0]
         if type(first) is str:
             total = 0
             for item in value:
-                total += _count(item) if type(item) is str else _json_tokens(item)
+                total += tok.count(item) if type(item) is str else tok.count_json(item)
             return total, len(value)
         if type(first) is int:
             return len(value), 1
         if type(first) is list:
             total = 0
             for item in value:
-                total += len(item) if type(item) is list else _json_tokens(item)
+                total += len(item) if type(item) is list else tok.count_json(item)
             return total, len(value)
     if value is None:
         return 0, 1
-    return _json_tokens(value), 1
+    return tok.count_json(value), 1
 
 
 def _output(cap: int | None, choices: int, default: int, model: Any) -> tuple[int, bool]:
@@ -265,73 +209,73 @@ def _output(cap: int | None, choices: int, default: int, model: Any) -> tuple[in
 # -- endpoints -------------------------------------------------------------------------------
 
 
-def _chat(body: dict[str, Any], default_output: int) -> RowEstimate:
+def _chat(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
     messages = body.get("messages")
-    tokens = _REPLY_PRIMING_TOKENS
+    tokens = REPLY_PRIMING_TOKENS
     if type(messages) is list:
-        tokens += _messages_tokens(messages, _CHAT_TEXT_PARTS, roleless=False)
+        tokens += _messages_tokens(tok, messages, _CHAT_TEXT_PARTS, roleless=False)
     elif messages is not None:
-        tokens += _json_tokens(messages)
+        tokens += tok.count_json(messages)
     # Tool and output schemas are sent to the model with the prompt and billed as input.
     for key in ("tools", "functions", "response_format"):
         value = body.get(key)
         if value:
-            tokens += _json_tokens(value)
+            tokens += tok.count_json(value)
     cap = _positive_int(body.get("max_completion_tokens")) or _positive_int(body.get("max_tokens"))
     out, capped = _output(cap, _positive_int(body.get("n")) or 1, default_output, body.get("model"))
     return RowEstimate(tokens, out, capped)
 
 
-def _completions(body: dict[str, Any], default_output: int) -> RowEstimate:
-    tokens, prompts = _texts_or_token_arrays(body.get("prompt"))
+def _completions(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
+    tokens, prompts = _texts_or_token_arrays(tok, body.get("prompt"))
     suffix = body.get("suffix")
     if type(suffix) is str:
-        tokens += _count(suffix)
+        tokens += tok.count(suffix)
     cap = _positive_int(body.get("max_tokens")) or COMPLETIONS_DEFAULT_MAX_TOKENS
     # best_of generates (and bills) that many completions per prompt, returning n of them.
     choices = max(_positive_int(body.get("n")) or 1, _positive_int(body.get("best_of")) or 1)
     return RowEstimate(tokens, cap * choices * max(prompts, 1), True)
 
 
-def _embeddings(body: dict[str, Any], default_output: int) -> RowEstimate:
-    tokens, _ = _texts_or_token_arrays(body.get("input"))
+def _embeddings(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
+    tokens, _ = _texts_or_token_arrays(tok, body.get("input"))
     return RowEstimate(tokens, 0, True)
 
 
-def _moderations(body: dict[str, Any], default_output: int) -> RowEstimate:
+def _moderations(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
     value = body.get("input")
     if type(value) is list and value and type(value[0]) is dict:
         # Multi-modal moderation input: a content-part array.
-        return RowEstimate(_parts_tokens(value, _CHAT_TEXT_PARTS), 0, True)
-    tokens, _ = _texts_or_token_arrays(value)
+        return RowEstimate(_parts_tokens(tok, value, _CHAT_TEXT_PARTS), 0, True)
+    tokens, _ = _texts_or_token_arrays(tok, value)
     return RowEstimate(tokens, 0, True)
 
 
-def _responses(body: dict[str, Any], default_output: int) -> RowEstimate:
+def _responses(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
     # Counted like chat, as the echo engine does: instructions act as a system message, a
     # string input as one user message.
-    tokens = _REPLY_PRIMING_TOKENS
+    tokens = REPLY_PRIMING_TOKENS
     instructions = body.get("instructions")
     if type(instructions) is str and instructions:
-        tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("system") + _count_shared(instructions)
+        tokens += tok.message_tokens("system", tok.count_shared(instructions))
     items = body.get("input")
     if type(items) is str:
-        tokens += _TOKENS_PER_MESSAGE + _tokens.count_role_tokens("user") + _count(items)
+        tokens += tok.message_tokens("user", tok.count(items))
     elif type(items) is list:
-        tokens += _messages_tokens(items, _RESPONSES_TEXT_PARTS, roleless=True)
+        tokens += _messages_tokens(tok, items, _RESPONSES_TEXT_PARTS, roleless=True)
     elif items is not None:
-        tokens += _json_tokens(items)
+        tokens += tok.count_json(items)
     tools = body.get("tools")
     if tools:
-        tokens += _json_tokens(tools)
+        tokens += tok.count_json(tools)
     text = body.get("text")
     if type(text) is dict and text.get("format"):
-        tokens += _json_tokens(text["format"])  # structured-output schema
+        tokens += tok.count_json(text["format"])  # structured-output schema
     out, capped = _output(_positive_int(body.get("max_output_tokens")), 1, default_output, body.get("model"))
     return RowEstimate(tokens, out, capped)
 
 
-def _unknown(body: dict[str, Any], default_output: int) -> RowEstimate:
+def _unknown(tok: Tokenizer, body: dict[str, Any], default_output: int) -> RowEstimate:
     # An endpoint this module does not know: bill the whole body as input, and any cap it
     # names (else the guess) as output, rather than estimate nothing.
     cap = (
@@ -340,10 +284,10 @@ def _unknown(body: dict[str, Any], default_output: int) -> RowEstimate:
         or _positive_int(body.get("max_tokens"))
     )
     out, capped = _output(cap, _positive_int(body.get("n")) or 1, default_output, body.get("model"))
-    return RowEstimate(_json_tokens(body), out, capped)
+    return RowEstimate(tok.count_json(body), out, capped)
 
 
-_HANDLERS: dict[str, Callable[[dict[str, Any], int], RowEstimate]] = {
+_HANDLERS: dict[str, Callable[[Tokenizer, dict[str, Any], int], RowEstimate]] = {
     CHAT: _chat,
     COMPLETIONS: _completions,
     EMBEDDINGS: _embeddings,
@@ -365,8 +309,8 @@ def estimate_row(
     guess for requests that set no output cap (times 4 for reasoning models).
     """
     if type(body) is not dict:
-        return RowEstimate(_json_tokens(body), 0, True)
-    return _HANDLERS.get(endpoint, _unknown)(body, default_output_tokens)
+        return RowEstimate(tokenizer_for(None).count_json(body), 0, True)
+    return _HANDLERS.get(endpoint, _unknown)(tokenizer_for(body.get("model")), body, default_output_tokens)
 
 
 # -- totals ----------------------------------------------------------------------------------
