@@ -44,6 +44,12 @@ ERROR_400 = orjson.dumps(
 ERROR_503 = orjson.dumps({"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}})
 
 
+def big_answer(size: int) -> bytes:
+    """A chat completion of exactly `size` bytes (size >= 100)."""
+    head, tail = b'{"id": "big", "object": "chat.completion", "pad": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
 class Upstream:
     """An OpenAI-ish ASGI app whose behaviour each request picks with body["mode"]."""
 
@@ -121,6 +127,17 @@ class Upstream:
             await send({"type": "http.response.body", "body": RAW_COMPLETION[40:]})
         elif mode == "gzip":
             await self.respond(send, 200, gzip.compress(RAW_COMPLETION), [(b"content-encoding", b"gzip")])
+        elif mode == "big":  # a JSON answer of body["size"] bytes, with a content-length
+            await self.respond(send, 200, big_answer(k))
+        elif mode == "bigchunked":  # the same without a length, in pieces
+            body_bytes = big_answer(k)
+            start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            await send(start)
+            for i in range(0, len(body_bytes), 1000):
+                await send({"type": "http.response.body", "body": body_bytes[i : i + 1000], "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        elif mode == "gzipbomb":  # small on the wire, big once decoded
+            await self.respond(send, 200, gzip.compress(big_answer(k)), [(b"content-encoding", b"gzip")])
         elif mode == "close":
             await self.respond(send, 200, RAW_COMPLETION, [(b"connection", b"close")])
         else:
@@ -505,6 +522,67 @@ def test_connection_closed_by_the_server_while_idle_is_not_reused() -> None:
     responses = asyncio.run(go())
     assert [(r.status_code, r.body) for r in responses] == [(200, RAW_COMPLETION)] * 2
     assert (len(posts), len(connections)) == (2, 2)
+
+
+def _torn_then_whole(answers: list[bytes], chunked: bool) -> Any:
+    """A server that sends half an answer and closes the connection, then whole answers."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        torn = not answers
+        answers.append(b"torn" if torn else b"whole")
+        if chunked:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            half = RAW_COMPLETION[:50]
+            body = b"%x\r\n%s\r\n" % (len(half), half)
+            if not torn:
+                rest = RAW_COMPLETION[50:]
+                body += b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest)
+            writer.write(head + body)
+        else:
+            writer.write(_ok_head() + (RAW_COMPLETION[:50] if torn else RAW_COMPLETION))
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_answer_cut_short_is_retried_never_passed_on(chunked: bool) -> None:
+    async def go(max_retries: int) -> tuple[Any, list[bytes]]:
+        answers: list[bytes] = []
+        server, port = await _serve_raw(_torn_then_whole(answers, chunked))
+        engine = make_engine(f"http://127.0.0.1:{port}/v1", max_retries=max_retries)
+        await engine.start()
+        try:
+            return await engine.handle(chat()), answers
+        finally:
+            await engine.aclose()
+            server.close()
+
+    resp, answers = asyncio.run(go(max_retries=0))
+    assert resp.status_code == 502
+    assert error_of(resp.body)["code"] == "upstream_unreachable"
+    assert answers == [b"torn"]
+    resp, answers = asyncio.run(go(max_retries=1))
+    assert (resp.status_code, resp.body) == (200, RAW_COMPLETION)
+    assert answers == [b"torn", b"whole"]
+
+
+@pytest.mark.parametrize("mode", ["big", "bigchunked", "gzipbomb"])
+def test_answer_over_the_size_cap_is_a_final_error(upstream: ServedUpstream, mode: str) -> None:
+    cap = 64 * 1024
+    engine = OpenAIForwardEngine(
+        EngineConfig(upstream_url=upstream.url, max_retries=3), backoff_base=0.001, max_response_bytes=cap
+    )
+    over, at_cap = chat(mode, k=cap + 1), chat(mode, k=cap)
+    [refused, passed] = run(engine, over, at_cap)
+    assert refused.status_code == 502
+    error = error_of(refused.body)
+    assert error["code"] == "upstream_response_too_large"
+    assert "65,536-byte cap" in error["message"]
+    assert upstream.app.calls[over.body["key"]] == 1  # not retried
+    assert (passed.status_code, passed.body) == (200, big_answer(cap))
 
 
 def test_body_delimited_by_connection_close() -> None:
