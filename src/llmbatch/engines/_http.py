@@ -185,7 +185,8 @@ class AiohttpTransport:
             async with session.request(
                 method,
                 self._url(path),
-                data=body,
+                # a ready payload skips aiohttp's payload-type registry lookup on each request
+                data=None if body is None else aiohttp.BytesPayload(body, content_type="application/json"),
                 allow_redirects=False,
                 proxy=self._proxy,
                 proxy_auth=self._proxy_auth,
