@@ -20,12 +20,14 @@ import orjson
 import pytest
 import trustme
 import uvicorn
-
 from fakes.loopback_proxy import LoopbackProxy
+
 from llmbatch.engines import EngineConfig, EngineRequest
 from llmbatch.engines._openai import OpenAIForwardEngine
 
-ANSWER = b'{"id": "x",  "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+ANSWER = (
+    b'{"id": "x",  "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+)
 ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
@@ -112,7 +114,9 @@ def error_of(body: Any) -> dict[str, Any]:
     return (orjson.loads(body) if isinstance(body, bytes) else body)["error"]
 
 
-def test_https_upstream_with_a_ca_from_ssl_cert_file(tls_upstream: TLSUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_https_upstream_with_a_ca_from_ssl_cert_file(
+    tls_upstream: TLSUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_upstream.ca_file))
     before = tls_upstream.app.hits
     resp = asyncio.run(answer(engine_for(f"https://localhost:{tls_upstream.port}/v1")))

@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -52,6 +52,7 @@ MAX_RETRY_AFTER: float = 60.0
 _MISSING_URL = (
     "the openai engine needs --upstream-url (the base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"
 )
+
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     """Looks `name` (lower case) up in `headers`, case-insensitively even for a plain dict."""
