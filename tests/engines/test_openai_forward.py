@@ -44,6 +44,12 @@ ERROR_400 = orjson.dumps(
 ERROR_503 = orjson.dumps({"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}})
 
 
+def big_answer(size: int) -> bytes:
+    """A chat completion of exactly `size` bytes (size >= 100)."""
+    head, tail = b'{"id": "big", "object": "chat.completion", "pad": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
 class Upstream:
     """An OpenAI-ish ASGI app whose behaviour each request picks with body["mode"]."""
 
@@ -121,6 +127,17 @@ class Upstream:
             await send({"type": "http.response.body", "body": RAW_COMPLETION[40:]})
         elif mode == "gzip":
             await self.respond(send, 200, gzip.compress(RAW_COMPLETION), [(b"content-encoding", b"gzip")])
+        elif mode == "big":  # a JSON answer of body["size"] bytes, with a content-length
+            await self.respond(send, 200, big_answer(k))
+        elif mode == "bigchunked":  # the same without a length, in pieces
+            body_bytes = big_answer(k)
+            start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            await send(start)
+            for i in range(0, len(body_bytes), 1000):
+                await send({"type": "http.response.body", "body": body_bytes[i : i + 1000], "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        elif mode == "gzipbomb":  # small on the wire, big once decoded
+            await self.respond(send, 200, gzip.compress(big_answer(k)), [(b"content-encoding", b"gzip")])
         elif mode == "close":
             await self.respond(send, 200, RAW_COMPLETION, [(b"connection", b"close")])
         else:
@@ -214,15 +231,16 @@ def test_missing_upstream_url_is_a_config_error() -> None:
 def test_registered_as_openai_engine() -> None:
     engine = create_engine("openai", EngineConfig(upstream_url="http://127.0.0.1:1/v1", max_concurrency=7))
     assert isinstance(engine, OpenAIForwardEngine)
-    assert engine.name == "openai"
-    assert engine.max_concurrency == 7
-    assert engine.endpoints == {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/moderations",
-    }
+    assert engine.max_concurrency == 7  # what the batch worker keeps in flight
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"]
+)
+def test_each_endpoint_goes_to_the_same_path_upstream(upstream: ServedUpstream, endpoint: str) -> None:
+    [resp] = run(make_engine(upstream.url), EngineRequest(endpoint, {"model": "m", "mode": "echo"}))
+    assert resp.status_code == 200
+    assert orjson.loads(resp.body)["path"] == endpoint
 
 
 # --- success ------------------------------------------------------------------------------
@@ -413,27 +431,35 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-def test_dropped_keep_alive_connection_is_resent_transparently() -> None:
-    """A server that silently drops a kept-alive connection on its next use."""
-    connections = 0
+def _ok_head(length: int = len(RAW_COMPLETION)) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
+
+
+def _answer_then_drop_the_reuse(posts: list[int]) -> Any:
+    """A server that answers a connection's first POST, then drops the connection unanswered
+    when the client reuses it: the race of a keep-alive connection closed by the server just as
+    the client sends on it. `posts` counts the POSTs that reached it."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
         await _read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(RAW_COMPLETION)
-        )
-        writer.write(RAW_COMPLETION)
+        posts.append(1)
+        writer.write(_ok_head() + RAW_COMPLETION)
         await writer.drain()
         try:
-            await reader.readuntil(b"\r\n\r\n")  # the reuse: drop it unanswered
+            await _read_request(reader)  # the reuse: the upstream got it, and may have billed it
+            posts.append(1)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
 
+    return handler
+
+
+def test_post_on_a_dropped_keep_alive_connection_is_not_resent_silently() -> None:
+    posts: list[int] = []
+
     async def go() -> list[Any]:
-        server, port = await _serve_raw(handler)
+        server, port = await _serve_raw(_answer_then_drop_the_reuse(posts))
         engine = make_engine(f"http://127.0.0.1:{port}/v1", max_retries=0)
         await engine.start()
         try:
@@ -442,9 +468,121 @@ def test_dropped_keep_alive_connection_is_resent_transparently() -> None:
             await engine.aclose()
             server.close()
 
+    first, second, third = asyncio.run(go())
+    assert (first.status_code, first.body) == (200, RAW_COMPLETION)
+    assert second.status_code == 502  # the upstream got it once; nothing sent it again
+    assert error_of(second.body)["code"] == "upstream_unreachable"
+    assert (third.status_code, third.body) == (200, RAW_COMPLETION)
+    assert len(posts) == 3
+
+
+def test_post_on_a_dropped_keep_alive_connection_is_an_attempt_of_the_retry_policy() -> None:
+    posts: list[int] = []
+
+    async def go() -> list[Any]:
+        server, port = await _serve_raw(_answer_then_drop_the_reuse(posts))
+        engine = make_engine(f"http://127.0.0.1:{port}/v1", max_retries=1)
+        await engine.start()
+        try:
+            return [await engine.handle(chat()) for _ in range(2)]
+        finally:
+            await engine.aclose()
+            server.close()
+
     responses = asyncio.run(go())
-    assert [(r.status_code, r.body) for r in responses] == [(200, RAW_COMPLETION)] * 3
-    assert connections == 3
+    assert [(r.status_code, r.body) for r in responses] == [(200, RAW_COMPLETION)] * 2
+    assert len(posts) == 3  # the dropped send counted as the second row's first attempt
+
+
+def test_connection_closed_by_the_server_while_idle_is_not_reused() -> None:
+    posts: list[int] = []
+    connections: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await _read_request(reader)
+        posts.append(1)
+        writer.write(_ok_head() + RAW_COMPLETION)  # keep-alive by default in HTTP/1.1...
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # ...then an idle timeout far shorter than the client's
+
+    async def go() -> list[Any]:
+        server, port = await _serve_raw(handler)
+        engine = make_engine(f"http://127.0.0.1:{port}/v1", max_retries=0)
+        await engine.start()
+        try:
+            first = await engine.handle(chat())
+            await asyncio.sleep(0.3)
+            return [first, await engine.handle(chat())]
+        finally:
+            await engine.aclose()
+            server.close()
+
+    responses = asyncio.run(go())
+    assert [(r.status_code, r.body) for r in responses] == [(200, RAW_COMPLETION)] * 2
+    assert (len(posts), len(connections)) == (2, 2)
+
+
+def _torn_then_whole(answers: list[bytes], chunked: bool) -> Any:
+    """A server that sends half an answer and closes the connection, then whole answers."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        torn = not answers
+        answers.append(b"torn" if torn else b"whole")
+        if chunked:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            half = RAW_COMPLETION[:50]
+            body = b"%x\r\n%s\r\n" % (len(half), half)
+            if not torn:
+                rest = RAW_COMPLETION[50:]
+                body += b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest)
+            writer.write(head + body)
+        else:
+            writer.write(_ok_head() + (RAW_COMPLETION[:50] if torn else RAW_COMPLETION))
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_answer_cut_short_is_retried_never_passed_on(chunked: bool) -> None:
+    async def go(max_retries: int) -> tuple[Any, list[bytes]]:
+        answers: list[bytes] = []
+        server, port = await _serve_raw(_torn_then_whole(answers, chunked))
+        engine = make_engine(f"http://127.0.0.1:{port}/v1", max_retries=max_retries)
+        await engine.start()
+        try:
+            return await engine.handle(chat()), answers
+        finally:
+            await engine.aclose()
+            server.close()
+
+    resp, answers = asyncio.run(go(max_retries=0))
+    assert resp.status_code == 502
+    assert error_of(resp.body)["code"] == "upstream_unreachable"
+    assert answers == [b"torn"]
+    resp, answers = asyncio.run(go(max_retries=1))
+    assert (resp.status_code, resp.body) == (200, RAW_COMPLETION)
+    assert answers == [b"torn", b"whole"]
+
+
+@pytest.mark.parametrize("mode", ["big", "bigchunked", "gzipbomb"])
+def test_answer_over_the_size_cap_is_a_final_error(upstream: ServedUpstream, mode: str) -> None:
+    cap = 64 * 1024
+    engine = OpenAIForwardEngine(
+        EngineConfig(upstream_url=upstream.url, max_retries=3), backoff_base=0.001, max_response_bytes=cap
+    )
+    over, at_cap = chat(mode, k=cap + 1), chat(mode, k=cap)
+    [refused, passed] = run(engine, over, at_cap)
+    assert refused.status_code == 502
+    error = error_of(refused.body)
+    assert error["code"] == "upstream_response_too_large"
+    assert "65,536-byte cap" in error["message"]
+    assert upstream.app.calls[over.body["key"]] == 1  # not retried
+    assert (passed.status_code, passed.body) == (200, big_answer(cap))
 
 
 def test_body_delimited_by_connection_close() -> None:
@@ -466,18 +604,6 @@ def test_body_delimited_by_connection_close() -> None:
             server.close()
 
     assert [(r.status_code, r.body) for r in asyncio.run(go())] == [(200, RAW_COMPLETION)] * 2
-
-
-def test_through_an_http_proxy(upstream: ServedUpstream, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The upstream doubles as the proxy: uvicorn takes the path from an absolute-form target.
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{upstream.port}")
-    request = chat("429", k=1)
-    engine = make_engine("http://upstream.invalid/v1")
-    [resp] = run(engine, request)
-    assert (resp.status_code, resp.body) == (200, RAW_COMPLETION)
-    assert upstream.app.calls[request.body["key"]] == 2
 
 
 # --- models -------------------------------------------------------------------------------
