@@ -196,6 +196,7 @@ _PROGRAM = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_rerun_after_a_kill_reuses_results_and_batches_in_flight(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = server_factory("--echo-latency", "0.15", "--max-concurrency", "1")  # about 1.5 s a batch
     script = tmp_path / "program.py"

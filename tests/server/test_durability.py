@@ -64,6 +64,7 @@ def test_kill_9_during_batch_resumes_without_loss_or_rerun(server_factory) -> No
     assert rows <= answered <= rows + kills * concurrency, (answered, progress)
 
 
+@pytest.mark.slow
 def test_kill_9_while_validating_and_queued(server_factory) -> None:  # type: ignore[no-untyped-def]
     """Batches that were validating or waiting for a slot when the server died still finish."""
     srv = server_factory("--max-active-batches", "1", "--echo-latency", "0.005", "--max-concurrency", "4")
@@ -100,6 +101,7 @@ def test_startup_is_fast_and_restart_keeps_finished_batches(server_factory) -> N
     assert again.status in TERMINAL
 
 
+@pytest.mark.slow
 def test_kill_9_while_cancelling_still_ends_cancelled(server_factory) -> None:  # type: ignore[no-untyped-def]
     srv = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")
     client = srv.client()
