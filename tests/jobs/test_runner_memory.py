@@ -34,8 +34,6 @@ from llmbatch.jobs import (
     JobSession,
     JobSettings,
     Prepared,
-    _collect,
-    _submit,
 )
 
 FAST = {"poll_interval": 0.001, "max_poll_interval": 0.001}
@@ -508,16 +506,14 @@ def test_a_job_larger_than_direct_below_goes_in_batches_only(open_job: Callable[
 
 
 def test_a_batch_refused_for_a_full_quota_is_sent_again_after_a_pause_without_an_attempt(
-    open_job: Callable[..., Job], monkeypatch: pytest.MonkeyPatch
+    open_job: Callable[..., Job],
 ) -> None:
     clock = SimpleNamespace(skew=0.0)
-    fake_time = SimpleNamespace(time=time.time, monotonic=lambda: time.monotonic() + clock.skew)
-    monkeypatch.setattr(_submit, "time", fake_time)
-    monkeypatch.setattr(_collect, "time", fake_time)
     job = open_job([chat_line(i) for i in range(30)], max_attempts=1)  # a counted attempt would be final
     fake = MemoryProvider()
     fake.script(BatchScript.fail("token_limit_exceeded", "Enqueued token limit reached"))
     runner = job.runner(fake)
+    runner.ctx.clock = lambda: time.monotonic() + clock.skew  # the pause passes when the test says
 
     async def scenario() -> Any:
         await runner.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from typing import Any
 
 import orjson
@@ -160,7 +159,7 @@ def _unanswered(
     if quota_full:
         backoff = min(max(ctx.settings.poll_interval, 1.0) * 2**ctx.quota_failures, 900.0)
         ctx.quota_failures += 1
-        ctx.quota_wait_until = time.monotonic() + backoff
+        ctx.quota_wait_until = ctx.clock() + backoff
         ctx.say(f"chunk {chunk.tag}: the provider's token quota is full ({general}); sending again in {backoff:.0f} s")
     # Rows cut off by the user's own `llmbatch cancel` were never really tried: they go back
     # to pending with their attempt refunded (`Outcome.user_cancelled`), so a resume runs them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class RunContext:
     #: Batches refused in a row because the provider's token quota was full, and when to try again.
     quota_failures: int = 0
     quota_wait_until: float = 0.0
+    #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
+    clock: Callable[[], float] = time.monotonic
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)
 
     @classmethod

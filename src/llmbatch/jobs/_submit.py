@@ -87,7 +87,7 @@ async def submit(ctx: RunContext) -> bool:
     in_flight = len(store.chunks(IN_FLIGHT))
     for chunk in store.chunks(("planned", "uploaded")):
         if chunk.state == "planned":
-            if in_flight >= ctx.max_in_flight or time.monotonic() < ctx.quota_wait_until:
+            if in_flight >= ctx.max_in_flight or ctx.clock() < ctx.quota_wait_until:
                 break
             if ctx.max_enqueued is not None:
                 enqueued = store.in_flight_tokens(chunk.model)
