@@ -21,7 +21,7 @@ from llmbatch.engines import (
     EMBEDDINGS,
     MODERATIONS,
     RESPONSES,
-    EngineConfig,
+    EchoOptions,
     EngineRequest,
     EngineResponse,
     create_engine,
@@ -48,7 +48,7 @@ def chat_prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 
 def make_engine(**kw: Any) -> EchoEngine:
-    return EchoEngine(EngineConfig(**kw))
+    return EchoEngine(EchoOptions(**kw))
 
 
 def call(engine: EchoEngine, endpoint: str, body: dict[str, Any], custom_id: str | None = None) -> EngineResponse:
@@ -70,7 +70,7 @@ def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def test_engine_registration_and_endpoints() -> None:
-    engine = create_engine("echo", EngineConfig(max_concurrency=7))
+    engine = create_engine("echo", {"max_concurrency": 7})
     assert isinstance(engine, EchoEngine)
     assert engine.name == "echo"
     assert engine.max_concurrency == 7

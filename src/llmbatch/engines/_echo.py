@@ -28,7 +28,7 @@ from ._request import MODEL_CREATED, embedding_base64, hex_id, opt_positive_int,
 from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import EchoOptions
 
 __all__ = ["EchoEngine", "ECHO_MODEL_ID", "DEFAULT_EMBEDDING_DIMENSIONS"]
 
@@ -220,7 +220,7 @@ class EchoEngine(Engine):
     # engine is how that path gets exercised.
     endpoints = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES})
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EchoOptions) -> None:
         self.config = config
         self.max_concurrency = config.max_concurrency
         self._latency = float(config.echo_latency)

@@ -29,20 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ConfigError
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, EngineRequest, EngineResponse, Usage, error_body
 from ._embed import SentenceEmbedder, resolve_embedding_model
+from ._options import parse_adapters
 from ._request import MODEL_CREATED, BadRequest, hex_id, opt_positive_int, resolve_future, stop_strings
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import ModelOptions
 
 __all__ = [
     "Choice",
     "Generation",
     "ModelEngine",
     "model_names",
-    "parse_adapters",
 ]
 
 log = logging.getLogger("llmbatch.engines")
@@ -89,27 +88,6 @@ class Generation:
     #: longer than the context), `error_status` 5xx when the engine failed.
     error: str | None = None
     error_status: int = 400
-
-
-def parse_adapters(values: list[str] | tuple[str, ...] | dict[str, str]) -> dict[str, str]:
-    """`["name=path", ...]` (the `--adapter` option) into {name: path}, checking each path exists."""
-    if isinstance(values, dict):
-        pairs = list(values.items())
-    else:
-        pairs = []
-        for value in values:
-            name, sep, path = value.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ConfigError(f"invalid --adapter {value!r}: use NAME=PATH (a PEFT / LoRA adapter directory)")
-            pairs.append((name.strip(), path.strip()))
-    adapters: dict[str, str] = {}
-    for name, path in pairs:
-        if name in adapters:
-            raise ConfigError(f"adapter name {name!r} is given twice")
-        if not Path(path).exists():
-            raise ConfigError(f"adapter {name!r}: {path} does not exist")
-        adapters[name] = str(path)
-    return adapters
 
 
 def model_names(path: str | Path, served: str | None) -> tuple[str, ...]:
@@ -164,7 +142,7 @@ class ModelEngine(Engine):
     #: Whether the engine can answer more than one choice (`n`) per request.
     max_n: int = _MAX_N
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: ModelOptions) -> None:
         self.config = config
         self.adapters = parse_adapters(config.adapters)
         self.embedder: SentenceEmbedder | None = None

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - exercised only where httptools has no 
     httptools = None
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import OpenAIOptions
 
 __all__ = ["OpenAIForwardEngine", "parse_retry_after", "RETRYABLE_STATUSES", "MAX_RETRY_AFTER"]
 
@@ -374,7 +374,7 @@ class OpenAIForwardEngine(Engine):
     name = "openai"
     endpoints = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MODERATIONS})
 
-    def __init__(self, config: EngineConfig, *, backoff_base: float = 0.5, backoff_cap: float = 30.0) -> None:
+    def __init__(self, config: OpenAIOptions, *, backoff_base: float = 0.5, backoff_cap: float = 30.0) -> None:
         if not config.upstream_url:
             raise ConfigError(_MISSING_URL)
         url = urllib.parse.urlsplit(config.upstream_url)

@@ -139,7 +139,7 @@ class _Server:
 
     def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
         self.config = config
-        self.engine = engine or create_engine(config.engine, config.engine_config)
+        self.engine = engine or create_engine(config.engine, config.engine_options)
         self._keys = {k: hashlib.sha256(k.encode()).hexdigest()[:24] for k in config.api_keys}
         self.store: Store | None = None
         self.worker: BatchWorker | None = None
