@@ -37,7 +37,7 @@ import httpx
 import openai
 import psutil
 
-from llmbatch.engines import EngineConfig
+from llmbatch.engines import VLLMOptions
 from llmbatch.engines._vllm import llm_kwargs
 
 SERVED = "bench-model"
@@ -67,7 +67,7 @@ def build_conversations(rows: int, seed: int) -> list[list[dict[str, str]]]:
     return conversations
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_options(args: argparse.Namespace) -> VLLMOptions:
     fields: dict[str, Any] = {
         "model_path": args.model,
         "served_model_name": SERVED,
@@ -78,7 +78,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     }
     if args.n_parallel is not None:
         fields["n_parallel"] = args.n_parallel
-    return EngineConfig(**fields)
+    return VLLMOptions(**fields)
 
 
 # -- (b) raw vLLM, in its own process ----------------------------------------------------------
@@ -89,7 +89,7 @@ def raw_worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
     conversations = json.loads(Path(args.raw_worker[0]).read_text())
-    llm = LLM(**llm_kwargs(engine_config(args)))
+    llm = LLM(**llm_kwargs(engine_options(args)))
     llm.chat([[{"role": "user", "content": "Warm up."}]], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     t0 = time.perf_counter()

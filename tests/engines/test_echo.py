@@ -6,8 +6,10 @@ import asyncio
 import base64
 import math
 import struct
+import time
 from typing import Any
 
+import openai
 import pytest
 from tiktoken_reference import CL100K, O200K
 
@@ -17,7 +19,7 @@ from llmbatch.engines import (
     EMBEDDINGS,
     MODERATIONS,
     RESPONSES,
-    EngineConfig,
+    EchoOptions,
     EngineRequest,
     EngineResponse,
     create_engine,
@@ -50,7 +52,7 @@ def chat_prompt_tokens(messages: list[dict[str, Any]], enc: Any = O200K) -> int:
 
 
 def make_engine(**kw: Any) -> EchoEngine:
-    return EchoEngine(EngineConfig(**kw))
+    return EchoEngine(EchoOptions(**kw))
 
 
 def call(engine: EchoEngine, endpoint: str, body: dict[str, Any], custom_id: str | None = None) -> EngineResponse:
@@ -72,7 +74,7 @@ def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def test_engine_registration_and_endpoints() -> None:
-    engine = create_engine("echo", EngineConfig(max_concurrency=7))
+    engine = create_engine("echo", {"max_concurrency": 7})
     assert isinstance(engine, EchoEngine)
     assert engine.name == "echo"
     assert engine.max_concurrency == 7
@@ -80,8 +82,11 @@ def test_engine_registration_and_endpoints() -> None:
     assert MODERATIONS not in engine.endpoints
     assert engine.validate_model("anything-at-all") is None
     models = asyncio.run(engine.list_models())
-    assert models == [{"id": "echo", "object": "model", "created": models[0]["created"], "owned_by": "llmbatch"}]
-    assert isinstance(models[0]["created"], int)
+    [model] = [openai.types.Model.model_validate(m) for m in models]
+    assert (model.id, model.object, model.owned_by) == ("echo", "model", "llmbatch")
+    # GET /v1/models must not change across restarts: a fresh engine reports the same time, a past one.
+    assert asyncio.run(make_engine().list_models()) == models
+    assert model.created <= time.time()
 
 
 def test_unserved_endpoint_is_404() -> None:
@@ -100,13 +105,16 @@ def test_chat_echoes_last_user_message_and_counts_tokens() -> None:
         {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": "Héllo, wörld! What's 2+2?", "name": "alice"},
     ]
+    before = int(time.time())
     resp = call(make_engine(), CHAT, chat(messages))
+    after = time.time()
     assert resp.status_code == 200
     body = resp.body
+    openai.types.chat.ChatCompletion.model_validate(body)  # the SDK's own type parses it
     assert body["object"] == "chat.completion"
     assert body["id"].startswith("chatcmpl-")
     assert body["model"] == "gpt-4o-mini"  # any model is accepted and reported back
-    assert isinstance(body["created"], int)
+    assert before <= body["created"] <= after
     assert body["service_tier"] == "default"
     assert body["system_fingerprint"] == "fp_llmbatch_echo"
     [choice] = body["choices"]
@@ -313,10 +321,12 @@ def test_embeddings_base64_round_trip() -> None:
 
 
 def test_responses_string_input() -> None:
+    before = int(time.time())
     body = ok(RESPONSES, {"model": "gpt-4.1", "input": "Tell me a joke.", "instructions": "Be funny."})
+    assert before <= body["created_at"] <= time.time()
+    openai.types.responses.Response.model_validate(body)  # the SDK's own type parses it
     assert body["id"].startswith("resp_")
     assert body["object"] == "response"
-    assert isinstance(body["created_at"], int)
     assert body["status"] == "completed"
     assert body["model"] == "gpt-4.1"
     assert body["error"] is None

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import EngineHandle, read_jsonl, run_batch
-from llmbatch.engines import EngineConfig
+from llmbatch.engines import LlamaCppOptions
 from llmbatch.engines._packaged import DEFAULT_EMBEDDING_MODEL, local_engine_available, packaged_embedding_model
 
 pytest.importorskip("sentence_transformers")
@@ -31,7 +31,8 @@ TEXTS = ["The cat sat on the mat.", "A feline rested on the rug.", "Quarterly re
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EngineHandle]:
-    e = EngineHandle("llamacpp", EngineConfig(embedding_batch_size=3))  # smaller than one request: split across calls
+    # A batch size smaller than one request: its inputs are split across calls.
+    e = EngineHandle("llamacpp", LlamaCppOptions(embedding_batch_size=3))
     yield e
     e.close()
 

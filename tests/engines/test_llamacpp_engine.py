@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import EngineHandle, chat_line, read_jsonl, run_batch
-from llmbatch.engines import EngineConfig, resolve_engine
+from llmbatch.engines import LlamaCppOptions, resolve_engine
 from llmbatch.engines._packaged import DEFAULT_CHAT_MODEL, local_engine_available, packaged_chat_model
 
 pytestmark = pytest.mark.skipif(
@@ -32,7 +32,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EngineHandle]:
-    e = EngineHandle("llamacpp", EngineConfig(embedding_model="none", n_parallel=4))
+    e = EngineHandle("llamacpp", LlamaCppOptions(embedding_model="none", n_parallel=4))
     yield e
     e.close()
 

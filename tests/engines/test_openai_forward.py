@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 
 from llmbatch import ConfigError
-from llmbatch.engines import EngineConfig, EngineRequest, Usage, create_engine
+from llmbatch.engines import EngineRequest, OpenAIOptions, Usage, create_engine
 from llmbatch.engines._openai import OpenAIForwardEngine, parse_retry_after
 
 CHAT = "/v1/chat/completions"
@@ -189,7 +189,7 @@ def upstream() -> Iterator[ServedUpstream]:
 def make_engine(url: str, **overrides: Any) -> OpenAIForwardEngine:
     settings: dict[str, Any] = {"upstream_url": url, "max_retries": 3, "request_timeout": 5.0}
     settings.update(overrides)
-    return OpenAIForwardEngine(EngineConfig(**settings), backoff_base=0.001, backoff_cap=0.01)
+    return OpenAIForwardEngine(OpenAIOptions(**settings), backoff_base=0.001, backoff_cap=0.01)
 
 
 def chat(mode: str = "ok", key: str | None = None, **extra: Any) -> EngineRequest:
@@ -221,7 +221,7 @@ def error_of(body: Any) -> dict[str, Any]:
 
 def test_missing_upstream_url_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
-        OpenAIForwardEngine(EngineConfig())
+        OpenAIForwardEngine(OpenAIOptions())
     assert str(info.value) == (
         "the openai engine needs --upstream-url "
         "(the base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1)"
@@ -229,7 +229,7 @@ def test_missing_upstream_url_is_a_config_error() -> None:
 
 
 def test_registered_as_openai_engine() -> None:
-    engine = create_engine("openai", EngineConfig(upstream_url="http://127.0.0.1:1/v1", max_concurrency=7))
+    engine = create_engine("openai", OpenAIOptions(upstream_url="http://127.0.0.1:1/v1", max_concurrency=7))
     assert isinstance(engine, OpenAIForwardEngine)
     assert engine.max_concurrency == 7  # what the batch worker keeps in flight
 
@@ -396,7 +396,7 @@ def test_concurrency_bound_is_honoured(upstream: ServedUpstream) -> None:
 def test_retries_wait_outside_the_concurrency_bound(upstream: ServedUpstream) -> None:
     # One slot: a row sleeping before its retry must not block the other row.
     engine = OpenAIForwardEngine(
-        EngineConfig(upstream_url=upstream.url, max_concurrency=1, max_retries=1), backoff_base=0.6, backoff_cap=0.6
+        OpenAIOptions(upstream_url=upstream.url, max_concurrency=1, max_retries=1), backoff_base=0.6, backoff_cap=0.6
     )
     fast = chat("ok")
     slow = chat("500", k=1)
@@ -573,7 +573,7 @@ def test_answer_cut_short_is_retried_never_passed_on(chunked: bool) -> None:
 def test_answer_over_the_size_cap_is_a_final_error(upstream: ServedUpstream, mode: str) -> None:
     cap = 64 * 1024
     engine = OpenAIForwardEngine(
-        EngineConfig(upstream_url=upstream.url, max_retries=3), backoff_base=0.001, max_response_bytes=cap
+        OpenAIOptions(upstream_url=upstream.url, max_retries=3), backoff_base=0.001, max_response_bytes=cap
     )
     over, at_cap = chat(mode, k=cap + 1), chat(mode, k=cap)
     [refused, passed] = run(engine, over, at_cap)

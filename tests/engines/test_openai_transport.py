@@ -22,7 +22,7 @@ import trustme
 import uvicorn
 from fakes.loopback_proxy import LoopbackProxy
 
-from llmbatch.engines import EngineConfig, EngineRequest
+from llmbatch.engines import EngineRequest, OpenAIOptions
 from llmbatch.engines._openai import OpenAIForwardEngine
 
 ANSWER = (
@@ -99,7 +99,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def engine_for(url: str, **overrides: Any) -> OpenAIForwardEngine:
     settings: dict[str, Any] = {"upstream_url": url, "max_retries": 3, "request_timeout": 5.0}
     settings.update(overrides)
-    return OpenAIForwardEngine(EngineConfig(**settings), backoff_base=0.001, backoff_cap=0.01)
+    return OpenAIForwardEngine(OpenAIOptions(**settings), backoff_base=0.001, backoff_cap=0.01)
 
 
 async def answer(engine: OpenAIForwardEngine) -> Any:

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import EngineHandle, jsonl, read_jsonl, upload, wait_batch
 from llmbatch._exceptions import ConfigError
-from llmbatch.engines import EngineConfig, create_engine
+from llmbatch.engines import TransformersOptions, create_engine
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -202,7 +202,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def engine(tiny: tuple[Path, Path]) -> Iterator[EngineHandle]:
     model, adapter = tiny
     # 4 sequences per call: the mixed tests below need several calls, some shared by rows of different lengths.
-    config = EngineConfig(
+    config = TransformersOptions(
         model_path=str(model),
         adapters={ADAPTER: str(adapter)},
         embedding_model="none",
@@ -454,7 +454,7 @@ def test_model_without_chat_template_answers_completions_only(tiny: tuple[Path, 
     model = tmp_path / "plain"
     shutil.copytree(tiny[0], model)
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    e = EngineHandle("transformers", EngineConfig(model_path=str(model), embedding_model="none", device="cpu"))
+    e = EngineHandle("transformers", TransformersOptions(model_path=str(model), embedding_model="none", device="cpu"))
     try:
         no_chat, completion = e.many(
             [(CHAT, chat("hi", model="plain")), (COMPLETIONS, {"model": "plain", "prompt": "The", "max_tokens": 2})]
@@ -468,9 +468,9 @@ def test_model_without_chat_template_answers_completions_only(tiny: tuple[Path, 
 
 def test_configuration_errors_say_what_to_pass(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--model-path"):
-        create_engine("transformers", EngineConfig(embedding_model="none"))
+        create_engine("transformers", TransformersOptions(embedding_model="none"))
     with pytest.raises(ConfigError, match="does not exist"):
-        create_engine("transformers", EngineConfig(model_path=str(tmp_path / "missing"), embedding_model="none"))
+        create_engine("transformers", TransformersOptions(model_path=str(tmp_path / "missing"), embedding_model="none"))
 
 
 def test_gguf_file_loads_through_transformers_and_answers_like_the_directory(
@@ -478,7 +478,7 @@ def test_gguf_file_loads_through_transformers_and_answers_like_the_directory(
 ) -> None:
     pytest.importorskip("gguf")
     path = write_gguf(tiny[0], tmp_path / "tiny.gguf")
-    e = EngineHandle("transformers", EngineConfig(model_path=str(path), embedding_model="none", device="cpu"))
+    e = EngineHandle("transformers", TransformersOptions(model_path=str(path), embedding_model="none", device="cpu"))
     try:
         assert e.engine.validate_model("tiny") is None  # the file's name without .gguf
         text = "Tell me about the dragon."

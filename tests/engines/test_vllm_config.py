@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmbatch._exceptions import ConfigError
-from llmbatch.engines import EngineConfig
+from llmbatch.engines import VLLMOptions
 from llmbatch.engines._vllm import llm_kwargs, lora_rank
 
 
@@ -36,14 +36,14 @@ def test_lora_rank_is_the_smallest_vllm_accepts_in_every_version(tmp_path: Path)
 def test_llm_kwargs(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    base = llm_kwargs(EngineConfig(model_path=str(model)))
+    base = llm_kwargs(VLLMOptions(model_path=str(model)))
     assert base == {"model": str(model), "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9, "dtype": "auto"}
     lora = llm_kwargs(
-        EngineConfig(model_path=str(model), adapters={"x": adapter(tmp_path, "x", 16)}, n_ctx=4096, n_parallel=64)
+        VLLMOptions(model_path=str(model), adapters={"x": adapter(tmp_path, "x", 16)}, n_ctx=4096, n_parallel=64)
     )
     assert lora["enable_lora"] and lora["max_loras"] == 1 and lora["max_lora_rank"] == 16
     assert (lora["max_model_len"], lora["max_num_seqs"]) == (4096, 64)
     with pytest.raises(ConfigError, match="needs --model-path"):
-        llm_kwargs(EngineConfig())
+        llm_kwargs(VLLMOptions())
     with pytest.raises(ConfigError, match="does not exist"):
-        llm_kwargs(EngineConfig(model_path=str(tmp_path / "missing")))
+        llm_kwargs(VLLMOptions(model_path=str(tmp_path / "missing")))

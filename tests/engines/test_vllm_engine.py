@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import EngineHandle, jsonl, read_jsonl, upload, wait_batch
-from llmbatch.engines import EngineConfig
+from llmbatch.engines import VLLMOptions
 from llmbatch.engines._vllm import llm_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -182,9 +182,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def config(tiny: tuple[Path, Path]) -> EngineConfig:
+def config(tiny: tuple[Path, Path]) -> VLLMOptions:
     model, adapter = tiny
-    return EngineConfig(
+    return VLLMOptions(
         model_path=str(model),
         served_model_name=MODEL,
         adapters={ADAPTER: str(adapter)},
@@ -197,7 +197,7 @@ def config(tiny: tuple[Path, Path]) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def engine(config: EngineConfig) -> Iterator[EngineHandle]:
+def engine(config: VLLMOptions) -> Iterator[EngineHandle]:
     e = EngineHandle("vllm", config)
     yield e
     e.close()
@@ -206,7 +206,7 @@ def engine(config: EngineConfig) -> Iterator[EngineHandle]:
 class _Reference:
     """vLLM's own offline API on the engine's settings: what the engine's answers must equal."""
 
-    def __init__(self, config: EngineConfig, adapter: Path) -> None:
+    def __init__(self, config: VLLMOptions, adapter: Path) -> None:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
@@ -233,7 +233,7 @@ class _Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(config: EngineConfig, tiny: tuple[Path, Path], engine: EngineHandle) -> Iterator[_Reference]:
+def reference(config: VLLMOptions, tiny: tuple[Path, Path], engine: EngineHandle) -> Iterator[_Reference]:
     # Depends on `engine` so the two never profile GPU memory at the same time.
     ref = _Reference(config, tiny[1])
     yield ref

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-__all__ = ["engine_options", "engine_config_options", "ENGINE_HELP"]
+__all__ = ["EngineOptionsCommand", "engine_options", "engine_config_options", "option_defaults", "ENGINE_HELP"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,7 +66,7 @@ _OPTIONS: list[Callable[[F], F]] = [
     ),
 ]
 
-#: The keyword names the options above add, in EngineConfig's terms.
+#: The keyword names the options above add: fields of the model engines' options (`engines.ModelOptions`, ...).
 _FIELDS = (
     "model_path",
     "served_model_name",
@@ -82,6 +82,41 @@ _FIELDS = (
 )
 
 
+#: --help sections after the command's own options: (title, the parameters it lists).
+HELP_SECTIONS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("Echo engine options", frozenset({"echo_latency", "echo_fail_rate"})),
+    ("OpenAI engine options (forwarding)", frozenset({"upstream_url", "upstream_api_key"})),
+    (
+        "Model engine options (llamacpp, transformers, vllm)",
+        frozenset({"model_path", "served_model_name", "adapters", "embedding_model", "n_parallel", "n_ctx"}),
+    ),
+    ("llamacpp engine options", frozenset({"n_threads"})),
+    ("transformers engine options", frozenset({"device", "dtype"})),
+    ("vllm engine options", frozenset({"tensor_parallel_size", "gpu_memory_utilization"})),
+)
+
+
+class EngineOptionsCommand(click.Command):
+    """A command whose --help lists its own options first, then each engine's in a section.
+
+    Click has no option groups; writing the sections here costs less than a dependency.
+    """
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        general: list[tuple[str, str]] = []
+        sections: dict[str, list[tuple[str, str]]] = {title: [] for title, _ in HELP_SECTIONS}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = next((t for t, names in HELP_SECTIONS if param.name in names), None)
+            (general if title is None else sections[title]).append(record)
+        for title, records in [("Options", general), *sections.items()]:
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
 def engine_options(f: F) -> F:
     """Adds the model-engine options to a command; see `engine_config_options`."""
     for option in reversed(_OPTIONS):
@@ -89,16 +124,26 @@ def engine_options(f: F) -> F:
     return f
 
 
+def option_defaults() -> dict[str, Any]:
+    """Every engine option's default, by field name, from the engines' option models."""
+    from ..engines import ENGINE_OPTIONS
+
+    return {
+        name: field.get_default(call_default_factory=True)
+        for model in ENGINE_OPTIONS.values()
+        for name, field in model.model_fields.items()
+    }
+
+
 def engine_config_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pops the model-engine options out of a command's kwargs, as EngineConfig fields.
+    """Pops the model-engine options out of a command's kwargs, as engine option fields.
 
     Only options the user gave (not at their defaults) are returned, so a job's stored
     settings stay small and the engine's own defaults apply.
     """
-    from ..engines import EngineConfig
-    from ..engines._model import parse_adapters
+    from ..engines import parse_adapters
 
-    defaults = EngineConfig()
+    defaults = option_defaults()
     out: dict[str, Any] = {}
     for name in _FIELDS:
         value = kwargs.pop(name)
@@ -107,6 +152,6 @@ def engine_config_options(kwargs: dict[str, Any]) -> dict[str, Any]:
             value = {k: os.path.abspath(v) for k, v in value.items()}
         elif name in ("model_path", "embedding_model") and value is not None and os.path.exists(value):
             value = os.path.abspath(value)  # a job resumed from another directory finds it
-        if value != getattr(defaults, name):
+        if value != defaults[name]:
             out[name] = value
     return out

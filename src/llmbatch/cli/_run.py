@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
+from ..engines import engine_options as check_engine_options
 from ..engines import resolve_engine
 from ..jobs import EXIT_INTERRUPTED, EXIT_OK, JobSession, JobSettings, make_progress, settings_for
 from ..providers import PROVIDER_NAMES
-from ._engine_options import ENGINE_HELP, engine_config_options, engine_options
+from ._engine_options import ENGINE_HELP, EngineOptionsCommand, engine_config_options, engine_options
 from ._options import api_key_option, job_root_option, price_options, print_estimate, root_of, say
 
 __all__ = ["run", "run_job"]
@@ -51,7 +52,7 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
         return outcome.code
 
 
-@click.command()
+@click.command(cls=EngineOptionsCommand)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--provider",
@@ -129,6 +130,7 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
         notice = resolve_engine(opts["engine"])[1]
         if notice:
             say(f"note: {notice}")
+        check_engine_options(settings.engine, settings.engine_options)  # options this engine does not take are an error
     session, created = JobSession.open(list(inputs), settings, root_of(job_root), api_key=api_key, say=say)
     say(f"{'new' if created else 'resuming'} job {session.id} ({session.dir})")
     with session:

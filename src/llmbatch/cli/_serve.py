@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .. import __version__
 from .._paths import default_server_dir
-from ._engine_options import ENGINE_HELP, engine_config_options, engine_options
+from ._engine_options import ENGINE_HELP, EngineOptionsCommand, engine_config_options, engine_options, option_defaults
 
 __all__ = ["serve"]
 
 
-@click.command()
+@click.command(cls=EngineOptionsCommand)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
 @click.option(
@@ -83,13 +84,29 @@ def serve(
     **model_options: Any,
 ) -> None:
     """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
-    from ..engines import EngineConfig, create_engine, resolve_engine
+    from ..engines import ENGINE_OPTIONS, create_engine, resolve_engine
     from ..server import ServerConfig, parse_size, parse_window
     from ..server import serve as run_server
 
     engine, notice = resolve_engine(engine)
     if notice:
         click.echo(f"note: {notice}", err=True)
+    options = engine_config_options(model_options)
+    given = {
+        "echo_latency": echo_latency,
+        "echo_fail_rate": echo_fail_rate,
+        "upstream_url": upstream_url,
+        "upstream_api_key": upstream_api_key,
+        "max_concurrency": max_concurrency,
+    }
+    ctx = click.get_current_context()
+    defaults = option_defaults()
+    takes = ENGINE_OPTIONS[engine].model_fields if engine in ENGINE_OPTIONS else {}
+    for name, value in given.items():
+        # A key in the environment is meant for the openai engine; it must not break another one.
+        from_env = ctx.get_parameter_source(name) is ParameterSource.ENVIRONMENT
+        if value != defaults[name] and (name in takes or not from_env):
+            options[name] = value
     config = ServerConfig(
         data_dir=data_dir or default_server_dir(),
         api_keys=list(api_keys),
@@ -98,16 +115,9 @@ def serve(
         max_file_lines=max_lines,
         max_active_batches=max_active_batches,
         engine=engine,
-        engine_config=EngineConfig(
-            echo_latency=echo_latency,
-            echo_fail_rate=echo_fail_rate,
-            upstream_url=upstream_url,
-            upstream_api_key=upstream_api_key,
-            max_concurrency=max_concurrency,
-            **engine_config_options(model_options),
-        ),
+        engine_options=options,
     )
-    create_engine(config.engine, config.engine_config)  # fail fast, before binding the port
+    create_engine(config.engine, config.engine_options)  # fail fast, before binding the port
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(
         f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, data in {config.data_dir})",

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import ValidationError
 
 from .._exceptions import ConfigError
 from ._base import (
@@ -22,6 +26,17 @@ from ._base import (
     error_body,
     usage_from_body,
 )
+from ._options import (
+    EchoOptions,
+    EngineOptions,
+    LlamaCppOptions,
+    ModelOptions,
+    OpenAIOptions,
+    TransformersOptions,
+    VLLMOptions,
+    parse_adapters,
+)
+from ._packaged import INSTALL_LOCAL, INSTALL_TRANSFORMERS, INSTALL_VLLM
 
 __all__ = [
     "CHAT",
@@ -31,7 +46,16 @@ __all__ = [
     "MODERATIONS",
     "KNOWN_ENDPOINTS",
     "Engine",
-    "EngineConfig",
+    "EngineOptions",
+    "EchoOptions",
+    "OpenAIOptions",
+    "ModelOptions",
+    "LlamaCppOptions",
+    "TransformersOptions",
+    "VLLMOptions",
+    "ENGINE_OPTIONS",
+    "engine_options",
+    "parse_adapters",
     "EngineRequest",
     "EngineResponse",
     "Usage",
@@ -43,91 +67,31 @@ __all__ = [
 ]
 
 
-class EngineConfig(BaseModel):
-    """Settings for every engine; each engine reads the fields that concern it."""
+@dataclass(frozen=True)
+class _Entry:
+    """How to build one engine: imported only when it is asked for, after its extras are found."""
 
-    echo_latency: float = Field(0.0, ge=0)
-    """echo: seconds of added latency per request."""
-    echo_fail_rate: float = Field(0.0, ge=0, le=1)
-    """echo: fraction of requests that fail with a retryable 500 (deterministic per row)."""
-    upstream_url: str | None = None
-    """openai: base URL of the OpenAI-compatible API to forward to, including /v1."""
-    upstream_api_key: str | None = None
-    """openai: Bearer key sent upstream."""
-    max_concurrency: int = Field(64, ge=1)
-    """Requests in flight at once (openai: upstream requests; echo: rows per batch)."""
-    request_timeout: float = Field(600.0, gt=0)
-    """openai: seconds before one upstream attempt times out."""
-    max_retries: int = Field(5, ge=0)
-    """openai: retries of 429, 5xx, timeouts and connection errors, with backoff."""
-    model_path: str | None = None
-    """Model engines: the model (llamacpp: a GGUF file; transformers: a Hugging Face model directory
-    or a GGUF file; vllm: a directory or model id). None: the packaged default where there is one."""
-    served_model_name: str | None = None
-    """Model engines: the name rows use in `body.model` (default: the model's file or directory name)."""
-    adapters: dict[str, str] = Field(default_factory=dict)
-    """Model engines: LoRA adapters by name (`--adapter NAME=PATH`); a row naming one runs on it."""
-    embedding_model: str | None = None
-    """Model engines: a sentence-transformers model directory for /v1/embeddings; None: the packaged
-    all-MiniLM-L6-v2 when installed; "none": no embeddings."""
-    embedding_batch_size: int = Field(64, ge=1)
-    """Model engines: inputs embedded together."""
-    n_parallel: int = Field(8, ge=1)
-    """Model engines: sequences generated together (llamacpp slots, transformers batch size,
-    vllm max_num_seqs)."""
-    n_ctx: int | None = Field(None, ge=64)
-    """Model engines: context length per sequence, prompt and answer together (default: llamacpp
-    2048, others the model's own)."""
-    n_threads: int | None = Field(None, ge=1)
-    """llamacpp: CPU threads (default: all cores)."""
-    device: str | None = None
-    """transformers: "cpu", "cuda", "cuda:1", "mps" (default: cuda when available, else cpu)."""
-    dtype: str | None = None
-    """transformers / vllm: weight dtype, e.g. float32, bfloat16 (default: the library's choice)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """vllm: GPUs the model is split across."""
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """vllm: share of GPU memory vLLM may take."""
+    #: "module:Class", the module relative to this package.
+    target: str
+    options: type[EngineOptions]
+    #: Modules the engine cannot run without, checked before its module is imported.
+    requires: tuple[str, ...] = ()
+    #: Where to get them.
+    install: str = ""
 
 
-def _echo(config: EngineConfig) -> Engine:
-    from ._echo import EchoEngine
-
-    return EchoEngine(config)
-
-
-def _openai(config: EngineConfig) -> Engine:
-    from ._openai import OpenAIForwardEngine
-
-    return OpenAIForwardEngine(config)
-
-
-def _llamacpp(config: EngineConfig) -> Engine:
-    from ._llamacpp import LlamaCppEngine
-
-    return LlamaCppEngine(config)
-
-
-def _transformers(config: EngineConfig) -> Engine:
-    from ._transformers import TransformersEngine
-
-    return TransformersEngine(config)
-
-
-def _vllm(config: EngineConfig) -> Engine:
-    from ._vllm import VLLMEngine
-
-    return VLLMEngine(config)
-
-
-_FACTORIES: dict[str, Callable[[EngineConfig], Engine]] = {
-    "echo": _echo,
-    "openai": _openai,
-    "llamacpp": _llamacpp,
-    "transformers": _transformers,
-    "vllm": _vllm,
+_REGISTRY: dict[str, _Entry] = {
+    "echo": _Entry("_echo:EchoEngine", EchoOptions),
+    "openai": _Entry("_openai:OpenAIForwardEngine", OpenAIOptions),
+    "llamacpp": _Entry("_llamacpp:LlamaCppEngine", LlamaCppOptions, ("llama_cpp",), INSTALL_LOCAL),
+    "transformers": _Entry(
+        "_transformers:TransformersEngine", TransformersOptions, ("torch", "transformers"), INSTALL_TRANSFORMERS
+    ),
+    "vllm": _Entry("_vllm:VLLMEngine", VLLMOptions, ("vllm",), INSTALL_VLLM),
 }
-ENGINE_NAMES: tuple[str, ...] = tuple(_FACTORIES)
+ENGINE_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+#: Each engine's options model, by engine name.
+ENGINE_OPTIONS: dict[str, type[EngineOptions]] = {name: entry.options for name, entry in _REGISTRY.items()}
 
 
 def resolve_engine(name: str) -> tuple[str, str | None]:
@@ -141,7 +105,7 @@ def resolve_engine(name: str) -> tuple[str, str | None]:
     chosen = os.environ.get("LLMBATCH_ENGINE", "").strip()
     if chosen and chosen != "auto":
         return chosen, None
-    from ._packaged import INSTALL_LOCAL, local_engine_available
+    from ._packaged import local_engine_available
 
     if local_engine_available():
         return "llamacpp", None
@@ -151,9 +115,54 @@ def resolve_engine(name: str) -> tuple[str, str | None]:
     )
 
 
-def create_engine(name: str, config: EngineConfig | None = None) -> Engine:
-    """Builds the engine called `name`; raises ConfigError naming the choices when unknown."""
-    factory = _FACTORIES.get(name)
-    if factory is None:
+def _entry(name: str) -> _Entry:
+    entry = _REGISTRY.get(name)
+    if entry is None:
         raise ConfigError(f"unknown engine {name!r}: choose one of {', '.join(ENGINE_NAMES)}")
-    return factory(config or EngineConfig())
+    return entry
+
+
+def engine_options(name: str, options: EngineOptions | Mapping[str, Any] | None = None) -> EngineOptions:
+    """`options` as the options of the engine called `name` (`EchoOptions`, `VLLMOptions`, ...).
+
+    A mapping is validated field by field; a field that engine does not take, or a bad value,
+    is a ConfigError naming the engine and the field.
+    """
+    model = _entry(name).options
+    if options is None:
+        return model()
+    if isinstance(options, EngineOptions):
+        if isinstance(options, model):
+            return options
+        options = options.model_dump(exclude_unset=True)
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        raise ConfigError(_options_error(name, model, exc)) from None
+
+
+def _options_error(name: str, model: type[EngineOptions], exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "options"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"the {name} engine takes no option {field!r}")
+        else:
+            problems.append(f"the {name} engine's option {field!r}: {error['msg']}")
+    return f"{'; '.join(problems)} (it takes {', '.join(sorted(model.model_fields))})"
+
+
+def create_engine(name: str, options: EngineOptions | Mapping[str, Any] | None = None) -> Engine:
+    """Builds the engine called `name` with `options` (its options object or a dict of its fields).
+
+    Raises ConfigError naming the choices when `name` is unknown, naming the field when an
+    option is not that engine's, and naming what to install when the engine's libraries are missing.
+    """
+    entry = _entry(name)
+    config = engine_options(name, options)
+    missing = [module for module in entry.requires if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"the {name} engine needs {' and '.join(missing)}: {entry.install}")
+    module_name, _, class_name = entry.target.partition(":")
+    cls = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
+    return cls(config)

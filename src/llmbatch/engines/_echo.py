@@ -13,10 +13,8 @@ The per-request path is deliberately plain (no pydantic, no regexes): the server
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import math
-import random
 import sys
 import time
 from array import array
@@ -27,9 +25,11 @@ import orjson
 
 from ..pricing import CL100K_BASE, O200K_BASE, REPLY_PRIMING_TOKENS, Tokenizer, get_tokenizer, tokenizer_for
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
+from ._request import MODEL_CREATED, embedding_base64, hex_id, opt_positive_int, stop_strings
+from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import EchoOptions
 
 __all__ = ["EchoEngine", "ECHO_MODEL_ID", "DEFAULT_EMBEDDING_DIMENSIONS"]
 
@@ -37,8 +37,6 @@ ECHO_MODEL_ID = "echo"
 #: Embedding length when the request gives no `dimensions`.
 DEFAULT_EMBEDDING_DIMENSIONS = 256
 
-# Fixed so that GET /v1/models is stable across restarts.
-_MODEL_CREATED = 1_700_000_000
 # Limits mirroring OpenAI's, so a dry run flags requests OpenAI would reject, and so a
 # malformed row cannot make the engine build an enormous answer.
 _MAX_N = 128
@@ -62,45 +60,6 @@ _CHAT_USAGE_COMPLETION_DETAILS = {
 }
 _EMBEDDING_DOMAIN = b"llmbatch-echo-embedding\x00"
 _LITTLE_ENDIAN = sys.byteorder == "little"
-
-# Ids need uniqueness, not secrecy; a private generator leaves the global `random` state alone.
-_rng = random.Random()
-
-
-class _BadRequest(Exception):
-    """A request body OpenAI would reject with 400; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-def _hex_id(prefix: str) -> str:
-    return f"{prefix}{_rng.getrandbits(96):024x}"
-
-
-def _opt_positive_int(body: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    # `type(...) is int` rather than isinstance: JSON true must not pass as 1.
-    if type(value) is not int or value < 1:
-        raise _BadRequest(f"Invalid '{name}': expected a positive integer, got {value!r}.", name)
-    if maximum is not None and value > maximum:
-        raise _BadRequest(f"Invalid '{name}': must be at most {maximum}, got {value}.", name)
-    return value
-
-
-def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if type(stop) is str:
-        return (stop,) if stop else ()
-    if isinstance(stop, list) and all(type(s) is str for s in stop):
-        return tuple(s for s in stop if s)
-    raise _BadRequest("Invalid 'stop': expected a string or an array of strings.", "stop")
 
 
 def _check_common(body: Any) -> str:
@@ -232,13 +191,6 @@ def _embedding(text: str, dimensions: int) -> array:
     return array("f", [x * inv for x in ints])
 
 
-def _embedding_base64(vector: array) -> str:
-    if not _LITTLE_ENDIAN:
-        vector = array("f", vector)
-        vector.byteswap()
-    return base64.b64encode(vector.tobytes()).decode("ascii")
-
-
 class EchoEngine(Engine):
     """Answers chat, completions, embeddings and responses requests without a model.
 
@@ -251,7 +203,7 @@ class EchoEngine(Engine):
     # engine is how that path gets exercised.
     endpoints = frozenset({CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES})
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EchoOptions) -> None:
         self.config = config
         self.max_concurrency = config.max_concurrency
         self._latency = float(config.echo_latency)
@@ -274,7 +226,7 @@ class EchoEngine(Engine):
         return None if model else "model must be a non-empty string"
 
     async def list_models(self) -> list[dict[str, Any]]:
-        return [{"id": ECHO_MODEL_ID, "object": "model", "created": _MODEL_CREATED, "owned_by": "llmbatch"}]
+        return [{"id": ECHO_MODEL_ID, "object": "model", "created": MODEL_CREATED, "owned_by": "llmbatch"}]
 
     async def handle(self, request: EngineRequest) -> EngineResponse:
         if self._latency > 0:
@@ -326,12 +278,12 @@ class EchoEngine(Engine):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadRequest("Missing or invalid 'messages': expected a non-empty array.", "messages")
-        n = _opt_positive_int(body, "n", _MAX_N) or 1
-        max_completion = _opt_positive_int(body, "max_completion_tokens")
-        max_tokens = _opt_positive_int(body, "max_tokens")
+        n = opt_positive_int(body, "n", _MAX_N) or 1
+        max_completion = opt_positive_int(body, "max_completion_tokens")
+        max_tokens = opt_positive_int(body, "max_tokens")
         if max_completion is not None:
             max_tokens = max_completion
-        stops = _stop_strings(body)
+        stops = stop_strings(body)
 
         tok = tokenizer_for(model)
         prompt_tokens, reply, reply_tokens = _count_messages(tok, messages, _CHAT_TEXT_PARTS, "messages")
@@ -354,7 +306,7 @@ class EchoEngine(Engine):
             for i in range(n)
         ]
         out = {
-            "id": _hex_id("chatcmpl-"),
+            "id": hex_id("chatcmpl-"),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -373,11 +325,11 @@ class EchoEngine(Engine):
 
     def _completions(self, body: dict[str, Any]) -> EngineResponse:
         model = _check_common(body)
-        n = _opt_positive_int(body, "n", _MAX_N) or 1
+        n = opt_positive_int(body, "n", _MAX_N) or 1
         # Unlike OpenAI (default 16), only an explicit max_tokens truncates: an echo of the
         # whole prompt is more useful than an arbitrary cut.
-        max_tokens = _opt_positive_int(body, "max_tokens")
-        stops = _stop_strings(body)
+        max_tokens = opt_positive_int(body, "max_tokens")
+        stops = stop_strings(body)
         tok = tokenizer_for(model)
         prompts = _completion_prompts(tok, body.get("prompt"))
 
@@ -392,7 +344,7 @@ class EchoEngine(Engine):
                 choices.append({"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason})
                 completion_tokens += reply_tokens
         out = {
-            "id": _hex_id("cmpl-"),
+            "id": hex_id("cmpl-"),
             "object": "text_completion",
             "created": int(time.time()),
             "model": model,
@@ -408,7 +360,7 @@ class EchoEngine(Engine):
 
     def _embeddings(self, body: dict[str, Any]) -> EngineResponse:
         model = _check_common(body)
-        dimensions = _opt_positive_int(body, "dimensions", _MAX_EMBEDDING_DIMENSIONS) or DEFAULT_EMBEDDING_DIMENSIONS
+        dimensions = opt_positive_int(body, "dimensions", _MAX_EMBEDDING_DIMENSIONS) or DEFAULT_EMBEDDING_DIMENSIONS
         encoding_format = body.get("encoding_format")
         if encoding_format is None:
             encoding_format = "float"
@@ -429,7 +381,7 @@ class EchoEngine(Engine):
                 {
                     "object": "embedding",
                     "index": i,
-                    "embedding": _embedding_base64(vector) if as_base64 else vector.tolist(),
+                    "embedding": embedding_base64(vector) if as_base64 else vector.tolist(),
                 }
             )
         out = {
@@ -442,7 +394,7 @@ class EchoEngine(Engine):
 
     def _responses(self, body: dict[str, Any]) -> EngineResponse:
         model = _check_common(body)
-        max_output_tokens = _opt_positive_int(body, "max_output_tokens")
+        max_output_tokens = opt_positive_int(body, "max_output_tokens")
         instructions = body.get("instructions")
         if instructions is not None and type(instructions) is not str:
             raise _BadRequest("Invalid 'instructions': expected a string.", "instructions")
@@ -466,7 +418,7 @@ class EchoEngine(Engine):
         text, output_tokens, cut = _generate(tok, reply, reply_tokens, max_output_tokens, ())
         status = "incomplete" if cut else "completed"
         out = {
-            "id": _hex_id("resp_"),
+            "id": hex_id("resp_"),
             "object": "response",
             "created_at": int(time.time()),
             "status": status,
@@ -478,7 +430,7 @@ class EchoEngine(Engine):
             "output": [
                 {
                     "type": "message",
-                    "id": _hex_id("msg_"),
+                    "id": hex_id("msg_"),
                     "status": status,
                     "role": "assistant",
                     "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],

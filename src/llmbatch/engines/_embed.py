@@ -17,9 +17,8 @@ from typing import Any
 
 from .._exceptions import ConfigError
 from ._base import EngineResponse, Usage, error_body
-from ._echo import _BadRequest, _embedding_base64
-from ._model import _resolve
 from ._packaged import DEFAULT_EMBEDDING_MODEL, INSTALL_EMBEDDINGS, packaged_embedding_model
+from ._request import BadRequest, embedding_base64, resolve_future
 
 __all__ = ["SentenceEmbedder", "resolve_embedding_model"]
 
@@ -104,7 +103,7 @@ class SentenceEmbedder:
     async def handle(self, body: Any) -> EngineResponse:
         try:
             texts, dimensions, as_base64, model = self._parse(body)
-        except _BadRequest as e:
+        except BadRequest as e:
             return EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
         if self._thread is None:
             try:
@@ -121,7 +120,7 @@ class SentenceEmbedder:
         for i, vector in enumerate(job.vectors):
             if dimensions is not None:
                 vector = _renormalise(vector[:dimensions])
-            encoded: Any = _embedding_base64(array("f", vector)) if as_base64 else vector
+            encoded: Any = embedding_base64(array("f", vector)) if as_base64 else vector
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         out = {
             "object": "list",
@@ -133,27 +132,27 @@ class SentenceEmbedder:
 
     def _parse(self, body: Any) -> tuple[list[str], int | None, bool, str]:
         if not isinstance(body, dict):
-            raise _BadRequest("The request body must be a JSON object.", None)
+            raise BadRequest("The request body must be a JSON object.", None)
         model = body.get("model")
         if model not in self.names:
-            raise _BadRequest(f"unknown embedding model {model!r}: this server serves {self.names[0]!r}", "model")
+            raise BadRequest(f"unknown embedding model {model!r}: this server serves {self.names[0]!r}", "model")
         raw = body.get("input")
         if type(raw) is str:
             texts = [raw]
         elif isinstance(raw, list) and raw and all(type(t) is str for t in raw):
             texts = raw
         else:
-            raise _BadRequest("Invalid 'input': expected a string or a non-empty array of strings.", "input")
+            raise BadRequest("Invalid 'input': expected a string or a non-empty array of strings.", "input")
         if len(texts) > _MAX_INPUTS:
-            raise _BadRequest(f"Invalid 'input': at most {_MAX_INPUTS} inputs per request.", "input")
+            raise BadRequest(f"Invalid 'input': at most {_MAX_INPUTS} inputs per request.", "input")
         if any(not t for t in texts):
-            raise _BadRequest("Invalid 'input': inputs must be non-empty strings.", "input")
+            raise BadRequest("Invalid 'input': inputs must be non-empty strings.", "input")
         dimensions = body.get("dimensions")
         if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
-            raise _BadRequest("Invalid 'dimensions': expected a positive integer.", "dimensions")
+            raise BadRequest("Invalid 'dimensions': expected a positive integer.", "dimensions")
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise _BadRequest("Invalid 'encoding_format': expected 'float' or 'base64'.", "encoding_format")
+            raise BadRequest("Invalid 'encoding_format': expected 'float' or 'base64'.", "encoding_format")
         return texts, dimensions, fmt == "base64", model
 
     def _main(self) -> None:
@@ -187,7 +186,7 @@ class SentenceEmbedder:
         except Exception as exc:  # a failure answers the rows, never kills the thread
             for job in jobs:
                 job.error = repr(exc)
-                job.loop.call_soon_threadsafe(_resolve, job.future)
+                job.loop.call_soon_threadsafe(resolve_future, job.future)
             return
         i = 0
         for job in jobs:
@@ -195,7 +194,7 @@ class SentenceEmbedder:
             job.vectors = vectors[i : i + n]
             job.tokens = sum(counts[i : i + n])
             i += n
-            job.loop.call_soon_threadsafe(_resolve, job.future)
+            job.loop.call_soon_threadsafe(resolve_future, job.future)
 
 
 def _renormalise(vector: list[float]) -> list[float]:

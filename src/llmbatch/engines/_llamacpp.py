@@ -32,7 +32,7 @@ from ._model import Choice, Generation, ModelEngine, _Item, _Take, cut_at_stop, 
 from ._packaged import DEFAULT_CHAT_MODEL, INSTALL_LOCAL, packaged_chat_model
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import LlamaCppOptions
 
 __all__ = ["LlamaCppEngine"]
 
@@ -79,7 +79,7 @@ class LlamaCppEngine(ModelEngine):
     name = "llamacpp"
     supported = frozenset({"response_format"})
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: LlamaCppOptions) -> None:
         try:
             import llama_cpp  # noqa: F401
         except ImportError as e:

@@ -19,7 +19,6 @@ parts that do not depend on the inference library:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -31,27 +30,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, EngineRequest, EngineResponse, Usage, error_body
-from ._echo import _BadRequest, _hex_id, _opt_positive_int, _stop_strings
+from ._embed import SentenceEmbedder, resolve_embedding_model
+from ._options import parse_adapters
+from ._request import MODEL_CREATED, BadRequest, hex_id, opt_positive_int, resolve_future, stop_strings
 
 if TYPE_CHECKING:
-    from . import EngineConfig
-    from ._embed import SentenceEmbedder
+    from ._options import ModelOptions
 
 __all__ = [
     "Choice",
     "Generation",
     "ModelEngine",
-    "BadRequest",
     "model_names",
-    "parse_adapters",
 ]
 
 log = logging.getLogger("llmbatch.engines")
 
-BadRequest = _BadRequest
 _MAX_N = 16
-# Fixed so that GET /v1/models is stable across restarts.
-_MODEL_CREATED = 1_700_000_000
 # Parameters an engine may not support; each engine lists the ones it does in `supported`.
 _OPTIONAL = ("tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias", "response_format", "functions")
 
@@ -93,29 +88,6 @@ class Generation:
     #: longer than the context), `error_status` 5xx when the engine failed.
     error: str | None = None
     error_status: int = 400
-
-
-def parse_adapters(values: list[str] | tuple[str, ...] | dict[str, str]) -> dict[str, str]:
-    """`["name=path", ...]` (the `--adapter` option) into {name: path}, checking each path exists."""
-    from .._exceptions import ConfigError
-
-    if isinstance(values, dict):
-        pairs = list(values.items())
-    else:
-        pairs = []
-        for value in values:
-            name, sep, path = value.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ConfigError(f"invalid --adapter {value!r}: use NAME=PATH (a PEFT / LoRA adapter directory)")
-            pairs.append((name.strip(), path.strip()))
-    adapters: dict[str, str] = {}
-    for name, path in pairs:
-        if name in adapters:
-            raise ConfigError(f"adapter name {name!r} is given twice")
-        if not Path(path).exists():
-            raise ConfigError(f"adapter {name!r}: {path} does not exist")
-        adapters[name] = str(path)
-    return adapters
 
 
 def model_names(path: str | Path, served: str | None) -> tuple[str, ...]:
@@ -170,12 +142,10 @@ class ModelEngine(Engine):
     #: Whether the engine can answer more than one choice (`n`) per request.
     max_n: int = _MAX_N
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: ModelOptions) -> None:
         self.config = config
         self.adapters = parse_adapters(config.adapters)
         self.embedder: SentenceEmbedder | None = None
-        from ._embed import SentenceEmbedder, resolve_embedding_model
-
         embedding_path = resolve_embedding_model(config.embedding_model)
         if embedding_path is not None:
             self.embedder = SentenceEmbedder(embedding_path, batch_size=config.embedding_batch_size)
@@ -264,7 +234,7 @@ class ModelEngine(Engine):
         """Called by the worker thread when `item` is finished (or failed with `generation.error`)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_resolve, item.future)
+            loop.call_soon_threadsafe(resolve_future, item.future)
 
     # -- models ---------------------------------------------------------------------------
 
@@ -290,20 +260,20 @@ class ModelEngine(Engine):
         return (*self.base_names, *self.adapters, *embedding)
 
     async def list_models(self) -> list[dict[str, Any]]:
-        out = [{"id": self.base_names[0], "object": "model", "created": _MODEL_CREATED, "owned_by": "llmbatch"}]
+        out = [{"id": self.base_names[0], "object": "model", "created": MODEL_CREATED, "owned_by": "llmbatch"}]
         for name in self.adapters:
             out.append(
                 {
                     "id": name,
                     "object": "model",
-                    "created": _MODEL_CREATED,
+                    "created": MODEL_CREATED,
                     "owned_by": "llmbatch",
                     "parent": self.base_names[0],
                 }
             )
         if self.embedder is not None:
             out.append(
-                {"id": self.embedder.names[0], "object": "model", "created": _MODEL_CREATED, "owned_by": "llmbatch"}
+                {"id": self.embedder.names[0], "object": "model", "created": MODEL_CREATED, "owned_by": "llmbatch"}
             )
         return out
 
@@ -357,12 +327,12 @@ class ModelEngine(Engine):
                 if name in ("logprobs", "tool_choice") and body[name] in (False, "none"):
                     continue
                 raise BadRequest(f"'{name}' is not supported by the {self.name} engine.", name)
-        max_tokens = _opt_positive_int(body, "max_tokens")
+        max_tokens = opt_positive_int(body, "max_tokens")
         if endpoint == CHAT:
-            max_completion = _opt_positive_int(body, "max_completion_tokens")
+            max_completion = opt_positive_int(body, "max_completion_tokens")
             if max_completion is not None:
                 max_tokens = max_completion
-        n = _opt_positive_int(body, "n", self.max_n) or 1
+        n = opt_positive_int(body, "n", self.max_n) or 1
         seed = body.get("seed")
         if seed is not None and (type(seed) is not int or seed < 0):
             raise BadRequest(f"Invalid 'seed': expected a non-negative integer, got {seed!r}.", "seed")
@@ -414,7 +384,7 @@ class ModelEngine(Engine):
             max_tokens=max_tokens,
             temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
             top_p=_float(body, "top_p", 1.0, 0.0, 1.0),
-            stop=_stop_strings(body),
+            stop=stop_strings(body),
             seed=seed,
             n=n,
             frequency_penalty=_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
@@ -433,7 +403,7 @@ class ModelEngine(Engine):
         fingerprint = f"fp_llmbatch_{self.name}"
         if gen.endpoint == CHAT:
             body: dict[str, Any] = {
-                "id": _hex_id("chatcmpl-"),
+                "id": hex_id("chatcmpl-"),
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": gen.model,
@@ -455,7 +425,7 @@ class ModelEngine(Engine):
             }
         else:
             body = {
-                "id": _hex_id("cmpl-"),
+                "id": hex_id("cmpl-"),
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": gen.model,
@@ -500,11 +470,6 @@ class _Item:
     generation: Generation
     future: asyncio.Future[None]
     cancelled: bool = False
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    with contextlib.suppress(asyncio.InvalidStateError):
-        future.set_result(None)
 
 
 #: ModelEngine._take: (limit, block) -> queued items; [] when the engine is stopping.

@@ -40,7 +40,7 @@ from ._base import (
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, AiohttpTransport, Transport, TransportError
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import OpenAIOptions
 
 __all__ = ["OpenAIForwardEngine", "parse_retry_after", "RETRYABLE_STATUSES", "MAX_RETRY_AFTER"]
 
@@ -118,7 +118,7 @@ class OpenAIForwardEngine(Engine):
 
     def __init__(
         self,
-        config: EngineConfig,
+        config: OpenAIOptions,
         *,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,

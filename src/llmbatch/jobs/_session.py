@@ -136,7 +136,7 @@ def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = No
     options = {"api_version": settings.api_version} if settings.api_version else {}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
-        engine_config=settings.engine_options, **options,
+        engine_config=settings.local_engine_options(), **options,
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ class JobSettings(BaseModel):
     (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).
     Other providers store "echo", as before engines were chosen."""
     engine_options: dict[str, Any] = Field(default_factory=dict)
-    """local: `engines.EngineConfig` fields for the in-process server (model path, adapters, ...)."""
+    """local: the engine's options (`engines.ENGINE_OPTIONS[engine]` fields: model path, adapters, ...)."""
     completion_window: str = "24h"
     """The window asked of the provider (OpenAI accepts only 24h; Groq up to 7d)."""
     batch_size: int | None = Field(None, gt=0)
@@ -67,6 +67,15 @@ class JobSettings(BaseModel):
     """Where results go (default: next to the first input, `NAME.results.jsonl`)."""
     errors: Path | None = None
     """Where final failures go (default: next to the first input, `NAME.errors.jsonl`)."""
+
+    def local_engine_options(self) -> dict[str, Any]:
+        """The stored engine options the job's engine takes. A job made before options were
+        checked per engine may hold options another engine takes (`--model-path` given while
+        "auto" fell back to echo, which ignored it): those are left out, as they were then."""
+        from ..engines import ENGINE_OPTIONS
+
+        taken = ENGINE_OPTIONS[self.engine].model_fields if self.engine in ENGINE_OPTIONS else {}
+        return {k: v for k, v in self.engine_options.items() if k in taken}
 
     @field_validator("engine")
     @classmethod

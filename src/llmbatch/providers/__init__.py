@@ -92,16 +92,17 @@ def create_provider(
 ) -> Provider:
     """An adapter ready to `start()`. Keys and base URLs default to each provider's environment.
 
-    `engine` and `engine_config` (EngineConfig fields) set up the `local` provider's server.
+    `engine` and `engine_config` (a dict of that engine's option fields, see `engines.ENGINE_OPTIONS`)
+    set up the `local` provider's server.
     """
     cls = provider_class(name)
     if name == "local":
         if job_dir is None:
             raise ConfigError("the local provider needs a job directory")
-        from ..engines import EngineConfig
+        from ..engines import engine_options
 
-        config = EngineConfig(**(engine_config or {}))
-        return cls(job_dir / "local-server", engine=engine, engine_config=config)  # type: ignore[call-arg]
+        options = engine_options(engine, engine_config)
+        return cls(job_dir / "local-server", engine=engine, engine_options=options)  # type: ignore[call-arg]
     return cls(api_key=api_key, base_url=base_url, **options)  # type: ignore[call-arg]
 
 

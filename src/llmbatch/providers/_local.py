@@ -17,7 +17,7 @@ import openai
 import uvicorn
 
 from .._exceptions import EngineError
-from ..engines import EngineConfig
+from ..engines import EngineOptions
 from ._base import ProviderLimits
 from ._openai import OpenAIBatchProvider
 
@@ -44,12 +44,12 @@ class LocalProvider(OpenAIBatchProvider):
         data_dir: Path,
         *,
         engine: str = "echo",
-        engine_config: EngineConfig | None = None,
+        engine_options: EngineOptions | None = None,
         limits: ProviderLimits = LOCAL_LIMITS,
     ) -> None:
         self.data_dir = data_dir
         self.engine = engine
-        self.engine_config = engine_config or EngineConfig()
+        self.engine_options = engine_options
         self.limits = limits
         self.base_url = None
         self._server: _EmbeddedServer | None = None
@@ -64,7 +64,7 @@ class LocalProvider(OpenAIBatchProvider):
         config = ServerConfig(
             data_dir=self.data_dir,
             engine=self.engine,
-            engine_config=self.engine_config,
+            engine_options=self.engine_options,
             max_file_lines=self.limits.max_requests,
             max_file_bytes=self.limits.max_bytes,
             max_active_batches=self.limits.max_in_flight,

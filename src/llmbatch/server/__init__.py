@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ._app import APIError, create_app
+from ._app import create_app
 from ._config import ServerConfig, parse_size, parse_window
+from ._errors import APIError
 
 __all__ = ["APIError", "ServerConfig", "create_app", "parse_size", "parse_window", "serve"]
 

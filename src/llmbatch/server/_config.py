@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .._exceptions import ConfigError
-from ..engines import EngineConfig
+from ..engines import EngineOptions, engine_options
 
 __all__ = ["ServerConfig", "parse_window", "parse_size"]
 
@@ -51,7 +52,14 @@ class ServerConfig(BaseModel):
     """Most entries reported in a failed batch's `errors.data`."""
     engine: str = "echo"
     """The engine's name (see `llmbatch serve --help`)."""
-    engine_config: EngineConfig = Field(default_factory=EngineConfig)
-    """Settings passed to the engine."""
+    engine_options: EngineOptions | None = None
+    """The engine's options (`engines.EchoOptions`, ...; a dict of their fields is validated into
+    the engine's own); None: its defaults."""
     checkpoint_interval: float = Field(0.25, gt=0)
     """Seconds between writes of a running batch's counts to the database."""
+
+    @field_validator("engine_options", mode="before")
+    @classmethod
+    def _options_of_engine(cls, value: Any, info: ValidationInfo) -> EngineOptions | None:
+        # Raises ConfigError (not a ValidationError) naming the engine and a field it does not take.
+        return None if value is None else engine_options(info.data.get("engine", "echo"), value)

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
+from ._errors import APIError, parse_json_object
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
-    from ._app import _Server
+    from ._state import ServerState
 
 __all__ = ["DirectAPI"]
 
@@ -28,7 +29,7 @@ log = logging.getLogger("llmbatch.server")
 class DirectAPI:
     """ASGI app: answers POSTs to the direct endpoints, passes everything else to `app`."""
 
-    def __init__(self, app: ASGIApp, server: _Server) -> None:
+    def __init__(self, app: ASGIApp, server: ServerState) -> None:
         self.app = app
         self.server = server
 
@@ -49,8 +50,6 @@ class DirectAPI:
         await send({"type": "http.response.body", "body": content})
 
     async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes, dict[str, str] | None]:
-        from ._app import APIError, parse_json_object
-
         srv = self.server
         engine = srv.engine
         endpoint = scope["path"]

@@ -1,0 +1,89 @@
+"""What the engines share to read OpenAI request bodies and to build their answers.
+
+The echo engine, the model engines and the sentence embedder parse the same fields and fail
+the same way (`BadRequest`, answered with a 400 naming the parameter), so those pieces live
+here rather than in any one engine. Plain code, no pydantic: it runs once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import random
+import sys
+from array import array
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "MODEL_CREATED",
+    "hex_id",
+    "opt_positive_int",
+    "stop_strings",
+    "embedding_base64",
+    "resolve_future",
+]
+
+#: The `created` time of every model in GET /v1/models: fixed, so the list is stable across restarts.
+MODEL_CREATED = 1_700_000_000
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+# Ids need uniqueness, not secrecy; a private generator leaves the global `random` state alone.
+_rng = random.Random()
+
+
+class BadRequest(Exception):
+    """A request body OpenAI would reject with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def hex_id(prefix: str) -> str:
+    """A random id in OpenAI's style: `prefix` and 24 hex digits."""
+    return f"{prefix}{_rng.getrandbits(96):024x}"
+
+
+def opt_positive_int(body: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+    """`body[name]` when present: a positive integer, at most `maximum`; BadRequest otherwise."""
+    value = body.get(name)
+    if value is None:
+        return None
+    # `type(...) is int` rather than isinstance: JSON true must not pass as 1.
+    if type(value) is not int or value < 1:
+        raise BadRequest(f"Invalid '{name}': expected a positive integer, got {value!r}.", name)
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"Invalid '{name}': must be at most {maximum}, got {value}.", name)
+    return value
+
+
+def stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    """The non-empty stop strings of `body["stop"]` (a string or an array of strings)."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if type(stop) is str:
+        return (stop,) if stop else ()
+    if isinstance(stop, list) and all(type(s) is str for s in stop):
+        return tuple(s for s in stop if s)
+    raise BadRequest("Invalid 'stop': expected a string or an array of strings.", "stop")
+
+
+def embedding_base64(vector: array) -> str:
+    """A float32 vector as OpenAI's `encoding_format: base64` writes it (little-endian)."""
+    if not _LITTLE_ENDIAN:
+        vector = array("f", vector)
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
+def resolve_future(future: asyncio.Future[None]) -> None:
+    """Marks `future` done unless it already is (its waiter may have been cancelled).
+
+    Worker threads hand it to `loop.call_soon_threadsafe` when a queued request is finished.
+    """
+    with contextlib.suppress(asyncio.InvalidStateError):
+        future.set_result(None)

@@ -1,0 +1,72 @@
+"""What the routes share: the config, store, engine, batch worker and the caller's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+
+from fastapi import Request
+
+from ..engines import Engine, create_engine
+from ._config import ServerConfig
+from ._errors import APIError
+from ._store import BatchRow, FileRow, Store
+from ._worker import BatchWorker
+
+__all__ = ["ServerState", "server_state"]
+
+
+class ServerState:
+    """The state behind the routes: config, store, engine, worker, auth.
+
+    The store and worker exist while the app's lifespan runs (see `create_app`).
+    """
+
+    def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
+        self.config = config
+        self.engine = engine or create_engine(config.engine, config.engine_options)
+        self._keys = {k: hashlib.sha256(k.encode()).hexdigest()[:24] for k in config.api_keys}
+        self.store: Store | None = None
+        self.worker: BatchWorker | None = None
+        self.direct_requests: Counter[tuple[str, int]] = Counter()
+        self.started_at = time.time()
+
+    def owner(self, request: Request) -> str:
+        """The caller's owner tag; raises 401 when keys are configured and the caller has none of them."""
+        return self.owner_of(request.headers.get("authorization", "")) if self._keys else ""
+
+    def owner_of(self, auth: str) -> str:
+        """The owner tag for an Authorization header value (see `owner`)."""
+        if not self._keys:
+            return ""
+        scheme, _, key = auth.partition(" ")
+        owner = self._keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if owner is None:
+            message = (
+                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+                if not auth
+                else "Incorrect API key provided."
+            )
+            raise APIError(401, message, code="invalid_api_key")
+        return owner
+
+    def file(self, file_id: str, owner: str) -> FileRow:
+        assert self.store is not None
+        f = self.store.get_file(file_id, owner)
+        if f is None:
+            raise APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+        return f
+
+    def batch(self, batch_id: str, owner: str) -> BatchRow:
+        assert self.store is not None
+        b = self.store.get_batch(batch_id, owner)
+        if b is None:
+            raise APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
+        return b
+
+
+def server_state(request: Request) -> ServerState:
+    """The state of the app serving `request` (set by `create_app` on `app.state.server`)."""
+    state: ServerState = request.app.state.server
+    return state

@@ -1,0 +1,91 @@
+"""`llmbatch serve`: engine options grouped in --help, and only the chosen engine's accepted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from llmbatch.cli import cli
+from llmbatch.engines import EchoOptions, OpenAIOptions
+
+
+def _sections(help_text: str) -> dict[str, list[str]]:
+    """Help section title -> the long option names listed under it."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in help_text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = line[:-1]
+            sections[current] = []
+        elif current is not None:
+            match = re.match(r"\s{2}(?:-\w, )?(--[a-z-]+)", line)
+            if match:
+                sections[current].append(match.group(1))
+    return sections
+
+
+def test_serve_help_groups_options_by_engine() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert result.exit_code == 0, result.output
+    sections = _sections(result.output)
+    assert list(sections) == [
+        "Options",
+        "Echo engine options",
+        "OpenAI engine options (forwarding)",
+        "Model engine options (llamacpp, transformers, vllm)",
+        "llamacpp engine options",
+        "transformers engine options",
+        "vllm engine options",
+    ]
+    assert {"--host", "--engine", "--max-concurrency", "--help"} <= set(sections["Options"])
+    assert sections["Echo engine options"] == ["--echo-latency", "--echo-fail-rate"]
+    assert sections["OpenAI engine options (forwarding)"] == ["--upstream-url", "--upstream-api-key"]
+    assert "--model-path" in sections["Model engine options (llamacpp, transformers, vllm)"]
+    assert sections["llamacpp engine options"] == ["--n-threads"]
+    assert sections["vllm engine options"] == ["--tensor-parallel-size", "--gpu-memory-utilization"]
+    # Every option is listed exactly once.
+    listed = [name for names in sections.values() for name in names]
+    assert len(listed) == len(set(listed))
+
+
+def test_an_option_of_another_engine_is_a_clean_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmbatch", "serve", "--engine", "echo", "--n-parallel", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLMBATCH_HOME": str(tmp_path)},
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: the echo engine takes no option 'n_parallel'"), result.stderr
+
+
+def _served_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], env: dict[str, str]) -> Any:
+    """The ServerConfig `llmbatch serve ARGS` would run, without starting a server."""
+    import llmbatch.server
+
+    seen: list[Any] = []
+    monkeypatch.setattr(llmbatch.server, "serve", lambda config, **kw: seen.append(config))
+    monkeypatch.setenv("LLMBATCH_HOME", str(tmp_path))
+    result = CliRunner().invoke(cli, ["serve", *args], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_the_upstream_key_from_the_environment_reaches_only_the_openai_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = {"LLMBATCH_UPSTREAM_API_KEY": "sk-upstream"}
+    echo = _served_config(monkeypatch, tmp_path, ["--engine", "echo", "--echo-latency", "0.5"], env)
+    assert echo.engine_options == EchoOptions(echo_latency=0.5)
+    forward = _served_config(
+        monkeypatch, tmp_path, ["--engine", "openai", "--upstream-url", "http://127.0.0.1:9/v1"], env
+    )
+    assert forward.engine_options == OpenAIOptions(upstream_url="http://127.0.0.1:9/v1", upstream_api_key="sk-upstream")
