@@ -193,8 +193,10 @@ def test_expired_rows_are_retried_in_new_batches(server_factory, tmp_path: Path)
 @pytest.mark.parametrize("attempts", [[], ["--max-attempts", "1"]], ids=["default-attempts", "one-attempt"])
 def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: list[str]) -> None:  # type: ignore[no-untyped-def]
     """A user's cancel does not use up the cut-off rows' attempts: resume runs them."""
-    server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")
-    rows = [chat_line(i) for i in range(200)]
+    # 100 rows, 2 at a time, 0.2 s each: the batch runs ~10 s, long enough for Ctrl+C, `jobs` and
+    # `cancel` to reach it while it runs even on a loaded machine (tests run in parallel).
+    server = server_factory("--echo-latency", "0.2", "--max-concurrency", "2")
+    rows = [chat_line(i) for i in range(100)]
     inp = write_input(tmp_path, rows)
     cmd = [
         *CLI,
@@ -238,7 +240,7 @@ def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: l
     assert cancelled.returncode == 0, cancelled.stderr
     remote = server.client().batches.retrieve(batch.id)
     assert remote.status == "cancelled"
-    assert 0 < remote.request_counts.completed < 200
+    assert 0 < remote.request_counts.completed < 100
 
     resumed = llmbatch(tmp_path, "resume", job_id, timeout=60)
     assert resumed.returncode == 0, resumed.stderr
@@ -247,7 +249,7 @@ def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: l
     # Rows the cancelled batch finished were kept, not sent again.
     sent = sent_custom_ids(server)
     assert sorted(set(sent)) == sorted(r["custom_id"] for r in rows)
-    assert len(sent) == 200 + (200 - remote.request_counts.completed)
+    assert len(sent) == 100 + (100 - remote.request_counts.completed)
     assert all(b.status in TERMINAL for b in remote_batches(server))
 
 
