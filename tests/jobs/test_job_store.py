@@ -10,18 +10,16 @@ import pytest
 from llmbatch._exceptions import StateError
 from llmbatch.jobs import CheckedRow, JobStore, ResultReader, ResultRef
 from llmbatch.jobs._export import _OPEN_MAPS
-from llmbatch.jobs._records import Failure, Outcome, Retry, Success
+from llmbatch.jobs._records import Failure, InputRow, Outcome, Retry, Success
 
 CHAT = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
 
 
-def row_tuple(
-    idx: int, state: str = "pending", custom_id: str | None = None
-) -> tuple[int, int, int, int, int, CheckedRow]:
-    """(idx, file_no, line, offset, length, checked row) as reading an input makes them."""
+def row_tuple(idx: int, state: str = "pending", custom_id: str | None = None) -> InputRow:
+    """A row as reading an input makes it."""
     checked = CheckedRow(custom_id or f"row-{idx}", None, 0, CHAT, MODEL, 10, 20, 0, state, None)
-    return (idx, 0, idx + 1, idx * 100, 99, checked)
+    return InputRow.of(idx, 0, idx + 1, idx * 100, 99, checked)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ in input order. Small inputs are checked in-process (a pool costs more than it s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -18,12 +19,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._rows import _BOM as BOM
 from .._rows import check_row
-from ..pricing import CL100K_BASE, O200K_BASE, estimate_row, get_tokenizer
+from ..pricing import estimate_row
 from ..providers import Provider, provider_class, split_model
-from ._records import CheckedRow
+from ._records import CheckedRow, InputRow
 from ._settings import JobSettings
 from ._store import JobStore
 
@@ -101,6 +103,7 @@ class RowRules:
 
 
 _provider_classes: dict[str, type[Provider]] = {}
+_input_row = functools.partial(tuple.__new__, InputRow)
 
 
 def remote_id_for(custom_id: str, pattern: re.Pattern[str] | None) -> str | None:
@@ -127,8 +130,10 @@ def _ranges(path: Path, size: int, step: int) -> Iterator[tuple[int, int]]:
             start = end
 
 
-#: A checked line of a range: (line number in the range, byte offset, length, the checked row).
-_Checked = tuple[int, int, int, CheckedRow]
+#: A checked line of a range, as a worker sends it back: the line number in the range, its byte
+#: offset and length, then the fields of its `CheckedRow` (a plain tuple: it crosses processes
+#: by the hundred thousand, and a plain tuple pickles fastest).
+_Checked = tuple[Any, ...]
 
 
 def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int, list[_Checked]]:
@@ -150,14 +155,13 @@ def _check_range(path: Path, start: int, end: int, rules: RowRules) -> tuple[int
             raw, offset = raw[len(BOM) :], len(BOM)
         raw = raw.rstrip(b"\r")
         if raw.strip():
-            rows.append((n, offset, len(raw), check(raw)))
+            rows.append((n, offset, len(raw), *check(raw)))
     return n, rows
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    # fork shares the loaded vocabularies and modules with the workers: load them first.
-    for name in (CL100K_BASE, O200K_BASE):
-        get_tokenizer(name).load()
+    # fork shares the loaded modules with the workers; each loads the vocabularies its rows need
+    # (tens of milliseconds), so this process keeps none it does not use.
     return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
 
 
@@ -209,13 +213,9 @@ def ingest(
         nonlocal idx
         base = line_base[file_no]
         line_base[file_no] += lines
-        batch = [
-            (idx + n, file_no, base + line, offset, length, row) for n, (line, offset, length, row) in enumerate(rows)
-        ]
+        batch = [_input_row((idx + n, file_no, base + r[0], *r[1:])) for n, r in enumerate(rows)]
         idx += len(rows)
-        problems = [
-            (file_no, line, row.error or "") for _i, file_no, line, _o, _l, row in batch if row.state == "invalid"
-        ]
+        problems = [(file_no, r.line, r.error or "") for r in batch if r.state == "invalid"]
         if batch:
             problems += store.insert_checked(batch, names)
         assert report.problems is not None

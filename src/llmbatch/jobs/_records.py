@@ -16,6 +16,7 @@ __all__ = [
     "DirectRow",
     "ExportRow",
     "Failure",
+    "InputRow",
     "ModelEstimate",
     "Outcome",
     "PendingRow",
@@ -95,6 +96,31 @@ class CheckedRow(NamedTuple):
         cls, custom_id: str | None, error: str, endpoint: str | None = None, model: str | None = None
     ) -> CheckedRow:
         return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error)
+
+
+class InputRow(NamedTuple):
+    """A checked line of an input file as the store keeps it: where it is, and what checking it
+    found (the fields of `CheckedRow`, flat: rows are written by the hundred thousand)."""
+
+    idx: int
+    file_no: int
+    line: int
+    offset: int
+    length: int
+    custom_id: str | None
+    remote_id: str | None
+    rewrite: int
+    endpoint: str | None
+    model: str | None
+    est_input: int
+    est_output: int
+    uncapped: int
+    state: str
+    error: str | None
+
+    @classmethod
+    def of(cls, idx: int, file_no: int, line: int, offset: int, length: int, row: CheckedRow) -> InputRow:
+        return tuple.__new__(cls, (idx, file_no, line, offset, length, *row))
 
 
 class RequestRow(NamedTuple):

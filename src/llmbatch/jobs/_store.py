@@ -8,6 +8,7 @@ caller thinks it is; intent (`uploading`, `creating`) is recorded before each re
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from ._records import (
     ChunkRow,
     DirectRow,
     ExportRow,
+    InputRow,
     ModelEstimate,
     Outcome,
     PendingRow,
@@ -147,6 +149,13 @@ def _result(blob: bytes | None, rfile: int | None, roff: int | None, rlen: int |
     return ResultRef(rfile, roff or 0, rlen or 0) if rfile is not None else blob
 
 
+# Records made from rows by the hundred thousand: tuple.__new__ builds them without a Python-level
+# call per row (a NamedTuple's own constructor is one).
+_as_pending = functools.partial(tuple.__new__, PendingRow)
+_as_chunk_row = functools.partial(tuple.__new__, ChunkRow)
+_as_export_row = functools.partial(tuple.__new__, ExportRow)
+
+
 def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" * len(values))
 
@@ -248,15 +257,13 @@ class JobStore:
         with self._tx() as db:
             db.execute("DELETE FROM rows")
 
-    def insert_checked(
-        self, rows: Sequence[tuple[int, int, int, int, int, CheckedRow]], input_names: Sequence[str]
-    ) -> list[tuple[int, int, str]]:
-        """Writes checked input rows, (idx, file_no, line, offset, length, checked row), in one
-        transaction. A custom_id an earlier row already used makes the later row invalid.
+    def insert_checked(self, rows: Sequence[InputRow], input_names: Sequence[str]) -> list[tuple[int, int, str]]:
+        """Writes checked input rows in one transaction. A custom_id an earlier row already used
+        makes the later row invalid.
 
         Returns (file_no, line, message) of each row found invalid here (the repeats).
         """
-        flat = [(idx, file_no, line, offset, length, *row) for idx, file_no, line, offset, length, row in rows]
+        flat = rows
         repeats: list[tuple[int, int, str]] = []
         with self._tx() as db:
             try:
@@ -388,25 +395,21 @@ class JobStore:
 
     def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
         """Pending rows of an endpoint and model past `after`, in input order, at most `limit` of them (-1: all)."""
-        return [
-            PendingRow._make(r)
-            for r in self._db.execute(
-                "SELECT idx, length, est_input, est_output FROM rows "
-                "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
-                (endpoint, model, after, limit),
-            )
-        ]
+        cur = self._db.execute(
+            "SELECT idx, length, est_input, est_output FROM rows "
+            "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
+            (endpoint, model, after, limit),
+        )
+        return list(map(_as_pending, cur))
 
     def chunk_rows(self, chunk_id: int) -> list[ChunkRow]:
         """The rows of a chunk still waiting for their results, in input order."""
-        return [
-            ChunkRow._make(r)
-            for r in self._db.execute(
-                "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, model, attempts FROM rows "
-                "WHERE chunk_id=? AND state='queued' ORDER BY idx",
-                (chunk_id,),
-            )
-        ]
+        cur = self._db.execute(
+            "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, model, attempts FROM rows "
+            "WHERE chunk_id=? AND state='queued' ORDER BY idx",
+            (chunk_id,),
+        )
+        return list(map(_as_chunk_row, cur))
 
     def export_rows(self) -> Iterator[ExportRow]:
         """Every row, in input order, with its result or error."""
@@ -414,7 +417,8 @@ class JobStore:
             "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error "
             "FROM rows ORDER BY idx"
         ):
-            yield ExportRow(idx, file_no, line, cid, state, _result(blob, rfile, roff, rlen), error)
+            result = ResultRef(rfile, roff, rlen) if rfile is not None else blob
+            yield _as_export_row((idx, file_no, line, cid, state, result, error))
 
     # -- chunks --------------------------------------------------------------------------
 
