@@ -254,7 +254,9 @@ def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: l
 
 
 def test_a_second_process_leaves_a_running_job_alone(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2")  # 40 rows/s: about 4 s
+    # ~13 rows/s: about 12 s, so the two other runs below start and stop while it runs even on a
+    # loaded machine (the suite runs in parallel).
+    server = server_factory("--echo-latency", "0.15", "--max-concurrency", "2")
     rows = [chat_line(i) for i in range(160)]
     inp = write_input(tmp_path, rows)
     cmd = [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, *POLL, "--keep-uploads"]
