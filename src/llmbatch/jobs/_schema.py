@@ -1,0 +1,103 @@
+"""The job store's schema and its migrations: `MIGRATIONS[n]` takes a job database from
+version n to n + 1 (`PRAGMA user_version`); `JobStore` applies the ones a database lacks when it
+opens it, in one transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+#: The first schema, as every release before versioning made it (`IF NOT EXISTS`: a database
+#: from before versioning has it already, and migrating it to version 1 changes nothing).
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS job (
+    id TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    status TEXT NOT NULL,
+    estimate TEXT
+);
+CREATE TABLE IF NOT EXISTS rows (
+    idx INTEGER PRIMARY KEY,
+    file_no INTEGER NOT NULL,
+    line INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    custom_id TEXT,
+    remote_id TEXT,
+    rewrite INTEGER NOT NULL DEFAULT 0,
+    endpoint TEXT,
+    model TEXT,
+    est_input INTEGER NOT NULL DEFAULT 0,
+    est_output INTEGER NOT NULL DEFAULT 0,
+    uncapped INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    chunk_id INTEGER,
+    request BLOB,
+    result BLOB,
+    result_file INTEGER,
+    result_offset INTEGER,
+    result_length INTEGER,
+    error TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost REAL NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS rows_custom_id ON rows(custom_id) WHERE custom_id IS NOT NULL AND state != 'invalid';
+-- Only pending rows: results landing on queued rows then touch no index.
+CREATE INDEX IF NOT EXISTS rows_pending ON rows(endpoint, model, idx) WHERE state='pending';
+-- Rows get a chunk when planned: pending ones, which have none, stay out of the index.
+CREATE INDEX IF NOT EXISTS rows_chunk ON rows(chunk_id) WHERE chunk_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    tag TEXT NOT NULL UNIQUE,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    est_input INTEGER NOT NULL,
+    est_output INTEGER NOT NULL,
+    est_cost REAL NOT NULL,
+    state TEXT NOT NULL,
+    file_id TEXT,
+    batch_id TEXT,
+    remote_status TEXT,
+    remote_completed INTEGER NOT NULL DEFAULT 0,
+    remote_failed INTEGER NOT NULL DEFAULT 0,
+    submit_errors INTEGER NOT NULL DEFAULT 0,
+    intent_at INTEGER,
+    created_at INTEGER NOT NULL,
+    submitted_at INTEGER,
+    finished_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS result_files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    chunk_id INTEGER,
+    message TEXT NOT NULL
+)
+"""
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V1.split(";"):
+        db.execute(statement)
+
+
+#: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
+#: function for each schema change, never edit one that shipped: job databases made by every
+#: earlier release must open (tests/jobs/test_store_migrations.py opens one).
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+#: The schema version this release writes (`PRAGMA user_version`).
+SCHEMA_VERSION = len(MIGRATIONS)
