@@ -42,12 +42,15 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
         try:
             outcome = asyncio.run(session.run(runner))
         except KeyboardInterrupt:
+            progress.close()  # the live block ends before the last word, not after it
             click.echo(
                 f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {session.id}", err=True
             )
             return EXIT_INTERRUPTED
-        finally:
+        except BaseException:
             progress.close()
+            raise
+        progress.close()
         click.echo(outcome.summary, err=True)
         return outcome.code
 
