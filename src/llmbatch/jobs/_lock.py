@@ -38,7 +38,8 @@ class JobLock:
         except filelock.Timeout:
             name = self.job_dir.name
             raise JobBusy(
-                f"job {name} is already running in another process; `llmbatch wait {name}` waits for it"
+                f"job {name} is already running (in another process, or another client or run in this one); "
+                f"`llmbatch wait {name}` waits for it"
             ) from None
 
     def release(self) -> None:
