@@ -14,9 +14,11 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
@@ -663,6 +665,43 @@ def test_an_unreachable_api_is_a_retryable_error(tmp_path: Path) -> None:
         return err.value
 
     err = with_adapter("http://127.0.0.1:9", go)
+    assert err.retryable and err.status is None and "cannot reach" in str(err)
+
+
+def test_a_connection_dropped_before_the_answer_is_a_retryable_error() -> None:
+    """The SDK's async calls go through aiohttp where it is installed (llmbatch depends on it):
+    a server that hangs up before answering raises aiohttp's own errors, which must become a
+    retryable ProviderError like httpx's, not escape the adapter."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(10)
+    hung_up = []
+
+    def hang_up() -> None:
+        for _ in range(4):  # bounded: the SDK's own retries, then nothing
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+            hung_up.append(1)
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+
+    async def go(p: GeminiBatchProvider) -> ProviderError:
+        with pytest.raises(ProviderError) as err:
+            await p.get_batch("batches/abc")
+        return err.value
+
+    try:
+        err = with_adapter(f"http://127.0.0.1:{listener.getsockname()[1]}", go)
+    finally:
+        listener.close()
+        thread.join(10)
+    assert hung_up, "the request reached the test's server"
     assert err.retryable and err.status is None and "cannot reach" in str(err)
 
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 import orjson
 import pydantic
@@ -45,12 +46,16 @@ __all__ = ["GeminiBatchProvider", "GEMINI_LIMITS", "INLINE_MAX_BYTES"]
 log = logging.getLogger("llmbatch.providers.gemini")
 T = TypeVar("T")
 
-try:  # the SDK's default HTTP backend; httpx is the fallback it may use instead
+#: Connection failures of every HTTP client the SDK may use: httpx2 (its default backend), httpx
+#: (the fallback), and aiohttp, which its async calls use wherever aiohttp is installed (llmbatch
+#: depends on it): a server hanging up is aiohttp's ServerDisconnectedError, not an OSError.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, aiohttp.ClientError, OSError)
+try:
     import httpx2
 
-    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.TransportError, httpx2.TransportError, OSError)
+    _TRANSPORT_ERRORS += (httpx2.TransportError,)
 except ImportError:  # pragma: no cover
-    _TRANSPORT_ERRORS = (httpx.TransportError, OSError)
+    pass
 
 #: Gemini batch mode limits (shared/reference/provider-batch-apis.md section 4, and the rate-limit
 #: docs: 100 concurrent batches, 2 GB input files). No per-batch request cap is published:
