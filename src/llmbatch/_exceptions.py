@@ -7,6 +7,7 @@
     |   +-- InvalidRows           a job's input has invalid rows and skip_invalid is off
     +-- EngineError               an engine could not be created or started
     +-- StateError                a stored object is not in a state that allows the operation
+    |   +-- DamagedJob            a job's files (its store, its lock) are damaged or not what they should be
     +-- ProviderError             a provider's API refused or failed a call (status, body)
     +-- BudgetExceeded            the next submission would pass --max-cost
 
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidRows",
     "EngineError",
     "StateError",
+    "DamagedJob",
     "ProviderError",
     "BudgetExceeded",
 ]
@@ -60,6 +62,11 @@ class EngineError(LLMBatchError):
 
 class StateError(LLMBatchError):
     """A stored object is not in a state that allows the requested transition."""
+
+
+class DamagedJob(StateError):
+    """A job's own files are damaged (its SQLite store cut or overwritten, its lock file not a
+    file); the message names the job, the file and what to do."""
 
 
 class ProviderError(LLMBatchError):

@@ -11,7 +11,7 @@ import click
 import orjson
 
 from .._exceptions import JobBusy
-from ..jobs import EXIT_FAILED_ROWS, EXIT_OK, JobSession, list_jobs
+from ..jobs import EXIT_FAILED_ROWS, EXIT_OK, JobSession, list_jobs, remove_job
 from ._options import api_key_option, job_root_option, root_of, say
 from ._run import run_job
 
@@ -45,18 +45,34 @@ def wait(job: str, api_key: str | None, job_root: Path | None) -> None:
                 time.sleep(_WAIT_POLL)
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @job_root_option
-def jobs(job_root: Path | None) -> None:
-    """List jobs, newest first."""
+@click.pass_context
+def jobs(ctx: click.Context, job_root: Path | None) -> None:
+    """List jobs, newest first (`jobs rm JOB` removes one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     for j in list_jobs(root_of(job_root)):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(j["created_at"]))
+        if "damaged" in j:
+            click.echo(f"{j['id']}  {when}  DAMAGED        {j['damaged']}")
+            continue
         c = j["counts"]
         total = sum(c.values())
         inputs = ", ".join(Path(i["path"]).name for i in j["inputs"])
         click.echo(
-            f"{j['id']}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(j['created_at']))}  {j['status']:<14} "
+            f"{j['id']}  {when}  {j['status']:<14} "
             f"{c['succeeded']}/{total} succeeded, {c['failed'] + c['invalid']} failed  {inputs}"
         )
+
+
+@jobs.command("rm")
+@click.argument("job")
+@job_root_option
+def remove(job: str, job_root: Path | None) -> None:
+    """Remove a job: its store, chunk and result files (the results files next to its inputs stay)."""
+    job_dir = remove_job(job, root_of(job_root))
+    say(f"removed job {job} ({job_dir})")
 
 
 @click.command()

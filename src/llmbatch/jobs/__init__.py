@@ -31,6 +31,7 @@ from ._session import (
     make_provider,
     price_table,
     provider_started,
+    remove_job,
     settings_for,
 )
 from ._settings import JobSettings
@@ -76,5 +77,6 @@ __all__ = [
     "price_table",
     "provider_started",
     "remote_id_for",
+    "remove_job",
     "settings_for",
 ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import filelock
 
-from .._exceptions import JobBusy
+from .._exceptions import DamagedJob, JobBusy
 
 __all__ = ["JobLock", "lock_held"]
 
@@ -35,6 +35,8 @@ class JobLock:
             raise JobBusy(f"job {self.job_dir.name} is already running in this process")
         try:
             self._lock.acquire(timeout=_LOCK_PATIENCE, poll_interval=0.02)
+        except OSError as exc:
+            raise _unusable(self.job_dir, exc) from None
         except filelock.Timeout:
             name = self.job_dir.name
             raise JobBusy(
@@ -65,5 +67,16 @@ def lock_held(job_dir: Path) -> bool:
         probe.acquire(timeout=0)
     except filelock.Timeout:
         return True
+    except OSError as exc:
+        raise _unusable(job_dir, exc) from None
     probe.release()
     return False
+
+
+def _unusable(job_dir: Path, exc: OSError) -> DamagedJob:
+    path = job_dir / "lock"
+    what = "is a directory" if path.is_dir() else f"cannot be opened ({exc.strerror or exc})"
+    return DamagedJob(
+        f"job {job_dir.name}: its lock file {path} {what}; with no llmbatch process running the job, "
+        f"remove it (`rm -r {path}`) and run again"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,14 @@ from typing import Any
 
 import orjson
 
-from .._exceptions import ConfigError, InputError, InvalidRows
+from .._exceptions import ConfigError, DamagedJob, InputError, InvalidRows, JobBusy
 from .._paths import llmbatch_home
 from .._rows import iter_lines
 from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
 from ._export import export
 from ._ingest import IngestReport, ingest
-from ._lock import JobLock
+from ._lock import JobLock, lock_held
 from ._progress import LiveProgress, PlainProgress
 from ._records import Chunk
 from ._runner import JobRunner, RunOutcome
@@ -45,6 +46,7 @@ __all__ = [
     "make_provider",
     "price_table",
     "provider_started",
+    "remove_job",
     "settings_for",
 ]
 
@@ -114,21 +116,41 @@ def job_id_for(inputs: list[dict[str, Any]], settings: JobSettings) -> str:
 
 
 def list_jobs(job_root: Path) -> list[dict[str, Any]]:
-    """Every job under `job_root`, newest first, with row counts."""
-    jobs = []
+    """Every job under `job_root`, newest first, with row counts. A job whose store cannot be
+    read is listed too, with `damaged` saying why (and no counts)."""
+    jobs: list[dict[str, Any]] = []
     if not job_root.is_dir():
         return jobs
     for d in job_root.iterdir():
-        if not (d / "job.sqlite").exists():
+        db = d / "job.sqlite"
+        if not db.exists():
             continue
-        store = JobStore(d / "job.sqlite")
         try:
-            job = store.job()
-            if job is not None:
-                jobs.append({**job, "counts": store.counts(), "dir": str(d)})
-        finally:
-            store.close()
+            store = JobStore(db)
+            try:
+                job = store.job()
+                if job is not None:
+                    jobs.append({**job, "counts": store.counts(), "dir": str(d)})
+            finally:
+                store.close()
+        except DamagedJob as exc:
+            jobs.append({"id": d.name, "created_at": int(db.stat().st_mtime), "dir": str(d), "damaged": str(exc)})
     return sorted(jobs, key=lambda j: j["created_at"], reverse=True)
+
+
+def remove_job(job: str, job_root: Path) -> Path:
+    """Deletes a job's directory (its store, chunk and result files); its results and errors
+    files, next to its inputs, stay. Refuses while a process runs the job."""
+    job_dir = job_root / job
+    if job in ("", ".", "..") or Path(job).name != job or not (job_dir / "job.sqlite").is_file():
+        raise ConfigError(f"no job {job!r} under {job_root}: `llmbatch jobs` lists them")
+    try:
+        if lock_held(job_dir):
+            raise JobBusy(f"job {job} is running; stop it (or `llmbatch cancel {job}`) before removing it")
+    except DamagedJob:
+        pass  # an unusable lock file goes with the rest
+    shutil.rmtree(job_dir)
+    return job_dir
 
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:

@@ -9,17 +9,18 @@ caller thinks it is; intent (`uploading`, `creating`) is recorded before each re
 from __future__ import annotations
 
 import functools
+import inspect
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .._exceptions import StateError
+from .._exceptions import DamagedJob, StateError
 from ._records import (
     IN_FLIGHT,
     ROW_STATES,
@@ -65,6 +66,50 @@ _as_chunk_row = functools.partial(tuple.__new__, ChunkRow)
 _as_export_row = functools.partial(tuple.__new__, ExportRow)
 
 
+def damaged(path: Path, exc: BaseException) -> DamagedJob:
+    """The error for a job whose store SQLite cannot read: it names the job, the file and the fix."""
+    job = path.parent.name
+    return DamagedJob(
+        f"job {job}: its store {path} is damaged ({exc}); restore the file from a backup, or remove the "
+        f"job with `llmbatch jobs rm {job}`"
+    )
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file is not a sound database (not: a constraint, a lock, a misuse)."""
+    if type(exc) is sqlite3.DatabaseError:  # "file is not a database", "database disk image is malformed"
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("malformed" in message or "not a database" in message)
+
+
+def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` with SQLite's damage errors turned into DamagedJob (generators while iterating too)."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self: JobStore, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                if _is_damage(exc):
+                    raise damaged(self.path, exc) from exc
+                raise
+
+        return generator
+
+    @functools.wraps(method)
+    def call(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            if _is_damage(exc):
+                raise damaged(self.path, exc) from exc
+            raise
+
+    return call
+
+
 def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" * len(values))
 
@@ -76,9 +121,13 @@ class JobStore:
         self.path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
 
     def _migrate(self) -> None:
         """Brings the schema to `SCHEMA_VERSION`, one transaction for all the steps it needs.
@@ -509,3 +558,10 @@ class JobStore:
         return self._db.execute(
             "SELECT at, kind, chunk_id, message FROM events ORDER BY seq DESC LIMIT ?", (limit,)
         ).fetchall()[::-1]
+
+
+# Every public method reports a damaged file as DamagedJob, naming the job and what to do.
+for _name, _method in list(vars(JobStore).items()):
+    if _name == "__init__" or (not _name.startswith("_") and inspect.isfunction(_method)):
+        setattr(JobStore, _name, _translating(_method))
+del _name, _method
