@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,17 @@ def test_open_server_accepts_any_or_no_key(server: ServerProc) -> None:
     f = upload(server.client("one-key"), b"shared", purpose="user_data")
     assert server.client("other-key").files.retrieve(f.id).id == f.id
     assert raw(server).get(f"/v1/files/{f.id}/content").content == b"shared"
+
+
+@pytest.mark.parametrize("key", ["", "   ", " padded"], ids=["empty", "blank", "padded"])
+def test_a_key_that_would_let_anyone_in_is_refused_at_startup(tmp_path: Path, key: str) -> None:
+    """With an empty key configured, `Authorization: Bearer ` (nothing after it) would match it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmbatch", "serve", "--engine", "echo", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "data"), "--api-key", "real-key", "--api-key", key],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "--api-key" in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())

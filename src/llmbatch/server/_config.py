@@ -39,7 +39,9 @@ class ServerConfig(BaseModel):
     data_dir: Path
     """Where the metadata database and the files live."""
     api_keys: list[str] = Field(default_factory=list)
-    """Accepted Bearer keys; empty means the server is open. Each key sees only its own objects."""
+    """Accepted Bearer keys; empty means the server is open. Each key sees only its own objects.
+    A key that is empty or has spaces around it is refused: an empty key would let in any caller
+    who sends `Authorization: Bearer ` with nothing after it."""
     completion_windows: dict[str, int] = Field(default_factory=lambda: {"24h": 86400})
     """Accepted `completion_window` values and their length in seconds."""
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
@@ -63,3 +65,13 @@ class ServerConfig(BaseModel):
     def _options_of_engine(cls, value: Any, info: ValidationInfo) -> EngineOptions | None:
         # Raises ConfigError (not a ValidationError) naming the engine and a field it does not take.
         return None if value is None else engine_options(info.data.get("engine", "echo"), value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not key.strip():
+                raise ConfigError("--api-key: an empty key would let in callers who send no key; give a real key")
+            if key != key.strip():
+                raise ConfigError("--api-key: a key must not start or end with spaces (callers' keys are trimmed)")
+        return keys
