@@ -7,6 +7,7 @@ from typing import Any
 from ._exceptions import (
     BudgetExceeded,
     ConfigError,
+    DamagedResults,
     EngineError,
     InputError,
     InvalidRows,
@@ -27,6 +28,7 @@ __all__ = [
     "JobBusy",
     "EngineError",
     "StateError",
+    "DamagedResults",
     "ProviderError",
     "BudgetExceeded",
     # the Python API (llmbatch.api), imported on first use so the CLI starts fast

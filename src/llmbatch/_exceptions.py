@@ -7,6 +7,7 @@
     |   +-- InvalidRows           a job's input has invalid rows and skip_invalid is off
     +-- EngineError               an engine could not be created or started
     +-- StateError                a stored object is not in a state that allows the operation
+    |   +-- DamagedResults        result files a job's rows point into are missing, cut or changed
     +-- ProviderError             a provider's API refused or failed a call (status, body)
     +-- BudgetExceeded            the next submission would pass --max-cost
 
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidRows",
     "EngineError",
     "StateError",
+    "DamagedResults",
     "ProviderError",
     "BudgetExceeded",
 ]
@@ -60,6 +62,16 @@ class EngineError(LLMBatchError):
 
 class StateError(LLMBatchError):
     """A stored object is not in a state that allows the requested transition."""
+
+
+class DamagedResults(StateError):
+    """Downloaded result files that a job's rows point into are missing, shorter or different
+    from when they were downloaded, so nothing was exported. `files` maps each damaged file's
+    path to what is wrong with it; the message says how to get it back."""
+
+    def __init__(self, message: str, *, files: dict[str, str]) -> None:
+        super().__init__(message)
+        self.files = files
 
 
 class ProviderError(LLMBatchError):

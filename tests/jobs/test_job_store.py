@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -220,8 +221,10 @@ def test_result_reader_keeps_few_files_mapped(store: JobStore, tmp_path: Path) -
     refs = []
     for n in range(3 * _OPEN_MAPS):
         line = f'{{"custom_id": "r{n}"}}'.encode()
-        (tmp_path / "results" / f"f{n}.jsonl").write_bytes(b"junk\n" + line + b"\n")
-        refs.append((ResultRef(store.result_file(f"results/f{n}.jsonl"), 5, len(line)), line))
+        data = b"junk\n" + line + b"\n"
+        (tmp_path / "results" / f"f{n}.jsonl").write_bytes(data)
+        file = store.result_file(f"results/f{n}.jsonl", len(data), hashlib.sha256(data).hexdigest(), f"file-{n}", 1)
+        refs.append((ResultRef(file, 5, len(line)), line))
     with ResultReader(store) as reader:
         for ref, line in [*refs, *reversed(refs), *refs[:2] * 3]:
             assert reader.line(ref) == line

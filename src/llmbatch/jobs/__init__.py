@@ -35,6 +35,7 @@ from ._session import (
 )
 from ._settings import JobSettings
 from ._store import SCHEMA_VERSION, JobStore
+from ._verify import check_results, find_damage
 
 __all__ = [
     "CHUNK_STATES",
@@ -64,7 +65,9 @@ __all__ = [
     "RunOutcome",
     "Snapshot",
     "default_job_root",
+    "check_results",
     "export",
+    "find_damage",
     "ingest",
     "job_id_for",
     "list_jobs",
