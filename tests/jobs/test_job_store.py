@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmbatch._exceptions import StateError
+from llmbatch._exceptions import DamagedResults, StateError
 from llmbatch.jobs import CheckedRow, JobStore, ResultReader, ResultRef
 from llmbatch.jobs._export import _OPEN_MAPS
 from llmbatch.jobs._records import Failure, InputRow, Outcome, Retry, Success
@@ -231,3 +231,16 @@ def test_result_reader_keeps_few_files_mapped(store: JobStore, tmp_path: Path) -
             assert len(reader.maps) <= _OPEN_MAPS
         assert reader.line(b"inline bytes") == b"inline bytes"
     assert not reader.maps
+
+
+def test_result_reader_refuses_a_line_past_the_end_of_a_cut_file(store: JobStore, tmp_path: Path) -> None:
+    """The reader the batching client uses hands out no part of a line from a file cut short."""
+    (tmp_path / "results").mkdir()
+    data = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
+    path = tmp_path / "results" / "f.jsonl"
+    path.write_bytes(data[:25])
+    file = store.result_file("results/f.jsonl", len(data), hashlib.sha256(data).hexdigest(), "file-1", 1)
+    with ResultReader(store) as reader:
+        assert reader.line(ResultRef(file, 0, 18)) == b'{"custom_id": "a"}'
+        with pytest.raises(DamagedResults, match="cut short"):
+            reader.line(ResultRef(file, 19, 18))
