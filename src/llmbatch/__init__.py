@@ -8,6 +8,7 @@ from ._exceptions import (
     BudgetExceeded,
     ConfigError,
     DamagedJob,
+    DamagedResults,
     EngineError,
     InputError,
     InvalidRows,
@@ -29,6 +30,7 @@ __all__ = [
     "EngineError",
     "StateError",
     "DamagedJob",
+    "DamagedResults",
     "ProviderError",
     "BudgetExceeded",
     # the Python API (llmbatch.api), imported on first use so the CLI starts fast

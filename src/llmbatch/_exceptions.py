@@ -8,6 +8,7 @@
     +-- EngineError               an engine could not be created or started
     +-- StateError                a stored object is not in a state that allows the operation
     |   +-- DamagedJob            a job's files (its store, its lock) are damaged or not what they should be
+    |   +-- DamagedResults        result files a job's rows point into are missing, cut or changed
     +-- ProviderError             a provider's API refused or failed a call (status, body)
     +-- BudgetExceeded            the next submission would pass --max-cost
 
@@ -25,6 +26,7 @@ __all__ = [
     "EngineError",
     "StateError",
     "DamagedJob",
+    "DamagedResults",
     "ProviderError",
     "BudgetExceeded",
 ]
@@ -67,6 +69,16 @@ class StateError(LLMBatchError):
 class DamagedJob(StateError):
     """A job's own files are damaged (its SQLite store cut or overwritten, its lock file not a
     file); the message names the job, the file and what to do."""
+
+
+class DamagedResults(StateError):
+    """Downloaded result files that a job's rows point into are missing, shorter or different
+    from when they were downloaded, so nothing was exported. `files` maps each damaged file's
+    path to what is wrong with it; the message says how to get it back."""
+
+    def __init__(self, message: str, *, files: dict[str, str]) -> None:
+        super().__init__(message)
+        self.files = files
 
 
 class ProviderError(LLMBatchError):

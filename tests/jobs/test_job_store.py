@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from llmbatch._exceptions import StateError
+from llmbatch._exceptions import DamagedResults, StateError
 from llmbatch.jobs import CheckedRow, JobStore, ResultReader, ResultRef
 from llmbatch.jobs._export import _OPEN_MAPS
 from llmbatch.jobs._records import Failure, InputRow, Outcome, Retry, Success
@@ -220,11 +221,26 @@ def test_result_reader_keeps_few_files_mapped(store: JobStore, tmp_path: Path) -
     refs = []
     for n in range(3 * _OPEN_MAPS):
         line = f'{{"custom_id": "r{n}"}}'.encode()
-        (tmp_path / "results" / f"f{n}.jsonl").write_bytes(b"junk\n" + line + b"\n")
-        refs.append((ResultRef(store.result_file(f"results/f{n}.jsonl"), 5, len(line)), line))
+        data = b"junk\n" + line + b"\n"
+        (tmp_path / "results" / f"f{n}.jsonl").write_bytes(data)
+        file = store.result_file(f"results/f{n}.jsonl", len(data), hashlib.sha256(data).hexdigest(), f"file-{n}", 1)
+        refs.append((ResultRef(file, 5, len(line)), line))
     with ResultReader(store) as reader:
         for ref, line in [*refs, *reversed(refs), *refs[:2] * 3]:
             assert reader.line(ref) == line
             assert len(reader.maps) <= _OPEN_MAPS
         assert reader.line(b"inline bytes") == b"inline bytes"
     assert not reader.maps
+
+
+def test_result_reader_refuses_a_line_past_the_end_of_a_cut_file(store: JobStore, tmp_path: Path) -> None:
+    """The reader the batching client uses hands out no part of a line from a file cut short."""
+    (tmp_path / "results").mkdir()
+    data = b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
+    path = tmp_path / "results" / "f.jsonl"
+    path.write_bytes(data[:25])
+    file = store.result_file("results/f.jsonl", len(data), hashlib.sha256(data).hexdigest(), "file-1", 1)
+    with ResultReader(store) as reader:
+        assert reader.line(ResultRef(file, 0, 18)) == b'{"custom_id": "a"}'
+        with pytest.raises(DamagedResults, match="cut short"):
+            reader.line(ResultRef(file, 19, 18))

@@ -36,6 +36,7 @@ from ._session import (
 )
 from ._settings import JobSettings
 from ._store import SCHEMA_VERSION, JobStore
+from ._verify import check_results, find_damage
 
 __all__ = [
     "CHUNK_STATES",
@@ -65,7 +66,9 @@ __all__ = [
     "RunOutcome",
     "Snapshot",
     "default_job_root",
+    "check_results",
     "export",
+    "find_damage",
     "ingest",
     "job_id_for",
     "list_jobs",

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 from typing import Any
 
 import orjson
@@ -16,6 +14,7 @@ from ..providers import RemoteBatch, RemoteStatus
 from ._context import RunContext
 from ._export import error_line
 from ._records import Chunk, ChunkRow, Failure, Outcome, Result, ResultRef, Success
+from ._verify import digest, result_file_name
 
 __all__ = ["classify", "collect", "is_retryable_status", "poll"]
 
@@ -25,7 +24,6 @@ log = logging.getLogger("llmbatch.jobs")
 _RETRYABLE_CODES = {"batch_expired", "batch_cancelled"}
 #: Batch-level error codes meaning "the quota is full", not "these rows are bad".
 _QUOTA_CODES = {"token_limit_exceeded"}
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def is_retryable_status(status: int) -> bool:
@@ -104,14 +102,14 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
     for file_id in (batch.output_file_id, batch.error_file_id):
         if not file_id:
             continue
-        name = f"{chunk.tag}-{_SAFE_NAME.sub('_', file_id)}.jsonl"
+        name = result_file_name(chunk.tag, file_id)
         dest = ctx.job_dir / "results" / name
         await ctx.provider.download(file_id, dest)
-        # Rows keep their results as references into this file, so it must be on disk
-        # before the transaction that points at it commits.
-        with open(dest, "rb") as fh:
-            os.fsync(fh.fileno())
-        ref_file = store.result_file(f"results/{name}")
+        # Rows keep their results as references into this file, so it must be on disk before
+        # the transaction that points at it commits, and what it was then is recorded: an
+        # export checks it has not been cut or changed since (`_verify`).
+        size, sha256 = digest(dest, fsync=True)
+        ref_file = store.result_file(f"results/{name}", size, sha256, file_id, chunk.id)
         with open(dest, "rb") as fh:
             end = 0
             for raw in fh:

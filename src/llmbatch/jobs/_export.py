@@ -11,10 +11,11 @@ from pathlib import Path
 
 import orjson
 
-from .._exceptions import StateError
+from .._exceptions import DamagedResults
 from ._records import Result, ResultRef
 from ._settings import JobSettings
 from ._store import JobStore
+from ._verify import check_results
 
 __all__ = ["ResultReader", "error_line", "export", "output_lines", "output_paths"]
 
@@ -31,10 +32,15 @@ def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None
     return out, err
 
 
-def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, bytes]]:
+def output_lines(store: JobStore, inputs: list[Path], *, check: bool = True) -> Iterator[tuple[str, bytes]]:
     """(row state, output line) of every row, in input order: its result line when it succeeded,
     the provider's error line (or one naming its file and line) when it failed or was invalid,
-    a `not_run` error line when the job stopped before it ran."""
+    a `not_run` error line when the job stopped before it ran.
+
+    Raises DamagedResults before the first line when a result file rows point into is missing,
+    cut or changed since it was downloaded (`check`: False when the caller just checked)."""
+    if check:
+        check_results(store)
     with ResultReader(store) as results:
         for row in store.export_rows():
             state = row.state
@@ -52,11 +58,12 @@ def output_lines(store: JobStore, inputs: list[Path]) -> Iterator[tuple[str, byt
 
 def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
     """Writes one line per input row, in input order; final failures also to the errors file."""
+    check_results(store)  # before a byte is written: a damaged file must not give a wrong export
     out_path, err_path = output_paths(inputs, settings, store.path.parent)
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
     with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
-        for state, line in output_lines(store, inputs):
+        for state, line in output_lines(store, inputs, check=False):
             if state in ("failed", "invalid"):
                 err.write(line + b"\n")
                 any_errors = True
@@ -102,14 +109,21 @@ class ResultReader:
             try:
                 with open(path, "rb") as fh:
                     m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise StateError(f"{path}: a result file of this job is missing or unreadable: {exc}") from exc
+            except (OSError, ValueError) as exc:  # mmap refuses an empty file with ValueError
+                raise DamagedResults(
+                    f"{path}: a result file of this job is missing or unreadable: {exc}", files={str(path): str(exc)}
+                ) from exc
             maps[result.file] = m
             if len(maps) > _OPEN_MAPS:
                 maps.popitem(last=False)[1].close()
         elif next(reversed(maps)) != result.file:
             maps.move_to_end(result.file)
-        return m[result.offset : result.offset + result.length]
+        end = result.offset + result.length
+        if end > len(m):  # cut short since it was downloaded: never hand out a part of a line
+            path = self.root / self.paths[result.file]
+            problem = f"cut short: {len(m):,} bytes, a row points up to byte {end:,}"
+            raise DamagedResults(f"{path}: a result file of this job is {problem}", files={str(path): problem})
+        return m[result.offset : end]
 
 
 #: Result files a `ResultReader` keeps mapped at once: enough for the files an export in input

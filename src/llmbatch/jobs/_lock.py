@@ -35,14 +35,14 @@ class JobLock:
             raise JobBusy(f"job {self.job_dir.name} is already running in this process")
         try:
             self._lock.acquire(timeout=_LOCK_PATIENCE, poll_interval=0.02)
-        except OSError as exc:
-            raise _unusable(self.job_dir, exc) from None
-        except filelock.Timeout:
+        except filelock.Timeout:  # (a TimeoutError, so an OSError: caught first)
             name = self.job_dir.name
             raise JobBusy(
                 f"job {name} is already running (in another process, or another client or run in this one); "
                 f"`llmbatch wait {name}` waits for it"
             ) from None
+        except OSError as exc:
+            raise _unusable(self.job_dir, exc) from None
 
     def release(self) -> None:
         if self._lock.is_locked:

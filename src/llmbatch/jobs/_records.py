@@ -22,6 +22,7 @@ __all__ = [
     "PendingRow",
     "RequestRow",
     "Result",
+    "ResultFile",
     "ResultRef",
     "Retry",
     "Success",
@@ -177,6 +178,24 @@ class ExportRow(NamedTuple):
     state: str
     result: Result | None
     error: str | None
+
+
+class ResultFile(NamedTuple):
+    """A downloaded result file that rows point into, as recorded when it was applied.
+
+    `size` and `sha256` are None for files recorded before llmbatch kept them (schema
+    version 2), `file_id` and `chunk_id` likewise. `extent` is the end of the furthest line a
+    row points at: the file must be at least that long.
+    """
+
+    id: int
+    path: str
+    size: int | None
+    sha256: str | None
+    file_id: str | None
+    chunk_id: int | None
+    extent: int
+    rows: int
 
 
 class ModelEstimate(NamedTuple):

@@ -31,6 +31,7 @@ from ._records import IN_FLIGHT, Chunk
 from ._settings import JobSettings
 from ._store import JobStore
 from ._submit import reconcile, submit, write_chunk_file
+from ._verify import repair
 
 __all__ = [
     "EXIT_BUDGET",
@@ -129,12 +130,20 @@ class JobRunner:
                 break
             if await self._budget_stopped():
                 self.store.set_job(status="budget_stopped")
+                await self.repair_results()
                 return self._finish(budget_stopped=True)
             self.report()
             delay = self.settings.poll_interval if progressed else min(delay * 1.5, self.settings.max_poll_interval)
             await asyncio.sleep(delay)
         self.store.set_job(status="finished")
+        await self.repair_results()
         return self._finish()
+
+    async def repair_results(self, *, hashes: bool = True) -> int:
+        """Downloads again the result files that were cut, deleted or changed since they were
+        downloaded (`_verify.repair`); raises DamagedResults naming those the provider no
+        longer has. Returns how many were downloaded again."""
+        return await repair(self.ctx, hashes=hashes)
 
     def _check_prices(self) -> None:
         if self.settings.max_cost is None:
@@ -150,6 +159,9 @@ class JobRunner:
         """Checks the prices a budget needs, sorts out what an earlier run left behind, then
         sends the first chunk at once."""
         self._check_prices()
+        # A file of results cut or deleted since an earlier run: said (and downloaded again) now,
+        # not after a run of hours. Only the sizes here; the export checks the hashes too.
+        await self.repair_results(hashes=False)
         try:
             await self.reconcile()
         except ProviderError as exc:

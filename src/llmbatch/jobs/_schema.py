@@ -95,9 +95,18 @@ def _v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _v2(db: sqlite3.Connection) -> None:
+    """What a result file was when it was downloaded (its size and sha256, so that a file cut
+    short or changed since is caught before it is exported), and where it came from (the
+    provider's file id and the chunk, so that it can be downloaded again). NULL in files
+    recorded before version 2."""
+    for column in ("size INTEGER", "sha256 TEXT", "file_id TEXT", "chunk_id INTEGER"):
+        db.execute(f"ALTER TABLE result_files ADD COLUMN {column}")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

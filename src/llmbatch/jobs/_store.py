@@ -35,6 +35,7 @@ from ._records import (
     PendingRow,
     RequestRow,
     Result,
+    ResultFile,
     ResultRef,
 )
 from ._schema import MIGRATIONS, SCHEMA_VERSION
@@ -488,14 +489,52 @@ class JobStore:
             [(*_result_columns(r.result), *r[1:]) for r in outcome.failed],
         )
 
-    def result_file(self, path: str) -> int:
-        """The id of a downloaded result file (a path under the job directory), registered once."""
+    def result_file(self, path: str, size: int, sha256: str, file_id: str, chunk_id: int) -> int:
+        """The id of a downloaded result file (a path under the job directory), registered with
+        what it was when downloaded; downloaded again (a run killed before applying it), it
+        keeps its id and gets its new size and hash."""
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO result_files (path) VALUES (?)", (path,))
-            return int(db.execute("SELECT id FROM result_files WHERE path=?", (path,)).fetchone()[0])
+            return int(
+                db.execute(
+                    "INSERT INTO result_files (path, size, sha256, file_id, chunk_id) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(path) DO UPDATE SET size=excluded.size, sha256=excluded.sha256, "
+                    "file_id=excluded.file_id, chunk_id=excluded.chunk_id RETURNING id",
+                    (path, size, sha256, file_id, chunk_id),
+                ).fetchone()[0]
+            )
 
     def result_files(self) -> dict[int, str]:
         return dict(self._db.execute("SELECT id, path FROM result_files"))
+
+    def referenced_result_files(self) -> list[ResultFile]:
+        """The result files rows point into, each with how far into it they point."""
+        return [
+            ResultFile._make(r)
+            for r in self._db.execute(
+                "SELECT f.id, f.path, f.size, f.sha256, f.file_id, "
+                "COALESCE(f.chunk_id, (SELECT chunk_id FROM rows WHERE result_file=f.id AND chunk_id IS NOT NULL "
+                "LIMIT 1)), r.extent, r.n FROM result_files f JOIN "
+                "(SELECT result_file, MAX(result_offset + result_length) AS extent, COUNT(*) AS n FROM rows "
+                "WHERE result_file IS NOT NULL GROUP BY result_file) r ON r.result_file = f.id ORDER BY f.id"
+            )
+        ]
+
+    def refs_into(self, file: int) -> list[tuple[int, str | None, str | None]]:
+        """(idx, custom_id, remote_id) of the rows whose results are lines of result file `file`."""
+        return self._db.execute(
+            "SELECT idx, custom_id, remote_id FROM rows WHERE result_file=? ORDER BY idx", (file,)
+        ).fetchall()
+
+    def repoint(self, file: int, size: int, sha256: str, lines: Sequence[tuple[int, int, int]]) -> None:
+        """Records a result file downloaded again, whose lines moved: its new size and hash and
+        each row's (offset, length, idx) in it, in one transaction."""
+        with self._tx() as db:
+            db.execute("UPDATE result_files SET size=?, sha256=? WHERE id=?", (size, sha256, file))
+            db.executemany(
+                "UPDATE rows SET result_offset=?, result_length=? WHERE idx=? AND result_file=?",
+                [(*line, file) for line in lines],
+            )
+            self._event(db, "redownloaded", f"result file {file}: downloaded again, {len(lines)} rows re-pointed")
 
     def collect(self, chunk_id: int, outcome: Outcome, remote_status: str) -> None:
         """Applies a finished chunk's results and marks it collected, in one transaction.
