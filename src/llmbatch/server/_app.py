@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
+from .._text import clip
 from ..engines import Engine
 from . import _batches, _files
 from ._config import ServerConfig
@@ -50,7 +51,7 @@ async def get_model(model_id: str, request: Request) -> Response:
     for m in await srv.engine.list_models():
         if m.get("id") == model_id:
             return json_response(m)
-    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    raise APIError(404, f"The model '{clip(model_id)}' does not exist.", param="model", code="model_not_found")
 
 
 @router.get("/metrics")

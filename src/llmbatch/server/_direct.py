@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._text import clip
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
 from ._errors import APIError, parse_json_object
 
@@ -70,7 +71,7 @@ class DirectAPI:
             model = body.get("model")
             why = engine.validate_model(model) if isinstance(model, str) else None
             if why:
-                raise APIError(404, why, param="model", code="model_not_found")
+                raise APIError(404, clip(why, limit=1000), param="model", code="model_not_found")
         except APIError as exc:
             return exc.status, orjson.dumps(exc.body), None
         try:

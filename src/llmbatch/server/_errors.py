@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from .._text import clip
 from ..engines import error_body
 
 __all__ = ["APIError", "parse_json_object", "json_response", "add_error_handlers"]
@@ -60,7 +61,7 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        message = f"Unknown request URL: {request.method} {request.url.path}."
+        message = f"Unknown request URL: {request.method} {clip(request.url.path)}."
     else:
         message = str(exc.detail)
     return json_response(error_body(message, "invalid_request_error"), exc.status_code)
