@@ -94,7 +94,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
             await srv.engine.aclose()
             srv.store.close()
 
-    app = FastAPI(title="llmbatch", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirects: DirectAPI already treats `/v1/files/` as `/v1/files` (see there).
+    app = FastAPI(title="llmbatch", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = srv
     add_error_handlers(app)
     app.include_router(router)

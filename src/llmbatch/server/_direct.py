@@ -35,12 +35,22 @@ class DirectAPI:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            # `/v1/files/` is `/v1/files`: Starlette would answer a 307 redirect before the route
+            # checks the caller's key, telling a caller without one which paths exist.
+            raw_path = scope.get("raw_path")
+            scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
+            if raw_path:
+                scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
             await self.app(scope, receive, send)
             return
         chunks = []
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
+                log.info("client disconnected before sending the body of POST %s", scope["path"])
+                return
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break

@@ -10,6 +10,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from .._text import clip
@@ -72,6 +73,12 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return json_response(error_body(f"Invalid request: {exc.errors()}", "invalid_request_error"), 400)
 
 
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    # The caller hung up before sending its whole body: nothing failed here, and nobody reads the answer.
+    log.info("client disconnected before sending the body of %s %s", request.method, clip(request.url.path))
+    return Response(status_code=400)
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
     return json_response(error_body(f"Internal server error: {exc}", "server_error"), 500)
@@ -82,4 +89,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _internal_error)
