@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from ._text import clip
 from .engines import KNOWN_ENDPOINTS
 
 __all__ = ["RowProblem", "check_row", "iter_lines", "iter_lines_with_offsets"]
@@ -75,16 +76,22 @@ def check_row(raw: bytes, endpoint: str | None = None) -> tuple[dict[str, Any] |
         problems.append(RowProblem("missing_required_parameter", "custom_id must be a non-empty string", "custom_id"))
     method = obj.get("method")
     if method != "POST":
-        problems.append(RowProblem("invalid_method", f'method must be "POST", got {method!r}', "method"))
+        problems.append(
+            RowProblem("invalid_method", f'method must be "POST", got {clip(method, quote=True)}', "method")
+        )
     url = obj.get("url")
     if endpoint is not None and url != endpoint:
         problems.append(
-            RowProblem("mismatched_url", f"url {url!r} does not match the batch's endpoint {endpoint!r}", "url")
+            RowProblem(
+                "mismatched_url", f"url {clip(url, quote=True)} does not match the batch's endpoint {endpoint!r}", "url"
+            )
         )
     elif endpoint is None and url not in KNOWN_ENDPOINTS:
         problems.append(
             RowProblem(
-                "invalid_url", f"url {url!r} is not a batch endpoint ({', '.join(sorted(KNOWN_ENDPOINTS))})", "url"
+                "invalid_url",
+                f"url {clip(url, quote=True)} is not a batch endpoint ({', '.join(sorted(KNOWN_ENDPOINTS))})",
+                "url",
             )
         )
     body = obj.get("body")

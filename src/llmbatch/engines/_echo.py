@@ -25,7 +25,7 @@ import orjson
 
 from ..pricing import CL100K_BASE, O200K_BASE, REPLY_PRIMING_TOKENS, Tokenizer, get_tokenizer, tokenizer_for
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
-from ._request import MODEL_CREATED, embedding_base64, hex_id, opt_positive_int, stop_strings
+from ._request import MODEL_CREATED, check_json_schema, embedding_base64, hex_id, opt_positive_int, stop_strings
 from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
 
 if TYPE_CHECKING:
@@ -514,7 +514,10 @@ def _json_schema_of(response_format: Any) -> dict[str, Any] | None:
         return None
     spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
-    return schema if isinstance(schema, dict) else None
+    if not isinstance(schema, dict):
+        return None
+    check_json_schema(schema)  # _instance builds minItems copies: bound them first
+    return schema
 
 
 def _instance(node: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:

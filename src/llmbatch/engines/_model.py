@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, EngineRequest, EngineResponse, Usage, error_body
 from ._embed import SentenceEmbedder, resolve_embedding_model
 from ._options import parse_adapters
-from ._request import MODEL_CREATED, BadRequest, hex_id, opt_positive_int, resolve_future, stop_strings
+from ._request import (
+    MODEL_CREATED,
+    BadRequest,
+    check_json_schema,
+    hex_id,
+    opt_positive_int,
+    resolve_future,
+    stop_strings,
+)
 
 if TYPE_CHECKING:
     from ._options import ModelOptions
@@ -374,6 +382,7 @@ class ModelEngine(Engine):
                     raise BadRequest(
                         "Invalid 'response_format': json_schema.schema must be an object.", "response_format"
                     )
+                check_json_schema(schema)
                 json_schema = schema
         return Generation(
             endpoint=endpoint,

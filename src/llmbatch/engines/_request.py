@@ -23,6 +23,7 @@ __all__ = [
     "stop_strings",
     "embedding_base64",
     "resolve_future",
+    "check_json_schema",
 ]
 
 #: The `created` time of every model in GET /v1/models: fixed, so the list is stable across restarts.
@@ -40,6 +41,47 @@ class BadRequest(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+#: Largest count a schema may ask of an answer (minItems, minLength, ...): engines build or
+#: generate at least that much, so `minItems: 10**12` would exhaust memory or never end.
+MAX_SCHEMA_COUNT = 10_000
+#: Deepest nesting and most nodes checked in a schema: a bound on the work of checking it.
+_MAX_SCHEMA_DEPTH = 64
+_MAX_SCHEMA_NODES = 100_000
+_COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+
+
+def check_json_schema(schema: Any, param: str = "response_format.json_schema.schema") -> None:
+    """Raises BadRequest naming the path of the first keyword in `schema` that no answer could
+    satisfy within this server's bounds: counts that are not non-negative integers, a `min*`
+    above MAX_SCHEMA_COUNT, a schema nested or sized past what is checked. Every engine calls it
+    before synthesising or compiling an answer, so absurd schemas are the caller's 400, not a 500."""
+    nodes = 0
+    stack: list[tuple[Any, str, int]] = [(schema, param, 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        nodes += 1
+        if depth > _MAX_SCHEMA_DEPTH or nodes > _MAX_SCHEMA_NODES:
+            raise BadRequest(
+                f"Invalid schema: nested deeper than {_MAX_SCHEMA_DEPTH} or larger than this server takes.", path
+            )
+        if isinstance(node, list):
+            stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)]
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in _COUNT_KEYWORDS:
+            if key not in node:
+                continue
+            value = node[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequest(f"Invalid schema: '{key}' must be a non-negative integer.", f"{path}.{key}")
+            if key.startswith("min") and value > MAX_SCHEMA_COUNT:
+                raise BadRequest(
+                    f"Invalid schema: '{key}' is at most {MAX_SCHEMA_COUNT} on this server.", f"{path}.{key}"
+                )
+        stack += [(v, f"{path}.{k}", depth + 1) for k, v in node.items() if isinstance(v, (dict, list))]
 
 
 def hex_id(prefix: str) -> str:

@@ -9,12 +9,15 @@ endpoints in `_direct`, in front of the FastAPI app.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
+from .. import __version__
+from .._text import clip
 from ..engines import Engine
 from . import _batches, _files
 from ._config import ServerConfig
@@ -33,7 +36,16 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    return json_response({"status": "ok", "engine": server_state(request).engine.name})
+    # Public even when keys are set: process health only, nothing about any tenant.
+    srv = server_state(request)
+    return json_response(
+        {
+            "status": "ok",
+            "engine": srv.engine.name,
+            "version": __version__,
+            "uptime_seconds": round(time.time() - srv.started_at, 3),
+        }
+    )
 
 
 @router.get("/v1/models")
@@ -50,12 +62,16 @@ async def get_model(model_id: str, request: Request) -> Response:
     for m in await srv.engine.list_models():
         if m.get("id") == model_id:
             return json_response(m)
-    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    raise APIError(404, f"The model '{clip(model_id)}' does not exist.", param="model", code="model_not_found")
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus text. With keys set, a key is required and the batch gauge counts only that
+    key's batches: on a shared server one tenant must not learn another's workload. The request
+    counters are the process's (what an operator scrapes; they name no tenant or object)."""
     srv = server_state(request)
+    owner = srv.owner(request)
     assert srv.store is not None and srv.worker is not None
     lines = [
         "# HELP llmbatch_requests_total Requests answered by the engine.",
@@ -65,7 +81,7 @@ async def metrics(request: Request) -> Response:
         for (endpoint, status), n in sorted(counter.items()):
             lines.append(f'llmbatch_requests_total{{source="{source}",endpoint="{endpoint}",status="{status}"}} {n}')
     lines += ["# HELP llmbatch_batches Batches by status.", "# TYPE llmbatch_batches gauge"]
-    for status, n in sorted(srv.store.count_by_status().items()):
+    for status, n in sorted(srv.store.count_by_status(owner).items()):
         lines.append(f'llmbatch_batches{{status="{status}"}} {n}')
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
@@ -93,7 +109,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
             await srv.engine.aclose()
             srv.store.close()
 
-    app = FastAPI(title="llmbatch", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirects: DirectAPI already treats `/v1/files/` as `/v1/files` (see there).
+    app = FastAPI(title="llmbatch", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = srv
     add_error_handlers(app)
     app.include_router(router)

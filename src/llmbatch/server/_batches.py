@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from .._text import clip
 from ..engines import KNOWN_ENDPOINTS
 from ._errors import APIError, json_response, parse_json_object
 from ._ids import new_id
@@ -32,13 +33,13 @@ async def create_batch(request: Request) -> Response:
     if endpoint not in KNOWN_ENDPOINTS:
         raise APIError(
             400,
-            f"Invalid 'endpoint': {endpoint!r}. Supported: {', '.join(sorted(KNOWN_ENDPOINTS))}.",
+            f"Invalid 'endpoint': {clip(endpoint, quote=True)}. Supported: {', '.join(sorted(KNOWN_ENDPOINTS))}.",
             param="endpoint",
         )
     if window not in srv.config.completion_windows:
         raise APIError(
             400,
-            f"Invalid 'completion_window': {window!r}. This server accepts "
+            f"Invalid 'completion_window': {clip(window, quote=True)}. This server accepts "
             f"{', '.join(sorted(srv.config.completion_windows))}.",
             param="completion_window",
         )
@@ -52,7 +53,7 @@ async def create_batch(request: Request) -> Response:
     f = srv.store.get_file(body["input_file_id"], owner) if srv.store else None
     if f is None:
         raise APIError(
-            404, f"No such File object: {body['input_file_id']}", param="input_file_id", code="file_not_found"
+            404, f"No such File object: {clip(body['input_file_id'])}", param="input_file_id", code="file_not_found"
         )
     if f.purpose != "batch":
         raise APIError(

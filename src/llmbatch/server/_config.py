@@ -50,8 +50,10 @@ class ServerConfig(BaseModel):
     """Most requests a batch input file may hold."""
     max_active_batches: int = Field(4, gt=0)
     """Batches executed at once; later ones wait, in creation order, in `in_progress`."""
-    max_validation_errors: int = Field(1000, gt=0)
-    """Most entries reported in a failed batch's `errors.data`."""
+    max_validation_errors: int = Field(20, gt=0)
+    """Most errors listed in a failed batch's `errors.data`; the rest are counted in a last
+    `too_many_errors` entry. Small like OpenAI's, since every GET of the batch (and of the
+    batch list) carries the list."""
     engine: str = "echo"
     """The engine's name (see `llmbatch serve --help`)."""
     engine_options: EngineOptions | None = None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .._text import clip
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
 from ._errors import APIError, parse_json_object
 
@@ -34,12 +35,22 @@ class DirectAPI:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            # `/v1/files/` is `/v1/files`: Starlette would answer a 307 redirect before the route
+            # checks the caller's key, telling a caller without one which paths exist.
+            raw_path = scope.get("raw_path")
+            scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
+            if raw_path:
+                scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
             await self.app(scope, receive, send)
             return
         chunks = []
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
+                log.info("client disconnected before sending the body of POST %s", scope["path"])
+                return
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
@@ -70,7 +81,7 @@ class DirectAPI:
             model = body.get("model")
             why = engine.validate_model(model) if isinstance(model, str) else None
             if why:
-                raise APIError(404, why, param="model", code="model_not_found")
+                raise APIError(404, clip(why, limit=1000), param="model", code="model_not_found")
         except APIError as exc:
             return exc.status, orjson.dumps(exc.body), None
         try:

@@ -10,8 +10,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from .._text import clip
 from ..engines import error_body
 
 __all__ = ["APIError", "parse_json_object", "json_response", "add_error_handlers"]
@@ -60,7 +62,7 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        message = f"Unknown request URL: {request.method} {request.url.path}."
+        message = f"Unknown request URL: {request.method} {clip(request.url.path)}."
     else:
         message = str(exc.detail)
     return json_response(error_body(message, "invalid_request_error"), exc.status_code)
@@ -69,6 +71,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return json_response(error_body(f"Invalid request: {exc.errors()}", "invalid_request_error"), 400)
+
+
+async def _client_disconnect(request: Request, exc: Exception) -> Response:
+    # The caller hung up before sending its whole body: nothing failed here, and nobody reads the answer.
+    log.info("client disconnected before sending the body of %s %s", request.method, clip(request.url.path))
+    return Response(status_code=400)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -81,4 +89,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _internal_error)

@@ -8,6 +8,7 @@ from collections import Counter
 
 from fastapi import Request
 
+from .._text import clip
 from ..engines import Engine, create_engine
 from ._config import ServerConfig
 from ._errors import APIError
@@ -55,14 +56,14 @@ class ServerState:
         assert self.store is not None
         f = self.store.get_file(file_id, owner)
         if f is None:
-            raise APIError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+            raise APIError(404, f"No such File object: {clip(file_id)}", param="id", code="file_not_found")
         return f
 
     def batch(self, batch_id: str, owner: str) -> BatchRow:
         assert self.store is not None
         b = self.store.get_batch(batch_id, owner)
         if b is None:
-            raise APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
+            raise APIError(404, f"No batch found with id '{clip(batch_id)}'.", param="batch_id", code="batch_not_found")
         return b
 
 

@@ -342,9 +342,11 @@ class Store:
             ).fetchall()
         return [_batch(r) for r in rows]
 
-    def count_by_status(self) -> dict[str, int]:
+    def count_by_status(self, owner: str) -> dict[str, int]:
+        """`owner`'s batches by status."""
         with self._lock:
-            return dict(self._db.execute("SELECT status, COUNT(*) FROM batches GROUP BY status").fetchall())
+            sql = "SELECT status, COUNT(*) FROM batches WHERE owner=? GROUP BY status"
+            return dict(self._db.execute(sql, (owner,)).fetchall())
 
     def transition(
         self,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 __all__ = ["Upload", "UploadError", "receive_upload"]
 
@@ -137,7 +138,7 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             # python-multipart's finalize() does not check this: without the closing boundary
             # the body was cut off, and the file part may be missing its last bytes.
             raise UploadError("malformed multipart body: it ends before the closing boundary")
-    except UploadError:
+    except (UploadError, ClientDisconnect):  # a caller that hung up did not send a malformed body
         raise
     except Exception as exc:  # the parser's own errors: a malformed body
         raise UploadError(f"malformed multipart body: {exc}") from exc

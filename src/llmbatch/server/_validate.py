@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._rows import check_row, iter_lines
+from .._text import clip
 
 __all__ = ["ValidationResult", "validate_input", "iter_lines"]  # iter_lines re-exported for the worker
 
@@ -113,7 +114,8 @@ def validate_input(
                     error(
                         n,
                         "duplicate_custom_id",
-                        f"custom_id {custom_id!r} was already used on line {earlier}; custom_ids must be unique",
+                        f"custom_id {clip(custom_id, quote=True)} was already used on line {earlier}; "
+                        "custom_ids must be unique",
                         "custom_id",
                     )
             body = obj.get("body")
@@ -126,7 +128,7 @@ def validate_input(
                 checked[model] = check_model(model)
             why = checked[model]
             if why:
-                error(n, "model_not_found", why, "body.model")
+                error(n, "model_not_found", clip(why, limit=1000), "body.model")  # engines may echo the name
                 continue
             if result.model is None:
                 result.model = model
@@ -136,7 +138,8 @@ def validate_input(
                 error(
                     n,
                     "mismatched_model",
-                    f"model {model!r} differs from {result.model!r} on line {first_model_line}; "
+                    f"model {clip(model, quote=True)} differs from {clip(result.model, quote=True)} "
+                    f"on line {first_model_line}; "
                     "a batch runs one model, so split the file by model",
                     "body.model",
                 )
