@@ -58,6 +58,7 @@ __all__ = [
 #: Every kind of call the seam has, as counted in `MemoryProvider.calls`.
 CALL_KINDS = (
     "upload", "find_upload", "create_batch", "find_batch", "get_batch", "download", "cancel", "direct", "delete_file",
+    "list_job_batches",
 )  # fmt: skip
 _FILE_ERROR_CODES = {"expired": "batch_expired", "cancelled": "batch_cancelled"}
 _NOT_RUN = {
@@ -209,6 +210,7 @@ class MemoryBatch:
             errors=[dict(e) for e in self.errors],
             metadata=dict(self.metadata),
             created_at=self.created_at,
+            input_file_id=self.input_file_id,
         )
 
 
@@ -414,6 +416,16 @@ class MemoryProvider(Provider):
                 found = b.remote()
                 break
         self._exit("find_batch", fault)
+        return found
+
+    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+        fault = await self._enter("list_job_batches")
+        found = [
+            b.remote()
+            for b in reversed(self.batches.values())  # newest first, as OpenAI lists them
+            if b.created_at >= since and b.metadata.get(JOB_KEY) == job_id
+        ]
+        self._exit("list_job_batches", fault)
         return found
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:

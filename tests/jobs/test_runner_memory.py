@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -565,3 +567,85 @@ def test_user_cancel_refunds_cut_off_rows_and_resume_runs_them(
     assert second.custom_ids == job.ids[done:]  # the cut-off rows, once more, whatever max_attempts
     assert dict(fake.ran) == dict.fromkeys(job.ids, 1)
     assert_all_succeeded(job)
+
+
+# -- a damaged or rolled-back store ---------------------------------------------------------
+
+
+def _back_up(path: Path, to: Path) -> None:
+    """A consistent copy of a job store, WAL included (what a backup tool restores)."""
+    src, dst = sqlite3.connect(path), sqlite3.connect(to)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def _restore(job: Job, backup: Path) -> None:
+    """Puts the older copy back in place of the job's store (its -wal and -shm gone) and opens the job again."""
+    path = job.session.store.path
+    job.session.close()
+    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        extra.unlink(missing_ok=True)
+    shutil.copyfile(backup, path)
+    job.session = JobSession(job.session.dir, api_key="test", say=job.messages.append)
+    job.prepared = job.session.prepare(job.prepared.settings)
+
+
+@pytest.mark.parametrize("backup_at", [0, 2], ids=["before-planning", "two-batches-in"])
+def test_a_store_restored_from_an_older_copy_adopts_the_batches_it_lost(
+    open_job: Callable[..., Job], tmp_path: Path, backup_at: int
+) -> None:
+    """Issue 13: a store rolled back to an older copy must not send a chunk again; its batches
+    are found at the provider by the job's tag and adopted, and every row is sent once."""
+    job = open_job([chat_line(i) for i in range(60)], batch_size=10, max_in_flight=2)
+    fake = MemoryProvider(polls=3)
+    backup = tmp_path / "backup.sqlite"
+    if backup_at == 0:
+        _back_up(job.session.store.path, backup)
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(job.runner(fake).run())
+        while len(fake.batch_list) < backup_at and not task.done():
+            await asyncio.sleep(0)
+        if backup_at:
+            _back_up(job.session.store.path, backup)
+        # More batches are created (and some collected) after the copy was made.
+        while len(fake.batch_list) < 5 and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    assert 5 <= len(fake.batch_list) < 6
+    _restore(job, backup)
+    listings = fake.calls["list_job_batches"]
+    assert job.run(fake).code == EXIT_OK
+    tags = Counter(b.tag for b in fake.batch_list)
+    assert set(tags.values()) == {1}, tags
+    assert dict(fake.sent) == dict.fromkeys(job.ids, 1)
+    assert dict(fake.ran) == dict.fromkeys(job.ids, 1)
+    assert_all_succeeded(job)
+    assert any("adopted batch" in m for m in job.messages)
+    assert fake.calls["list_job_batches"] == listings + 1  # one listing per run, not one per chunk
+
+
+def test_a_store_consistent_with_the_provider_lists_once_and_adopts_nothing(open_job: Callable[..., Job]) -> None:
+    job = open_job([chat_line(i) for i in range(30)], batch_size=10)
+    fake = MemoryProvider()
+    assert job.run(fake).code == EXIT_OK
+    assert fake.calls["list_job_batches"] == 1 and fake.calls["download"] == 3  # results only
+    assert_one_batch_per_chunk(job, fake, 3)
+    assert not any("adopted" in m for m in job.messages)
+
+
+def test_a_failed_listing_holds_back_every_submission_until_it_succeeds(open_job: Callable[..., Job]) -> None:
+    job = open_job([chat_line(i) for i in range(30)], batch_size=10)
+    fake = MemoryProvider()
+    fake.fail("list_job_batches", 2, status=503)
+    assert job.run(fake).code == EXIT_OK
+    assert fake.calls["list_job_batches"] == 3
+    assert_one_batch_per_chunk(job, fake, 3)
+    assert any("listing the job's batches failed" in m for m in job.messages)

@@ -38,6 +38,9 @@ class RunContext:
     #: Batches refused in a row because the provider's token quota was full, and when to try again.
     quota_failures: int = 0
     quota_wait_until: float = 0.0
+    #: Whether this run has compared the store with the job's batches at the provider (`audit`):
+    #: nothing is submitted before it has.
+    audited: bool = False
     #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
     clock: Callable[[], float] = time.monotonic
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)

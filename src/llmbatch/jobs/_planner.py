@@ -55,7 +55,9 @@ def plan(ctx: RunContext, *, full_only: bool = False, limit: int | None = None, 
                 est_cost += price(row.est_input, row.est_output)  # per row: a long prompt costs more per token
             if full_only and not (full or len(idxs) >= ctx.batch_size):
                 break
-            tag = f"{ctx.job_id}-c{store.chunk_count() + 1:05d}"
+            # Past the highest tag the store knows, not its count: a tag is never used twice.
+            prefix = f"{ctx.job_id}-c"
+            tag = f"{prefix}{store.last_chunk_no(prefix) + 1:05d}"
             store.plan_chunk(tag, endpoint, model, idxs, nbytes, est_in, est_out, est_cost)
             planned += 1
     return planned > 0

@@ -30,7 +30,7 @@ from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._records import IN_FLIGHT, Chunk
 from ._settings import JobSettings
 from ._store import JobStore
-from ._submit import reconcile, submit, write_chunk_file
+from ._submit import audit, reconcile, submit, write_chunk_file
 from ._verify import repair
 
 __all__ = [
@@ -169,6 +169,14 @@ class JobRunner:
                 raise
             # Not sure yet what an interrupted submission created: `submit` asks again each round.
             self.ctx.say(f"looking up earlier submissions failed: {exc}; will try again")
+        try:
+            # Batches the store lost (damaged, or restored from an older copy) are adopted
+            # before anything is planned or sent; `submit` sends nothing until this has run.
+            await audit(self.ctx)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            self.ctx.say(f"listing the job's batches failed: {exc}; will try again")
         # One chunk first: the provider starts on it while the rest are planned and uploaded.
         first = self.plan(limit=1)
         self.store.set_job(status="running")

@@ -382,8 +382,100 @@ class JobStore:
     # -- chunks --------------------------------------------------------------------------
 
     def chunk_count(self) -> int:
-        """Chunks ever planned (abandoned ones too: tags are never reused)."""
+        """Chunks ever planned (abandoned ones too)."""
         return int(self._one("SELECT COUNT(*) FROM chunks"))
+
+    def last_chunk_no(self, prefix: str) -> int:
+        """The highest number of the tags `<prefix><number>` the store knows (abandoned chunks and
+        batches adopted from the provider too), 0 when none: a new tag takes the next one, so tags
+        are never reused, even where the store lost chunks that the provider still has."""
+        return int(
+            self._one(
+                "SELECT COALESCE(MAX(CAST(SUBSTR(tag, ?) AS INTEGER)), 0) FROM chunks WHERE SUBSTR(tag, 1, ?) = ?",
+                (len(prefix) + 1, len(prefix), prefix),
+            )
+        )
+
+    def tag_batches(self) -> dict[str, str | None]:
+        """Every chunk tag the store knows, with the remote batch it records for it (None: none)."""
+        return dict(self._db.execute("SELECT tag, batch_id FROM chunks"))
+
+    def adopt_batch(
+        self, tag: str, batch_id: str, remote_status: str, file_id: str | None, submitted_at: int, ids: Sequence[str]
+    ) -> int:
+        """Records a remote batch the store had lost (a damaged or rolled-back store) as the
+        submitted chunk `tag`, in one transaction; returns how many rows it took.
+
+        `ids`: the ids its lines were sent under (a row's `remote_id`, else its `custom_id`).
+        The batch takes those of its rows that are pending; rows already final or queued in
+        another chunk are left where they are (results only ever land on a chunk's queued rows,
+        so nothing counts twice). The chunk row with this tag is reused where there is one (a
+        planned chunk dissolved first, an uploaded one the rollback left); its rows that the
+        batch does not hold go back to pending. With no row to take, the chunk is recorded as
+        `abandoned` with the batch's id: the tag stays taken, and the batch is known.
+        """
+        with self._tx() as db:
+            idxs: list[int] = []
+            for i in range(0, len(ids), 500):
+                part = list(ids[i : i + 500])
+                idxs.extend(
+                    idx
+                    for (idx,) in db.execute(
+                        "SELECT idx FROM rows WHERE state != 'invalid' AND COALESCE(remote_id, custom_id) "
+                        f"IN ({_marks(part)})",
+                        part,
+                    )
+                )
+            existing = db.execute("SELECT id, state, batch_id FROM chunks WHERE tag=?", (tag,)).fetchone()
+            if existing is not None and existing[1] in ("submitted", "collected"):
+                raise StateError(f"chunk {tag} already has batch {existing[2]}; not adopting {batch_id}")
+            if existing is not None:
+                chunk_id = int(existing[0])
+                keep = set(idxs)
+                stray = [
+                    (idx,)
+                    for (idx,) in db.execute("SELECT idx FROM rows WHERE chunk_id=? AND state='queued'", (chunk_id,))
+                    if idx not in keep
+                ]
+                db.executemany(
+                    "UPDATE rows SET state='pending', chunk_id=NULL, attempts=MAX(attempts-1, 0) WHERE idx=?", stray
+                )
+            else:
+                first = (
+                    db.execute(
+                        f"SELECT endpoint, model FROM rows WHERE idx IN ({_marks(idxs[:1])})", idxs[:1]
+                    ).fetchone()
+                    if idxs
+                    else None
+                )
+                cur = db.execute(
+                    "INSERT INTO chunks (tag, endpoint, model, rows, bytes, est_input, est_output, est_cost, state, "
+                    "created_at) VALUES (?, ?, ?, 0, 0, 0, 0, 0, 'abandoned', ?)",
+                    (tag, first[0] if first else "", first[1] if first else "", submitted_at),
+                )
+                chunk_id = int(cur.lastrowid or 0)
+            for i in range(0, len(idxs), 500):
+                part = idxs[i : i + 500]
+                db.execute(
+                    "UPDATE rows SET state='queued', chunk_id=?, attempts=attempts+1 "
+                    f"WHERE state='pending' AND idx IN ({_marks(part)})",
+                    (chunk_id, *part),
+                )
+            n, *sums = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(length + 1), 0), COALESCE(SUM(est_input), 0), "
+                "COALESCE(SUM(est_output), 0) "
+                "FROM rows WHERE chunk_id=? AND state='queued'",
+                (chunk_id,),
+            ).fetchone()
+            db.execute(
+                "UPDATE chunks SET state=?, rows=?, bytes=?, est_input=?, est_output=?, batch_id=?, remote_status=?, "
+                "file_id=COALESCE(?, file_id), submitted_at=? WHERE id=?",
+                ("submitted" if n else "abandoned", n, *sums, batch_id, remote_status, file_id, submitted_at, chunk_id),
+            )
+            self._event(
+                db, "adopted", f"chunk {tag}: adopted batch {batch_id}, found at the provider ({n} rows)", chunk_id
+            )
+        return n
 
     def plan_chunk(
         self,

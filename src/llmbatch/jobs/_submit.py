@@ -16,10 +16,11 @@ from typing import IO
 import orjson
 
 from .._exceptions import ProviderError
+from ..providers import TAG_KEY, RemoteBatch
 from ._context import RunContext
 from ._records import IN_FLIGHT, Chunk
 
-__all__ = ["reconcile", "submit", "write_chunk_file"]
+__all__ = ["audit", "reconcile", "submit", "write_chunk_file"]
 
 log = logging.getLogger("llmbatch.jobs")
 
@@ -82,6 +83,14 @@ async def submit(ctx: RunContext) -> bool:
             await _reconcile_chunks(ctx)
         except ProviderError as exc:
             ctx.say(f"looking up earlier submissions failed: {exc}; will try again")
+            return False
+    if not ctx.audited:
+        try:
+            await audit(ctx)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            ctx.say(f"listing the job's batches failed: {exc}; will try again")
             return False
     progressed = False
     in_flight = len(store.chunks(IN_FLIGHT))
@@ -162,3 +171,71 @@ async def _reconcile_chunks(ctx: RunContext) -> None:
                 )  # fmt: skip
             else:
                 store.move_chunk(chunk.id, "uploaded", ("creating",), f"chunk {chunk.tag}: no batch found")
+
+
+async def audit(ctx: RunContext) -> None:
+    """Compares the store with the job's batches at the provider, once per run, before anything
+    is submitted; a batch the store does not record under its tag (the store was damaged,
+    cut or rolled back to an older copy) is adopted, never created again.
+
+    One listing of the job's batches. When every batch in it is recorded under its tag, the
+    store is consistent with the provider, and as only this process submits while it holds
+    the job's lock, every chunk planned from here on is provably unsent (its tag is past the
+    highest one the store knows). Otherwise the chunks never sent are dissolved and each lost
+    batch becomes a submitted chunk again, holding those of its rows that are still pending.
+    """
+    store = ctx.store
+    listed = await ctx.provider.list_job_batches(ctx.job_id, 0)
+    if listed is None:  # a provider that cannot list a job's batches: nothing to compare
+        ctx.audited = True
+        return
+    known = store.tag_batches()
+    lost: dict[str, RemoteBatch] = {}
+    for b in sorted(listed, key=lambda b: (b.created_at, b.id)):
+        tag = b.metadata.get(TAG_KEY)
+        if not tag or known.get(tag) == b.id:
+            continue
+        if known.get(tag) is not None or tag in lost:
+            ctx.say(f"chunk {tag}: the provider has a second batch {b.id} for it; leaving it alone")
+            continue
+        lost[tag] = b
+    if lost:
+        ctx.say(
+            f"the job store does not record {len(lost)} of the job's batches at the provider "
+            "(was it damaged or restored from an older copy?); adopting them instead of sending their rows again"
+        )
+        store.dissolve_planned()
+        for tag, b in lost.items():
+            ids = await _batch_ids(ctx, tag, b)
+            n = store.adopt_batch(tag, b.id, b.status.value, b.input_file_id, b.created_at, ids)
+            ctx.say(f"chunk {tag}: adopted batch {b.id} ({n} of its {len(ids)} rows were still to run)")
+    ctx.audited = True
+
+
+async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]:
+    """The ids of the rows a batch holds: from its input file, or, where that is gone, from its
+    results (a finished batch answers every row it held, in one file or the other)."""
+    sources = [batch.input_file_id] if batch.input_file_id else []
+    if not sources or batch.status.terminal:
+        sources += [f for f in (batch.output_file_id, batch.error_file_id) if f]
+    ids: list[str] = []
+    tmp = ctx.job_dir / "chunks" / f"{tag}.adopt"
+    for file_id in sources:
+        try:
+            await ctx.provider.download(file_id, tmp)
+        except ProviderError as exc:
+            if exc.status != 404:
+                raise
+            continue
+        try:
+            with open(tmp, "rb") as fh:
+                for line in fh:
+                    if line.strip():
+                        cid = orjson.loads(line).get("custom_id")
+                        if cid is not None:
+                            ids.append(str(cid))
+        finally:
+            tmp.unlink(missing_ok=True)
+        if file_id == batch.input_file_id:
+            return ids
+    return list(dict.fromkeys(ids))

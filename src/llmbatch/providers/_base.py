@@ -57,6 +57,8 @@ class RemoteBatch:
     errors: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: int = 0
+    #: The upload the batch runs (None where the provider does not say).
+    input_file_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,14 @@ class Provider(ABC):
         makes the runner create the batch, so an adapter that cannot tell for sure whether a
         batch is the chunk's must raise `ProviderError` (retryable) rather than answer None.
         """
+
+    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+        """Every batch created for job `job_id` (its `JOB_KEY` metadata) at or after Unix time
+        `since`, in one listing; None where the provider cannot list them (the runner then looks
+        chunks up one tag at a time). Raises `ProviderError` when the listing fails: an answer
+        that may be incomplete must not be given, as a chunk missing from it may be sent again.
+        """
+        return None
 
     @abstractmethod
     async def get_batch(self, batch_id: str) -> RemoteBatch:

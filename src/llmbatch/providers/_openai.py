@@ -46,6 +46,7 @@ def _remote(b: Any) -> RemoteBatch:
         errors=errors,
         metadata=dict(b.metadata or {}),
         created_at=b.created_at,
+        input_file_id=getattr(b, "input_file_id", None) or None,
     )
 
 
@@ -144,6 +145,17 @@ class OpenAIBatchProvider(Provider):
                 if (b.metadata or {}).get(TAG_KEY) == tag or (file_id and b.input_file_id == file_id):
                     return _remote(b)
             return None
+
+        return await self._call("listing batches", scan)
+
+    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+        async def scan() -> list[RemoteBatch]:
+            found: list[RemoteBatch] = []
+            # Every page, whatever the order (a vendor may ignore it): one listing per call.
+            async for b in _every_item(self._client.batches.list(limit=100)):
+                if b.created_at >= since and (b.metadata or {}).get(JOB_KEY) == job_id:
+                    found.append(_remote(b))
+            return found
 
         return await self._call("listing batches", scan)
 
