@@ -185,7 +185,7 @@ async def audit(ctx: RunContext) -> None:
     batch becomes a submitted chunk again, holding those of its rows that are still pending.
     """
     store = ctx.store
-    listed = await ctx.provider.list_job_batches(ctx.job_id, 0)
+    listed = await ctx.provider.list_job_batches(ctx.job_id, _earliest_batch_time(ctx))
     if listed is None:  # a provider that cannot list a job's batches: nothing to compare
         ctx.audited = True
         return
@@ -210,6 +210,14 @@ async def audit(ctx: RunContext) -> None:
             n = store.adopt_batch(tag, b.id, b.status.value, b.input_file_id, b.created_at, ids)
             ctx.say(f"chunk {tag}: adopted batch {b.id} ({n} of its {len(ids)} rows were still to run)")
     ctx.audited = True
+
+
+def _earliest_batch_time(ctx: RunContext) -> int:
+    """No batch of this job can predate its inputs: the job's id covers their modification
+    times (less an hour for clocks that disagree). A job of calls (no input files) lists all."""
+    job = ctx.store.job() or {}
+    stamps = [int(i["mtime_ns"]) // 1_000_000_000 for i in job.get("inputs") or []]
+    return max(min(stamps) - 3600, 0) if stamps else 0
 
 
 async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import openai
 import orjson
@@ -54,6 +54,8 @@ class OpenAIBatchProvider(Provider):
     """An OpenAI-compatible Batch API at `base_url` (default OpenAI's)."""
 
     name = "openai"
+    #: Whether its batch listing comes newest first (OpenAI's does), so a scan may stop at `since`.
+    lists_newest_first: ClassVar[bool] = True
     key_env = "OPENAI_API_KEY"
     #: The environment variable with the base URL, and the default when it is unset.
     base_url_env = "OPENAI_BASE_URL"
@@ -151,9 +153,14 @@ class OpenAIBatchProvider(Provider):
     async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
         async def scan() -> list[RemoteBatch]:
             found: list[RemoteBatch] = []
-            # Every page, whatever the order (a vendor may ignore it): one listing per call.
+            # One listing per call: newest first where the API promises it (OpenAI), so it stops at
+            # `since`; every page where a vendor may order it otherwise.
             async for b in _every_item(self._client.batches.list(limit=100)):
-                if b.created_at >= since and (b.metadata or {}).get(JOB_KEY) == job_id:
+                if b.created_at < since:
+                    if self.lists_newest_first:
+                        break
+                    continue
+                if (b.metadata or {}).get(JOB_KEY) == job_id:
                     found.append(_remote(b))
             return found
 
@@ -226,6 +233,8 @@ class _VendorBatchProvider(OpenAIBatchProvider):
     ignore `order`, and OpenAI's scan stops at the first item older than `since`, which is
     only right newest first.
     """
+
+    lists_newest_first = False
 
     async def find_upload(self, tag: str, since: int) -> str | None:
         name = tagged_filename(tag)
