@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
-import threading
 import time
 import uuid
 from collections import Counter
@@ -20,7 +19,7 @@ from typing import Any
 
 import orjson
 import pytest
-import uvicorn
+from fakes._serve import serve_app
 
 from llmbatch import ConfigError
 from llmbatch.engines import EngineRequest, OpenAIOptions, Usage, create_engine
@@ -166,24 +165,8 @@ class ServedUpstream:
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[ServedUpstream]:
     app = Upstream()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="error", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.01)
-    try:
-        yield ServedUpstream(app, port)
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+    with serve_app(app, log_level="error", lifespan="off", timeout_graceful_shutdown=1) as root:
+        yield ServedUpstream(app, int(root.rsplit(":", 1)[1]))
 
 
 def make_engine(url: str, **overrides: Any) -> OpenAIForwardEngine:

@@ -9,9 +9,6 @@ host `upstream.test` can only succeed through it.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 import trustme
-import uvicorn
+from fakes._serve import serve_app
 from fakes.loopback_proxy import LoopbackProxy
 
 from llmbatch.engines import EngineRequest, OpenAIOptions
@@ -62,31 +59,10 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSUpstre
     cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
     cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
     app = Counting()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="critical",  # the refused handshakes would log
-        access_log=False,
-        lifespan="off",
-        ssl_certfile=str(tmp / "cert.pem"),
-        ssl_keyfile=str(tmp / "key.pem"),
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.01)
-    try:
-        yield TLSUpstream(app, port, tmp / "ca.pem")
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+    tls = {"ssl_certfile": str(tmp / "cert.pem"), "ssl_keyfile": str(tmp / "key.pem")}
+    # log_level critical: the handshakes the tests make fail would log
+    with serve_app(app, log_level="critical", lifespan="off", timeout_graceful_shutdown=1, **tls) as root:
+        yield TLSUpstream(app, int(root.rsplit(":", 1)[1]), tmp / "ca.pem")
 
 
 @pytest.fixture(autouse=True)
@@ -162,29 +138,15 @@ def test_certificate_for_another_host_is_final(tls_upstream: TLSUpstream, monkey
 
 def test_http_upstream_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = Counting()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(plain, log_level="error", access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "upstream did not start"
-        time.sleep(0.01)
 
-    async def go() -> tuple[Any, list[str]]:
+    async def go(port: int) -> tuple[Any, list[str]]:
         async with LoopbackProxy(port) as proxy:
             monkeypatch.setenv("HTTP_PROXY", proxy.url)
             resp = await answer(engine_for("http://upstream.test/v1"))
             return resp, proxy.requests
 
-    try:
-        resp, requests = asyncio.run(go())
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+    with serve_app(plain, log_level="error", lifespan="off") as root:
+        resp, requests = asyncio.run(go(int(root.rsplit(":", 1)[1])))
     assert (resp.status_code, resp.body) == (200, ANSWER)
     assert requests == ["POST http://upstream.test/v1/chat/completions HTTP/1.1"]
     assert plain.hits == 1

@@ -28,9 +28,24 @@ def test_a_run_after_its_wal_was_cut_adopts_the_batches_instead_of_sending_them_
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(jsonl(rows))
     env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", "--base-url",
-           server.base_url, "--batch-size", "10", "--max-in-flight", "1", "--poll-interval", "0.05",
-           "--keep-uploads"]  # fmt: skip (uploads kept: the test reads what was sent)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmbatch",
+        "run",
+        str(inp),
+        "--provider",
+        "openai",
+        "--base-url",
+        server.base_url,
+        "--batch-size",
+        "10",
+        "--max-in-flight",
+        "1",
+        "--poll-interval",
+        "0.05",
+        "--keep-uploads",
+    ]  # fmt: skip (uploads kept: the test reads what was sent)
     client = server.client()
 
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
