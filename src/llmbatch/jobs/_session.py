@@ -312,14 +312,11 @@ class JobSession:
 
     def invalid_rows(self, limit: int = SHOWN_PROBLEMS) -> list[str]:
         """`FILE:LINE: reason` of the first `limit` invalid rows."""
-        found: list[str] = []
         inputs = self.inputs()
-        for row in self.store.export_rows():
-            if row.state == "invalid" and len(found) < limit:
-                where = f"{inputs[row.file_no]}:{row.line}" if row.file_no >= 0 else "a call"
-                found.append(f"{where}: {row.error}")
-                if len(found) >= limit:
-                    break
+        found = []
+        for file_no, line, error in self.store.first_invalid(limit):
+            where = f"{inputs[file_no]}:{line}" if file_no >= 0 else "a call"
+            found.append(f"{where}: {error}")
         return found
 
     # -- running (under the lock) -----------------------------------------------------------
@@ -339,7 +336,8 @@ class JobSession:
         job, settings = self.stored()
         report = self._ingest(job, settings)
         invalid = self.store.invalid_count()
-        if invalid:
+        # Skipped invalid rows are named once, when they are read; refused ones every time.
+        if invalid and (report is not None or not settings.skip_invalid):
             shown = self.invalid_rows()
             more = f"\n  ... and {invalid - len(shown):,} more" if invalid > len(shown) else ""
             if not settings.skip_invalid:
@@ -350,8 +348,7 @@ class JobSession:
                     count=invalid,
                     problems=shown,
                 )
-            if report is not None:  # said once, when the rows are read
-                self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
+            self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
         provider = make_provider(settings, self.dir, self.api_key)
         models = self.store.models()
         prices = price_table(

@@ -246,6 +246,12 @@ class JobStore:
                     repeats.append((values[1], values[2], message))
         return repeats
 
+    def first_invalid(self, limit: int) -> list[tuple[int, int, str | None]]:
+        """(file_no, line, error) of the first `limit` invalid rows, in input order."""
+        return self._db.execute(
+            "SELECT file_no, line, error FROM rows WHERE state='invalid' ORDER BY idx LIMIT ?", (limit,)
+        ).fetchall()
+
     def invalid_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM rows WHERE state='invalid'"))
 
