@@ -418,7 +418,9 @@ class MemoryProvider(Provider):
         self._exit("find_batch", fault)
         return found
 
-    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
         fault = await self._enter("list_job_batches")
         found = [
             b.remote()
