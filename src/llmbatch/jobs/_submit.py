@@ -92,6 +92,8 @@ async def submit(ctx: RunContext) -> bool:
                 raise
             ctx.say(f"listing the job's batches failed: {exc}; will try again")
             return False
+        if not ctx.audited:  # a lost batch whose rows are not known yet: any row may be one of them
+            return False
     progressed = False
     in_flight = len(store.chunks(IN_FLIGHT))
     for chunk in store.chunks(("planned", "uploaded")):
