@@ -972,10 +972,9 @@ def test_a_store_rolled_back_adopts_the_batches_named_after_the_jobs_chunks(
     fake, root = start(pending_polls=2, running_polls=2, max_page_size=3)
     settings = JobSettings(provider="gemini", base_url=root, batch_size=10, max_in_flight=2,
                            poll_interval=0.01, max_poll_interval=0.01)  # fmt: skip
-    opts = {} if inline else {"inline_max_bytes": -1}
 
     def adapter() -> GeminiBatchProvider:
-        return GeminiBatchProvider(api_key=KEY, base_url=root, **opts)  # type: ignore[arg-type]
+        return GeminiBatchProvider(api_key=KEY, base_url=root, inline_max_bytes=None if inline else -1)
 
     messages = check_store_rollback(tmp_path, settings, MODEL, adapter, lambda: len(fake.batches), stop_at)
     tags = Counter(b.display_name for b in fake.all_batches())

@@ -246,10 +246,9 @@ def _earliest_batch_time(ctx: RunContext) -> int:
 async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str] | None:
     """The ids of the rows a batch holds: from its input file, or, where that is gone, from its
     results (a finished batch answers every row it held, in one file or the other). None while
-    neither can be read: a batch still running whose input the provider does not give back."""
+    neither can be read: a batch still running whose input the provider does not give back (or
+    has deleted)."""
     sources = [batch.input_file_id] if batch.input_file_id else []
-    if not sources and not batch.status.terminal:
-        return None
     if not sources or batch.status.terminal:
         sources += [f for f in (batch.output_file_id, batch.error_file_id) if f]
     ids: list[str] = []
@@ -272,4 +271,6 @@ async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]
             tmp.unlink(missing_ok=True)
         if file_id == batch.input_file_id:
             return ids
+    if not batch.status.terminal:  # its input is gone, and it has no results yet
+        return None
     return list(dict.fromkeys(ids))
