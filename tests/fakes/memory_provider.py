@@ -198,7 +198,7 @@ class MemoryBatch:
     def models(self) -> set[str]:
         return {str(line["body"].get("model")) for line in self.lines}
 
-    def remote(self) -> RemoteBatch:
+    def remote(self, hide_input: bool = False) -> RemoteBatch:
         return RemoteBatch(
             id=self.id,
             status=self.status,
@@ -210,7 +210,7 @@ class MemoryBatch:
             errors=[dict(e) for e in self.errors],
             metadata=dict(self.metadata),
             created_at=self.created_at,
-            input_file_id=self.input_file_id,
+            input_file_id=None if hide_input else self.input_file_id,
         )
 
 
@@ -235,6 +235,7 @@ class MemoryProvider(Provider):
         polls: int = 2,
         billed: bool = True,
         report_unrun: bool = True,
+        hide_inputs: bool = False,
     ) -> None:
         self.answer = answer
         self.limits = limits or ProviderLimits()
@@ -244,6 +245,9 @@ class MemoryProvider(Provider):
         #: Whether rows a batch never ran get `batch_expired`/`batch_cancelled` lines in its error
         #: file (OpenAI) or are simply missing from its results.
         self.report_unrun = report_unrun
+        #: Whether batches name no input file (as Gemini's and Anthropic's: a batch's rows can
+        #: then be read only from its results, once it ends).
+        self.hide_inputs = hide_inputs
         #: How the next batches created end, in creation order (then the default).
         self.scripts: deque[BatchScript] = deque()
         self.files: dict[str, MemoryFile] = {}
@@ -406,22 +410,24 @@ class MemoryProvider(Provider):
         self.sent.update(b.custom_ids)
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight())
         self._exit("create_batch", fault)
-        return b.remote()
+        return b.remote(self.hide_inputs)
 
     async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
         fault = await self._enter("find_batch")
         found = None
         for b in reversed(self.batches.values()):  # newest first, as OpenAI lists them
             if b.created_at >= since and (b.tag == tag or (file_id is not None and b.input_file_id == file_id)):
-                found = b.remote()
+                found = b.remote(self.hide_inputs)
                 break
         self._exit("find_batch", fault)
         return found
 
-    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
         fault = await self._enter("list_job_batches")
         found = [
-            b.remote()
+            b.remote(self.hide_inputs)
             for b in reversed(self.batches.values())  # newest first, as OpenAI lists them
             if b.created_at >= since and b.metadata.get(JOB_KEY) == job_id
         ]
@@ -433,7 +439,7 @@ class MemoryProvider(Provider):
         b = self._batch(batch_id)
         self._advance(b)
         self._exit("get_batch", fault)
-        return b.remote()
+        return b.remote(self.hide_inputs)
 
     async def cancel(self, batch_id: str) -> RemoteBatch:
         fault = await self._enter("cancel")
@@ -442,7 +448,7 @@ class MemoryProvider(Provider):
             raise ProviderError(f"cancelling {batch_id} failed: HTTP 409: the batch has ended", status=409)
         b.status = RemoteStatus.CANCELLING
         self._exit("cancel", fault)
-        return b.remote()
+        return b.remote(self.hide_inputs)
 
     async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
         fault = await self._enter("direct")

@@ -632,6 +632,42 @@ def test_a_store_restored_from_an_older_copy_adopts_the_batches_it_lost(
     assert fake.calls["list_job_batches"] == listings + 1  # one listing per run, not one per chunk
 
 
+@pytest.mark.parametrize("unreadable", ["not-given", "deleted"])
+def test_a_lost_batch_whose_rows_cannot_be_read_yet_holds_back_every_row_until_it_ends(
+    open_job: Callable[..., Job], tmp_path: Path, unreadable: str
+) -> None:
+    """A lost batch still running whose input cannot be read (a provider that gives none back,
+    as Gemini and Anthropic; or an input deleted) is polled until it ends and then adopted by
+    its results; meanwhile nothing is sent, not even the last rows through the direct API (any
+    pending row may be one of the batch's)."""
+    job = open_job([chat_line(i) for i in range(20)], batch_size=10, max_in_flight=2)
+    fake = MemoryProvider(polls=4, hide_inputs=unreadable == "not-given")
+    backup = tmp_path / "backup.sqlite"
+    _back_up(job.session.store.path, backup)
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(job.runner(fake).run())
+        while len(fake.batch_list) < 2 and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    assert len(fake.batch_list) == 2 and not any(b.status.terminal for b in fake.batch_list)
+    if unreadable == "deleted":
+        for b in fake.batch_list:
+            fake.files[b.input_file_id].deleted = True
+    _restore(job, backup)
+    job.again(direct_below=20)  # every row left is one of "the last few"
+    assert job.run(fake).code == EXIT_OK
+    assert len(fake.batch_list) == 2 and fake.calls["direct"] == 0
+    assert dict(fake.sent) == dict.fromkeys(job.ids, 1)
+    assert_all_succeeded(job)
+    assert sum("holding back new batches until then" in m for m in job.messages) == 2
+    assert sum("adopted batch" in m for m in job.messages) == 2
+
+
 def test_a_store_consistent_with_the_provider_lists_once_and_adopts_nothing(open_job: Callable[..., Job]) -> None:
     job = open_job([chat_line(i) for i in range(30)], batch_size=10)
     fake = MemoryProvider()

@@ -8,11 +8,14 @@ same row markers (`FAIL400`, `FAIL429`) and keep the same state (tests/fakes/_op
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -260,3 +263,84 @@ def run_live_job(provider: str, tmp_path: Path, model: str, **params: Any) -> No
     assert proc.returncode == 0, proc.stderr
     out = read_lines(tmp_path / "input.results.jsonl")
     assert [r["response"]["status_code"] for r in out] == [200, 200]
+
+
+# -- a job store rolled back to an older copy (issue 13) -------------------------------------
+
+
+def check_store_rollback(
+    tmp_path: Path,
+    settings: JobSettings,
+    model: str,
+    adapter: Callable[[], Provider],
+    batches_made: Callable[[], int],
+    stop_at: int,
+) -> list[str]:
+    """A job of 40 chat rows in chunks of 10 (two in flight) runs until the fake has made
+    `stop_at` batches and is stopped there; its store is put back to a copy made before anything
+    was planned, and the job is run again to its end with a fresh `adapter()`. Checks that every
+    row has one result, in input order, and returns the run's messages; the caller checks the
+    fake (one batch per tag, each row run once)."""
+    inp = tmp_path / "in.jsonl"
+    rows = [chat_line(i, model=model) for i in range(40)]
+    inp.write_bytes(jsonl(rows))
+    messages: list[str] = []
+    session, _ = JobSession.open([inp], settings, tmp_path / "jobs", api_key=KEY, say=messages.append)
+    prepared = session.prepare(settings)
+    backup = tmp_path / "backup.sqlite"
+    _copy_db(session.store.path, backup)
+
+    def runner(p: Provider) -> JobRunner:
+        return JobRunner(session.store, session.dir, prepared.settings, p, prices=prepared.prices, say=messages.append)
+
+    async def interrupted() -> None:
+        p = adapter()
+        task = asyncio.create_task(runner(p).run())
+        deadline = time.monotonic() + 30
+        try:
+            while batches_made() < stop_at:
+                assert not task.done(), f"the run ended before {stop_at} batches: {task.result()}"
+                assert time.monotonic() < deadline, f"no {stop_at} batches within 30 s"
+                await asyncio.sleep(0.005)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await p.aclose()
+
+    asyncio.run(interrupted())
+    assert batches_made() == stop_at, "stopped late: make the fake slower"
+    path = session.store.path
+    session.close()
+    for extra in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        extra.unlink(missing_ok=True)
+    shutil.copyfile(backup, path)
+    session = JobSession(path.parent, api_key=KEY, say=messages.append)
+    try:
+        prepared = session.prepare(settings)
+
+        async def again() -> Any:
+            p = adapter()
+            try:
+                return await runner(p).run()
+            finally:
+                await p.aclose()
+
+        outcome = asyncio.run(again())
+        assert outcome.code == 0, (outcome.summary, messages)
+    finally:
+        session.close()
+    out = read_lines(tmp_path / "in.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    assert all(r["response"]["status_code"] == 200 for r in out), [r for r in out if r["response"] is None][:1]
+    return messages
+
+
+def _copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of a job store, WAL included (what a backup tool restores)."""
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()

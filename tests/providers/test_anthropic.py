@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import httpx
 import pytest
 from fakes._serve import serve_app
 from fakes.anthropic import FakeAnthropic, anthropic_fake
+from provider_cli import check_store_rollback
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
+from llmbatch.jobs import JobSettings
 from llmbatch.providers import RemoteStatus, create_provider
-from llmbatch.providers._anthropic import JOURNAL, AnthropicBatchProvider
+from llmbatch.providers._anthropic import JOURNAL, AnthropicBatchProvider, _read_journal
 from llmbatch.providers._anthropic_translate import (
     DEFAULT_MAX_TOKENS,
     Untranslatable,
@@ -831,3 +834,29 @@ def test_live_tiny_job(tmp_path: Path) -> None:
     assert [r["custom_id"] for r in out] == ["row-0", "row-1"]
     assert all(f"ok{i}" in r["response"]["body"]["choices"][0]["message"]["content"] for i, r in enumerate(out))
     assert all(r["response"]["body"]["usage"]["prompt_tokens"] > 0 for r in out)
+
+
+# -- a rolled-back job store (issue 13) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_at", [2, 4], ids=["two-processing", "two-collected"])
+def test_a_store_rolled_back_adopts_the_batches_in_the_journal(tmp_path: Path, stop_at: int) -> None:
+    """Anthropic batches carry no tag: the journal beside the store (left intact when only the
+    store is rolled back) names them, and a lost batch's rows are read from its results once it
+    ends; until then nothing more is sent. (The run is stopped once the journal names `stop_at`
+    batches: a batch made but not yet journaled when the process dies is not recognised.)"""
+    app, fake = anthropic_fake(end_after_polls=4)
+
+    def journaled() -> int:
+        return sum(len(_read_journal(p.parent)) for p in (tmp_path / "jobs").glob("*/chunks/" + JOURNAL))
+
+    with serve_app(app) as url:
+        settings = JobSettings(provider="anthropic", base_url=url, batch_size=10, max_in_flight=2,
+                               poll_interval=0.01, max_poll_interval=0.01)  # fmt: skip
+        messages = check_store_rollback(tmp_path, settings, MODEL, lambda: provider(url), journaled, stop_at)
+    assert len(fake.batches) == 4, fake.custom_id_sets()
+    sent = Counter(cid for ids in fake.custom_id_sets().values() for cid in ids)
+    assert sent == dict.fromkeys((f"row-{i}" for i in range(40)), 1)
+    assert sum("adopted batch" in m for m in messages) == stop_at
+    listings = [c for c in fake.calls if c[0] == "GET" and c[1].split("?")[0] == "/v1/messages/batches"]
+    assert len(listings) == 1, listings  # the first run's journal was empty: nothing to list

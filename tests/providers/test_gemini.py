@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,9 +29,11 @@ from typing import Any, TypeVar
 import pytest
 from fakes._serve import serve_app
 from fakes.gemini import GeminiFake, embedding_of
+from provider_cli import check_store_rollback
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
+from llmbatch.jobs import JobSettings
 from llmbatch.providers import RemoteStatus, create_provider
 from llmbatch.providers import _gemini_translate as gt
 from llmbatch.providers._gemini import GeminiBatchProvider, remote_status
@@ -952,3 +955,33 @@ def test_live_tiny_job(tmp_path: Path) -> None:
     out = read_lines(tmp_path / "input.results.jsonl")
     assert [r["custom_id"] for r in out] == ["row-0", "row-1"]
     assert all(r["response"]["status_code"] == 200 and text_of(r) for r in out)
+
+
+# -- a rolled-back job store (issue 13) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stop_at", "inline"), [(2, True), (3, False)], ids=["two-running-inline", "one-collected-files"]
+)
+def test_a_store_rolled_back_adopts_the_batches_named_after_the_jobs_chunks(
+    start: Start, tmp_path: Path, stop_at: int, inline: bool
+) -> None:
+    """A Gemini batch's display name is its chunk's tag. Its requests cannot be read back (an
+    uploaded file cannot be downloaded, inline requests are not returned), so a lost batch still
+    running holds back new batches until it ends, and is then adopted by its results' keys."""
+    fake, root = start(pending_polls=2, running_polls=2, max_page_size=3)
+    settings = JobSettings(provider="gemini", base_url=root, batch_size=10, max_in_flight=2,
+                           poll_interval=0.01, max_poll_interval=0.01)  # fmt: skip
+
+    def adapter() -> GeminiBatchProvider:
+        return GeminiBatchProvider(api_key=KEY, base_url=root, inline_max_bytes=None if inline else -1)
+
+    messages = check_store_rollback(tmp_path, settings, MODEL, adapter, lambda: len(fake.batches), stop_at)
+    tags = Counter(b.display_name for b in fake.all_batches())
+    assert len(tags) == 4 and set(tags.values()) == {1}, tags
+    assert Counter(fake.sent_keys()) == dict.fromkeys((f"row-{i}" for i in range(40)), 1)
+    assert sum("adopted batch" in m for m in messages) == stop_at
+    assert any("holding back new batches until then" in m for m in messages)
+    # One listing per run (every page of it: 3 a page here), not one per chunk.
+    pages = [c for c in fake.calls if c[0] == "GET" and c[1].endswith("/batches")]
+    assert len(pages) <= 2 * 2, pages

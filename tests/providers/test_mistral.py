@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from provider_cli import (
     check_cancel,
     check_expiry,
     check_marked_batches,
+    check_store_rollback,
     chunk_file,
     failed_batch,
     found_events,
@@ -39,6 +41,7 @@ from provider_cli import (
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
+from llmbatch.jobs import JobSettings
 from llmbatch.providers import JOB_KEY, TAG_KEY, RemoteStatus, create_provider
 from llmbatch.providers._mistral import MistralBatchProvider
 
@@ -340,3 +343,25 @@ def test_cli_reports_unsupported_parameters_at_ingest(fake: MistralFake, tmp_pat
 def test_live_tiny_job(tmp_path: Path) -> None:
     """Two rows on Mistral's real Batch API (run with pytest --live and MISTRAL_API_KEY set)."""
     run_live_job("mistral", tmp_path, "mistral-small-latest", max_completion_tokens=5)
+
+
+# -- a rolled-back job store (issue 13) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_at", [2, 3], ids=["two-running", "one-collected"])
+def test_a_store_rolled_back_adopts_the_jobs_batches_by_their_metadata(
+    fake: MistralFake, tmp_path: Path, stop_at: int
+) -> None:
+    fake.queued_polls = fake.running_polls = 2
+    settings = JobSettings(provider="mistral", base_url=fake.url, batch_size=10, max_in_flight=2,
+                           poll_interval=0.01, max_poll_interval=0.01)  # fmt: skip
+    messages = check_store_rollback(
+        tmp_path, settings, MODEL, lambda: provider(fake), lambda: len(fake.batches), stop_at
+    )
+    tags = Counter((b["metadata"] or {}).get(TAG_KEY) for b in fake.batches.values())
+    assert len(tags) == 4 and set(tags.values()) == {1}, tags
+    ran = Counter(line["custom_id"] for lines in fake.lines.values() for line in lines)
+    assert ran == dict.fromkeys((f"row-{i}" for i in range(40)), 1)
+    assert sum("adopted batch" in m for m in messages) == stop_at
+    # One listing of the job's batches per run, from the job's inputs' time on.
+    assert sum(c.startswith("GET /v1/batch/jobs?") and "created_after" in c for c in fake.calls) == 2

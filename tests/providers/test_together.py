@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from provider_cli import (
     check_cancel,
     check_expiry,
     check_marked_batches,
+    check_store_rollback,
     chunk_file,
     failed_batch,
     found_events,
@@ -38,6 +40,7 @@ from provider_cli import (
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
+from llmbatch.jobs import JobSettings
 from llmbatch.providers import RemoteStatus, create_provider
 from llmbatch.providers._together import TogetherBatchProvider
 
@@ -292,3 +295,27 @@ def test_cli_reports_unsupported_parameters_at_ingest(fake: TogetherFake, tmp_pa
 def test_live_tiny_job(tmp_path: Path) -> None:
     """Two rows on Together's real Batch API (run with pytest --live and TOGETHER_API_KEY set)."""
     run_live_job("together", tmp_path, "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo", max_tokens=5)
+
+
+# -- a rolled-back job store (issue 13) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("stop_at", "keep"), [(2, False), (3, True)], ids=["two-running", "one-collected-kept"])
+def test_a_store_rolled_back_adopts_the_batches_of_the_jobs_uploads(
+    fake: TogetherFake, tmp_path: Path, stop_at: int, keep: bool
+) -> None:
+    """Together batches carry no tag: the job's are found by their input files' names. A batch
+    collected before the rollback is found only while its upload is kept (`--keep-uploads`)."""
+    fake.validate_polls = fake.progress_polls = 2
+    settings = JobSettings(provider="together", base_url=fake.url, batch_size=10, max_in_flight=2,
+                           poll_interval=0.01, max_poll_interval=0.01, keep_uploads=keep)  # fmt: skip
+    messages = check_store_rollback(
+        tmp_path, settings, MODEL, lambda: provider(fake), lambda: len(fake.batches), stop_at
+    )
+    named = Counter(f["file_name"] for f in fake.upload_forms)
+    batch_files = Counter(b["input_file_id"] for b in fake.batches.values())
+    assert len(fake.batches) == 4 and set(batch_files.values()) == {1}, (named, batch_files)
+    ran = Counter(line["custom_id"] for lines in fake.lines.values() for line in lines)
+    assert ran == dict.fromkeys((f"row-{i}" for i in range(40)), 1)
+    assert sum("adopted batch" in m for m in messages) == stop_at
+    assert fake.calls.count("GET /v1/batches") == 2  # one listing per run

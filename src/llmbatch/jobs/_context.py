@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..pricing import PriceTable, Tariff
-from ..providers import Provider
+from ..providers import Provider, RemoteBatch
 from ._settings import JobSettings
 from ._store import JobStore
 
@@ -41,6 +41,9 @@ class RunContext:
     #: Whether this run has compared the store with the job's batches at the provider (`audit`):
     #: nothing is submitted before it has.
     audited: bool = False
+    #: Lost batches the audit found whose rows cannot be read until they end (tag -> batch):
+    #: polled each round, adopted as they end; None before the audit's listing.
+    audit_waiting: dict[str, RemoteBatch] | None = None
     #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
     clock: Callable[[], float] = time.monotonic
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)

@@ -24,7 +24,8 @@ async def run_direct(ctx: RunContext) -> bool:
     store, settings = ctx.store, ctx.settings
     limit = settings.direct_below
     pending = store.pending_count()
-    if not limit or not pending or pending > limit or ctx.budget_blocked:
+    # Not before the audit: a lost batch (a rolled-back store) may hold these rows.
+    if not limit or not pending or pending > limit or ctx.budget_blocked or not ctx.audited:
         return False
     if settings.max_cost is not None:
         # Few rows: priced one by one, at direct prices.

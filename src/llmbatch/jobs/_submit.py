@@ -92,6 +92,8 @@ async def submit(ctx: RunContext) -> bool:
                 raise
             ctx.say(f"listing the job's batches failed: {exc}; will try again")
             return False
+        if not ctx.audited:  # a lost batch whose rows are not known yet: any row may be one of them
+            return False
     progressed = False
     in_flight = len(store.chunks(IN_FLIGHT))
     for chunk in store.chunks(("planned", "uploaded")):
@@ -183,33 +185,54 @@ async def audit(ctx: RunContext) -> None:
     the job's lock, every chunk planned from here on is provably unsent (its tag is past the
     highest one the store knows). Otherwise the chunks never sent are dissolved and each lost
     batch becomes a submitted chunk again, holding those of its rows that are still pending.
+
+    A lost batch whose rows cannot be read before it ends (Gemini, Anthropic: no readable
+    input) is polled each round instead, and nothing is sent until it has ended and been
+    adopted: its rows are not known, so any pending row may be one of them.
     """
-    store = ctx.store
-    listed = await ctx.provider.list_job_batches(ctx.job_id, _earliest_batch_time(ctx))
-    if listed is None:  # a provider that cannot list a job's batches: nothing to compare
-        ctx.audited = True
-        return
-    known = store.tag_batches()
-    lost: dict[str, RemoteBatch] = {}
-    for b in sorted(listed, key=lambda b: (b.created_at, b.id)):
-        tag = b.metadata.get(TAG_KEY)
-        if not tag or known.get(tag) == b.id:
-            continue
-        if known.get(tag) is not None or tag in lost:
-            ctx.say(f"chunk {tag}: the provider has a second batch {b.id} for it; leaving it alone")
-            continue
-        lost[tag] = b
-    if lost:
-        ctx.say(
-            f"the job store does not record {len(lost)} of the job's batches at the provider "
-            "(was it damaged or restored from an older copy?); adopting them instead of sending their rows again"
-        )
+    store, provider = ctx.store, ctx.provider
+    first = ctx.audit_waiting is None
+    if ctx.audit_waiting is None:
+        listed = await provider.list_job_batches(ctx.job_id, _earliest_batch_time(ctx), ctx.job_dir / "chunks")
+        if listed is None:  # a provider that cannot list a job's batches: nothing to compare
+            ctx.audited = True
+            return
+        known = store.tag_batches()
+        lost: dict[str, RemoteBatch] = {}
+        for b in sorted(listed, key=lambda b: (b.created_at, b.id)):
+            tag = b.metadata.get(TAG_KEY)
+            if not tag or known.get(tag) == b.id:
+                continue
+            if known.get(tag) is not None or tag in lost:
+                ctx.say(f"chunk {tag}: the provider has a second batch {b.id} for it; leaving it alone")
+                continue
+            lost[tag] = b
+        if lost:
+            ctx.say(
+                f"the job store does not record {len(lost)} of the job's batches at the provider "
+                "(was it damaged or restored from an older copy?); adopting them instead of sending their rows again"
+            )
+        ctx.audit_waiting = lost
+    else:
+        for tag, b in list(ctx.audit_waiting.items()):
+            ctx.audit_waiting[tag] = await provider.get_batch(b.id)
+    readable: list[tuple[str, RemoteBatch, list[str]]] = []
+    for tag, b in ctx.audit_waiting.items():
+        ids = await _batch_ids(ctx, tag, b)
+        if ids is not None:
+            readable.append((tag, b, ids))
+        elif first:
+            ctx.say(
+                f"chunk {tag}: batch {b.id} ({b.status.value}) is not in the job store, and which rows it "
+                "holds can be read only once it ends; holding back new batches until then"
+            )
+    if readable:
         store.dissolve_planned()
-        for tag, b in lost.items():
-            ids = await _batch_ids(ctx, tag, b)
+        for tag, b, ids in readable:
             n = store.adopt_batch(tag, b.id, b.status.value, b.input_file_id, b.created_at, ids)
             ctx.say(f"chunk {tag}: adopted batch {b.id} ({n} of its {len(ids)} rows were still to run)")
-    ctx.audited = True
+            del ctx.audit_waiting[tag]
+    ctx.audited = not ctx.audit_waiting
 
 
 def _earliest_batch_time(ctx: RunContext) -> int:
@@ -220,9 +243,11 @@ def _earliest_batch_time(ctx: RunContext) -> int:
     return max(min(stamps) - 3600, 0) if stamps else 0
 
 
-async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]:
+async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str] | None:
     """The ids of the rows a batch holds: from its input file, or, where that is gone, from its
-    results (a finished batch answers every row it held, in one file or the other)."""
+    results (a finished batch answers every row it held, in one file or the other). None while
+    neither can be read: a batch still running whose input the provider does not give back (or
+    has deleted)."""
     sources = [batch.input_file_id] if batch.input_file_id else []
     if not sources or batch.status.terminal:
         sources += [f for f in (batch.output_file_id, batch.error_file_id) if f]
@@ -246,4 +271,6 @@ async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]
             tmp.unlink(missing_ok=True)
         if file_id == batch.input_file_id:
             return ids
+    if not batch.status.terminal:  # its input is gone, and it has no results yet
+        return None
     return list(dict.fromkeys(ids))

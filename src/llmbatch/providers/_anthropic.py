@@ -57,7 +57,7 @@ from ._anthropic_translate import (
     to_messages_params,
     translate_request,
 )
-from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
+from ._base import TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
 
 __all__ = ["ANTHROPIC_LIMITS", "AnthropicBatchProvider"]
 
@@ -341,6 +341,39 @@ class AnthropicBatchProvider(Provider):
             if _count_requests(other) == n:
                 count += 1
         return count
+
+    # -- the run-start audit ---------------------------------------------------------------
+
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
+        """The job's batches that its journal names (in `chunks_dir`, beside the job store, so a
+        store damaged or rolled back on its own leaves it intact), from one listing.
+
+        Batches carry no tag or metadata, so the journal is the only sound record: results'
+        custom_ids are no proof, as another job may send the same ids. A journal restored
+        together with the store from an older copy lacks the batches made since; those cannot
+        be recognised and their rows are sent again. A batch's rows are read from its results
+        once it ends (the audit waits for one still processing).
+        """
+        if chunks_dir is None:
+            return None
+        journal = {b: tag for tag, b in _read_journal(chunks_dir).items() if tag.startswith(f"{job_id}-c")}
+        if not journal:
+            return []  # nothing created yet: nothing to list
+        found: list[RemoteBatch] = []
+
+        async def scan() -> None:
+            async for b in self._client.messages.batches.list(limit=1000):
+                if _unix(b.created_at) < since:
+                    return  # newest first: nothing older is the job's
+                if b.id in journal:
+                    remote = _remote(b)
+                    remote.metadata[TAG_KEY] = journal[b.id]
+                    found.append(remote)
+
+        await self._call("listing batches", scan)
+        return found
 
     # -- polling, results, cancelling ------------------------------------------------------
 

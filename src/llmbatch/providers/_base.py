@@ -162,11 +162,18 @@ class Provider(ABC):
         batch is the chunk's must raise `ProviderError` (retryable) rather than answer None.
         """
 
-    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
-        """Every batch created for job `job_id` (its `JOB_KEY` metadata) at or after Unix time
-        `since`, in one listing; None where the provider cannot list them (the runner then looks
-        chunks up one tag at a time). Raises `ProviderError` when the listing fails: an answer
-        that may be incomplete must not be given, as a chunk missing from it may be sent again.
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
+        """Every batch created for job `job_id` at or after Unix time `since`, in one listing,
+        each with its chunk's tag under `TAG_KEY` in its metadata; None where the provider cannot
+        list them (the run-start audit then has nothing to compare, and trusts the store).
+        `chunks_dir`: the job's folder of chunk files (an adapter may keep its own records there).
+
+        The audit reads the rows a lost batch holds from `input_file_id` (downloaded) or, once it
+        has ended, from its result files; where neither is readable yet it polls the batch until
+        it ends. Raises `ProviderError` when the listing fails: an answer that may be incomplete
+        must not be given, as a chunk missing from it may be sent again.
         """
         return None
 

@@ -39,7 +39,7 @@ from google.genai import types
 from .._exceptions import ConfigError, ProviderError
 from . import _chat
 from . import _gemini_translate as gt
-from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
+from ._base import TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
 
 __all__ = ["GeminiBatchProvider", "GEMINI_LIMITS", "INLINE_MAX_BYTES"]
 
@@ -289,6 +289,26 @@ class GeminiBatchProvider(Provider):
                 if b.display_name == tag and (created is None or created >= since):
                     return self._remote(b)
             return None
+
+        return await self._call("listing batches", scan)
+
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
+        # A batch's display name is its chunk's tag (`JOB-cNNNNN`). The list order is not
+        # documented, so every page is read. Neither an uploaded file nor inline requests can be
+        # read back: the audit learns a lost batch's rows from its results once it ends.
+        prefix = f"{job_id}-c"
+
+        async def scan() -> list[RemoteBatch]:
+            found: list[RemoteBatch] = []
+            async for b in await self._aio.batches.list(config={"page_size": self.page_size}):
+                created = _timestamp(b.create_time)
+                if (b.display_name or "").startswith(prefix) and (created is None or created >= since):
+                    remote = self._remote(b)
+                    remote.metadata[TAG_KEY] = b.display_name or ""
+                    found.append(remote)
+            return found
 
         return await self._call("listing batches", scan)
 

@@ -347,6 +347,8 @@ def _remote(job: Any) -> RemoteBatch:
         errors=errors,
         metadata={str(k): str(v) for k, v in metadata.items()},
         created_at=job.created_at or 0,
+        # llmbatch's batches run one file; the run-start audit reads a lost batch's rows from it.
+        input_file_id=job.input_files[0] if len(job.input_files or []) == 1 else None,
     )
 
 
@@ -499,6 +501,23 @@ class MistralBatchProvider(Provider):
                 if meta.get(TAG_KEY) == tag or (file_id is not None and file_id in (j.input_files or [])):
                     return _remote(j)
         return None
+
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
+        # One listing, from `since` on (the API filters by `created_after`), every page of it.
+        after = datetime.fromtimestamp(max(since, 0), UTC)
+        found: list[RemoteBatch] = []
+
+        def fetch(page: int) -> Awaitable[Any]:
+            return self._client.batch.jobs.list_async(page=page, page_size=self.page_size, created_after=after)
+
+        async for data in self._pages("listing batches", fetch):
+            for j in data:
+                meta = j.metadata if isinstance(j.metadata, dict) else {}
+                if meta.get(JOB_KEY) == job_id and meta.get(TAG_KEY):
+                    found.append(_remote(j))
+        return found
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
         return _remote(await self._call("polling a batch", lambda: self._client.batch.jobs.get_async(job_id=batch_id)))

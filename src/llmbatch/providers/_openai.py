@@ -150,7 +150,9 @@ class OpenAIBatchProvider(Provider):
 
         return await self._call("listing batches", scan)
 
-    async def list_job_batches(self, job_id: str, since: int) -> list[RemoteBatch] | None:
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
         async def scan() -> list[RemoteBatch]:
             found: list[RemoteBatch] = []
             # One listing per call: newest first where the API promises it (OpenAI), so it stops at

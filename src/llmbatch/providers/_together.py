@@ -26,7 +26,7 @@ import orjson
 import together
 
 from .._exceptions import ProviderError
-from ._base import Provider, ProviderLimits, RemoteBatch, RemoteStatus
+from ._base import TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
 from ._chat import (
     HTTP_STATUS_OF_ERROR,
     content_part_reasons,
@@ -206,6 +206,7 @@ def _remote(job: Any) -> RemoteBatch:
         error_file_id=job.error_file_id or None,
         errors=errors,
         created_at=_unix(job.created_at),
+        input_file_id=job.input_file_id or None,
     )
 
 
@@ -324,6 +325,29 @@ class TogetherBatchProvider(Provider):
         jobs = await self._call("listing batches", lambda: self._client.batches.list())
         mine = [j for j in jobs if j.input_file_id == file_id and _unix(j.created_at) >= since]
         return _remote(max(mine, key=lambda j: _unix(j.created_at))) if mine else None
+
+    async def list_job_batches(
+        self, job_id: str, since: int, chunks_dir: Path | None = None
+    ) -> list[RemoteBatch] | None:
+        # Batches carry no tag: the job's are those whose input file is one of its uploads, named
+        # `llmbatch-<job>-cNNNNN.jsonl`. One listing of files and one of batches (neither pages).
+        # A batch whose upload was deleted (once its results were collected, unless the job keeps
+        # its uploads) can no longer be told to be this job's.
+        prefix, suffix = tagged_filename(f"{job_id}-c").removesuffix(".jsonl"), ".jsonl"
+        files = await self._call("listing files", lambda: self._client.files.list())
+        tags = {
+            f.id: f.filename.removeprefix("llmbatch-").removesuffix(suffix)
+            for f in files.data
+            if f.filename and f.filename.startswith(prefix) and f.filename.endswith(suffix)
+        }
+        jobs = await self._call("listing batches", lambda: self._client.batches.list())
+        found = []
+        for j in jobs:
+            if j.input_file_id in tags and _unix(j.created_at) >= since:
+                b = _remote(j)
+                b.metadata[TAG_KEY] = tags[j.input_file_id]
+                found.append(b)
+        return found
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
         return _remote(await self._call("polling a batch", lambda: self._client.batches.retrieve(batch_id)))
