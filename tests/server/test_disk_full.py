@@ -10,16 +10,22 @@ skipped where the kernel does not allow one) that is filled and then freed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
+from fakes._serve import serve_app
 
+from conftest import chat_line, jsonl, read_jsonl, upload, wait_batch
+from llmbatch.server import ServerConfig, create_app
 from llmbatch.server._journal import Journal, JournalWriteError
 
 
@@ -112,3 +118,86 @@ def test_unrollbackable_append_refuses_until_cut(tmp_path: Path, monkeypatch: py
 
 def _raise_eio(fd: int, length: int) -> None:
     raise OSError(errno.EIO, "I/O error")
+
+
+# -- (b) a server in this process, its data dir's writes failing ENOSPC for a while ----------
+
+
+class FullDisk:
+    """`os.write` for the whole process that fails ENOSPC on files under `root` while `full`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root.resolve()) + os.sep
+        self.full = False
+        self.failures = 0
+        self._real = os.write
+
+    def __call__(self, fd: int, data: bytes) -> int:
+        if self.full:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if target.startswith(self.root):
+                self.failures += 1
+                if self.failures % 2:  # half of them after a partial write, as a filling disk does
+                    return self._real(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._real(fd, data)
+
+
+@pytest.fixture
+def inproc_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """A real server (create_app on uvicorn, 127.0.0.1) in this process; yields a function
+    that starts one and returns an `openai.OpenAI` client for it."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**config: Any) -> openai.OpenAI:
+            app = create_app(ServerConfig(data_dir=tmp_path / "data", engine="echo", **config))
+            root = stack.enter_context(serve_app(app, timeout=20))
+            return openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+
+        yield start
+
+
+def test_batch_pauses_while_journal_writes_fail_and_finishes_once_space_returns(
+    tmp_path: Path, inproc_server: Callable[..., openai.OpenAI], monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    rows = 400
+    disk = FullDisk(tmp_path / "data")
+    monkeypatch.setattr(os, "write", disk)
+    caplog.set_level(logging.INFO, logger="llmbatch.server")
+    client = inproc_server(engine_options={"echo_latency": 0.02, "max_concurrency": 4})
+    f = upload(client, jsonl([chat_line(i) for i in range(rows)]))
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(batch.id).request_counts.completed < rows // 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    disk.full = True
+    cpu0, t0 = time.process_time(), time.monotonic()
+    time.sleep(2.5)
+    cpu = time.process_time() - cpu0
+    paused = client.batches.retrieve(batch.id)
+    assert paused.status == "in_progress", paused
+    assert paused.request_counts.completed < rows
+    failures = disk.failures
+    disk.full = False
+
+    final = wait_batch(client, batch.id, timeout=30)
+    assert final.status == "completed", final
+    out = read_jsonl(client, final.output_file_id)
+    assert read_jsonl(client, final.error_file_id) == []  # nothing "batch_cancelled"
+    assert sorted(int(r["custom_id"][4:]) for r in out) == list(range(rows))  # each row exactly once
+    assert final.request_counts.completed == final.request_counts.total == rows
+
+    assert failures >= 1
+    records = [r for r in caplog.records if r.name == "llmbatch.server"]
+    full_lines = [r.getMessage() for r in records if "disk full" in r.getMessage()]
+    # Backoff 1 s, 2 s, ...: a pause line, at most one per retry, never a storm.
+    assert 1 <= len(full_lines) <= 4, full_lines
+    assert f"batch {batch.id}: disk full in {tmp_path / 'data'}" in full_lines[0]
+    assert "pausing, retrying in 1 s" in full_lines[0]
+    assert [r.getMessage() for r in records if r.exc_info] == []  # no tracebacks
+    assert cpu < 1.0, f"{cpu:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
