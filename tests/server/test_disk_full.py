@@ -15,16 +15,19 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fakes._serve import serve_app
 
-from conftest import chat_line, jsonl, read_jsonl, upload, wait_batch
+from conftest import chat_line, free_port, jsonl, read_jsonl, upload, wait_batch
 from llmbatch.server import ServerConfig, create_app
 from llmbatch.server._journal import Journal, JournalWriteError
 
@@ -201,3 +204,115 @@ def test_batch_pauses_while_journal_writes_fail_and_finishes_once_space_returns(
     assert "pausing, retrying in 1 s" in full_lines[0]
     assert [r.getMessage() for r in records if r.exc_info] == []  # no tracebacks
     assert cpu < 1.0, f"{cpu:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
+
+
+# -- (c) a real server process whose data dir is a small tmpfs ---------------------------------
+
+
+def _tmpfs_namespace_or_skip(mnt: Path) -> None:
+    """Skips the test unless an unprivileged user+mount namespace can mount a tmpfs here."""
+    try:
+        probe = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m none "$0"', str(mnt)],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot run unshare: {exc}")
+    if probe.returncode != 0:
+        pytest.skip(f"no tmpfs in a user+mount namespace here: {probe.stderr.decode(errors='replace').strip()}")
+
+
+@contextlib.contextmanager
+def tmpfs_server(mnt: Path, log_path: Path, size: str, *args: str) -> Iterator[tuple[str, Path]]:
+    """`llmbatch serve` in its own mount namespace with its data dir on a `size` tmpfs at `mnt`;
+    yields its root URL and the path that reaches the tmpfs from outside (/proc/PID/root/...)."""
+    port = free_port()
+    script = 'mount -t tmpfs -o size="$1" none "$0" && shift && exec "$@"'
+    cmd = [
+        "unshare", "-rm", "sh", "-c", script, str(mnt), size,
+        sys.executable, "-m", "llmbatch", "serve", "--port", str(port), "--data-dir", str(mnt / "data"), *args,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        # unshare and sh exec the server, so its pid is proc.pid: its root shows its mounts.
+        yield f"http://127.0.0.1:{port}", Path(f"/proc/{proc.pid}/root") / mnt.relative_to("/")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def fill(path: Path) -> int:
+    """Writes `path` until the file system is full; returns the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            chunk = b"\0" * size
+            try:
+                while True:
+                    written += f.write(chunk) or 0
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+@pytest.mark.slow
+def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _tmpfs_namespace_or_skip(mnt)
+    rows = 300
+    log_path = tmp_path / "server.log"
+    with tmpfs_server(mnt, log_path, "3m", "--echo-latency", "0.01", "--max-concurrency", "4") as (root, disk):
+        client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+        f = upload(client, jsonl([chat_line(i, text="x" * 200) for i in range(rows)]))
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 20
+        while client.batches.retrieve(batch.id).request_counts.completed < rows // 5:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+
+        assert fill(disk / "filler") > 0
+        # An upload on the full disk: 507 in OpenAI's envelope, its partial file gone.
+        http = httpx.Client(base_url=root, timeout=30)
+        r = http.post("/v1/files", files={"file": ("big.jsonl", b"x" * 300_000)}, data={"purpose": "batch"})
+        assert r.status_code == 507, r.text
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_storage" and "insufficient storage" in err["message"].lower(), err
+        assert list((disk / "data" / "tmp").iterdir()) == []
+        health = http.get("/health").json()
+        assert health["disk"]["full"] is True, health
+
+        time.sleep(2.0)  # the batch waits (one retry, at 1 s)
+        waiting = client.batches.retrieve(batch.id)
+        assert waiting.status in ("in_progress", "finalizing"), waiting
+        assert waiting.request_counts.completed < rows or waiting.status == "finalizing"
+
+        (disk / "filler").unlink()
+        final = wait_batch(client, batch.id, timeout=30)
+        assert final.status == "completed", (final, log_path.read_text())
+        lines = client.files.content(final.output_file_id).text.splitlines()
+        assert sorted(int(json.loads(line)["custom_id"][4:]) for line in lines) == list(range(rows))
+        assert final.error_file_id is None
+        assert upload(client, jsonl([chat_line(0)])).bytes > 0  # uploads work again
+        assert http.get("/health").json()["disk"]["full"] is False
+
+    log = log_path.read_text()
+    assert "disk full in" in log, log
+    assert log.count("Traceback") == 0, log
+    assert log.count("disk full in") <= 10, log

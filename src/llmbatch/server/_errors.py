@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from .._text import clip
 from ..engines import error_body
+from ._disk import free_bytes, is_disk_full
 
 __all__ = ["APIError", "parse_json_object", "json_response", "add_error_handlers"]
 
@@ -80,6 +81,17 @@ async def _client_disconnect(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
+    if is_disk_full(exc):  # SQLite full, or a file write: the server's state, not a bug; no traceback
+        srv = request.app.state.server
+        if srv.worker is not None:
+            srv.worker.note_disk_full(True)
+        where = srv.config.data_dir
+        log.warning("%s %s: disk full in %s (%s)", request.method, clip(request.url.path), where, exc)
+        message = (
+            f"Insufficient storage: the server's disk is full ({free_bytes(where)} bytes free); "
+            "nothing was changed. Try again later."
+        )
+        return json_response(error_body(message, "server_error", code="insufficient_storage"), 507)
     log.exception("internal error on %s %s", request.method, request.url.path)
     return json_response(error_body(f"Internal server error: {exc}", "server_error"), 500)
 
