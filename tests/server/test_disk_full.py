@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from fakes._serve import serve_app
 from conftest import chat_line, free_port, jsonl, read_jsonl, upload, wait_batch
 from llmbatch.server import ServerConfig, create_app
 from llmbatch.server._journal import Journal, JournalWriteError
+from llmbatch.server._state import ServerState
 
 
 class FailingWriter:
@@ -149,28 +151,37 @@ class FullDisk:
         return self._real(fd, data)
 
 
+@dataclass
+class InProc:
+    """A real server in this process: its client, root URL and state (store, worker)."""
+
+    client: openai.OpenAI
+    root: str
+    state: ServerState
+
+
 @pytest.fixture
-def inproc_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """A real server (create_app on uvicorn, 127.0.0.1) in this process; yields a function
-    that starts one and returns an `openai.OpenAI` client for it."""
+def inproc_server(tmp_path: Path) -> Iterator[Callable[..., InProc]]:
+    """Starts a real server (create_app on uvicorn, 127.0.0.1) in this process; stops it after."""
     with contextlib.ExitStack() as stack:
 
-        def start(**config: Any) -> openai.OpenAI:
+        def start(**config: Any) -> InProc:
             app = create_app(ServerConfig(data_dir=tmp_path / "data", engine="echo", **config))
             root = stack.enter_context(serve_app(app, timeout=20))
-            return openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+            client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+            return InProc(client, root, app.server)
 
         yield start
 
 
 def test_batch_pauses_while_journal_writes_fail_and_finishes_once_space_returns(
-    tmp_path: Path, inproc_server: Callable[..., openai.OpenAI], monkeypatch: pytest.MonkeyPatch, caplog: Any
+    tmp_path: Path, inproc_server: Callable[..., InProc], monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     rows = 400
     disk = FullDisk(tmp_path / "data")
     monkeypatch.setattr(os, "write", disk)
     caplog.set_level(logging.INFO, logger="llmbatch.server")
-    client = inproc_server(engine_options={"echo_latency": 0.02, "max_concurrency": 4})
+    client = inproc_server(engine_options={"echo_latency": 0.02, "max_concurrency": 4}).client
     f = upload(client, jsonl([chat_line(i) for i in range(rows)]))
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     deadline = time.monotonic() + 20
@@ -204,6 +215,44 @@ def test_batch_pauses_while_journal_writes_fail_and_finishes_once_space_returns(
     assert "pausing, retrying in 1 s" in full_lines[0]
     assert [r.getMessage() for r in records if r.exc_info] == []  # no tracebacks
     assert cpu < 1.0, f"{cpu:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
+
+
+def test_sqlite_full_is_507_and_the_store_recovers(inproc_server: Callable[..., InProc]) -> None:
+    """SQLite's SQLITE_FULL (here: the database capped at its current size) makes creating a
+    batch or a file 507 insufficient_storage, leaves no stray file, and the store works again
+    once there is room."""
+    srv = inproc_server()
+    f = upload(srv.client, jsonl([chat_line(i) for i in range(3)]))
+    store = srv.state.store
+    assert store is not None
+    files = srv.state.config.data_dir / "files"
+    with store._lock:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+    http = httpx.Client(base_url=srv.root, timeout=30)
+    body = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    refused = []
+    for _ in range(30):  # until the next page is needed (a few rows fit in the last page)
+        r = http.post("/v1/batches", json=body)
+        if r.status_code != 200:
+            refused.append(r)
+            break
+    assert refused and refused[0].status_code == 507, refused and refused[0].text
+    err = refused[0].json()["error"]
+    assert err["code"] == "insufficient_storage" and err["type"] == "server_error", err
+    name = "a" * 1000 + ".jsonl"  # fills the files table's last page in a few rows
+    for _ in range(50):
+        before = sorted(p.name for p in files.iterdir())
+        r = http.post("/v1/files", files={"file": (name, jsonl([chat_line(0)]))}, data={"purpose": "batch"})
+        if r.status_code != 200:
+            break
+    assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
+    assert sorted(p.name for p in files.iterdir()) == before  # the stored bytes went again
+
+    with store._lock:
+        store._db.execute("PRAGMA max_page_count=1073741823")
+    assert http.post("/v1/batches", json=body).status_code == 200  # not stuck in a failed transaction
+    assert upload(srv.client, jsonl([chat_line(0)])).bytes > 0
 
 
 # -- (c) a real server process whose data dir is a small tmpfs ---------------------------------

@@ -4,6 +4,7 @@ turn every other failure of a route into the same envelope."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 import orjson
@@ -81,19 +82,26 @@ async def _client_disconnect(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    if is_disk_full(exc):  # SQLite full, or a file write: the server's state, not a bug; no traceback
-        srv = request.app.state.server
-        if srv.worker is not None:
-            srv.worker.note_disk_full(True)
-        where = srv.config.data_dir
-        log.warning("%s %s: disk full in %s (%s)", request.method, clip(request.url.path), where, exc)
-        message = (
-            f"Insufficient storage: the server's disk is full ({free_bytes(where)} bytes free); "
-            "nothing was changed. Try again later."
-        )
-        return json_response(error_body(message, "server_error", code="insufficient_storage"), 507)
     log.exception("internal error on %s %s", request.method, request.url.path)
     return json_response(error_body(f"Internal server error: {exc}", "server_error"), 500)
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    """OSError and SQLite errors. Handled here, not as 500s by Starlette's ServerErrorMiddleware,
+    which would re-raise them to uvicorn for a second traceback."""
+    if not is_disk_full(exc):
+        return await _internal_error(request, exc)
+    # A full disk (or SQLite full) is the server's state, not a bug: one line, no traceback.
+    srv = request.app.state.server
+    if srv.worker is not None:
+        srv.worker.note_disk_full(True)
+    where = srv.config.data_dir
+    log.warning("%s %s: disk full in %s (%s)", request.method, clip(request.url.path), where, exc)
+    message = (
+        f"Insufficient storage: the server's disk is full ({free_bytes(where)} bytes free); "
+        "nothing was changed. Try again later."
+    )
+    return json_response(error_body(message, "server_error", code="insufficient_storage"), 507)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -102,4 +110,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
+    app.add_exception_handler(OSError, _storage_error)
+    app.add_exception_handler(sqlite3.Error, _storage_error)
     app.add_exception_handler(Exception, _internal_error)
