@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +366,67 @@ def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> Non
     assert "disk full in" in log, log
     assert log.count("Traceback") == 0, log
     assert log.count("disk full in") <= 10, log
+    assert_backoff_kept(log)
+
+
+@pytest.mark.slow
+def test_full_tmpfs_while_finishing_stays_finalizing_then_completes(tmp_path: Path) -> None:
+    """Room for the journal's last records but not for the output file: the batch stays
+    finalizing (its half-written output removed) and completes once there is space."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _tmpfs_namespace_or_skip(mnt)
+    rows = 200
+    log_path = tmp_path / "server.log"
+    with tmpfs_server(mnt, log_path, "8m", "--echo-latency", "0.01", "--max-concurrency", "4") as (root, disk):
+        client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
+        f = upload(client, jsonl([chat_line(i, text="y" * 2000) for i in range(rows)]))
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.monotonic() + 20
+        while client.batches.retrieve(batch.id).request_counts.completed < rows // 4:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        filler = disk / "filler"
+        fill(filler)
+        while "pausing" not in log_path.read_text():  # paused: the journal holds what it holds
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.01)
+        journal = (disk / "data" / "batches" / batch.id / "journal").read_bytes()
+        done = journal.count(b"\n")
+        full_size = len(journal) * rows // done
+        # Free the rest of the journal and 40% of its size again: the output (about the journal's
+        # size) cannot fit beside it.
+        os.truncate(filler, filler.stat().st_size - (full_size - len(journal)) - full_size * 2 // 5)
+
+        seen_finalizing_full = False
+        while not seen_finalizing_full:
+            assert time.monotonic() < deadline + 20, log_path.read_text()
+            log = log_path.read_text()
+            tail = log[log.find("in_progress -> finalizing") :]
+            seen_finalizing_full = "in_progress -> finalizing" in log and "pausing" in tail
+            time.sleep(0.02)
+        assert client.batches.retrieve(batch.id).status == "finalizing"
+        assert list((disk / "data" / "tmp").iterdir()) == []  # the half-written outputs are gone
+
+        filler.unlink()
+        final = wait_batch(client, batch.id, timeout=30)
+        assert final.status == "completed", (final, log_path.read_text())
+        lines = client.files.content(final.output_file_id).text.splitlines()
+        assert sorted(int(json.loads(line)["custom_id"][4:]) for line in lines) == list(range(rows))
+        assert final.error_file_id is None
+    log = log_path.read_text()
+    assert log.count("Traceback") == 0, log
+    assert_backoff_kept(log)
+
+
+def assert_backoff_kept(log: str) -> None:
+    """Each retry of a paused batch comes no sooner than the delay its pause line named."""
+    paused_until = None
+    for line in log.splitlines():
+        at = line[:23]
+        if "pausing, retrying in" in line:
+            when = datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            paused_until = when + float(line.rsplit("retrying in ", 1)[1].split()[0])
+        elif "trying again" in line:
+            assert paused_until is not None, line
+            assert datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").timestamp() >= paused_until - 0.05, log

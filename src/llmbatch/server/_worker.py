@@ -98,7 +98,8 @@ class _Run:
 
 
 class _Retry:
-    """When a batch whose task failed may be started again, and in which status it failed."""
+    """When a batch whose task failed may be started again, and in which status it was started
+    (a batch cancelled meanwhile is finished at once)."""
 
     __slots__ = ("at", "status")
 
@@ -204,7 +205,8 @@ class BatchWorker:
             run = self._runs.get(b.id)
             retry = self._retry.get(b.id)
             if run is None and retry is not None:
-                if retry.status == b.status and time.monotonic() < retry.at:
+                cancelled = b.status == "cancelling" and retry.status != "cancelling"
+                if time.monotonic() < retry.at and not cancelled:
                     continue  # failed lately (a full disk?): waiting out its backoff
                 del self._retry[b.id]  # its time came, or it was cancelled meanwhile: go on at once
                 log.info("batch %s: trying again (%s)", b.id, b.status)
@@ -316,6 +318,7 @@ class BatchWorker:
         journal_dir = self._jobs / b.id
         journal_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(journal_dir / "journal")
+        done_before = journal.totals.completed + journal.totals.failed
         inflight: set[asyncio.Task[None]] = set()
         limit = asyncio.Semaphore(self.engine.max_concurrency)
         checkpoint = asyncio.create_task(self._checkpoints(b.id, journal))
@@ -351,6 +354,8 @@ class BatchWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoint
             journal.close()
+        if journal.totals.completed + journal.totals.failed > done_before:
+            self._backoff.succeed(b.id)  # rows were recorded: a later failure starts the backoff again
         if run.failure is not None and run.stop is None:
             # Paused: the rows not journaled run again when the supervisor retries (after a backoff).
             with contextlib.suppress(Exception):
