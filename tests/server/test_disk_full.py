@@ -218,6 +218,36 @@ def test_batch_pauses_while_journal_writes_fail_and_finishes_once_space_returns(
     assert cpu < 1.0, f"{cpu:.2f} s of CPU in {time.monotonic() - t0:.1f} s while paused"
 
 
+def test_cancel_while_paused_ends_at_once(
+    tmp_path: Path, inproc_server: Callable[..., InProc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch paused on a full disk is cancelled without waiting out its backoff: the rows
+    recorded before the disk filled are in the output, the rest batch_cancelled, each once."""
+    rows = 300
+    disk = FullDisk(tmp_path / "data")
+    monkeypatch.setattr(os, "write", disk)
+    client = inproc_server(engine_options={"echo_latency": 0.02, "max_concurrency": 4}).client
+    f = upload(client, jsonl([chat_line(i) for i in range(rows)]))
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(batch.id).request_counts.completed < rows // 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    disk.full = True
+    while disk.failures == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)  # paused, its first retry a second away
+    t0 = time.monotonic()
+    client.batches.cancel(batch.id)
+    disk.full = False
+    final = wait_batch(client, batch.id, timeout=10)
+    assert final.status == "cancelled" and time.monotonic() - t0 < 0.9, final
+    out, errs = read_jsonl(client, final.output_file_id), read_jsonl(client, final.error_file_id)
+    assert sorted(int(r["custom_id"][4:]) for r in out + errs) == list(range(rows))
+    assert {r["error"]["code"] for r in errs} == {"batch_cancelled"} and len(out) >= rows // 5
+
+
 def test_sqlite_full_is_507_and_the_store_recovers(inproc_server: Callable[..., InProc]) -> None:
     """SQLite's SQLITE_FULL (here: the database capped at its current size) makes creating a
     batch or a file 507 insufficient_storage, leaves no stray file, and the store works again
