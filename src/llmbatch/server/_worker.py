@@ -349,6 +349,10 @@ class BatchWorker:
                 task.cancel()
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+            if run.failure is None:
+                # Before the batch moves on (finalizing reads the journal), its records must
+                # survive a power loss: the one fsync of the run, in a thread.
+                await asyncio.to_thread(journal.sync)
         finally:
             checkpoint.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -460,6 +464,8 @@ class BatchWorker:
                     FileRow(fid, b.owner, f"batch_{b.id}_{kind}.jsonl", "batch_output", size, now, expires)
                 )
                 ids[key] = fid
+            if new_files:
+                await asyncio.to_thread(_fsync_dir, files_dir(self.config))  # their new names, too
             self.store.transition(
                 b.id, outcome, _FINISHED_FROM[outcome], new_files=new_files, **ids, **counts.columns(), total=total
             )
@@ -510,10 +516,21 @@ def _write_outputs(
                 else:
                     counts.failed += 1
                     err.write(line + b"\n")
+            for f in (out, err):  # on the disk before the store records them (a power loss)
+                f.flush()
+                os.fsync(f.fileno())
     finally:
         if records is not None:
             records.close()
     return total, counts
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _aiter_lines(path: Path, batch: int = 512) -> AsyncIterator[tuple[int, bytes]]:
