@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
@@ -39,22 +39,14 @@ from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
 from ._disk import Backoff, free_bytes, is_disk_full
 from ._ids import new_id
-from ._journal import Journal, Totals
+from ._journal import Journal
+from ._outputs import CANCELLED, EXPIRED, fsync_dir, write_outputs
 from ._store import BatchRow, FileRow, Store
 from ._validate import ValidationResult, iter_lines, validate_input
 
 __all__ = ["BatchWorker", "output_line", "files_dir"]
 
 log = logging.getLogger("llmbatch.server")
-
-_EXPIRED = {
-    "code": "batch_expired",
-    "message": "This request could not be executed before the completion window expired.",
-}
-_CANCELLED = {
-    "code": "batch_cancelled",
-    "message": "This request was not executed because the batch was cancelled.",
-}
 
 #: The statuses a batch can be finished from, by outcome.
 _FINISHED_FROM = {"completed": ("finalizing",), "expired": ("in_progress", "validating"), "cancelled": ("cancelling",)}
@@ -78,10 +70,6 @@ def output_line(custom_id: str | None, resp: EngineResponse) -> bytes:
             "error": None,
         }
     )
-
-
-def _unrun_line(custom_id: str, error: dict[str, str]) -> bytes:
-    return orjson.dumps({"id": new_id("batch_req_", 16), "custom_id": custom_id, "response": None, "error": error})
 
 
 @dataclass
@@ -201,7 +189,8 @@ class BatchWorker:
     def _tick(self) -> None:
         now = int(time.time())
         running = sum(1 for r in self._runs.values() if r.executing and r.stop is None)
-        for b in self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling")):
+        active = self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling"))
+        for b in active:
             run = self._runs.get(b.id)
             retry = self._retry.get(b.id)
             if run is None and retry is not None:
@@ -228,6 +217,9 @@ class BatchWorker:
                 self._launch(b, self._finish(b, "completed"))
             elif b.status == "cancelling":
                 self._launch(b, self._finish(b, "cancelled"))
+        for batch_id in self._retry.keys() - {b.id for b in active}:  # ended meanwhile
+            del self._retry[batch_id]
+            self._backoff.succeed(batch_id)
         for file_id in self.store.expired_files(now):
             self._delete_file(file_id)
 
@@ -442,11 +434,11 @@ class BatchWorker:
         journal_path = self._jobs / b.id / "journal"
         out_id, err_id = new_id("file-"), new_id("file-")
         out_tmp, err_tmp = self._tmp / out_id, self._tmp / err_id
-        unrun = _EXPIRED if outcome == "expired" else _CANCELLED
+        unrun = EXPIRED if outcome == "expired" else CANCELLED
         new_files: list[FileRow] = []
         try:
             total, counts = await asyncio.to_thread(
-                _write_outputs, files_dir(self.config) / b.input_file_id, journal_path, out_tmp, err_tmp, unrun
+                write_outputs, files_dir(self.config) / b.input_file_id, journal_path, out_tmp, err_tmp, unrun
             )
             now = int(time.time())
             expires = now + b.output_expires_after if b.output_expires_after else None
@@ -465,7 +457,7 @@ class BatchWorker:
                 )
                 ids[key] = fid
             if new_files:
-                await asyncio.to_thread(_fsync_dir, files_dir(self.config))  # their new names, too
+                await asyncio.to_thread(fsync_dir, files_dir(self.config))  # their new names, too
             self.store.transition(
                 b.id, outcome, _FINISHED_FROM[outcome], new_files=new_files, **ids, **counts.columns(), total=total
             )
@@ -477,60 +469,6 @@ class BatchWorker:
             raise
         self.note_disk_full(False)
         shutil.rmtree(self._jobs / b.id, ignore_errors=True)
-
-
-def _write_outputs(
-    input_path: Path, journal_path: Path, out_path: Path, err_path: Path, unrun: dict[str, str]
-) -> tuple[int, Totals]:
-    """Streams input and journal into the output and error files, in input order.
-
-    Returns the number of rows written and their totals (unrun rows count as failed).
-    """
-    journal = Journal(journal_path) if journal_path.exists() else None
-    counts = Totals()
-    total = 0
-    if journal is not None:
-        journal.close()
-        t = journal.totals
-        counts.input_tokens, counts.output_tokens = t.input_tokens, t.output_tokens
-        counts.cached_tokens, counts.reasoning_tokens = t.cached_tokens, t.reasoning_tokens
-    records: BinaryIO | None = open(journal_path, "rb") if journal is not None else None
-    try:
-        with open(out_path, "wb", buffering=1 << 20) as out, open(err_path, "wb", buffering=1 << 20) as err:
-            for n, raw in iter_lines(input_path):
-                if not raw.strip():
-                    continue
-                offset = journal.offset(n) if journal is not None else -1
-                if offset >= 0 and records is not None:
-                    ok, line = Journal.read_record(records, offset)
-                else:
-                    try:
-                        custom_id = orjson.loads(raw)["custom_id"]
-                    except Exception:  # never validated (expired while queued): cannot name it
-                        continue
-                    ok, line = False, _unrun_line(custom_id, unrun)
-                total += 1
-                if ok:
-                    counts.completed += 1
-                    out.write(line + b"\n")
-                else:
-                    counts.failed += 1
-                    err.write(line + b"\n")
-            for f in (out, err):  # on the disk before the store records them (a power loss)
-                f.flush()
-                os.fsync(f.fileno())
-    finally:
-        if records is not None:
-            records.close()
-    return total, counts
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def _aiter_lines(path: Path, batch: int = 512) -> AsyncIterator[tuple[int, bytes]]:
