@@ -4,8 +4,9 @@ upload gets 507 insufficient_storage.
 
 Three levels: the journal with a writer that fails after N bytes (the OS call is the seam); a
 real server in this process over HTTP with `os.write` failing ENOSPC on files of its data dir for
-a while; and a real server process whose data dir is a 2 MiB tmpfs (a user+mount namespace;
-skipped where the kernel does not allow one) that is filled and then freed.
+a while (and SQLite capped at its size with max_page_count); and a real server process whose data
+dir is a small tmpfs (a user+mount namespace; skipped where the kernel does not allow one) that
+is filled and then freed.
 """
 
 from __future__ import annotations
