@@ -22,6 +22,7 @@ from ..engines import Engine
 from . import _batches, _files
 from ._config import ServerConfig
 from ._direct import DirectAPI
+from ._disk import free_bytes
 from ._errors import APIError, add_error_handlers, json_response, parse_json_object
 from ._state import ServerState, server_state
 from ._store import Store
@@ -38,12 +39,19 @@ router = APIRouter()
 async def health(request: Request) -> Response:
     # Public even when keys are set: process health only, nothing about any tenant.
     srv = server_state(request)
+    full_since = srv.worker.disk_full_since if srv.worker is not None else None
     return json_response(
         {
             "status": "ok",
             "engine": srv.engine.name,
             "version": __version__,
             "uptime_seconds": round(time.time() - srv.started_at, 3),
+            # full: a write failed for lack of space and none has succeeded since (batches wait).
+            "disk": {
+                "full": full_since is not None,
+                "full_since": full_since,
+                "free_bytes": free_bytes(srv.config.data_dir),
+            },
         }
     )
 

@@ -4,6 +4,7 @@ turn every other failure of a route into the same envelope."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from starlette.responses import Response
 
 from .._text import clip
 from ..engines import error_body
+from ._disk import free_bytes, is_disk_full
 
 __all__ = ["APIError", "parse_json_object", "json_response", "add_error_handlers"]
 
@@ -84,10 +86,30 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return json_response(error_body(f"Internal server error: {exc}", "server_error"), 500)
 
 
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    """OSError and SQLite errors. Handled here, not as 500s by Starlette's ServerErrorMiddleware,
+    which would re-raise them to uvicorn for a second traceback."""
+    if not is_disk_full(exc):
+        return await _internal_error(request, exc)
+    # A full disk (or SQLite full) is the server's state, not a bug: one line, no traceback.
+    srv = request.app.state.server
+    if srv.worker is not None:
+        srv.worker.note_disk_full(True)
+    where = srv.config.data_dir
+    log.warning("%s %s: disk full in %s (%s)", request.method, clip(request.url.path), where, exc)
+    message = (
+        f"Insufficient storage: the server's disk is full ({free_bytes(where)} bytes free); "
+        "nothing was changed. Try again later."
+    )
+    return json_response(error_body(message, "server_error", code="insufficient_storage"), 507)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Answers APIError, unknown URLs, invalid requests and unexpected failures in OpenAI's envelope."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
+    app.add_exception_handler(OSError, _storage_error)
+    app.add_exception_handler(sqlite3.Error, _storage_error)
     app.add_exception_handler(Exception, _internal_error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -21,6 +22,8 @@ __all__ = ["router", "FILE_PURPOSES"]
 FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 
 router = APIRouter()
+
+log = logging.getLogger("llmbatch.server")
 
 
 class _FileResponse(FileResponse):
@@ -44,7 +47,11 @@ async def create_file(request: Request) -> Response:
         )
     except UploadError as exc:
         tmp.unlink(missing_ok=True)
-        raise APIError(exc.status, str(exc), param=exc.param, code=exc.code) from exc
+        if exc.code == "insufficient_storage" and srv.worker is not None:
+            srv.worker.note_disk_full(True)
+            log.warning("upload refused: disk full in %s", srv.config.data_dir)
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        raise APIError(exc.status, str(exc), type=kind, param=exc.param, code=exc.code) from exc
     try:
         purpose = up.fields.get("purpose")
         if up.path is None:
@@ -79,7 +86,13 @@ async def create_file(request: Request) -> Response:
         tmp.unlink(missing_ok=True)
         raise
     assert srv.store is not None
-    srv.store.insert_file(f)
+    try:
+        srv.store.insert_file(f)  # SQLite full: 507 from the error handler, and no stray file
+    except BaseException:
+        (files_dir(srv.config) / file_id).unlink(missing_ok=True)
+        raise
+    if srv.worker is not None:
+        srv.worker.note_disk_full(False)
     return json_response(f.to_api())
 
 

@@ -9,17 +9,34 @@ journaled is never run again after a restart. A record is
 (`o` for the output file, `e` for the error file; the four numbers are token usage), so
 recovery rebuilds the counts without parsing any JSON. A torn last record (the process died
 mid-write) has no newline; recovery cuts it off and that row runs again.
+
+A write that fails (a full disk: ENOSPC, EDQUOT; or any other OSError) after part of a record
+landed is rolled back at once: the file is cut back to the end of the last whole record, the
+row is not marked done (it runs again), and `JournalWriteError` says which line and why. So a
+torn record is only ever the file's last bytes, never followed by good ones.
+
+Durability: a record is in the OS's page cache when `append` returns, so it survives the
+process's death (kill -9, a crash) but not a power loss or kernel crash; there the records of
+the last seconds can be lost and those rows run again. The worker calls `sync` (fsync) once,
+when a run ends and before the batch moves on (finalizing, cancelled, expired), so a finished
+batch's rows are never lost. No fsync per row: on ext4 here it made appends 550x slower (482
+rows/s instead of 265,000).
 """
 
 from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Journal", "Totals"]
+__all__ = ["Journal", "JournalWriteError", "Totals"]
+
+
+class JournalWriteError(OSError):
+    """A record could not be written (its bytes were cut off again); `errno` is the cause's."""
 
 
 @dataclass(slots=True)
@@ -45,8 +62,12 @@ class Totals:
 class Journal:
     """Finished rows of one batch: which lines are done, where their records are, totals."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: Callable[[int, bytes], int] | None = None) -> None:
+        """`writer`: the `os.write` to use (tests inject a failing one)."""
         self.path = path
+        self._write = writer or os.write
+        #: True while bytes past `_size` (a failed append's) could not be cut off.
+        self._torn = False
         self.totals = Totals()
         #: Byte offset of each input line's record, -1 when the line is not done (by line number).
         self._offsets = array("q")
@@ -100,11 +121,37 @@ class Journal:
             return
         record = b"%d %s %d %d %d %d %s\n" % (line, b"o" if ok else b"e", inp, out, cached, reasoning, output_line)
         offset = self._size
-        written = os.write(self._fd, record)
-        while written < len(record):  # short writes are rare, but a record must land whole
-            written += os.write(self._fd, record[written:])
+        if self._torn:
+            self._cut(line, None)
+        try:
+            written = self._write(self._fd, record)
+            while written < len(record):  # short writes happen as a disk fills; a record must land whole
+                written += self._write(self._fd, record[written:])
+        except OSError as exc:
+            self._torn = True
+            self._cut(line, exc)
+            raise JournalWriteError(
+                exc.errno, f"could not journal line {line} of {self.path}: {exc.strerror or exc}"
+            ) from exc
         self._size += len(record)
         self._mark(line, offset, ok, inp, out, cached, reasoning)
+
+    def _cut(self, line: int, cause: OSError | None) -> None:
+        """Cuts the file back to its last whole record; raises JournalWriteError if it cannot."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            reason = f"{cause.strerror or cause}; then " if cause is not None else ""
+            raise JournalWriteError(
+                exc.errno,
+                f"could not journal line {line} of {self.path}: {reason}cannot cut a partial record "
+                f"back to {self._size} bytes: {exc.strerror or exc}",
+            ) from cause or exc
+        self._torn = False
+
+    def sync(self) -> None:
+        """Flushes the records to the disk (fsync): after this they survive a power loss too."""
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

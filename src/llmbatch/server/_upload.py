@@ -16,6 +16,8 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
+from ._disk import free_bytes, is_disk_full
+
 __all__ = ["Upload", "UploadError", "receive_upload"]
 
 #: Largest accepted non-file form field; purpose and expires_after values are tiny.
@@ -138,13 +140,32 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], dest: 
             # python-multipart's finalize() does not check this: without the closing boundary
             # the body was cut off, and the file part may be missing its last bytes.
             raise UploadError("malformed multipart body: it ends before the closing boundary")
+        if out is not None and not out.closed:
+            out.close()  # its last bytes are written here: a full disk must show now, not be ignored
     except (UploadError, ClientDisconnect):  # a caller that hung up did not send a malformed body
         raise
+    except OSError as exc:  # writing the file failed: the server's disk, not the caller's body
+        raise storage_error(exc, dest.parent) from exc
     except Exception as exc:  # the parser's own errors: a malformed body
         raise UploadError(f"malformed multipart body: {exc}") from exc
     finally:
         if out is not None and not out.closed:
-            out.close()
+            try:
+                out.close()
+            except OSError:
+                pass  # already failing; the caller removes the file
         if up.too_large and up.path is not None:
             os.unlink(up.path)
     return up
+
+
+def storage_error(exc: OSError, where: Path) -> UploadError:
+    """The error for an upload the server could not store: 507 when the disk is full."""
+    if is_disk_full(exc):
+        return UploadError(
+            f"Insufficient storage: the server's disk is full ({free_bytes(where)} bytes free) and the file "
+            "was not stored. Try again later.",
+            status=507,
+            code="insufficient_storage",
+        )
+    return UploadError(f"The server could not store the file: {exc}", status=500, code="storage_error")

@@ -10,6 +10,12 @@ needs next:
 
 Everything a batch has done lives in the store and in its journal, so the supervisor needs
 no memory of its own to resume after kill -9: it simply starts what the store says is owed.
+
+A batch whose task fails (a full disk above all: a row's result cannot be journaled, the output
+files cannot be written, SQLite is full) keeps its status and is started again after a backoff
+(1 s, doubling to 60 s), with one log line per try: paused, never cancelled or relaunched on
+every tick. Rows that were not journaled run again, so every row ends up in the output or error
+file exactly once.
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from .._exceptions import StateError
 from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
+from ._disk import Backoff, free_bytes, is_disk_full
 from ._ids import new_id
-from ._journal import Journal, Totals
+from ._journal import Journal
+from ._outputs import CANCELLED, EXPIRED, fsync_dir, write_outputs
 from ._store import BatchRow, FileRow, Store
 from ._validate import ValidationResult, iter_lines, validate_input
 
@@ -40,14 +48,8 @@ __all__ = ["BatchWorker", "output_line", "files_dir"]
 
 log = logging.getLogger("llmbatch.server")
 
-_EXPIRED = {
-    "code": "batch_expired",
-    "message": "This request could not be executed before the completion window expired.",
-}
-_CANCELLED = {
-    "code": "batch_cancelled",
-    "message": "This request was not executed because the batch was cancelled.",
-}
+#: The statuses a batch can be finished from, by outcome.
+_FINISHED_FROM = {"completed": ("finalizing",), "expired": ("in_progress", "validating"), "cancelled": ("cancelling",)}
 
 
 def files_dir(config: ServerConfig) -> Path:
@@ -70,10 +72,6 @@ def output_line(custom_id: str | None, resp: EngineResponse) -> bytes:
     )
 
 
-def _unrun_line(custom_id: str, error: dict[str, str]) -> bytes:
-    return orjson.dumps({"id": new_id("batch_req_", 16), "custom_id": custom_id, "response": None, "error": error})
-
-
 @dataclass
 class _Run:
     """A batch the worker is busy with: its task, and why it should stop early, if it should."""
@@ -83,6 +81,19 @@ class _Run:
     executing: bool = False
     stop: str | None = None  # "cancel" or "expire"
     wake: asyncio.Event | None = None
+    #: Why a row's result could not be journaled: the batch pauses (see BatchWorker._launch).
+    failure: OSError | None = None
+
+
+class _Retry:
+    """When a batch whose task failed may be started again, and in which status it was started
+    (a batch cancelled meanwhile is finished at once)."""
+
+    __slots__ = ("at", "status")
+
+    def __init__(self, at: float, status: str) -> None:
+        self.at = at
+        self.status = status
 
 
 class BatchWorker:
@@ -98,6 +109,18 @@ class BatchWorker:
         self._supervisor: asyncio.Task[None] | None = None
         self._tmp = config.data_dir / "tmp"
         self._jobs = config.data_dir / "batches"
+        self._backoff = Backoff()
+        self._retry: dict[str, _Retry] = {}
+        self._tick_backoff = Backoff()
+        #: time.time() of the last write that failed for a full disk, until one succeeds.
+        self.disk_full_since: float | None = None
+
+    def note_disk_full(self, full: bool) -> None:
+        """Records that a write failed for lack of space (True) or that one succeeded (False)."""
+        if not full:
+            self.disk_full_since = None
+        elif self.disk_full_since is None:
+            self.disk_full_since = time.time()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -145,19 +168,37 @@ class BatchWorker:
 
     async def _supervise(self) -> None:
         while True:
+            pause = 0.5
             try:
                 self._tick()
-            except Exception:  # a bug here must not stop every batch for good
-                log.exception("batch supervisor tick failed")
+                self._tick_backoff.succeed("tick")
+            except Exception as exc:  # a bug or a full disk here must not stop every batch for good
+                pause = self._tick_backoff.fail("tick")
+                if is_disk_full(exc):
+                    self.note_disk_full(True)
+                    log.warning("batch supervisor: disk full in %s (%s); retrying in %g s", self._where(), exc, pause)
+                else:
+                    log.exception("batch supervisor tick failed; retrying in %g s", pause)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                await asyncio.wait_for(self._wake.wait(), timeout=pause)
+
+    def _where(self) -> str:
+        return f"{self.config.data_dir} ({free_bytes(self.config.data_dir)} bytes free)"
 
     def _tick(self) -> None:
         now = int(time.time())
         running = sum(1 for r in self._runs.values() if r.executing and r.stop is None)
-        for b in self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling")):
+        active = self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling"))
+        for b in active:
             run = self._runs.get(b.id)
+            retry = self._retry.get(b.id)
+            if run is None and retry is not None:
+                cancelled = b.status == "cancelling" and retry.status != "cancelling"
+                if time.monotonic() < retry.at and not cancelled:
+                    continue  # failed lately (a full disk?): waiting out its backoff
+                del self._retry[b.id]  # its time came, or it was cancelled meanwhile: go on at once
+                log.info("batch %s: trying again (%s)", b.id, b.status)
             expired = b.expires_at is not None and now >= b.expires_at and b.status in ("validating", "in_progress")
             if run is not None:
                 if expired and run.stop is None:
@@ -176,6 +217,9 @@ class BatchWorker:
                 self._launch(b, self._finish(b, "completed"))
             elif b.status == "cancelling":
                 self._launch(b, self._finish(b, "cancelled"))
+        for batch_id in self._retry.keys() - {b.id for b in active}:  # ended meanwhile
+            del self._retry[batch_id]
+            self._backoff.succeed(batch_id)
         for file_id in self.store.expired_files(now):
             self._delete_file(file_id)
 
@@ -185,10 +229,22 @@ class BatchWorker:
         task = asyncio.create_task(coro, name=f"batch-{b.id}")
         self._runs[b.id] = _Run(task, executing=executing, stop=stop)
 
-        def done(t: asyncio.Task[None], batch_id: str = b.id) -> None:
+        def done(t: asyncio.Task[None], batch_id: str = b.id, status: str = b.status) -> None:
             self._runs.pop(batch_id, None)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("batch %s: worker task failed", batch_id, exc_info=t.exception())
+            exc = None if t.cancelled() else t.exception()
+            if exc is None:
+                self._backoff.succeed(batch_id)
+            else:
+                # Not again at the next tick: that was a busy loop of tracebacks on a full disk.
+                delay = self._backoff.fail(batch_id)
+                self._retry[batch_id] = _Retry(time.monotonic() + delay, status)
+                if is_disk_full(exc):
+                    self.note_disk_full(True)
+                    log.warning("batch %s: disk full in %s; pausing, retrying in %g s", batch_id, self._where(), delay)
+                elif isinstance(exc, OSError):  # the file system failed otherwise: its message says it all
+                    log.error("batch %s: %s; pausing, retrying in %g s", batch_id, exc, delay)
+                else:
+                    log.error("batch %s: worker task failed; retrying in %g s", batch_id, delay, exc_info=exc)
             self.notify()
 
         task.add_done_callback(done)
@@ -254,41 +310,53 @@ class BatchWorker:
         journal_dir = self._jobs / b.id
         journal_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(journal_dir / "journal")
+        done_before = journal.totals.completed + journal.totals.failed
         inflight: set[asyncio.Task[None]] = set()
         limit = asyncio.Semaphore(self.engine.max_concurrency)
         checkpoint = asyncio.create_task(self._checkpoints(b.id, journal))
         try:
             async for n, raw in _aiter_lines(files_dir(self.config) / b.input_file_id):
-                if run.stop is not None:
+                if run.stop is not None or run.failure is not None:
                     break
                 if not raw.strip() or journal.is_done(n):
                     continue
                 await limit.acquire()
-                if run.stop is not None:
+                if run.stop is not None or run.failure is not None:
                     limit.release()
                     break
-                task = asyncio.create_task(self._row(b.endpoint, n, raw, journal, limit))
+                task = asyncio.create_task(self._row(run, b.endpoint, n, raw, journal, limit))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 # Let the row (and the API's requests) run before the next row is read: without
                 # this, rows that need no I/O (echo) pile up as ready tasks by the hundred, and
                 # every API request waits behind all of them.
                 await asyncio.sleep(0)
-            if inflight and run.stop is None:
-                # Wait for the last rows, unless told to stop meanwhile.
+            if inflight and run.stop is None and run.failure is None:
+                # Wait for the last rows, unless told to stop (or a row could not be journaled) meanwhile.
                 stopper = asyncio.create_task(run.wake.wait())
                 everything = asyncio.gather(*inflight, return_exceptions=True)
                 await asyncio.wait({stopper, everything}, return_when=asyncio.FIRST_COMPLETED)
                 stopper.cancel()
-            for task in list(inflight):  # rows cut off by cancellation or expiry
+            for task in list(inflight):  # rows cut off by cancellation, expiry or a failed journal write
                 task.cancel()
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+            if run.failure is None:
+                # Before the batch moves on (finalizing reads the journal), its records must
+                # survive a power loss: the one fsync of the run, in a thread.
+                await asyncio.to_thread(journal.sync)
         finally:
             checkpoint.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoint
             journal.close()
+        if journal.totals.completed + journal.totals.failed > done_before:
+            self._backoff.succeed(b.id)  # rows were recorded: a later failure starts the backoff again
+        if run.failure is not None and run.stop is None:
+            # Paused: the rows not journaled run again when the supervisor retries (after a backoff).
+            with contextlib.suppress(Exception):
+                self.store.set_progress(b.id, **journal.totals.columns())
+            raise run.failure
         self.store.set_progress(b.id, **journal.totals.columns())
         if run.stop == "cancel":
             outcome = "cancelled"
@@ -303,7 +371,9 @@ class BatchWorker:
                 outcome = "cancelled"
         await self._finish(b, outcome)
 
-    async def _row(self, endpoint: str, n: int, raw: bytes, journal: Journal, limit: asyncio.Semaphore) -> None:
+    async def _row(
+        self, run: _Run, endpoint: str, n: int, raw: bytes, journal: Journal, limit: asyncio.Semaphore
+    ) -> None:
         try:
             custom_id: str | None = None
             try:
@@ -317,12 +387,22 @@ class BatchWorker:
                 resp = EngineResponse(500, error_body(f"engine error: {exc}", "server_error"))
             usage = resp.usage
             line = output_line(custom_id, resp)
-            if usage is not None and resp.ok:
-                journal.append(
-                    n, True, line, usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens
-                )
-            else:
-                journal.append(n, resp.ok, line)
+            try:
+                if usage is not None and resp.ok:
+                    journal.append(
+                        n, True, line, usage.input_tokens, usage.output_tokens, usage.cached_tokens,
+                        usage.reasoning_tokens,
+                    )  # fmt: skip
+                else:
+                    journal.append(n, resp.ok, line)
+            except OSError as exc:  # not recorded (the journal cut it off again): the row runs again later
+                if run.failure is None:
+                    run.failure = exc
+                    if run.wake is not None:
+                        run.wake.set()
+                return
+            if self.disk_full_since is not None:
+                self.note_disk_full(False)
             self.rows_done[(endpoint, resp.status_code)] += 1
         finally:
             limit.release()
@@ -334,7 +414,12 @@ class BatchWorker:
             await asyncio.sleep(self.config.checkpoint_interval)
             cols = journal.totals.columns()
             if cols != last:
-                self.store.set_progress(batch_id, **cols)
+                try:
+                    self.store.set_progress(batch_id, **cols)
+                except Exception as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    continue  # only the shown counts lag; the journal has them
                 last = cols
 
     # -- finishing -----------------------------------------------------------------------
@@ -349,78 +434,41 @@ class BatchWorker:
         journal_path = self._jobs / b.id / "journal"
         out_id, err_id = new_id("file-"), new_id("file-")
         out_tmp, err_tmp = self._tmp / out_id, self._tmp / err_id
-        unrun = _EXPIRED if outcome == "expired" else _CANCELLED
-        total, counts = await asyncio.to_thread(
-            _write_outputs, files_dir(self.config) / b.input_file_id, journal_path, out_tmp, err_tmp, unrun
-        )
-        now = int(time.time())
-        expires = now + b.output_expires_after if b.output_expires_after else None
+        unrun = EXPIRED if outcome == "expired" else CANCELLED
         new_files: list[FileRow] = []
-        ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
-        for key, fid, tmp, kind in (
-            ("output_file_id", out_id, out_tmp, "output"),
-            ("error_file_id", err_id, err_tmp, "error"),
-        ):
-            size = tmp.stat().st_size
-            if size == 0:
-                tmp.unlink()
-                continue
-            os.replace(tmp, files_dir(self.config) / fid)
-            new_files.append(FileRow(fid, b.owner, f"batch_{b.id}_{kind}.jsonl", "batch_output", size, now, expires))
-            ids[key] = fid
-        from_ = {"completed": ("finalizing",), "expired": ("in_progress", "validating"), "cancelled": ("cancelling",)}
         try:
-            self.store.transition(
-                b.id, outcome, from_[outcome], new_files=new_files, **ids, **counts.columns(), total=total
+            total, counts = await asyncio.to_thread(
+                write_outputs, files_dir(self.config) / b.input_file_id, journal_path, out_tmp, err_tmp, unrun
             )
-        except Exception:
-            for f in new_files:
-                (files_dir(self.config) / f.id).unlink(missing_ok=True)
-            raise
-        shutil.rmtree(self._jobs / b.id, ignore_errors=True)
-
-
-def _write_outputs(
-    input_path: Path, journal_path: Path, out_path: Path, err_path: Path, unrun: dict[str, str]
-) -> tuple[int, Totals]:
-    """Streams input and journal into the output and error files, in input order.
-
-    Returns the number of rows written and their totals (unrun rows count as failed).
-    """
-    journal = Journal(journal_path) if journal_path.exists() else None
-    counts = Totals()
-    total = 0
-    if journal is not None:
-        journal.close()
-        t = journal.totals
-        counts.input_tokens, counts.output_tokens = t.input_tokens, t.output_tokens
-        counts.cached_tokens, counts.reasoning_tokens = t.cached_tokens, t.reasoning_tokens
-    records: BinaryIO | None = open(journal_path, "rb") if journal is not None else None
-    try:
-        with open(out_path, "wb", buffering=1 << 20) as out, open(err_path, "wb", buffering=1 << 20) as err:
-            for n, raw in iter_lines(input_path):
-                if not raw.strip():
+            now = int(time.time())
+            expires = now + b.output_expires_after if b.output_expires_after else None
+            ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
+            for key, fid, tmp, kind in (
+                ("output_file_id", out_id, out_tmp, "output"),
+                ("error_file_id", err_id, err_tmp, "error"),
+            ):
+                size = tmp.stat().st_size
+                if size == 0:
+                    tmp.unlink()
                     continue
-                offset = journal.offset(n) if journal is not None else -1
-                if offset >= 0 and records is not None:
-                    ok, line = Journal.read_record(records, offset)
-                else:
-                    try:
-                        custom_id = orjson.loads(raw)["custom_id"]
-                    except Exception:  # never validated (expired while queued): cannot name it
-                        continue
-                    ok, line = False, _unrun_line(custom_id, unrun)
-                total += 1
-                if ok:
-                    counts.completed += 1
-                    out.write(line + b"\n")
-                else:
-                    counts.failed += 1
-                    err.write(line + b"\n")
-    finally:
-        if records is not None:
-            records.close()
-    return total, counts
+                os.replace(tmp, files_dir(self.config) / fid)
+                new_files.append(
+                    FileRow(fid, b.owner, f"batch_{b.id}_{kind}.jsonl", "batch_output", size, now, expires)
+                )
+                ids[key] = fid
+            if new_files:
+                await asyncio.to_thread(fsync_dir, files_dir(self.config))  # their new names, too
+            self.store.transition(
+                b.id, outcome, _FINISHED_FROM[outcome], new_files=new_files, **ids, **counts.columns(), total=total
+            )
+        except BaseException:
+            # A full disk, most likely: leave nothing half-written; the batch keeps its status and
+            # the supervisor finishes it again after a backoff.
+            for path in (out_tmp, err_tmp, *(files_dir(self.config) / f.id for f in new_files)):
+                path.unlink(missing_ok=True)
+            raise
+        self.note_disk_full(False)
+        shutil.rmtree(self._jobs / b.id, ignore_errors=True)
 
 
 async def _aiter_lines(path: Path, batch: int = 512) -> AsyncIterator[tuple[int, bytes]]:
