@@ -63,6 +63,13 @@ __all__ = ["serve"]
     "--max-active-batches", type=click.IntRange(min=1), default=4, show_default=True, help="Batches run at once."
 )
 @click.option(
+    "--scheduling",
+    type=click.Choice(["fair", "fifo"]),
+    default="fair",
+    show_default=True,
+    help="How API keys share the engine: fair (round-robin between keys) or fifo (oldest batch first).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def serve(
@@ -80,6 +87,7 @@ def serve(
     max_file_size: str,
     max_lines: int,
     max_active_batches: int,
+    scheduling: str,
     log_level: str,
     **model_options: Any,
 ) -> None:
@@ -114,6 +122,7 @@ def serve(
         max_file_bytes=parse_size(max_file_size),
         max_file_lines=max_lines,
         max_active_batches=max_active_batches,
+        scheduling=scheduling,
         engine=engine,
         engine_options=options,
     )

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .._exceptions import ConfigError
 from ..engines import EngineOptions, engine_options
+from ._fair import Scheduling
 
 __all__ = ["ServerConfig", "parse_window", "parse_size"]
 
@@ -49,7 +50,15 @@ class ServerConfig(BaseModel):
     max_file_lines: int = Field(50_000, gt=0)
     """Most requests a batch input file may hold."""
     max_active_batches: int = Field(4, gt=0)
-    """Batches executed at once; later ones wait, in creation order, in `in_progress`."""
+    """Batches executed at once; later ones wait in `in_progress`. With `scheduling="fair"` the
+    oldest waiting batch of a key that has nothing running starts even past this limit (so at
+    most one batch more per key), and free places go to the key with the fewest batches running;
+    with "fifo", batches start in creation order."""
+    scheduling: Scheduling = "fair"
+    """How running batches share the engine's `max_concurrency` rows in flight (one budget for
+    all of them, see `_fair`): "fair" gives a free slot to the API key with the fewest rows in
+    flight, then to its batch with the fewest; "fifo" gives it to the oldest batch. With no keys
+    every batch has the same owner, so "fair" shares rows between the running batches."""
     max_validation_errors: int = Field(20, gt=0)
     """Most errors listed in a failed batch's `errors.data`; the rest are counted in a last
     `too_many_errors` entry. Small like OpenAI's, since every GET of the batch (and of the

@@ -31,6 +31,7 @@ import orjson
 from .._exceptions import StateError
 from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
+from ._fair import EngineSlots, Share, admit
 from ._ids import new_id
 from ._journal import Journal, Totals
 from ._store import BatchRow, FileRow, Store
@@ -79,10 +80,20 @@ class _Run:
     """A batch the worker is busy with: its task, and why it should stop early, if it should."""
 
     task: asyncio.Task[None]
+    owner: str
     #: True while the batch's rows are being executed (what --max-active-batches bounds).
     executing: bool = False
     stop: str | None = None  # "cancel" or "expire"
     wake: asyncio.Event | None = None
+    share: Share | None = None  # its place in the engine's row budget, while executing
+
+    def halt(self, why: str, slots: EngineSlots) -> None:
+        """Tells the batch to stop: its loop ends now, even while it waits for an engine slot."""
+        self.stop = why
+        if self.wake is not None:
+            self.wake.set()
+        if self.share is not None:
+            slots.withdraw(self.share)
 
 
 class BatchWorker:
@@ -94,6 +105,8 @@ class BatchWorker:
         self.engine = engine
         self.rows_done: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> rows
         self._runs: dict[str, _Run] = {}
+        # Rows in flight, for all batches together: the engine's concurrency, shared fairly.
+        self._slots = EngineSlots(engine.max_concurrency, config.scheduling)
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._tmp = config.data_dir / "tmp"
@@ -127,9 +140,7 @@ class BatchWorker:
         """Tells a running batch to stop; the store already says `cancelling`."""
         run = self._runs.get(batch_id)
         if run is not None:
-            run.stop = "cancel"
-            if run.wake is not None:
-                run.wake.set()
+            run.halt("cancel", self._slots)
         self.notify()
 
     def _sweep_orphans(self) -> None:
@@ -155,27 +166,29 @@ class BatchWorker:
 
     def _tick(self) -> None:
         now = int(time.time())
-        running = sum(1 for r in self._runs.values() if r.executing and r.stop is None)
+        running = Counter(r.owner for r in self._runs.values() if r.executing and r.stop is None)
+        waiting: list[BatchRow] = []
         for b in self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling")):
             run = self._runs.get(b.id)
             expired = b.expires_at is not None and now >= b.expires_at and b.status in ("validating", "in_progress")
             if run is not None:
                 if expired and run.stop is None:
-                    run.stop = "expire"
-                    if run.wake is not None:
-                        run.wake.set()
+                    run.halt("expire", self._slots)
                 continue
             if b.status == "validating" and not expired:
                 self._launch(b, self._validate(b))
-            elif b.status == "in_progress" and (expired or running < self.config.max_active_batches):
-                self._launch(b, self._execute(b), stop="expire" if expired else None, executing=True)
-                running += 0 if expired else 1
+            elif b.status == "in_progress" and not expired:
+                waiting.append(b)
+            elif b.status == "in_progress":  # expired while waiting to run: finish without running
+                self._launch(b, self._execute(b), stop="expire", executing=True)
             elif expired:  # validating past its window: nothing ran
                 self._launch(b, self._finish(b, "expired"))
             elif b.status == "finalizing":
                 self._launch(b, self._finish(b, "completed"))
             elif b.status == "cancelling":
                 self._launch(b, self._finish(b, "cancelled"))
+        for b in admit(waiting, running, self.config.max_active_batches, self.config.scheduling):
+            self._launch(b, self._execute(b), executing=True)
         for file_id in self.store.expired_files(now):
             self._delete_file(file_id)
 
@@ -183,7 +196,7 @@ class BatchWorker:
         self, b: BatchRow, coro: Coroutine[Any, Any, None], stop: str | None = None, executing: bool = False
     ) -> None:
         task = asyncio.create_task(coro, name=f"batch-{b.id}")
-        self._runs[b.id] = _Run(task, executing=executing, stop=stop)
+        self._runs[b.id] = _Run(task, b.owner, executing=executing, stop=stop)
 
         def done(t: asyncio.Task[None], batch_id: str = b.id) -> None:
             self._runs.pop(batch_id, None)
@@ -255,7 +268,8 @@ class BatchWorker:
         journal_dir.mkdir(parents=True, exist_ok=True)
         journal = Journal(journal_dir / "journal")
         inflight: set[asyncio.Task[None]] = set()
-        limit = asyncio.Semaphore(self.engine.max_concurrency)
+        slots = self._slots
+        share = run.share = slots.join(b.owner)
         checkpoint = asyncio.create_task(self._checkpoints(b.id, journal))
         try:
             async for n, raw in _aiter_lines(files_dir(self.config) / b.input_file_id):
@@ -263,11 +277,12 @@ class BatchWorker:
                     break
                 if not raw.strip() or journal.is_done(n):
                     continue
-                await limit.acquire()
-                if run.stop is not None:
-                    limit.release()
+                if not await slots.acquire(share):  # withdrawn: cancelled or expired
                     break
-                task = asyncio.create_task(self._row(b.endpoint, n, raw, journal, limit))
+                if run.stop is not None:
+                    slots.release(share)
+                    break
+                task = asyncio.create_task(self._row(b.endpoint, n, raw, journal, share))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 # Let the row (and the API's requests) run before the next row is read: without
@@ -285,6 +300,8 @@ class BatchWorker:
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
         finally:
+            slots.leave(share)
+            run.share = None
             checkpoint.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoint
@@ -303,7 +320,7 @@ class BatchWorker:
                 outcome = "cancelled"
         await self._finish(b, outcome)
 
-    async def _row(self, endpoint: str, n: int, raw: bytes, journal: Journal, limit: asyncio.Semaphore) -> None:
+    async def _row(self, endpoint: str, n: int, raw: bytes, journal: Journal, share: Share) -> None:
         try:
             custom_id: str | None = None
             try:
@@ -325,7 +342,7 @@ class BatchWorker:
                 journal.append(n, resp.ok, line)
             self.rows_done[(endpoint, resp.status_code)] += 1
         finally:
-            limit.release()
+            self._slots.release(share)
 
     async def _checkpoints(self, batch_id: str, journal: Journal) -> None:
         """Writes the running counts to the store, so request_counts move while rows finish."""
