@@ -166,6 +166,8 @@ class EngineSlots:
         self._owners[share.owner] += 1
 
     def _next(self) -> Share:
+        if len(self._waiting) == 1:  # a lone batch: the usual case, and the hot one
+            return self._waiting[0]
         if self.scheduling == "fifo":
             return min(self._waiting, key=lambda s: s.order)
         owners, weights, last = self._owners, self._weights, self._last_turn

@@ -83,6 +83,7 @@ class _Run:
     owner: str
     #: True while the batch's rows are being executed (what --max-active-batches bounds).
     executing: bool = False
+    validating: bool = False
     stop: str | None = None  # "cancel" or "expire"
     wake: asyncio.Event | None = None
     share: Share | None = None  # its place in the engine's row budget, while executing
@@ -167,6 +168,8 @@ class BatchWorker:
     def _tick(self) -> None:
         now = int(time.time())
         running = Counter(r.owner for r in self._runs.values() if r.executing and r.stop is None)
+        validating = Counter(r.owner for r in self._runs.values() if r.validating)
+        to_validate: list[BatchRow] = []
         waiting: list[BatchRow] = []
         for b in self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling")):
             run = self._runs.get(b.id)
@@ -176,7 +179,7 @@ class BatchWorker:
                     run.halt("expire", self._slots)
                 continue
             if b.status == "validating" and not expired:
-                self._launch(b, self._validate(b))
+                to_validate.append(b)
             elif b.status == "in_progress" and not expired:
                 waiting.append(b)
             elif b.status == "in_progress":  # expired while waiting to run: finish without running
@@ -187,16 +190,28 @@ class BatchWorker:
                 self._launch(b, self._finish(b, "completed"))
             elif b.status == "cancelling":
                 self._launch(b, self._finish(b, "cancelled"))
+        if self.config.scheduling == "fair":
+            # One validation per owner at a time (its oldest first): validations share a few
+            # threads and the GIL, so a key that uploads a dozen files at once would otherwise
+            # hold up another key's one-line batch for as long as they all take.
+            to_validate = admit(to_validate, validating, limit=0)
+        for b in to_validate:
+            self._launch(b, self._validate(b), validating=True)
         for b in admit(waiting, running, self.config.max_active_batches, self.config.scheduling):
             self._launch(b, self._execute(b), executing=True)
         for file_id in self.store.expired_files(now):
             self._delete_file(file_id)
 
     def _launch(
-        self, b: BatchRow, coro: Coroutine[Any, Any, None], stop: str | None = None, executing: bool = False
+        self,
+        b: BatchRow,
+        coro: Coroutine[Any, Any, None],
+        stop: str | None = None,
+        executing: bool = False,
+        validating: bool = False,
     ) -> None:
         task = asyncio.create_task(coro, name=f"batch-{b.id}")
-        self._runs[b.id] = _Run(task, b.owner, executing=executing, stop=stop)
+        self._runs[b.id] = _Run(task, b.owner, executing=executing, validating=validating, stop=stop)
 
         def done(t: asyncio.Task[None], batch_id: str = b.id) -> None:
             self._runs.pop(batch_id, None)
