@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import openai
 
 from conftest import ServerProc, chat_line, jsonl, upload, wait_batch
-from llmbatch.server._fair import EngineSlots, admit
+from llmbatch.server._fair import EngineSlots, Share, admit
 
 CHAT = "/v1/chat/completions"
 LATENCY = 0.05  # seconds per row on the echo engine
@@ -159,5 +159,36 @@ def test_withdraw_ends_a_wait_and_cancel_hands_the_slot_on() -> None:
         slots.release(a)  # nobody waits any more: the slot is free again
         assert slots.in_flight == 0
         assert await slots.acquire(c)
+
+    run(go())
+
+
+def test_engine_slots_share_rows_by_weight() -> None:
+    async def in_flight(weights: dict[str, float]) -> tuple[int, int]:
+        slots = EngineSlots(8, weights=weights)
+        holder = slots.join("C")
+        for _ in range(8):
+            assert await slots.acquire(holder)
+        a, b = slots.join("A"), slots.join("B")
+
+        async def loop(share: Share) -> None:  # rows that never end: each takes a slot for good
+            while await slots.acquire(share):
+                pass
+
+        tasks = [asyncio.create_task(loop(a)), asyncio.create_task(loop(b))]
+        for _ in range(8):  # free the slots one by one; both batches wait for each
+            await asyncio.sleep(0)
+            slots.release(holder)
+        await asyncio.sleep(0)
+        counts = slots.owner_in_flight("A"), slots.owner_in_flight("B")
+        for share in (a, b):
+            slots.withdraw(share)
+        await asyncio.gather(*tasks)
+        return counts
+
+    async def go() -> None:
+        assert await in_flight({}) == (4, 4)
+        assert await in_flight({"A": 3}) == (6, 2)
+        assert await in_flight({"B": 0.5, "A": 1.5}) == (6, 2)
 
     run(go())

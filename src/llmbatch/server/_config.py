@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from .._exceptions import ConfigError
 from ..engines import EngineOptions, engine_options
 from ._fair import Scheduling
 
-__all__ = ["ServerConfig", "parse_window", "parse_size"]
+__all__ = ["ServerConfig", "key_owner", "parse_window", "parse_size"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -32,6 +34,11 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as 200MB, 1GiB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def key_owner(key: str) -> str:
+    """The owner tag of an API key: what the store records instead of the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 class ServerConfig(BaseModel):
@@ -59,6 +66,10 @@ class ServerConfig(BaseModel):
     all of them, see `_fair`): "fair" gives a free slot to the API key with the fewest rows in
     flight, then to its batch with the fewest; "fifo" gives it to the oldest batch. With no keys
     every batch has the same owner, so "fair" shares rows between the running batches."""
+    key_weights: dict[str, float] = Field(default_factory=dict)
+    """API key -> its weight under fair scheduling (others weigh 1): while keys have rows
+    waiting, a key of weight 2 gets twice the rows in flight of a key of weight 1. Each must be
+    one of `api_keys`. Weights share rows, not the batch places of `max_active_batches`."""
     max_validation_errors: int = Field(20, gt=0)
     """Most errors listed in a failed batch's `errors.data`; the rest are counted in a last
     `too_many_errors` entry. Small like OpenAI's, since every GET of the batch (and of the
@@ -86,3 +97,18 @@ class ServerConfig(BaseModel):
             if key != key.strip():
                 raise ConfigError("--api-key: a key must not start or end with spaces (callers' keys are trimmed)")
         return keys
+
+    @field_validator("key_weights")
+    @classmethod
+    def _weights_of_known_keys(cls, weights: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        keys = info.data.get("api_keys", [])
+        for key, weight in weights.items():
+            if key not in keys:  # the key itself is not repeated: messages end up in logs
+                raise ConfigError("--key-weight: that key is not one of the --api-key keys; weigh a key given there")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"--key-weight: the weight must be a positive number, not {weight}")
+        return weights
+
+    def owner_weights(self) -> dict[str, float]:
+        """`key_weights` by owner tag (see `key_owner`), as the scheduler sees batches."""
+        return {key_owner(key): weight for key, weight in self.key_weights.items()}

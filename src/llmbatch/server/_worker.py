@@ -107,7 +107,7 @@ class BatchWorker:
         self.rows_done: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> rows
         self._runs: dict[str, _Run] = {}
         # Rows in flight, for all batches together: the engine's concurrency, shared fairly.
-        self._slots = EngineSlots(engine.max_concurrency, config.scheduling)
+        self._slots = EngineSlots(engine.max_concurrency, config.scheduling, config.owner_weights())
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._tmp = config.data_dir / "tmp"
