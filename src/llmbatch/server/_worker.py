@@ -4,9 +4,12 @@ One supervisor task looks at the store (on a tick, or when woken) and starts wha
 needs next:
 
     validating  -> validate the input file (in a thread) -> in_progress | failed
-    in_progress -> run the rows, bounded, journaling each -> finalizing -> completed
+    in_progress -> run the rows, journaling each -> finalizing -> completed
                    (or, when the window passes, expired; when cancelled, cancelling -> cancelled)
     finalizing / cancelling with no task (after a restart) -> finish the job
+
+Which batches validate and execute, and whose row gets the engine's next free slot, is decided
+fairly between owners (API keys) by `_fair`: one owner's backlog does not hold up another's.
 
 Everything a batch has done lives in the store and in its journal, so the supervisor needs
 no memory of its own to resume after kill -9: it simply starts what the store says is owed.
