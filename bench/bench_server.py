@@ -13,7 +13,7 @@
    rows/s over its backlog; once per --scheduling mode (fair, fifo). Target: a small multiple.
 
 Usage: python bench/bench_server.py [--rows 100000] [--big-factor 5] [--skip-big] [--skip-forward]
-       [--skip-fairness] [--fairness-modes fair,fifo] [--fairness-latency 0]
+       [--skip-fairness] [--fairness-modes fair,fifo] [--fairness-latency 0] [--fairness-concurrency 64]
 """
 
 from __future__ import annotations
@@ -165,12 +165,12 @@ def small_batch_seconds(client: openai.OpenAI, file_id: str) -> float:
     return time.perf_counter() - t0
 
 
-def fairness(tmpd: Path, mode: str, batches: int, rows: int, latency: float) -> None:
+def fairness(tmpd: Path, mode: str, batches: int, rows: int, latency: float, concurrency: int) -> None:
     """Key B's 1-row batch alone, then behind key A's backlog of `batches` x `rows` rows."""
     flags = [] if mode == "default" else ["--scheduling", mode]  # "default": a server without the flag
     srv = Server(
         tmpd / f"fair-{mode}", "--api-key", "key-a", "--api-key", "key-b", "--max-active-batches", "4",
-        "--max-concurrency", "64", "--echo-latency", str(latency), *flags,
+        "--max-concurrency", str(concurrency), "--echo-latency", str(latency), *flags,
     )  # fmt: skip
     try:
         a = openai.OpenAI(base_url=srv.url, api_key="key-a", max_retries=0, timeout=600)
@@ -198,7 +198,7 @@ def fairness(tmpd: Path, mode: str, batches: int, rows: int, latency: float) -> 
         print(
             f"fairness ({mode}): B's 1-row batch alone {alone * 1000:.0f} ms, behind A's {batches} x {rows:,} rows "
             f"{behind * 1000:.0f} ms -> {behind / alone:.1f}x; A's backlog {a_s:.1f} s = "
-            f"{batches * rows / a_s:,.0f} rows/s (echo latency {latency * 1000:.0f} ms, 64 in flight)"
+            f"{batches * rows / a_s:,.0f} rows/s (echo latency {latency * 1000:.0f} ms, max concurrency {concurrency})"
         )
     finally:
         srv.close()
@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--skip-fairness", action="store_true")
     ap.add_argument("--fairness-modes", default="fair,fifo", help="comma-separated; 'default' passes no --scheduling")
     ap.add_argument("--fairness-latency", type=float, default=0.0, help="echo latency in the fairness section")
+    ap.add_argument("--fairness-concurrency", type=int, default=64, help="--max-concurrency in the fairness section")
     args = ap.parse_args()
     limits = ["--max-lines", "10000000", "--max-file-size", "4GB"]
 
@@ -277,7 +278,7 @@ def main() -> None:
         # 4: fairness between keys.
         if not args.skip_fairness:
             for mode in args.fairness_modes.split(","):
-                fairness(tmpd, mode.strip(), 12, 2000, args.fairness_latency)
+                fairness(tmpd, mode.strip(), 12, 2000, args.fairness_latency, args.fairness_concurrency)
 
 
 if __name__ == "__main__":
