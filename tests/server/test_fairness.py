@@ -192,3 +192,20 @@ def test_engine_slots_share_rows_by_weight() -> None:
         assert await in_flight({"B": 0.5, "A": 1.5}) == (6, 2)
 
     run(go())
+
+
+def test_a_slot_freed_while_a_waiter_is_being_cancelled_goes_to_the_next() -> None:
+    async def go() -> None:
+        slots = EngineSlots(1)
+        a, b, c = slots.join("A"), slots.join("B"), slots.join("C")
+        assert await slots.acquire(a)
+        waiting_b = asyncio.create_task(slots.acquire(b))
+        waiting_c = asyncio.create_task(slots.acquire(c))
+        await asyncio.sleep(0)
+        waiting_b.cancel()  # its future is cancelled now, its task sees it only later
+        slots.release(a)  # B is first in line but gone: C gets the slot
+        assert await waiting_c is True
+        assert waiting_b.cancelled()
+        assert slots.in_flight == 1 and slots.owner_in_flight("C") == 1
+
+    run(go())

@@ -123,8 +123,9 @@ class EngineSlots:
         self.withdraw(share)
         shares = self._shares[share.owner]
         shares.remove(share)
-        if not shares:
-            del self._shares[share.owner]  # bounded by the owners with batches running
+        if not shares:  # both bounded by the owners with batches running
+            del self._shares[share.owner]
+            self._last_turn.pop(share.owner, None)
 
     async def acquire(self, share: Share) -> bool:
         """Waits for a slot; True once it is the batch's, False when withdrawn."""
@@ -147,10 +148,10 @@ class EngineSlots:
 
     def release(self, share: Share) -> None:
         share.inflight -= 1
-        if self._waiting:
-            self._grant(self._next())
-        else:
-            self._free += 1
+        while self._waiting:
+            if self._grant(self._next()):
+                return
+        self._free += 1
 
     def withdraw(self, share: Share) -> None:
         """Ends the batch's wait, if it waits: its `acquire` returns False."""
@@ -181,11 +182,14 @@ class EngineSlots:
             ),
         )
 
-    def _grant(self, share: Share) -> None:
+    def _grant(self, share: Share) -> bool:
+        """Hands the slot to `share`'s waiting request; False if that was cancelled meanwhile."""
         self._waiting.remove(share)
         waiter, share.waiter = share.waiter, None
+        if waiter is None or waiter.done():  # its task was cancelled and has not run since
+            return False
         self._turn += 1
         self._last_turn[share.owner] = share.turn = self._turn
         share.inflight += 1
-        assert waiter is not None and not waiter.done()
         waiter.set_result(True)
+        return True
