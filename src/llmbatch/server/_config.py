@@ -64,8 +64,9 @@ class ServerConfig(BaseModel):
     scheduling: Scheduling = "fair"
     """How running batches share the engine's `max_concurrency` rows in flight (one budget for
     all of them, see `_fair`): "fair" gives a free slot to the API key with the fewest rows in
-    flight, then to its batch with the fewest; "fifo" gives it to the oldest batch. With no keys
-    every batch has the same owner, so "fair" shares rows between the running batches."""
+    flight, then to its batch with the fewest, and validates one batch per key at a time; "fifo"
+    gives it to the oldest batch and validates every batch at once. With no keys every batch has
+    the same owner, so "fair" shares rows between the running batches."""
     key_weights: dict[str, float] = Field(default_factory=dict)
     """API key -> its weight under fair scheduling (others weigh 1): while keys have rows
     waiting, a key of weight 2 gets twice the rows in flight of a key of weight 1. Each must be
