@@ -232,13 +232,16 @@ def main() -> None:
                 inp = tmpd / f"in-{rows}.jsonl"
                 size = write_input(inp, rows)
                 echo.reset_peak()
+                cpu0 = echo.cpu_seconds()
                 r = run_batch(echo.url, inp, rows, tmpd / f"out-{rows}.jsonl")
+                cpu = echo.cpu_seconds() - cpu0
                 rss[rows] = echo.peak_rss
                 print(
                     f"echo {rows:>9,} rows ({size / 1e6:,.0f} MB in): total {r['total_s']:6.1f} s "
                     f"(upload {r['upload_s']:.1f}, batch {r['batch_s']:.1f}, download {r['download_s']:.1f}) "
                     f"= {rows / r['total_s']:,.0f} rows/s; server peak RSS {echo.peak_rss / 2**20:,.0f} MiB; "
-                    f"a poll while it runs: median {r['poll_median_ms']:.1f} ms, max {r['poll_max_ms']:.1f} ms"
+                    f"a poll while it runs: median {r['poll_median_ms']:.1f} ms, max {r['poll_max_ms']:.1f} ms; "
+                    f"server CPU {1e6 * cpu / rows:.0f} us/row"
                 )
                 inp.unlink()
             if len(rss) == 2:
