@@ -8,8 +8,12 @@
    upstream with 50 ms latency at 256 in flight, as a ratio to the ideal time
    rows x latency / concurrency. Target: within 1.5x. Both servers share the machine's cores,
    so the upstream's CPU counts against the ratio too.
+4. Fairness between API keys: key B's 1-row batch, alone and then created just after key A
+   queued 12 batches of 2,000 rows (--max-active-batches 4), as a ratio (behind / alone), with A's
+   rows/s over its backlog; once per --scheduling mode (fair, fifo). Target: a small multiple.
 
 Usage: python bench/bench_server.py [--rows 100000] [--big-factor 5] [--skip-big] [--skip-forward]
+       [--skip-fairness] [--fairness-modes fair,fifo] [--fairness-latency 0] [--fairness-concurrency 64]
 """
 
 from __future__ import annotations
@@ -148,6 +152,58 @@ def run_batch(url: str, path: Path, rows: int, out_path: Path) -> dict[str, floa
     }
 
 
+def small_batch_seconds(client: openai.OpenAI, file_id: str) -> float:
+    """Seconds from creating a batch to seeing it completed, polling every 10 ms."""
+    t0 = time.perf_counter()
+    b = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = t0 + 600
+    while b.status not in ("completed", "failed", "expired", "cancelled") and time.perf_counter() < deadline:
+        time.sleep(0.01)
+        b = client.batches.retrieve(b.id)
+    if b.status != "completed":
+        raise RuntimeError(f"small batch ended {b.status}: {b.errors}")
+    return time.perf_counter() - t0
+
+
+def fairness(tmpd: Path, mode: str, batches: int, rows: int, latency: float, concurrency: int) -> None:
+    """Key B's 1-row batch alone, then behind key A's backlog of `batches` x `rows` rows."""
+    flags = [] if mode == "default" else ["--scheduling", mode]  # "default": a server without the flag
+    srv = Server(
+        tmpd / f"fair-{mode}", "--api-key", "key-a", "--api-key", "key-b", "--max-active-batches", "4",
+        "--max-concurrency", str(concurrency), "--echo-latency", str(latency), *flags,
+    )  # fmt: skip
+    try:
+        a = openai.OpenAI(base_url=srv.url, api_key="key-a", max_retries=0, timeout=600)
+        b = openai.OpenAI(base_url=srv.url, api_key="key-b", max_retries=0, timeout=600)
+        big, small = tmpd / f"fair-a-{mode}.jsonl", tmpd / f"fair-b-{mode}.jsonl"
+        write_input(big, rows)
+        write_input(small, 1)
+        with open(big, "rb") as fh:
+            a_file = a.files.create(file=(big.name, fh), purpose="batch").id
+        with open(small, "rb") as fh:
+            b_file = b.files.create(file=(small.name, fh), purpose="batch").id
+        alone = statistics.median(small_batch_seconds(b, b_file) for _ in range(3))
+        t0 = time.perf_counter()
+        backlog = [
+            a.batches.create(input_file_id=a_file, endpoint="/v1/chat/completions", completion_window="24h").id
+            for _ in range(batches)
+        ]
+        behind = small_batch_seconds(b, b_file)
+        for batch_id in backlog:
+            while (got := a.batches.retrieve(batch_id)).status not in ("completed", "failed", "expired", "cancelled"):
+                time.sleep(0.05)
+            if got.status != "completed":
+                raise RuntimeError(f"A's batch ended {got.status}")
+        a_s = time.perf_counter() - t0
+        print(
+            f"fairness ({mode}): B's 1-row batch alone {alone * 1000:.0f} ms, behind A's {batches} x {rows:,} rows "
+            f"{behind * 1000:.0f} ms -> {behind / alone:.1f}x; A's backlog {a_s:.1f} s = "
+            f"{batches * rows / a_s:,.0f} rows/s (echo latency {latency * 1000:.0f} ms, max concurrency {concurrency})"
+        )
+    finally:
+        srv.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
@@ -156,6 +212,10 @@ def main() -> None:
     ap.add_argument("--skip-forward", action="store_true")
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--skip-fairness", action="store_true")
+    ap.add_argument("--fairness-modes", default="fair,fifo", help="comma-separated; 'default' passes no --scheduling")
+    ap.add_argument("--fairness-latency", type=float, default=0.0, help="echo latency in the fairness section")
+    ap.add_argument("--fairness-concurrency", type=int, default=64, help="--max-concurrency in the fairness section")
     args = ap.parse_args()
     limits = ["--max-lines", "10000000", "--max-file-size", "4GB"]
 
@@ -172,13 +232,16 @@ def main() -> None:
                 inp = tmpd / f"in-{rows}.jsonl"
                 size = write_input(inp, rows)
                 echo.reset_peak()
+                cpu0 = echo.cpu_seconds()
                 r = run_batch(echo.url, inp, rows, tmpd / f"out-{rows}.jsonl")
+                cpu = echo.cpu_seconds() - cpu0
                 rss[rows] = echo.peak_rss
                 print(
                     f"echo {rows:>9,} rows ({size / 1e6:,.0f} MB in): total {r['total_s']:6.1f} s "
                     f"(upload {r['upload_s']:.1f}, batch {r['batch_s']:.1f}, download {r['download_s']:.1f}) "
                     f"= {rows / r['total_s']:,.0f} rows/s; server peak RSS {echo.peak_rss / 2**20:,.0f} MiB; "
-                    f"a poll while it runs: median {r['poll_median_ms']:.1f} ms, max {r['poll_max_ms']:.1f} ms"
+                    f"a poll while it runs: median {r['poll_median_ms']:.1f} ms, max {r['poll_max_ms']:.1f} ms; "
+                    f"server CPU {1e6 * cpu / rows:.0f} us/row"
                 )
                 inp.unlink()
             if len(rss) == 2:
@@ -214,6 +277,11 @@ def main() -> None:
             finally:
                 fwd.close()
                 upstream.close()
+
+        # 4: fairness between keys.
+        if not args.skip_fairness:
+            for mode in args.fairness_modes.split(","):
+                fairness(tmpd, mode.strip(), 12, 2000, args.fairness_latency, args.fairness_concurrency)
 
 
 if __name__ == "__main__":

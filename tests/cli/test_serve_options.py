@@ -89,3 +89,38 @@ def test_the_upstream_key_from_the_environment_reaches_only_the_openai_engine(
         monkeypatch, tmp_path, ["--engine", "openai", "--upstream-url", "http://127.0.0.1:9/v1"], env
     )
     assert forward.engine_options == OpenAIOptions(upstream_url="http://127.0.0.1:9/v1", upstream_api_key="sk-upstream")
+
+
+def test_scheduling_and_key_weights_reach_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from llmbatch.server._config import key_owner
+
+    default = _served_config(monkeypatch, tmp_path, ["--engine", "echo"], {})
+    assert default.scheduling == "fair" and default.key_weights == {}
+    args = ["--engine", "echo", "--api-key", "k=a", "--api-key", "kb", "--key-weight", "k=a=2.5"]
+    args += ["--scheduling", "fifo"]
+    config = _served_config(monkeypatch, tmp_path, args, {})
+    assert config.scheduling == "fifo"
+    assert config.key_weights == {"k=a": 2.5}  # the weight follows the last '=': keys may hold one
+    assert config.owner_weights() == {key_owner("k=a"): 2.5}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--key-weight", "secret-kb=2"], "that key is not one of the --api-key keys"),
+        (["--api-key", "ka", "--key-weight", "ka=0"], "the weight must be a positive number, not 0.0"),
+        (["--api-key", "ka", "--key-weight", "ka=nan"], "the weight must be a positive number, not nan"),
+        (["--api-key", "ka", "--key-weight", "ka"], "expected KEY=WEIGHT"),
+        (["--api-key", "ka", "--key-weight", "ka=much"], "expected KEY=WEIGHT"),
+        (["--scheduling", "random"], "'random' is not one of 'fair', 'fifo'"),
+    ],
+)
+def test_bad_scheduling_options_are_clean_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from llmbatch import ConfigError
+
+    result = CliRunner().invoke(cli, ["serve", "--engine", "echo", *args], env={"LLMBATCH_HOME": str(tmp_path)})
+    # A usage error (exit 2 here), or a ConfigError that `llmbatch` prints as one line, exit 2.
+    said = str(result.exception) if isinstance(result.exception, ConfigError) else result.output
+    assert result.exit_code == 2 or isinstance(result.exception, ConfigError), result.output
+    assert message in said
+    assert "secret-kb" not in said  # a key is a secret: errors do not repeat it

@@ -63,6 +63,20 @@ __all__ = ["serve"]
     "--max-active-batches", type=click.IntRange(min=1), default=4, show_default=True, help="Batches run at once."
 )
 @click.option(
+    "--scheduling",
+    type=click.Choice(["fair", "fifo"]),
+    default="fair",
+    show_default=True,
+    help="How API keys share the engine: fair (round-robin between keys) or fifo (oldest batch first).",
+)
+@click.option(
+    "--key-weight",
+    "key_weights",
+    multiple=True,
+    metavar="KEY=W",
+    help="fair: the --api-key KEY's share of rows in flight, against 1 for other keys (repeatable).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def serve(
@@ -80,6 +94,8 @@ def serve(
     max_file_size: str,
     max_lines: int,
     max_active_batches: int,
+    scheduling: str,
+    key_weights: tuple[str, ...],
     log_level: str,
     **model_options: Any,
 ) -> None:
@@ -114,6 +130,8 @@ def serve(
         max_file_bytes=parse_size(max_file_size),
         max_file_lines=max_lines,
         max_active_batches=max_active_batches,
+        scheduling=scheduling,
+        key_weights=dict(_key_weight(text) for text in key_weights),
         engine=engine,
         engine_options=options,
     )
@@ -124,3 +142,15 @@ def serve(
         err=True,
     )
     run_server(config, host=host, port=port, log_level=log_level)
+
+
+def _key_weight(text: str) -> tuple[str, float]:
+    """'KEY=2' -> ('KEY', 2.0); the key is never echoed back (it is a secret)."""
+    key, _, weight = text.rpartition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = None
+    if not key or value is None:
+        raise click.BadParameter("expected KEY=WEIGHT, such as --key-weight sk-team-a=2", param_hint="--key-weight")
+    return key, value

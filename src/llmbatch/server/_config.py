@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,9 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .._exceptions import ConfigError
 from ..engines import EngineOptions, engine_options
+from ._fair import Scheduling
 
-__all__ = ["ServerConfig", "parse_window", "parse_size"]
+__all__ = ["ServerConfig", "key_owner", "parse_window", "parse_size"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -33,6 +36,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+def key_owner(key: str) -> str:
+    """The owner tag of an API key: what the store records instead of the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
 class ServerConfig(BaseModel):
     """Everything `llmbatch serve` can be told."""
 
@@ -49,7 +57,20 @@ class ServerConfig(BaseModel):
     max_file_lines: int = Field(50_000, gt=0)
     """Most requests a batch input file may hold."""
     max_active_batches: int = Field(4, gt=0)
-    """Batches executed at once; later ones wait, in creation order, in `in_progress`."""
+    """Batches executed at once; later ones wait in `in_progress`. With `scheduling="fair"` the
+    oldest waiting batch of a key that has nothing running starts even past this limit (so at
+    most one batch more per key), and free places go to the key with the fewest batches running;
+    with "fifo", batches start in creation order."""
+    scheduling: Scheduling = "fair"
+    """How running batches share the engine's `max_concurrency` rows in flight (one budget for
+    all of them, see `_fair`): "fair" gives a free slot to the API key with the fewest rows in
+    flight, then to its batch with the fewest, and validates one batch per key at a time; "fifo"
+    gives it to the oldest batch and validates every batch at once. With no keys every batch has
+    the same owner, so "fair" shares rows between the running batches."""
+    key_weights: dict[str, float] = Field(default_factory=dict)
+    """API key -> its weight under fair scheduling (others weigh 1): while keys have rows
+    waiting, a key of weight 2 gets twice the rows in flight of a key of weight 1. Each must be
+    one of `api_keys`. Weights share rows, not the batch places of `max_active_batches`."""
     max_validation_errors: int = Field(20, gt=0)
     """Most errors listed in a failed batch's `errors.data`; the rest are counted in a last
     `too_many_errors` entry. Small like OpenAI's, since every GET of the batch (and of the
@@ -77,3 +98,18 @@ class ServerConfig(BaseModel):
             if key != key.strip():
                 raise ConfigError("--api-key: a key must not start or end with spaces (callers' keys are trimmed)")
         return keys
+
+    @field_validator("key_weights")
+    @classmethod
+    def _weights_of_known_keys(cls, weights: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        keys = info.data.get("api_keys", [])
+        for key, weight in weights.items():
+            if key not in keys:  # the key itself is not repeated: messages end up in logs
+                raise ConfigError("--key-weight: that key is not one of the --api-key keys; weigh a key given there")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"--key-weight: the weight must be a positive number, not {weight}")
+        return weights
+
+    def owner_weights(self) -> dict[str, float]:
+        """`key_weights` by owner tag (see `key_owner`), as the scheduler sees batches."""
+        return {key_owner(key): weight for key, weight in self.key_weights.items()}

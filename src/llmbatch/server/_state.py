@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 
@@ -10,7 +9,7 @@ from fastapi import Request
 
 from .._text import clip
 from ..engines import Engine, create_engine
-from ._config import ServerConfig
+from ._config import ServerConfig, key_owner
 from ._errors import APIError
 from ._store import BatchRow, FileRow, Store
 from ._worker import BatchWorker
@@ -27,7 +26,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
         self.config = config
         self.engine = engine or create_engine(config.engine, config.engine_options)
-        self._keys = {k: hashlib.sha256(k.encode()).hexdigest()[:24] for k in config.api_keys}
+        self._keys = {k: key_owner(k) for k in config.api_keys}
         self.store: Store | None = None
         self.worker: BatchWorker | None = None
         self.direct_requests: Counter[tuple[str, int]] = Counter()

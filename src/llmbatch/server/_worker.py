@@ -4,9 +4,12 @@ One supervisor task looks at the store (on a tick, or when woken) and starts wha
 needs next:
 
     validating  -> validate the input file (in a thread) -> in_progress | failed
-    in_progress -> run the rows, bounded, journaling each -> finalizing -> completed
+    in_progress -> run the rows, journaling each -> finalizing -> completed
                    (or, when the window passes, expired; when cancelled, cancelling -> cancelled)
     finalizing / cancelling with no task (after a restart) -> finish the job
+
+Which batches validate and execute, and whose row gets the engine's next free slot, is decided
+fairly between owners (API keys) by `_fair`: one owner's backlog does not hold up another's.
 
 Everything a batch has done lives in the store and in its journal, so the supervisor needs
 no memory of its own to resume after kill -9: it simply starts what the store says is owed.
@@ -38,6 +41,7 @@ from .._exceptions import StateError
 from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
 from ._disk import Backoff, free_bytes, is_disk_full
+from ._fair import EngineSlots, Share, admit
 from ._ids import new_id
 from ._journal import Journal
 from ._outputs import CANCELLED, EXPIRED, fsync_dir, write_outputs
@@ -77,12 +81,24 @@ class _Run:
     """A batch the worker is busy with: its task, and why it should stop early, if it should."""
 
     task: asyncio.Task[None]
+    owner: str
     #: True while the batch's rows are being executed (what --max-active-batches bounds).
     executing: bool = False
+    validating: bool = False
     stop: str | None = None  # "cancel" or "expire"
     wake: asyncio.Event | None = None
     #: Why a row's result could not be journaled: the batch pauses (see BatchWorker._launch).
     failure: OSError | None = None
+
+    share: Share | None = None  # its place in the engine's row budget, while executing
+
+    def halt(self, why: str, slots: EngineSlots) -> None:
+        """Tells the batch to stop: its loop ends now, even while it waits for an engine slot."""
+        self.stop = why
+        if self.wake is not None:
+            self.wake.set()
+        if self.share is not None:
+            slots.withdraw(self.share)
 
 
 class _Retry:
@@ -105,6 +121,8 @@ class BatchWorker:
         self.engine = engine
         self.rows_done: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> rows
         self._runs: dict[str, _Run] = {}
+        # Rows in flight, for all batches together: the engine's concurrency, shared fairly.
+        self._slots = EngineSlots(engine.max_concurrency, config.scheduling, config.owner_weights())
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._tmp = config.data_dir / "tmp"
@@ -150,9 +168,7 @@ class BatchWorker:
         """Tells a running batch to stop; the store already says `cancelling`."""
         run = self._runs.get(batch_id)
         if run is not None:
-            run.stop = "cancel"
-            if run.wake is not None:
-                run.wake.set()
+            run.halt("cancel", self._slots)
         self.notify()
 
     def _sweep_orphans(self) -> None:
@@ -188,7 +204,10 @@ class BatchWorker:
 
     def _tick(self) -> None:
         now = int(time.time())
-        running = sum(1 for r in self._runs.values() if r.executing and r.stop is None)
+        running = Counter(r.owner for r in self._runs.values() if r.executing and r.stop is None)
+        validating = Counter(r.owner for r in self._runs.values() if r.validating)
+        to_validate: list[BatchRow] = []
+        waiting: list[BatchRow] = []
         active = self.store.batches_in(("validating", "in_progress", "finalizing", "cancelling"))
         for b in active:
             run = self._runs.get(b.id)
@@ -202,21 +221,29 @@ class BatchWorker:
             expired = b.expires_at is not None and now >= b.expires_at and b.status in ("validating", "in_progress")
             if run is not None:
                 if expired and run.stop is None:
-                    run.stop = "expire"
-                    if run.wake is not None:
-                        run.wake.set()
+                    run.halt("expire", self._slots)
                 continue
             if b.status == "validating" and not expired:
-                self._launch(b, self._validate(b))
-            elif b.status == "in_progress" and (expired or running < self.config.max_active_batches):
-                self._launch(b, self._execute(b), stop="expire" if expired else None, executing=True)
-                running += 0 if expired else 1
+                to_validate.append(b)
+            elif b.status == "in_progress" and not expired:
+                waiting.append(b)
+            elif b.status == "in_progress":  # expired while waiting to run: finish without running
+                self._launch(b, self._execute(b), stop="expire", executing=True)
             elif expired:  # validating past its window: nothing ran
                 self._launch(b, self._finish(b, "expired"))
             elif b.status == "finalizing":
                 self._launch(b, self._finish(b, "completed"))
             elif b.status == "cancelling":
                 self._launch(b, self._finish(b, "cancelled"))
+        if self.config.scheduling == "fair":
+            # One validation per owner at a time (its oldest first): validations share a few
+            # threads and the GIL, so a key that uploads a dozen files at once would otherwise
+            # hold up another key's one-line batch for as long as they all take.
+            to_validate = admit(to_validate, validating, limit=0)
+        for b in to_validate:
+            self._launch(b, self._validate(b), validating=True)
+        for b in admit(waiting, running, self.config.max_active_batches, self.config.scheduling):
+            self._launch(b, self._execute(b), executing=True)
         for batch_id in self._retry.keys() - {b.id for b in active}:  # ended meanwhile
             del self._retry[batch_id]
             self._backoff.succeed(batch_id)
@@ -224,10 +251,15 @@ class BatchWorker:
             self._delete_file(file_id)
 
     def _launch(
-        self, b: BatchRow, coro: Coroutine[Any, Any, None], stop: str | None = None, executing: bool = False
+        self,
+        b: BatchRow,
+        coro: Coroutine[Any, Any, None],
+        stop: str | None = None,
+        executing: bool = False,
+        validating: bool = False,
     ) -> None:
         task = asyncio.create_task(coro, name=f"batch-{b.id}")
-        self._runs[b.id] = _Run(task, executing=executing, stop=stop)
+        self._runs[b.id] = _Run(task, b.owner, executing=executing, validating=validating, stop=stop)
 
         def done(t: asyncio.Task[None], batch_id: str = b.id, status: str = b.status) -> None:
             self._runs.pop(batch_id, None)
@@ -312,7 +344,8 @@ class BatchWorker:
         journal = Journal(journal_dir / "journal")
         done_before = journal.totals.completed + journal.totals.failed
         inflight: set[asyncio.Task[None]] = set()
-        limit = asyncio.Semaphore(self.engine.max_concurrency)
+        slots = self._slots
+        share = run.share = slots.join(b.owner)
         checkpoint = asyncio.create_task(self._checkpoints(b.id, journal))
         try:
             async for n, raw in _aiter_lines(files_dir(self.config) / b.input_file_id):
@@ -320,11 +353,12 @@ class BatchWorker:
                     break
                 if not raw.strip() or journal.is_done(n):
                     continue
-                await limit.acquire()
-                if run.stop is not None or run.failure is not None:
-                    limit.release()
+                if not await slots.acquire(share):  # withdrawn: cancelled or expired
                     break
-                task = asyncio.create_task(self._row(run, b.endpoint, n, raw, journal, limit))
+                if run.stop is not None or run.failure is not None:
+                    slots.release(share)
+                    break
+                task = asyncio.create_task(self._row(run, b.endpoint, n, raw, journal, share))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
                 # Let the row (and the API's requests) run before the next row is read: without
@@ -346,6 +380,8 @@ class BatchWorker:
                 # survive a power loss: the one fsync of the run, in a thread.
                 await asyncio.to_thread(journal.sync)
         finally:
+            slots.leave(share)
+            run.share = None
             checkpoint.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoint
@@ -371,9 +407,7 @@ class BatchWorker:
                 outcome = "cancelled"
         await self._finish(b, outcome)
 
-    async def _row(
-        self, run: _Run, endpoint: str, n: int, raw: bytes, journal: Journal, limit: asyncio.Semaphore
-    ) -> None:
+    async def _row(self, run: _Run, endpoint: str, n: int, raw: bytes, journal: Journal, share: Share) -> None:
         try:
             custom_id: str | None = None
             try:
@@ -405,7 +439,7 @@ class BatchWorker:
                 self.note_disk_full(False)
             self.rows_done[(endpoint, resp.status_code)] += 1
         finally:
-            limit.release()
+            self._slots.release(share)
 
     async def _checkpoints(self, batch_id: str, journal: Journal) -> None:
         """Writes the running counts to the store, so request_counts move while rows finish."""
