@@ -53,6 +53,9 @@ class EngineRequest:
     body: dict[str, Any]
     #: The batch row's custom_id; None for direct API calls.
     custom_id: str | None = None
+    #: Bytes of the request's JSON as received (0: not known). Engines use it to tell cheap
+    #: requests, answered on the event loop, from heavy ones, worked on in a thread.
+    size: int = 0
 
 
 @dataclass(slots=True)

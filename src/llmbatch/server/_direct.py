@@ -16,6 +16,7 @@ import orjson
 from .._text import clip
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
 from ._errors import APIError, parse_json_object
+from ._limits import body_limit, check_length, counting
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["DirectAPI"]
 
 log = logging.getLogger("llmbatch.server")
+
+#: Bytes of an answer handed to the server per send: a 100 MB answer goes out in pieces, with the
+#: event loop free between them, instead of being copied whole into the transport's buffer.
+_SEND_PIECE = 1024 * 1024
 
 
 class DirectAPI:
@@ -42,23 +47,34 @@ class DirectAPI:
             scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
             if raw_path:
                 scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(scope, self.server.config)
+        if limit is not None:
+            try:
+                check_length(scope, limit)
+            except APIError as exc:
+                await _respond(send, exc.status, orjson.dumps(exc.body), None)
+                return
+            receive = counting(scope, receive, limit)
+        if scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
             await self.app(scope, receive, send)
             return
         chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
-                log.info("client disconnected before sending the body of POST %s", scope["path"])
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        status, content, headers = await self._answer(scope, b"".join(chunks))
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
+                    log.info("client disconnected before sending the body of POST %s", scope["path"])
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except APIError as exc:  # a chunked body past the limit
+            await _respond(send, exc.status, orjson.dumps(exc.body), None)
+            return
+        await _respond(send, *await self._answer(scope, b"".join(chunks)))
 
     async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes, dict[str, str] | None]:
         srv = self.server
@@ -85,7 +101,7 @@ class DirectAPI:
         except APIError as exc:
             return exc.status, orjson.dumps(exc.body), None
         try:
-            resp = await engine.handle(EngineRequest(endpoint, body))
+            resp = await engine.handle(EngineRequest(endpoint, body, size=len(raw)))
         except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
             log.exception("engine failed on a direct %s request", endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
@@ -96,3 +112,16 @@ class DirectAPI:
     def __getattr__(self, name: str) -> Any:
         # `app.state`, `app.routes`, ... of the wrapped FastAPI app stay reachable.
         return getattr(self.app, name)
+
+
+async def _respond(send: Send, status: int, content: bytes, headers: dict[str, str] | None) -> None:
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    if len(content) <= _SEND_PIECE:
+        await send({"type": "http.response.body", "body": content})
+        return
+    view = memoryview(content)
+    for start in range(0, len(content), _SEND_PIECE):
+        end = start + _SEND_PIECE
+        await send({"type": "http.response.body", "body": bytes(view[start:end]), "more_body": end < len(content)})

@@ -309,7 +309,7 @@ class BatchWorker:
             try:
                 obj = orjson.loads(raw)
                 custom_id = obj["custom_id"]
-                resp = await self.engine.handle(EngineRequest(endpoint, obj["body"], custom_id))
+                resp = await self.engine.handle(EngineRequest(endpoint, obj["body"], custom_id, len(raw)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug fails its row, never the batch
