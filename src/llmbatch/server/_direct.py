@@ -76,7 +76,7 @@ class DirectAPI:
             return
         await _respond(send, *await self._answer(scope, b"".join(chunks)))
 
-    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes | list[bytes], dict[str, str] | None]:
         srv = self.server
         engine = srv.engine
         endpoint = scope["path"]
@@ -106,7 +106,7 @@ class DirectAPI:
             log.exception("engine failed on a direct %s request", endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
         srv.direct_requests[(endpoint, resp.status_code)] += 1
-        content = resp.body if isinstance(resp.body, bytes) else orjson.dumps(resp.body)
+        content = resp.body if isinstance(resp.body, (bytes, list)) else orjson.dumps(resp.body)
         return resp.status_code, content, resp.headers
 
     def __getattr__(self, name: str) -> Any:
@@ -114,14 +114,23 @@ class DirectAPI:
         return getattr(self.app, name)
 
 
-async def _respond(send: Send, status: int, content: bytes, headers: dict[str, str] | None) -> None:
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+async def _respond(send: Send, status: int, content: bytes | list[bytes], headers: dict[str, str] | None) -> None:
+    """Sends `content` (JSON, or JSON in parts) in pieces of at most about _SEND_PIECE bytes."""
+    parts = content if isinstance(content, list) else [content]
+    length = sum(len(p) for p in parts)
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    if len(content) <= _SEND_PIECE:
-        await send({"type": "http.response.body", "body": content})
+    if len(parts) == 1 and length <= _SEND_PIECE:
+        await send({"type": "http.response.body", "body": parts[0]})
         return
-    view = memoryview(content)
-    for start in range(0, len(content), _SEND_PIECE):
-        end = start + _SEND_PIECE
-        await send({"type": "http.response.body", "body": bytes(view[start:end]), "more_body": end < len(content)})
+    for i, part in enumerate(parts):
+        last_part = i == len(parts) - 1
+        if len(part) <= _SEND_PIECE:
+            await send({"type": "http.response.body", "body": part, "more_body": not last_part})
+            continue
+        view = memoryview(part)
+        for start in range(0, len(part), _SEND_PIECE):
+            piece = bytes(view[start : start + _SEND_PIECE])
+            more = not last_part or start + _SEND_PIECE < len(part)
+            await send({"type": "http.response.body", "body": piece, "more_body": more})

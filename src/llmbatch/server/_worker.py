@@ -57,6 +57,8 @@ def files_dir(config: ServerConfig) -> Path:
 def output_line(custom_id: str | None, resp: EngineResponse) -> bytes:
     """One line of an output or error file, in OpenAI's batch output format."""
     body = resp.body
+    if isinstance(body, list):  # a big answer in parts (echo); a batch line holds it whole
+        body = b"".join(body)
     if isinstance(body, bytes):
         # Passed through unchanged, unless it would break the one-line-per-row format.
         body = orjson.Fragment(body) if b"\n" not in body and b"\r" not in body else orjson.loads(body)
