@@ -315,7 +315,7 @@ class EchoEngine(Engine):
         prompt_tokens += REPLY_PRIMING_TOKENS
         schema = _json_schema_of(body.get("response_format"))
         if schema is not None:  # structured output: an instance of the schema, built from the user's text
-            reply = orjson.dumps(_instance(schema, schema, reply, budget=[MAX_ANSWER_CHARS])).decode()
+            reply = orjson.dumps(_instance(schema, schema, reply, [MAX_ANSWER_CHARS])).decode()
             reply_tokens = tok.count(reply)
             max_tokens = None if max_tokens is None else max(max_tokens, reply_tokens)
         reply, reply_tokens, cut = _generate(tok, reply, reply_tokens, max_tokens, stops)
@@ -361,14 +361,13 @@ class EchoEngine(Engine):
 
         prompt_tokens = 0
         completion_tokens = 0
-        # Checked on the prompts, before any is cut by max_tokens: the bound on the work, not exact.
-        if max_tokens is None:
-            chars = sum(len(text) for text, _ in prompts)
-            _check_answer_size(n * chars, "n", f"{n} choices of each of {len(prompts)} prompts, {chars:,} in all")
+        answer_chars = 0
         choices: list[dict[str, Any]] = []
         for text, n_tokens in prompts:
             prompt_tokens += n_tokens
             reply, reply_tokens, cut = _generate(tok, text, n_tokens, max_tokens, stops)
+            answer_chars += n * len(reply)
+            _check_answer_size(answer_chars, "n", f"{n} choices of each of {len(prompts)} prompts")
             finish_reason = "length" if cut else "stop"
             for _ in range(n):
                 choices.append({"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason})
@@ -617,16 +616,6 @@ def _json_schema_of(response_format: Any) -> dict[str, Any] | None:
     return schema
 
 
-def _instance(node: Any, root: dict[str, Any], text: str, depth: int = 0, *, budget: list[int]) -> Any:
-    """A JSON value that satisfies `node` (a JSON schema): the first enum value or option, the
-    user's text for strings, 0 / false / [] otherwise; so local runs of structured-output tasks
-    parse and validate. Echo's answer is a fixture, not a guess at the right label.
-
-    `budget` holds the characters the answer may still take (about: strings count their length,
-    other values one); an answer past it is a 400, found before the copies are built."""
-    return _instance_of(node, root, text, depth, budget)
-
-
 def _spend(budget: list[int], chars: int) -> None:
     budget[0] -= chars
     if budget[0] < 0:
@@ -640,13 +629,20 @@ def _spend(budget: list[int], chars: int) -> None:
 def _leaf(value: Any, budget: list[int]) -> Any:
     """`value` (a schema's const, enum option or minimum), paid for by its JSON length."""
     try:
-        _spend(budget, len(orjson.dumps(value)))
-    except TypeError:
-        _spend(budget, 1)
+        size = len(orjson.dumps(value))
+    except TypeError:  # not JSON (a schema is JSON, so only from Python callers)
+        size = 1
+    _spend(budget, size)
     return value
 
 
-def _instance_of(node: Any, root: dict[str, Any], text: str, depth: int, budget: list[int]) -> Any:
+def _instance(node: Any, root: dict[str, Any], text: str, budget: list[int], depth: int = 0) -> Any:
+    """A JSON value that satisfies `node` (a JSON schema): the first enum value or option, the
+    user's text for strings, 0 / false / [] otherwise; so local runs of structured-output tasks
+    parse and validate. Echo's answer is a fixture, not a guess at the right label.
+
+    `budget` holds the characters the answer may still take (about: strings count their length,
+    other values one); an answer past it is a 400, found before the copies are built."""
     if not isinstance(node, dict) or depth > 20:
         _spend(budget, 1)
         return None
@@ -655,14 +651,14 @@ def _instance_of(node: Any, root: dict[str, Any], text: str, depth: int, budget:
         target: Any = root
         for part in ref[2:].split("/"):
             target = target.get(part, {}) if isinstance(target, dict) else {}
-        return _instance_of(target, root, text, depth + 1, budget)
+        return _instance(target, root, text, budget, depth + 1)
     if "const" in node:
         return _leaf(node["const"], budget)
     if isinstance(node.get("enum"), list) and node["enum"]:
         return _leaf(node["enum"][0], budget)
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(node.get(key), list) and node[key]:
-            return _instance_of(node[key][0], root, text, depth + 1, budget)
+            return _instance(node[key][0], root, text, budget, depth + 1)
     kind = node.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -671,7 +667,7 @@ def _instance_of(node: Any, root: dict[str, Any], text: str, depth: int, budget:
         out = {}
         for k, v in props.items():
             _spend(budget, len(k) + 4)
-            out[k] = _instance_of(v, root, text, depth + 1, budget)
+            out[k] = _instance(v, root, text, budget, depth + 1)
         return out
     if kind == "array":
         count = int(node.get("minItems") or 0)
@@ -680,7 +676,7 @@ def _instance_of(node: Any, root: dict[str, Any], text: str, depth: int, budget:
             return []
         # One item is built (and paid for); the copies are the same object, paid for before made.
         before = budget[0]
-        item = _instance_of(node["items"], root, text, depth + 1, budget)
+        item = _instance(node["items"], root, text, budget, depth + 1)
         _spend(budget, (before - budget[0] + 1) * (count - 1) + 2)
         return [item] * count
     if kind == "string":
