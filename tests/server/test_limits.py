@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import chat_line, jsonl, upload, wait_batch
+
 CHAT = "/v1/chat/completions"
 MiB = 1024 * 1024
 
@@ -53,6 +55,17 @@ def test_an_oversized_direct_body_and_a_body_on_a_get_are_413(server) -> None:  
         _envelope(http.request("GET", "/v1/batches", content=b"x" * (2 * MiB)), 413)
         # Under the limits all is as before.
         assert http.post(CHAT, json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).is_success
+
+
+def test_a_batch_row_over_the_request_limit_fails_validation(server_factory) -> None:  # type: ignore[no-untyped-def]
+    srv = server_factory("--max-request-size", "100KB")
+    client = srv.client()
+    rows = [chat_line(1), chat_line(2, "w" * 150_000), chat_line(3)]
+    b = wait_batch(client, client.batches.create(input_file_id=upload(client, jsonl(rows)).id, endpoint=CHAT,
+                                                 completion_window="24h").id)  # fmt: skip
+    assert b.status == "failed" and b.errors is not None
+    [error] = b.errors.data
+    assert (error.code, error.line) == ("request_too_large", 2) and "100,000" in (error.message or ""), error
 
 
 def test_embedding_dimensions_inputs_and_tokens_are_capped(server) -> None:  # type: ignore[no-untyped-def]

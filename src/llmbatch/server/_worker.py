@@ -223,6 +223,7 @@ class BatchWorker:
                 tmp_dir=self._tmp,
                 check_model=self.engine.validate_model,
                 model_family=self.engine.model_family,
+                max_line_bytes=self.config.max_request_bytes,
             )
         try:
             self._record_validation(b, result)
