@@ -33,7 +33,9 @@ _SEND_PIECE = 1024 * 1024
 
 
 class DirectAPI:
-    """ASGI app: answers POSTs to the direct endpoints, passes everything else to `app`."""
+    """ASGI app: refuses bodies over their endpoint's limit (`_limits`, for every route, before
+    the key is checked: nothing about tenants is revealed), answers POSTs to the direct
+    endpoints, passes everything else to `app`."""
 
     def __init__(self, app: ASGIApp, server: ServerState) -> None:
         self.app = app
