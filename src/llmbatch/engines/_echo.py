@@ -66,8 +66,10 @@ MAX_ANSWER_CHARS = 4_000_000
 _INLINE_BYTES = 256 * 1024
 # Embedding answers with more floats are serialised vector by vector (see _embeddings).
 _PIECE_FLOATS = 65_536
-# Heavy requests worked on at once: each may hold a few hundred MB while its answer is built.
-_HEAVY_AT_ONCE = 2
+# Heavy requests worked on at once. Their work holds the GIL nearly throughout, so two threads
+# would not finish sooner; they would make the event loop wait longer for the GIL (p99 poll
+# 73 ms with two, 32-39 ms with one, bench/bench_server.py) and hold twice the memory.
+_HEAVY_AT_ONCE = 1
 # Keys of rows failed by --echo-fail-rate; bounded so a long-running server cannot grow forever.
 _MAX_FAILURE_KEYS = 1_000_000
 
