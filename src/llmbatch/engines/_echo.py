@@ -32,6 +32,7 @@ from ._request import (
     hex_id,
     json_parts,
     opt_positive_int,
+    short_gil_turns,
     stop_strings,
 )
 from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
@@ -268,7 +269,8 @@ class EchoEngine(Engine):
         if not _heavy(request):
             return _answer(handler, request.body)
         async with self._heavy_slots:
-            return await asyncio.to_thread(_answer, handler, request.body, serialise=True)
+            with short_gil_turns():
+                return await asyncio.to_thread(_answer, handler, request.body, serialise=True)
 
     # -- injected failures -------------------------------------------------------------------
 

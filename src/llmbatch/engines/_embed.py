@@ -18,7 +18,7 @@ from typing import Any
 from .._exceptions import ConfigError
 from ._base import EngineResponse, Usage, error_body
 from ._packaged import DEFAULT_EMBEDDING_MODEL, INSTALL_EMBEDDINGS, packaged_embedding_model
-from ._request import BadRequest, embedding_base64, json_parts, resolve_future
+from ._request import BadRequest, embedding_base64, json_parts, resolve_future, short_gil_turns
 
 __all__ = ["SentenceEmbedder", "resolve_embedding_model"]
 
@@ -125,7 +125,8 @@ class SentenceEmbedder:
             return EngineResponse(400, error_body(message, "invalid_request_error", param="dimensions"))
         if len(job.vectors) * width <= _INLINE_FLOATS:
             return _answer(job, dimensions, as_base64, model, in_parts=False)
-        return await asyncio.to_thread(_answer, job, dimensions, as_base64, model, in_parts=True)
+        with short_gil_turns():
+            return await asyncio.to_thread(_answer, job, dimensions, as_base64, model, in_parts=True)
 
     def _parse(self, body: Any) -> tuple[list[str], int | None, bool, str]:
         if not isinstance(body, dict):
