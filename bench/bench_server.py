@@ -11,9 +11,14 @@
 4. Fairness between API keys: key B's 1-row batch, alone and then created just after key A
    queued 12 batches of 2,000 rows (--max-active-batches 4), as a ratio (behind / alone), with A's
    rows/s over its backlog; once per --scheduling mode (fair, fifo). Target: a small multiple.
+5. Responsiveness: p50/p99 latency of GET /health and GET /v1/batches/{id} while the heaviest
+   direct requests the server accepts run back to back (a 2,048 x 3,072 embeddings answer,
+   ~130 MB; a chat request of ~3.8 MB of text), against the same figure on an idle server.
+   Target: p99 under 50 ms.
 
 Usage: python bench/bench_server.py [--rows 100000] [--big-factor 5] [--skip-big] [--skip-forward]
        [--skip-fairness] [--fairness-modes fair,fifo] [--fairness-latency 0] [--fairness-concurrency 64]
+       [--skip-heavy] [--heavy-seconds 10]
 """
 
 from __future__ import annotations
@@ -204,6 +209,75 @@ def fairness(tmpd: Path, mode: str, batches: int, rows: int, latency: float, con
         srv.close()
 
 
+_EMBED = {"model": "text-embedding-3-large", "input": [f"text {i}" for i in range(2048)], "dimensions": 3072}
+_CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "lorem ipsum dolor sit amet\n" * 140_000}]}
+HEAVY_REQUESTS = [("/v1/embeddings", _EMBED), ("/v1/chat/completions", _CHAT)]
+
+
+def post_and_drain(port: int, path: str, body: bytes) -> int:
+    """POSTs `body` and reads the answer off a plain socket (no client-side parsing); its status."""
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
+        buf = bytearray(1 << 20)
+        first = b""
+        while n := sock.recv_into(buf):
+            first = first or bytes(buf[: min(n, 12)])
+    return int(first[9:12])
+
+
+def poll_latencies(port: int, batch_id: str, seconds: float) -> list[float]:
+    """Latencies of GET /health and GET /v1/batches/{id}, one of each every 10 ms, for `seconds`."""
+    latencies = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for path in ("/health", f"/v1/batches/{batch_id}"):
+                t = time.perf_counter()
+                http.get(path).raise_for_status()
+                latencies.append(time.perf_counter() - t)
+            time.sleep(0.01)
+    return sorted(latencies)
+
+
+def responsiveness(server: Server, seconds: float) -> None:
+    port = server.port
+    client = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0)
+    row = {"custom_id": "r", "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}  # fmt: skip
+    f = client.files.create(file=("in.jsonl", json.dumps(row).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    def pct(xs: list[float], q: float) -> float:
+        return 1000 * xs[min(len(xs) - 1, int(len(xs) * q))]
+
+    idle = poll_latencies(port, batch.id, seconds)
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def heavy(path: str, body: bytes) -> None:
+        while not stop.is_set():
+            answered.append(post_and_drain(port, path, body))
+
+    workers = [threading.Thread(target=heavy, args=(p, json.dumps(b).encode())) for p, b in HEAVY_REQUESTS]
+    for w in workers:
+        w.start()
+    try:
+        loaded = poll_latencies(port, batch.id, seconds)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    if set(answered) != {200}:
+        raise RuntimeError(f"heavy requests answered {sorted(set(answered))}")
+    print(
+        f"polls (GET /health, GET batch) idle: p50 {pct(idle, 0.5):.1f} ms, p99 {pct(idle, 0.99):.1f} ms; "
+        f"while the heaviest direct requests run ({len(answered)} answered in {seconds:.0f} s): "
+        f"p50 {pct(loaded, 0.5):.1f} ms, p99 {pct(loaded, 0.99):.1f} ms, max {pct(loaded, 1.0):.1f} ms "
+        f"(target p99 < 50 ms)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
@@ -216,12 +290,22 @@ def main() -> None:
     ap.add_argument("--fairness-modes", default="fair,fifo", help="comma-separated; 'default' passes no --scheduling")
     ap.add_argument("--fairness-latency", type=float, default=0.0, help="echo latency in the fairness section")
     ap.add_argument("--fairness-concurrency", type=int, default=64, help="--max-concurrency in the fairness section")
+    ap.add_argument("--skip-heavy", action="store_true")
+    ap.add_argument("--heavy-seconds", type=float, default=10.0)
     args = ap.parse_args()
     limits = ["--max-lines", "10000000", "--max-file-size", "4GB"]
 
     with tempfile.TemporaryDirectory(prefix="llmbatch-bench-") as tmp:
         tmpd = Path(tmp)
-        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}")
+        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, load {os.getloadavg()[0]:.1f}")
+
+        # 5 first (it is short): poll latency while the heaviest direct requests run.
+        if not args.skip_heavy:
+            heavy_server = Server(tmpd / "heavy")
+            try:
+                responsiveness(heavy_server, args.heavy_seconds)
+            finally:
+                heavy_server.close()
 
         # 1 + 2: echo engine, end to end, and peak RSS at two sizes.
         echo = Server(tmpd / "echo", *limits, "--max-concurrency", "256")

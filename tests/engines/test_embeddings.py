@@ -8,6 +8,7 @@ gives directly for the same texts.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from array import array
 from collections.abc import Iterator
@@ -85,6 +86,16 @@ def test_dimensions_and_base64(engine: EngineHandle) -> None:
     assert _close(list(floats), plain)
 
 
+def test_a_big_answer_comes_in_json_parts(engine: EngineHandle) -> None:
+    """2,048 inputs: the vectors are shaped and serialised in a worker thread, in parts (the
+    server's event loop sends them without building the whole answer)."""
+    answer = engine.one({"model": DEFAULT_EMBEDDING_MODEL, "input": ["hello"] * 2048, "dimensions": 100}, EMB)
+    assert answer.status_code == 200 and isinstance(answer.body, list) and len(answer.body) > 1
+    body = json.loads(b"".join(answer.body))
+    assert len(body["data"]) == 2048 and [d["index"] for d in body["data"]] == list(range(2048))
+    assert len(body["data"][0]["embedding"]) == 100 and body["usage"]["prompt_tokens"] == 2048 * 3
+
+
 def test_bad_embedding_requests_are_400s(engine: EngineHandle) -> None:
     for body, param in [
         ({"model": DEFAULT_EMBEDDING_MODEL, "input": []}, "input"),
@@ -94,6 +105,10 @@ def test_bad_embedding_requests_are_400s(engine: EngineHandle) -> None:
     ]:
         answer = engine.one(body, EMB)
         assert answer.status_code == 400 and answer.body["error"]["param"] == param, body
+    # More dimensions than the model has (all-MiniLM-L6-v2: 384) is refused, as OpenAI refuses them.
+    wide = engine.one({"model": DEFAULT_EMBEDDING_MODEL, "input": "x", "dimensions": 385}, EMB)
+    assert wide.status_code == 400 and wide.body["error"]["param"] == "dimensions", wide.body
+    assert "384" in wide.body["error"]["message"]
     chat_on_embedder = engine.one({"model": DEFAULT_EMBEDDING_MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert chat_on_embedder.status_code == 400 and "embedding model" in chat_on_embedder.body["error"]["message"]
 

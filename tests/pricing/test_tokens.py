@@ -127,3 +127,26 @@ def test_counting_needs_no_network_and_no_tiktoken(tmp_path: Any) -> None:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["2", "2", "hello", "world", "False"]
+
+
+@pytest.mark.parametrize("name", [CL100K_BASE, O200K_BASE])
+def test_long_texts_counted_in_pieces_count_like_one_call(name: str) -> None:
+    """Texts over 256K characters are counted and encoded in pieces (so a server counting them in a
+    thread does not hold the GIL for the whole text); the pieces must give the encoder's own answer
+    for the whole text in one call."""
+    import random
+
+    rng = random.Random(7)
+    words = ["hello", "World", "it's", "42", "x1y2", "/path/to", "naïve", "日本語", "😀", "...", "\t", "A/B", "'s"]
+    seps = [" ", "\n", "\n\n", "", ". ", ",\n", "\r\n", " \n", "/"]
+    texts = [
+        "".join(rng.choice(words) + rng.choice(seps) for _ in range(200_000)),
+        "aGVsbG8gd29ybGQ9PQ" * 40_000,  # base64-like: no spaces or newlines
+        ("lorem ipsum dolor sit amet\n" * 40_000) + "tail",
+    ]
+    tok = get_tokenizer(name).load()
+    bpe = tok._bpe
+    for text in texts:
+        assert len(text) > 600_000
+        assert tok.count(text) == bpe.count(text)
+        assert tok.encode(text) == bpe.encode(text)

@@ -57,6 +57,12 @@ __all__ = ["serve"]
 )
 @click.option("--max-file-size", default="200MB", show_default=True, help="Largest accepted upload, e.g. 200MB.")
 @click.option(
+    "--max-request-size",
+    default="8MiB",
+    show_default=True,
+    help="Largest body of a direct request (chat, completions, responses, embeddings), e.g. 8MiB.",
+)
+@click.option(
     "--max-lines", type=click.IntRange(min=1), default=50_000, show_default=True, help="Most requests per batch."
 )
 @click.option(
@@ -92,6 +98,7 @@ def serve(
     max_concurrency: int,
     windows: tuple[str, ...],
     max_file_size: str,
+    max_request_size: str,
     max_lines: int,
     max_active_batches: int,
     scheduling: str,
@@ -128,6 +135,7 @@ def serve(
         api_keys=list(api_keys),
         completion_windows={w.strip(): parse_window(w) for w in windows},
         max_file_bytes=parse_size(max_file_size),
+        max_request_bytes=parse_size(max_request_size),
         max_file_lines=max_lines,
         max_active_batches=max_active_batches,
         scheduling=scheduling,

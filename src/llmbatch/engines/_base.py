@@ -53,18 +53,23 @@ class EngineRequest:
     body: dict[str, Any]
     #: The batch row's custom_id; None for direct API calls.
     custom_id: str | None = None
+    #: Bytes of the request's JSON as received (0: not known). Engines use it to tell cheap
+    #: requests, answered on the event loop, from heavy ones, worked on in a thread.
+    size: int = 0
 
 
 @dataclass(slots=True)
 class EngineResponse:
     """An answer: an HTTP status and an OpenAI-format JSON body.
 
-    `body` is a dict, or the raw JSON bytes of an upstream answer passed through unchanged.
+    `body` is a dict, or the raw JSON bytes of an upstream answer passed through unchanged, or a
+    big answer's JSON already serialised in parts (`json_parts`): concatenated, they are the
+    answer; the server sends them one by one, so no 100 MB copy holds the GIL.
     `usage` is set for successful answers that report token usage.
     """
 
     status_code: int
-    body: dict[str, Any] | bytes
+    body: dict[str, Any] | bytes | list[bytes]
     usage: Usage | None = None
     #: Extra response headers for direct calls (e.g. Retry-After); not part of batch output.
     headers: dict[str, str] | None = None

@@ -25,13 +25,22 @@ import orjson
 
 from ..pricing import CL100K_BASE, O200K_BASE, REPLY_PRIMING_TOKENS, Tokenizer, get_tokenizer, tokenizer_for
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
-from ._request import MODEL_CREATED, check_json_schema, embedding_base64, hex_id, opt_positive_int, stop_strings
+from ._request import (
+    MODEL_CREATED,
+    check_json_schema,
+    embedding_base64,
+    hex_id,
+    json_parts,
+    opt_positive_int,
+    short_gil_turns,
+    stop_strings,
+)
 from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
 
 if TYPE_CHECKING:
     from ._options import EchoOptions
 
-__all__ = ["EchoEngine", "ECHO_MODEL_ID", "DEFAULT_EMBEDDING_DIMENSIONS"]
+__all__ = ["EchoEngine", "ECHO_MODEL_ID", "DEFAULT_EMBEDDING_DIMENSIONS", "MAX_ANSWER_CHARS", "MAX_EMBEDDING_FLOATS"]
 
 ECHO_MODEL_ID = "echo"
 #: Embedding length when the request gives no `dimensions`.
@@ -41,7 +50,27 @@ DEFAULT_EMBEDDING_DIMENSIONS = 256
 # malformed row cannot make the engine build an enormous answer.
 _MAX_N = 128
 _MAX_EMBEDDING_INPUTS = 2048
-_MAX_EMBEDDING_DIMENSIONS = 16_384
+_MAX_INPUT_TOKENS = 8192  # per embedding input
+_MAX_EMBEDDING_TOKENS = 300_000  # summed over a request's inputs
+# Not OpenAI's (its models have 3,072 dimensions at most), a bound on one vector's work.
+_MAX_EMBEDDING_DIMENSIONS = 8192
+#: Most floats in one embeddings answer: OpenAI's largest, 2,048 inputs of text-embedding-3-large's
+#: 3,072 dimensions (about 130 MB of JSON).
+MAX_EMBEDDING_FLOATS = 2048 * 3072
+#: Most characters of synthesised text in one answer, all choices together: a reply is the user's
+#: text (or a schema's instance built from it), so `n` copies of a long text, or a schema whose
+#: counts multiply, could otherwise ask for gigabytes.
+MAX_ANSWER_CHARS = 4_000_000
+# Requests whose body or answer may pass this many bytes are worked on in a thread, so the event
+# loop (the server's health checks and polls) is not held while a big answer is built and
+# serialised; smaller ones are answered inline, as a thread hop costs more than they do.
+_INLINE_BYTES = 256 * 1024
+# Embedding answers with more floats are serialised vector by vector (see _embeddings).
+_PIECE_FLOATS = 65_536
+# Heavy requests worked on at once. Their work holds the GIL nearly throughout, so two threads
+# would not finish sooner; they would make the event loop wait longer for the GIL (p99 poll
+# 73 ms with two, 32-39 ms with one, bench/bench_server.py) and hold twice the memory.
+_HEAVY_AT_ONCE = 1
 # Keys of rows failed by --echo-fail-rate; bounded so a long-running server cannot grow forever.
 _MAX_FAILURE_KEYS = 1_000_000
 
@@ -216,6 +245,7 @@ class EchoEngine(Engine):
             EMBEDDINGS: self._embeddings,
             RESPONSES: self._responses,
         }
+        self._heavy_slots = asyncio.Semaphore(_HEAVY_AT_ONCE)
 
     async def start(self) -> None:
         # Load the vocabularies now rather than inside the first requests' latency.
@@ -236,12 +266,11 @@ class EchoEngine(Engine):
         handler = self._handlers.get(request.endpoint)
         if handler is None:
             return EngineResponse(404, error_body(f"Invalid URL (POST {request.endpoint})", "invalid_request_error"))
-        try:
-            return handler(request.body)
-        except _BadRequest as e:
-            return EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
-        except Exception as e:  # an engine must answer, never raise
-            return EngineResponse(500, error_body(f"echo engine: internal error: {e!r}", "server_error"))
+        if not _heavy(request):
+            return _answer(handler, request.body)
+        async with self._heavy_slots:
+            with short_gil_turns():
+                return await asyncio.to_thread(_answer, handler, request.body, serialise=True)
 
     # -- injected failures -------------------------------------------------------------------
 
@@ -290,10 +319,11 @@ class EchoEngine(Engine):
         prompt_tokens += REPLY_PRIMING_TOKENS
         schema = _json_schema_of(body.get("response_format"))
         if schema is not None:  # structured output: an instance of the schema, built from the user's text
-            reply = orjson.dumps(_instance(schema, schema, reply)).decode()
+            reply = orjson.dumps(_instance(schema, schema, reply, [MAX_ANSWER_CHARS])).decode()
             reply_tokens = tok.count(reply)
             max_tokens = None if max_tokens is None else max(max_tokens, reply_tokens)
         reply, reply_tokens, cut = _generate(tok, reply, reply_tokens, max_tokens, stops)
+        _check_answer_size(n * len(reply), "n", f"{n} choices of {len(reply):,}")
         finish_reason = "length" if cut else "stop"
         completion_tokens = reply_tokens * n
         choices = [
@@ -335,10 +365,13 @@ class EchoEngine(Engine):
 
         prompt_tokens = 0
         completion_tokens = 0
+        answer_chars = 0
         choices: list[dict[str, Any]] = []
         for text, n_tokens in prompts:
             prompt_tokens += n_tokens
             reply, reply_tokens, cut = _generate(tok, text, n_tokens, max_tokens, stops)
+            answer_chars += n * len(reply)
+            _check_answer_size(answer_chars, "n", f"{n} choices of each of {len(prompts)} prompts")
             finish_reason = "length" if cut else "stop"
             for _ in range(n):
                 choices.append({"text": reply, "index": len(choices), "logprobs": None, "finish_reason": finish_reason})
@@ -369,21 +402,43 @@ class EchoEngine(Engine):
                 f"Invalid 'encoding_format': expected 'float' or 'base64', got {encoding_format!r}.",
                 "encoding_format",
             )
-        inputs = _embedding_inputs(tokenizer_for(model), body.get("input"))
+        raw_input = body.get("input")
+        count = len(raw_input) if isinstance(raw_input, list) and not _is_token_array(raw_input) else 1
+        if count * dimensions > MAX_EMBEDDING_FLOATS:
+            raise _BadRequest(
+                f"Invalid 'dimensions': {count:,} inputs of {dimensions:,} dimensions are more than the "
+                f"{MAX_EMBEDDING_FLOATS:,} floats this server answers in one request; send fewer inputs or dimensions.",
+                "dimensions",
+            )
+        inputs = _embedding_inputs(tokenizer_for(model), raw_input)
+        prompt_tokens = 0
+        for i, (_, n_tokens) in enumerate(inputs):
+            if n_tokens > _MAX_INPUT_TOKENS:
+                where = "input" if len(inputs) == 1 else f"input[{i}]"
+                raise _BadRequest(
+                    f"Invalid '{where}': {n_tokens:,} tokens; an input is at most {_MAX_INPUT_TOKENS:,}.", "input"
+                )
+            prompt_tokens += n_tokens
+        if prompt_tokens > _MAX_EMBEDDING_TOKENS:
+            raise _BadRequest(
+                f"Invalid 'input': {prompt_tokens:,} tokens in all; a request is at most {_MAX_EMBEDDING_TOKENS:,}.",
+                "input",
+            )
 
         as_base64 = encoding_format == "base64"
-        data: list[dict[str, Any]] = []
-        prompt_tokens = 0
-        for i, (text, n_tokens) in enumerate(inputs):
-            prompt_tokens += n_tokens
+        # A big answer is serialised vector by vector as it is built: its floats are freed as it
+        # goes instead of piling up millions of Python objects for the garbage collector to walk
+        # (which holds the GIL, and with it the event loop, for tens of milliseconds).
+        in_pieces = len(inputs) * dimensions > _PIECE_FLOATS
+        data: list[Any] = []
+        for i, (text, _) in enumerate(inputs):
             vector = _embedding(text, dimensions)
-            data.append(
-                {
-                    "object": "embedding",
-                    "index": i,
-                    "embedding": embedding_base64(vector) if as_base64 else vector.tolist(),
-                }
-            )
+            item = {
+                "object": "embedding",
+                "index": i,
+                "embedding": embedding_base64(vector) if as_base64 else vector.tolist(),
+            }
+            data.append(orjson.Fragment(orjson.dumps(item)) if in_pieces else item)
         out = {
             "object": "list",
             "data": data,
@@ -416,6 +471,7 @@ class EchoEngine(Engine):
             raise _BadRequest("Missing or invalid 'input': expected a string or a non-empty array.", "input")
 
         text, output_tokens, cut = _generate(tok, reply, reply_tokens, max_output_tokens, ())
+        _check_answer_size(len(text), "max_output_tokens", "the echoed input")
         status = "incomplete" if cut else "completed"
         out = {
             "id": hex_id("resp_"),
@@ -452,6 +508,50 @@ class EchoEngine(Engine):
             },
         }
         return EngineResponse(200, out, Usage(input_tokens, output_tokens, 0, 0))
+
+
+def _answer(
+    handler: Callable[[dict[str, Any]], EngineResponse], body: dict[str, Any], *, serialise: bool = False
+) -> EngineResponse:
+    """`handler`'s answer to `body`, its JSON already serialised when `serialise` (in a thread,
+    so the event loop does not do it)."""
+    try:
+        resp = handler(body)
+    except _BadRequest as e:
+        return EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
+    except Exception as e:  # an engine must answer, never raise
+        return EngineResponse(500, error_body(f"echo engine: internal error: {e!r}", "server_error"))
+    if serialise and isinstance(resp.body, dict):
+        resp.body = json_parts(resp.body)
+    return resp
+
+
+def _heavy(request: EngineRequest) -> bool:
+    """Whether `request`'s body or answer may be big enough to work on in a thread (a cheap
+    guess from its size and a few fields; structured outputs always, their schemas multiply)."""
+    if request.size > _INLINE_BYTES:
+        return True
+    body = request.body
+    if not isinstance(body, dict):
+        return False
+    if request.endpoint == EMBEDDINGS:
+        inputs, dims = body.get("input"), body.get("dimensions")
+        count = len(inputs) if isinstance(inputs, list) else 1
+        return count * (dims if type(dims) is int else DEFAULT_EMBEDDING_DIMENSIONS) * 20 > _INLINE_BYTES
+    n = body.get("n")
+    if type(n) is int and n > 1 and max(request.size, 1) * n > _INLINE_BYTES:
+        return True
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+
+
+def _check_answer_size(chars: int, param: str, what: str) -> None:
+    if chars > MAX_ANSWER_CHARS:
+        raise _BadRequest(
+            f"Invalid '{param}': the answer would hold {chars:,} characters ({what}); this server synthesises "
+            f"at most {MAX_ANSWER_CHARS:,} per answer. Lower '{param}' or send less text.",
+            param,
+        )
 
 
 def _copy_error(body: dict[str, Any]) -> dict[str, Any]:
@@ -520,41 +620,73 @@ def _json_schema_of(response_format: Any) -> dict[str, Any] | None:
     return schema
 
 
-def _instance(node: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:
+def _spend(budget: list[int], chars: int) -> None:
+    budget[0] -= chars
+    if budget[0] < 0:
+        raise _BadRequest(
+            f"Invalid schema: its answer would hold more than the {MAX_ANSWER_CHARS:,} characters this server "
+            "synthesises per answer (its counts multiply); lower minItems or send less text.",
+            "response_format.json_schema.schema",
+        )
+
+
+def _leaf(value: Any, budget: list[int]) -> Any:
+    """`value` (a schema's const, enum option or minimum), paid for by its JSON length."""
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError:  # not JSON (a schema is JSON, so only from Python callers)
+        size = 1
+    _spend(budget, size)
+    return value
+
+
+def _instance(node: Any, root: dict[str, Any], text: str, budget: list[int], depth: int = 0) -> Any:
     """A JSON value that satisfies `node` (a JSON schema): the first enum value or option, the
     user's text for strings, 0 / false / [] otherwise; so local runs of structured-output tasks
-    parse and validate. Echo's answer is a fixture, not a guess at the right label."""
+    parse and validate. Echo's answer is a fixture, not a guess at the right label.
+
+    `budget` holds the characters the answer may still take (about: strings count their length,
+    other values one); an answer past it is a 400, found before the copies are built."""
     if not isinstance(node, dict) or depth > 20:
+        _spend(budget, 1)
         return None
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
         target: Any = root
         for part in ref[2:].split("/"):
             target = target.get(part, {}) if isinstance(target, dict) else {}
-        return _instance(target, root, text, depth + 1)
+        return _instance(target, root, text, budget, depth + 1)
     if "const" in node:
-        return node["const"]
+        return _leaf(node["const"], budget)
     if isinstance(node.get("enum"), list) and node["enum"]:
-        return node["enum"][0]
+        return _leaf(node["enum"][0], budget)
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(node.get(key), list) and node[key]:
-            return _instance(node[key][0], root, text, depth + 1)
+            return _instance(node[key][0], root, text, budget, depth + 1)
     kind = node.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or "properties" in node:
         props = node.get("properties") or {}
-        return {k: _instance(v, root, text, depth + 1) for k, v in props.items()}
+        out = {}
+        for k, v in props.items():
+            _spend(budget, len(k) + 4)
+            out[k] = _instance(v, root, text, budget, depth + 1)
+        return out
     if kind == "array":
-        return (
-            [_instance(node["items"], root, text, depth + 1)] * int(node.get("minItems") or 0)
-            if isinstance(node.get("items"), dict)
-            else []
-        )
+        count = int(node.get("minItems") or 0)
+        if not isinstance(node.get("items"), dict) or count == 0:
+            _spend(budget, 2)
+            return []
+        # One item is built (and paid for); the copies are the same object, paid for before made.
+        before = budget[0]
+        item = _instance(node["items"], root, text, budget, depth + 1)
+        _spend(budget, (before - budget[0] + 1) * (count - 1) + 2)
+        return [item] * count
     if kind == "string":
+        _spend(budget, len(text) + 2)
         return text
     if kind in ("integer", "number"):
-        return node.get("minimum", 0)
-    if kind == "boolean":
-        return False
-    return None
+        return _leaf(node.get("minimum", 0), budget)
+    _spend(budget, 5)
+    return False if kind == "boolean" else None

@@ -18,11 +18,14 @@ from typing import Any
 from .._exceptions import ConfigError
 from ._base import EngineResponse, Usage, error_body
 from ._packaged import DEFAULT_EMBEDDING_MODEL, INSTALL_EMBEDDINGS, packaged_embedding_model
-from ._request import BadRequest, embedding_base64, resolve_future
+from ._request import BadRequest, embedding_base64, json_parts, resolve_future, short_gil_turns
 
 __all__ = ["SentenceEmbedder", "resolve_embedding_model"]
 
 _MAX_INPUTS = 2048
+# Answers with more floats are shaped and serialised in a worker thread, in parts (`json_parts`),
+# so the server's event loop does not hold them (2,048 vectors of 1,024 floats: ~40 MB of JSON).
+_INLINE_FLOATS = 65_536
 
 
 def resolve_embedding_model(value: str | None) -> str | None:
@@ -116,19 +119,14 @@ class SentenceEmbedder:
         await job.future
         if job.error is not None or job.vectors is None:
             return EngineResponse(500, error_body(f"embedding failed: {job.error}", "server_error"))
-        data = []
-        for i, vector in enumerate(job.vectors):
-            if dimensions is not None:
-                vector = _renormalise(vector[:dimensions])
-            encoded: Any = embedding_base64(array("f", vector)) if as_base64 else vector
-            data.append({"object": "embedding", "index": i, "embedding": encoded})
-        out = {
-            "object": "list",
-            "data": data,
-            "model": model,
-            "usage": {"prompt_tokens": job.tokens, "total_tokens": job.tokens},
-        }
-        return EngineResponse(200, out, Usage(job.tokens, 0, 0, 0))
+        width = len(job.vectors[0]) if job.vectors else 0
+        if dimensions is not None and dimensions > width:
+            message = f"Invalid 'dimensions': {model} gives vectors of {width} dimensions; ask for at most {width}."
+            return EngineResponse(400, error_body(message, "invalid_request_error", param="dimensions"))
+        if len(job.vectors) * width <= _INLINE_FLOATS:
+            return _answer(job, dimensions, as_base64, model, in_parts=False)
+        with short_gil_turns():
+            return await asyncio.to_thread(_answer, job, dimensions, as_base64, model, in_parts=True)
 
     def _parse(self, body: Any) -> tuple[list[str], int | None, bool, str]:
         if not isinstance(body, dict):
@@ -195,6 +193,25 @@ class SentenceEmbedder:
             job.tokens = sum(counts[i : i + n])
             i += n
             job.loop.call_soon_threadsafe(resolve_future, job.future)
+
+
+def _answer(job: _Job, dimensions: int | None, as_base64: bool, model: str, *, in_parts: bool) -> EngineResponse:
+    """The answer to a finished job: its vectors cut to `dimensions`, encoded; its JSON in parts
+    when `in_parts` (called in a worker thread then)."""
+    assert job.vectors is not None
+    data = []
+    for i, vector in enumerate(job.vectors):
+        if dimensions is not None:
+            vector = _renormalise(vector[:dimensions])
+        encoded: Any = embedding_base64(array("f", vector)) if as_base64 else vector
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    out = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": job.tokens, "total_tokens": job.tokens},
+    }
+    return EngineResponse(200, json_parts(out) if in_parts else out, Usage(job.tokens, 0, 0, 0))
 
 
 def _renormalise(vector: list[float]) -> list[float]:

@@ -13,7 +13,10 @@ import contextlib
 import random
 import sys
 from array import array
+from collections.abc import Iterator
 from typing import Any
+
+import orjson
 
 __all__ = [
     "BadRequest",
@@ -24,6 +27,8 @@ __all__ = [
     "embedding_base64",
     "resolve_future",
     "check_json_schema",
+    "json_parts",
+    "short_gil_turns",
 ]
 
 #: The `created` time of every model in GET /v1/models: fixed, so the list is stable across restarts.
@@ -82,6 +87,65 @@ def check_json_schema(schema: Any, param: str = "response_format.json_schema.sch
                     f"Invalid schema: '{key}' is at most {MAX_SCHEMA_COUNT} on this server.", f"{path}.{key}"
                 )
         stack += [(v, f"{path}.{k}", depth + 1) for k, v in node.items() if isinstance(v, (dict, list))]
+
+
+#: Bytes of JSON per part of a big answer (see `json_parts`).
+PART_BYTES = 1 << 20
+
+
+def json_parts(body: dict[str, Any]) -> list[bytes]:
+    """`body` as JSON in parts of about PART_BYTES, which concatenated are `orjson.dumps(body)`.
+
+    For big answers, built in a worker thread: orjson holds the GIL for a whole call, and one copy
+    of a 130 MB answer takes 0.2 s; item by item of its top-level arrays (embeddings, choices), the
+    GIL changes hands between calls and no single copy is large.
+    """
+    parts: list[bytes] = []
+    buf: list[bytes] = []
+    size = 0
+    for i, (key, value) in enumerate(body.items()):
+        buf.append(b'{"' if i == 0 else b',"')
+        buf.append(orjson.dumps(key)[1:] + b":")
+        if not isinstance(value, list):
+            buf.append(orjson.dumps(value))
+            continue
+        buf.append(b"[")
+        for j, item in enumerate(value):
+            piece = orjson.dumps(item)
+            buf.append(b"," + piece if j else piece)
+            size += len(piece)
+            if size >= PART_BYTES:
+                parts.append(b"".join(buf))
+                buf, size = [], 0
+        buf.append(b"]")
+    buf.append(b"}" if body else b"{}")
+    parts.append(b"".join(buf))
+    return parts
+
+
+_SHORT_TURN = 0.001
+_short_turn_users = 0
+_usual_turn = 0.005
+
+
+@contextlib.contextmanager
+def short_gil_turns() -> Iterator[None]:
+    """While held, threads take the GIL in 1 ms turns instead of 5 ms. Enter it on the event loop
+    around work sent to a thread: the loop waits for the GIL at each of its several handovers
+    per request, so with 5 ms turns a health check takes ~12 ms (p99 ~57 ms) while a big answer
+    is built, with 1 ms ~4 ms (p99 ~35 ms). Only then: shorter turns cost a batch of ordinary
+    rows ~12% of its speed. Holders are counted, so overlapping ones restore the usual turn once."""
+    global _short_turn_users, _usual_turn
+    if _short_turn_users == 0:
+        _usual_turn = sys.getswitchinterval()
+        sys.setswitchinterval(_SHORT_TURN)
+    _short_turn_users += 1
+    try:
+        yield
+    finally:
+        _short_turn_users -= 1
+        if _short_turn_users == 0:
+            sys.setswitchinterval(_usual_turn)
 
 
 def hex_id(prefix: str) -> str:

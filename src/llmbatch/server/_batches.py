@@ -50,11 +50,11 @@ async def create_batch(request: Request) -> Response:
         if not isinstance(oe, dict):
             raise APIError(400, "Invalid 'output_expires_after': expected an object.", param="output_expires_after")
         output_expires = expires_after(oe.get("anchor"), oe.get("seconds"), "output_expires_after")
-    f = srv.store.get_file(body["input_file_id"], owner) if srv.store else None
-    if f is None:
-        raise APIError(
-            404, f"No such File object: {clip(body['input_file_id'])}", param="input_file_id", code="file_not_found"
-        )
+    try:
+        f = srv.file(body["input_file_id"], owner)
+    except APIError as exc:
+        exc.body["error"]["param"] = "input_file_id"
+        raise
     if f.purpose != "batch":
         raise APIError(
             400,

@@ -54,6 +54,10 @@ class ServerConfig(BaseModel):
     """Accepted `completion_window` values and their length in seconds."""
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
     """Largest accepted upload, in bytes."""
+    max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Largest JSON body of a direct request (chat, completions, responses, embeddings), in bytes;
+    a larger one is a 413 before it is read. OpenAI takes a few MB of text in a request; this
+    leaves room for images sent inline."""
     max_file_lines: int = Field(50_000, gt=0)
     """Most requests a batch input file may hold."""
     max_active_batches: int = Field(4, gt=0)

@@ -16,6 +16,7 @@ import orjson
 from .._text import clip
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
 from ._errors import APIError, parse_json_object
+from ._limits import body_limit, check_length, counting
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,9 +27,15 @@ __all__ = ["DirectAPI"]
 
 log = logging.getLogger("llmbatch.server")
 
+#: Bytes of an answer handed to the server per send: a 100 MB answer goes out in pieces, with the
+#: event loop free between them, instead of being copied whole into the transport's buffer.
+_SEND_PIECE = 1024 * 1024
+
 
 class DirectAPI:
-    """ASGI app: answers POSTs to the direct endpoints, passes everything else to `app`."""
+    """ASGI app: refuses bodies over their endpoint's limit (`_limits`, for every route, before
+    the key is checked: nothing about tenants is revealed), answers POSTs to the direct
+    endpoints, passes everything else to `app`."""
 
     def __init__(self, app: ASGIApp, server: ServerState) -> None:
         self.app = app
@@ -42,25 +49,36 @@ class DirectAPI:
             scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
             if raw_path:
                 scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = body_limit(scope, self.server.config)
+        if limit is not None:
+            try:
+                check_length(scope, limit)
+            except APIError as exc:
+                await _respond(send, exc.status, orjson.dumps(exc.body), None)
+                return
+            receive = counting(scope, receive, limit)
+        if scope["method"] != "POST" or scope["path"] not in KNOWN_ENDPOINTS:
             await self.app(scope, receive, send)
             return
         chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
-                log.info("client disconnected before sending the body of POST %s", scope["path"])
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        status, content, headers = await self._answer(scope, b"".join(chunks))
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
-        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":  # the caller hung up mid-body: not our failure
+                    log.info("client disconnected before sending the body of POST %s", scope["path"])
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except APIError as exc:  # a chunked body past the limit
+            await _respond(send, exc.status, orjson.dumps(exc.body), None)
+            return
+        await _respond(send, *await self._answer(scope, b"".join(chunks)))
 
-    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes, dict[str, str] | None]:
+    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes | list[bytes], dict[str, str] | None]:
         srv = self.server
         engine = srv.engine
         endpoint = scope["path"]
@@ -85,14 +103,36 @@ class DirectAPI:
         except APIError as exc:
             return exc.status, orjson.dumps(exc.body), None
         try:
-            resp = await engine.handle(EngineRequest(endpoint, body))
+            resp = await engine.handle(EngineRequest(endpoint, body, size=len(raw)))
         except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
             log.exception("engine failed on a direct %s request", endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
         srv.direct_requests[(endpoint, resp.status_code)] += 1
-        content = resp.body if isinstance(resp.body, bytes) else orjson.dumps(resp.body)
+        content = resp.body if isinstance(resp.body, (bytes, list)) else orjson.dumps(resp.body)
         return resp.status_code, content, resp.headers
 
     def __getattr__(self, name: str) -> Any:
         # `app.state`, `app.routes`, ... of the wrapped FastAPI app stay reachable.
         return getattr(self.app, name)
+
+
+async def _respond(send: Send, status: int, content: bytes | list[bytes], headers: dict[str, str] | None) -> None:
+    """Sends `content` (JSON, or JSON in parts) in pieces of at most about _SEND_PIECE bytes."""
+    parts = content if isinstance(content, list) else [content]
+    length = sum(len(p) for p in parts)
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(length).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    if len(parts) == 1 and length <= _SEND_PIECE:
+        await send({"type": "http.response.body", "body": parts[0]})
+        return
+    for i, part in enumerate(parts):
+        last_part = i == len(parts) - 1
+        if len(part) <= _SEND_PIECE:
+            await send({"type": "http.response.body", "body": part, "more_body": not last_part})
+            continue
+        view = memoryview(part)
+        for start in range(0, len(part), _SEND_PIECE):
+            piece = bytes(view[start : start + _SEND_PIECE])
+            more = not last_part or start + _SEND_PIECE < len(part)
+            await send({"type": "http.response.body", "body": piece, "more_body": more})

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
+from .._text import clip
 from ._errors import APIError, json_response
 from ._store import BatchRow, FileRow
 
@@ -23,7 +24,8 @@ def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> in
     try:
         value = int(raw)
     except ValueError:
-        raise APIError(400, f"Invalid '{name}': expected an integer, got {raw!r}.", param=name) from None
+        got = clip(raw, quote=True)
+        raise APIError(400, f"Invalid '{name}': expected an integer, got {got}.", param=name) from None
     if not lo <= value <= hi:
         raise APIError(400, f"Invalid '{name}': must be between {lo} and {hi}, got {value}.", param=name)
     return value
@@ -47,7 +49,7 @@ def expires_after(anchor: Any, seconds: Any, param: str) -> int:
 def list_page(page: tuple[list[FileRow] | list[BatchRow], bool] | None, after: str | None, noun: str) -> Response:
     """OpenAI's list object for a page from the store; 400 when `after` named nothing."""
     if page is None:
-        raise APIError(400, f"Invalid 'after': no {noun} with id {after!r}.", param="after")
+        raise APIError(400, f"Invalid 'after': no {noun} with id {clip(after, quote=True)}.", param="after")
     data = [item.to_api() for item in page[0]]
     return json_response(
         {

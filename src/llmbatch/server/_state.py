@@ -11,6 +11,7 @@ from .._text import clip
 from ..engines import Engine, create_engine
 from ._config import ServerConfig, key_owner
 from ._errors import APIError
+from ._limits import MAX_ID_CHARS
 from ._store import BatchRow, FileRow, Store
 from ._worker import BatchWorker
 
@@ -53,14 +54,14 @@ class ServerState:
 
     def file(self, file_id: str, owner: str) -> FileRow:
         assert self.store is not None
-        f = self.store.get_file(file_id, owner)
+        f = self.store.get_file(file_id, owner) if len(file_id) <= MAX_ID_CHARS else None
         if f is None:
             raise APIError(404, f"No such File object: {clip(file_id)}", param="id", code="file_not_found")
         return f
 
     def batch(self, batch_id: str, owner: str) -> BatchRow:
         assert self.store is not None
-        b = self.store.get_batch(batch_id, owner)
+        b = self.store.get_batch(batch_id, owner) if len(batch_id) <= MAX_ID_CHARS else None
         if b is None:
             raise APIError(404, f"No batch found with id '{clip(batch_id)}'.", param="batch_id", code="batch_not_found")
         return b

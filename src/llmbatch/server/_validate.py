@@ -68,13 +68,15 @@ def validate_input(
     tmp_dir: Path,
     check_model: Callable[[str], str | None] = lambda model: None,
     model_family: Callable[[str], str] = lambda model: model,
+    max_line_bytes: int | None = None,
 ) -> ValidationResult:
     """Checks every line of a batch input file against OpenAI's rules for `endpoint`.
 
     Each line must be a JSON object with a unique non-empty string `custom_id`, `method`
     "POST", `url` equal to the endpoint and an object `body` naming a `model`; every line
     must name the same model (or models of one `model_family`: a base model and its LoRA
-    adapters) and the engine must serve it (`check_model` says why not).
+    adapters) and the engine must serve it (`check_model` says why not). A line over
+    `max_line_bytes` is refused unparsed, as a direct request over that size is.
     Blank lines are skipped. Errors carry OpenAI's `{code, message, param, line}`.
     """
     result = ValidationResult()
@@ -102,6 +104,13 @@ def validate_input(
                     "split it into several batches",
                 )
                 break
+            if max_line_bytes is not None and len(raw) > max_line_bytes:
+                error(
+                    n,
+                    "request_too_large",
+                    f"the request is {len(raw):,} bytes; this server takes at most {max_line_bytes:,} per request",
+                )
+                continue
             obj, problems = check_row(raw, endpoint)
             for p in problems:
                 error(n, p.code, p.message, p.param)

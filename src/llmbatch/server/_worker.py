@@ -63,6 +63,8 @@ def files_dir(config: ServerConfig) -> Path:
 def output_line(custom_id: str | None, resp: EngineResponse) -> bytes:
     """One line of an output or error file, in OpenAI's batch output format."""
     body = resp.body
+    if isinstance(body, list):  # a big answer in parts (echo); a batch line holds it whole
+        body = b"".join(body)
     if isinstance(body, bytes):
         # Passed through unchanged, unless it would break the one-line-per-row format.
         body = orjson.Fragment(body) if b"\n" not in body and b"\r" not in body else orjson.loads(body)
@@ -309,6 +311,7 @@ class BatchWorker:
                 tmp_dir=self._tmp,
                 check_model=self.engine.validate_model,
                 model_family=self.engine.model_family,
+                max_line_bytes=self.config.max_request_bytes,
             )
         try:
             self._record_validation(b, result)
@@ -413,7 +416,7 @@ class BatchWorker:
             try:
                 obj = orjson.loads(raw)
                 custom_id = obj["custom_id"]
-                resp = await self.engine.handle(EngineRequest(endpoint, obj["body"], custom_id))
+                resp = await self.engine.handle(EngineRequest(endpoint, obj["body"], custom_id, len(raw)))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug fails its row, never the batch
