@@ -300,12 +300,15 @@ def test_live_tiny_job(tmp_path: Path) -> None:
 # -- a rolled-back job store (issue 13) -----------------------------------------------------
 
 
-@pytest.mark.parametrize(("stop_at", "keep"), [(2, False), (3, True)], ids=["two-running", "one-collected-kept"])
+@pytest.mark.parametrize(
+    ("stop_at", "keep"), [(2, False), (3, False), (3, True)], ids=["two-running", "one-collected", "one-collected-kept"]
+)
 def test_a_store_rolled_back_adopts_the_batches_of_the_jobs_uploads(
     fake: TogetherFake, tmp_path: Path, stop_at: int, keep: bool
 ) -> None:
-    """Together batches carry no tag: the job's are found by their input files' names. A batch
-    collected before the rollback is found only while its upload is kept (`--keep-uploads`)."""
+    """Together batches carry no tag: the job's are found by their input files' names, so a
+    collected chunk's upload is kept until the job has finished (then deleted, unless
+    `--keep-uploads`), and a batch collected before the rollback is still found."""
     fake.validate_polls = fake.progress_polls = 2
     settings = JobSettings(provider="together", base_url=fake.url, batch_size=10, max_in_flight=2,
                            poll_interval=0.01, max_poll_interval=0.01, keep_uploads=keep)  # fmt: skip
@@ -319,3 +322,6 @@ def test_a_store_rolled_back_adopts_the_batches_of_the_jobs_uploads(
     assert ran == dict.fromkeys((f"row-{i}" for i in range(40)), 1)
     assert sum("adopted batch" in m for m in messages) == stop_at
     assert fake.calls.count("GET /v1/batches") == 2  # one listing per run
+    # Once the job has finished, its uploads are deleted (kept with --keep-uploads).
+    uploads = [f for f in fake.files.values() if f["filename"].startswith("llmbatch-")]
+    assert len(uploads) == (4 if keep else 0), uploads

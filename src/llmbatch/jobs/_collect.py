@@ -16,7 +16,7 @@ from ._export import error_line
 from ._records import Chunk, ChunkRow, Failure, Outcome, Result, ResultRef, Success
 from ._verify import digest, result_file_name
 
-__all__ = ["classify", "collect", "is_retryable_status", "poll"]
+__all__ = ["classify", "collect", "is_retryable_status", "poll", "release_uploads"]
 
 log = logging.getLogger("llmbatch.jobs")
 
@@ -137,12 +137,29 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
     store.collect(chunk.id, outcome, batch.status.value)
     if batch.status is RemoteStatus.COMPLETED:
         ctx.quota_failures = 0
-    if chunk.file_id and not settings.keep_uploads:
+    if chunk.file_id and not settings.keep_uploads and not ctx.provider.batches_known_by_upload:
         # The input is no longer needed, and uploads count against per-account file caps.
-        try:
-            await ctx.provider.delete_file(chunk.file_id)
-        except ProviderError as exc:
-            log.warning("chunk %s: could not delete its upload %s: %s", chunk.tag, chunk.file_id, exc)
+        await _delete_upload(ctx, chunk.tag, chunk.file_id)
+
+
+async def release_uploads(ctx: RunContext) -> None:
+    """Deletes, once the job has finished, the uploads that were kept because they are what tells
+    its batches apart (`Provider.batches_known_by_upload`), unless `--keep-uploads`."""
+    if ctx.settings.keep_uploads or not ctx.provider.batches_known_by_upload:
+        return
+    for chunk in ctx.store.chunks(("collected",)):
+        if chunk.file_id and await _delete_upload(ctx, chunk.tag, chunk.file_id):
+            ctx.store.update_chunk(chunk.id, file_id=None)
+
+
+async def _delete_upload(ctx: RunContext, tag: str, file_id: str) -> bool:
+    try:
+        await ctx.provider.delete_file(file_id)
+    except ProviderError as exc:
+        if exc.status != 404:
+            log.warning("chunk %s: could not delete its upload %s: %s", tag, file_id, exc)
+            return False
+    return True
 
 
 def _unanswered(

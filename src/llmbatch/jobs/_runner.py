@@ -21,7 +21,7 @@ from pathlib import Path
 from .._exceptions import ConfigError, ProviderError
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteStatus
-from ._collect import poll
+from ._collect import poll, release_uploads
 from ._context import RunContext
 from ._direct import run_direct
 from ._export import export
@@ -137,6 +137,7 @@ class JobRunner:
             await asyncio.sleep(delay)
         self.store.set_job(status="finished")
         await self.repair_results()
+        await release_uploads(self.ctx)
         return self._finish()
 
     async def repair_results(self, *, hashes: bool = True) -> int:

@@ -106,6 +106,11 @@ class Provider(ABC):
     #: The output cap the adapter sends for a row that sets none (providers that require one);
     #: estimates use it instead of the generic guess, so budgets see the real ceiling.
     default_max_tokens: ClassVar[int | None] = None
+    #: Whether the job's batches are told apart only by their uploads (no tag on the batch):
+    #: the runner then keeps a collected chunk's upload until the job has finished, so that a
+    #: store rolled back meanwhile still finds the batch (`list_job_batches`) instead of
+    #: sending its rows again.
+    batches_known_by_upload: ClassVar[bool] = False
 
     @classmethod
     def api_key_from(cls, api_key: str | None) -> str:

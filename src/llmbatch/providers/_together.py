@@ -219,6 +219,7 @@ class TogetherBatchProvider(Provider):
     endpoints = frozenset({"/v1/chat/completions"})
     #: Together allows custom_ids of up to 64 characters; others go under a runner-made id.
     custom_id_pattern = re.compile(r"[\x20-\x7e]{1,64}")
+    batches_known_by_upload = True
 
     def __init__(
         self,
