@@ -632,6 +632,40 @@ def test_a_store_restored_from_an_older_copy_adopts_the_batches_it_lost(
     assert fake.calls["list_job_batches"] == listings + 1  # one listing per run, not one per chunk
 
 
+def test_an_adopted_batch_is_priced_as_it_was_planned(open_job: Callable[..., Job], tmp_path: Path) -> None:
+    """A batch adopted after a rollback counts against --max-cost while it runs: its chunk is
+    priced as the planner priced it before the store lost it (not at $0, which would let
+    new chunks through the budget on top of it)."""
+    job = open_job([chat_line(i) for i in range(30)], batch_size=10, max_in_flight=3, max_cost=100.0)
+    fake = MemoryProvider(polls=1000)  # the batches stay running
+    backup = tmp_path / "backup.sqlite"
+    _back_up(job.session.store.path, backup)
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(job.runner(fake).run())
+        while len(fake.batch_list) < 3 and not task.done():
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    planned = {c.tag: c.est_cost for c in job.session.store.chunks(("submitted",))}
+    assert len(planned) == 3 and all(cost > 0 for cost in planned.values()), planned
+    _restore(job, backup)
+
+    async def audited() -> None:
+        runner = job.runner(fake)
+        await runner.start()
+
+    asyncio.run(audited())
+    store = job.session.store
+    adopted = {c.tag: c.est_cost for c in store.chunks(("submitted",))}
+    assert adopted.keys() == planned.keys()
+    assert adopted == pytest.approx(planned)
+    assert store.in_flight_cost() == pytest.approx(sum(planned.values()))
+
+
 @pytest.mark.parametrize("unreadable", ["not-given", "deleted"])
 def test_a_lost_batch_whose_rows_cannot_be_read_yet_holds_back_every_row_until_it_ends(
     open_job: Callable[..., Job], tmp_path: Path, unreadable: str

@@ -559,6 +559,16 @@ class JobStore:
                 raise StateError(f"chunk {chunk_id} cannot move to {to}: not in {', '.join(from_)}")
             self._event(db, to, message or f"chunk {chunk_id} -> {to}", chunk_id)
 
+    def chunk_of_tag(self, tag: str) -> Chunk | None:
+        row = self._db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE tag=?", (tag,)).fetchone()
+        return Chunk(*row) if row is not None else None
+
+    def queued_estimates(self, chunk_id: int) -> list[tuple[int, int]]:
+        """(estimated input, output tokens) of each row of a chunk still waiting for its result."""
+        return self._db.execute(
+            "SELECT est_input, est_output FROM rows WHERE chunk_id=? AND state='queued'", (chunk_id,)
+        ).fetchall()
+
     def update_chunk(self, chunk_id: int, **columns: Any) -> None:
         """Records remote progress (no state change)."""
         with self._tx() as db:

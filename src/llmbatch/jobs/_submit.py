@@ -230,9 +230,21 @@ async def audit(ctx: RunContext) -> None:
         store.dissolve_planned()
         for tag, b, ids in readable:
             n = store.adopt_batch(tag, b.id, b.status.value, b.input_file_id, b.created_at, ids)
+            _estimate_adopted(ctx, tag)
             ctx.say(f"chunk {tag}: adopted batch {b.id} ({n} of its {len(ids)} rows were still to run)")
             del ctx.audit_waiting[tag]
     ctx.audited = not ctx.audit_waiting
+
+
+def _estimate_adopted(ctx: RunContext, tag: str) -> None:
+    """Prices an adopted chunk's rows as the planner would have (each row at its own tier), so
+    that `--max-cost` counts the batch while it runs."""
+    chunk = ctx.store.chunk_of_tag(tag)
+    if chunk is None or chunk.state != "submitted":
+        return
+    price = ctx.tariff(chunk.model)
+    cost = sum(price(est_in, est_out) for est_in, est_out in ctx.store.queued_estimates(chunk.id))
+    ctx.store.update_chunk(chunk.id, est_cost=cost)
 
 
 def _earliest_batch_time(ctx: RunContext) -> int:
