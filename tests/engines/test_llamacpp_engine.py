@@ -144,6 +144,27 @@ def test_json_schema_output_parses(engine: EngineHandle) -> None:
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 5000},
+        {"type": "object", "properties": {"s": {"type": "string", "maxLength": 2000}}},
+    ],
+    ids=["maxItems", "maxLength"],
+)
+def test_a_schema_llama_cpp_cannot_compile_is_a_400_and_the_engine_goes_on(
+    engine: EngineHandle, schema: dict[str, Any]
+) -> None:
+    """llama.cpp refuses grammars nested past its parser's limit (NULL sampler): that is the
+    row's 400, not a crash of the whole process at its first token."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    r = engine.one(chat("List numbers.", temperature=0, max_tokens=5, response_format=fmt))
+    assert r.status_code == 400, r.body
+    assert "grammar" in r.body["error"]["message"]
+    after = engine.one(chat("Say hi.", temperature=0, max_tokens=5))
+    assert after.status_code == 200 and after.body["choices"][0]["message"]["content"]
+
+
 def test_bad_rows_get_400_naming_the_reason(engine: EngineHandle) -> None:
     unknown = engine.one(chat("hi", model="gpt-4o-mini"))
     assert unknown.status_code == 400

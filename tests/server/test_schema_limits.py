@@ -32,3 +32,18 @@ def test_reasonable_schema_still_answers(server) -> None:  # type: ignore[no-unt
     with server.http() as http:
         r = http.post("/v1/chat/completions", json=chat(schema))
     assert r.status_code == 200
+
+
+def test_more_enum_values_than_openai_allows_is_a_400(server) -> None:  # type: ignore[no-untyped-def]
+    """OpenAI's structured outputs take at most 1,000 enum values in all; so does this server."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": [f"a{i}" for i in range(600)]}, "b": {"enum": [f"b{i}" for i in range(401)]}},
+    }
+    with server.http() as http:
+        r = http.post("/v1/chat/completions", json=chat(schema))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith("response_format.json_schema.schema.properties.")
+        assert "1000 enum values" in r.json()["error"]["message"]
+        schema["properties"]["b"]["enum"] = [f"b{i}" for i in range(400)]
+        assert http.post("/v1/chat/completions", json=chat(schema)).status_code == 200

@@ -197,7 +197,13 @@ class LlamaCppEngine(ModelEngine):
                     new = waiting.popleft()
                     new.slot = slot
                     llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
-                    new.sampler = self._sampler(new)
+                    try:
+                        new.sampler = self._sampler(new)
+                    except _GrammarRefused as exc:  # the request's fault: a 400, and the slot stays free
+                        new.item.generation.error = str(exc)
+                        new.item.generation.error_status = 400
+                        self._finish(new, slots, requests, failed=True)
+                        continue
                     slots[slot] = new
             if self._stopping:
                 for seq in [*(s for s in slots if s is not None), *waiting]:
@@ -290,12 +296,26 @@ class LlamaCppEngine(ModelEngine):
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
         if gen.json_schema is not None:
-            grammar = (
-                llama_grammar.json_schema_to_gbnf(json.dumps(gen.json_schema))
-                if gen.json_schema
-                else llama_grammar.JSON_GBNF
-            )
-            add(llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root"))
+            try:
+                grammar = (
+                    llama_grammar.json_schema_to_gbnf(json.dumps(gen.json_schema))
+                    if gen.json_schema
+                    else llama_grammar.JSON_GBNF
+                )
+            except Exception as exc:
+                llama_cpp.llama_sampler_free(chain)
+                raise _GrammarRefused(f"llama.cpp cannot express this response_format schema: {exc}") from exc
+            constrained = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constrained:
+                # A NULL sampler in the chain would crash the process at the first token: llama.cpp
+                # refuses grammars nested past its parser's limit (a maxItems or maxLength of
+                # about 1,000 or more without a matching minimum).
+                llama_cpp.llama_sampler_free(chain)
+                raise _GrammarRefused(
+                    "llama.cpp cannot build a grammar for this response_format schema (too large or nested "
+                    "too deep: keep maxItems and maxLength under 1,000, or close to their minimum)"
+                )
+            add(constrained)
         if gen.frequency_penalty or gen.presence_penalty:
             n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             add(llama_cpp.llama_sampler_init_penalties(n_vocab, -1, 1.0, gen.frequency_penalty, gen.presence_penalty))
@@ -369,6 +389,10 @@ class LlamaCppEngine(ModelEngine):
             del requests[id(seq.item)]
             seq.item.generation.choices = [c for c in req.choices if c is not None]
             self._done(seq.item)
+
+
+class _GrammarRefused(Exception):
+    """A response_format schema llama.cpp cannot turn into a grammar: the row's 400."""
 
 
 def _put(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:

@@ -51,6 +51,10 @@ class BadRequest(Exception):
 #: Largest count a schema may ask of an answer (minItems, minLength, ...): engines build or
 #: generate at least that much, so `minItems: 10**12` would exhaust memory or never end.
 MAX_SCHEMA_COUNT = 10_000
+#: Most `enum` values in one schema, all enums together: OpenAI's own limit for structured
+#: outputs. Each is an alternative an engine's grammar weighs at every token (llama.cpp takes
+#: ~3 s just to build a grammar of 50,000).
+MAX_ENUM_VALUES = 1_000
 #: Deepest nesting and most nodes checked in a schema: a bound on the work of checking it.
 _MAX_SCHEMA_DEPTH = 64
 _MAX_SCHEMA_NODES = 100_000
@@ -60,9 +64,10 @@ _COUNT_KEYWORDS = ("minItems", "maxItems", "minLength", "maxLength", "minPropert
 def check_json_schema(schema: Any, param: str = "response_format.json_schema.schema") -> None:
     """Raises BadRequest naming the path of the first keyword in `schema` that no answer could
     satisfy within this server's bounds: counts that are not non-negative integers, a `min*`
-    above MAX_SCHEMA_COUNT, a schema nested or sized past what is checked. Every engine calls it
+    above MAX_SCHEMA_COUNT, more than MAX_ENUM_VALUES enum values, a schema nested or sized past
+    what is checked. Every engine calls it
     before synthesising or compiling an answer, so absurd schemas are the caller's 400, not a 500."""
-    nodes = 0
+    nodes = enums = 0
     stack: list[tuple[Any, str, int]] = [(schema, param, 0)]
     while stack:
         node, path, depth = stack.pop()
@@ -85,6 +90,12 @@ def check_json_schema(schema: Any, param: str = "response_format.json_schema.sch
             if key.startswith("min") and value > MAX_SCHEMA_COUNT:
                 raise BadRequest(
                     f"Invalid schema: '{key}' is at most {MAX_SCHEMA_COUNT} on this server.", f"{path}.{key}"
+                )
+        if isinstance(node.get("enum"), list):
+            enums += len(node["enum"])
+            if enums > MAX_ENUM_VALUES:
+                raise BadRequest(
+                    f"Invalid schema: at most {MAX_ENUM_VALUES} enum values in all (OpenAI's limit).", f"{path}.enum"
                 )
         stack += [(v, f"{path}.{k}", depth + 1) for k, v in node.items() if isinstance(v, (dict, list))]
 
