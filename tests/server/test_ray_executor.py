@@ -123,9 +123,7 @@ def test_replicas_on_both_nodes_and_health(ray_server: ServerProc) -> None:
     assert all(psutil.pid_exists(r["pid"]) for r in health["replicas"])
 
 
-def test_outputs_equal_the_local_executors(
-    ray_server: ServerProc, server_factory: Callable[..., ServerProc]
-) -> None:
+def test_outputs_equal_the_local_executors(ray_server: ServerProc, server_factory: Callable[..., ServerProc]) -> None:
     rows = [chat_line(i, f"row {i} " + "x" * (i % 7)) for i in range(60)]
     rows.append({**chat_line("bad"), "body": {"model": "gpt-4o-mini", "messages": "not a list"}})
     local = server_factory(*SERVER_ARGS)

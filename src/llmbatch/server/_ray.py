@@ -2,10 +2,10 @@
 
 `RayEngine` is an `Engine`, so the batch worker does not change: it journals every result,
 shares the row budget fairly, cancels, expires and pauses on a full disk exactly as with a local
-engine. Only `handle` differs: a request goes into one queue, and each replica's lanes take
+engine. Only `handle` differs: a request goes into one queue, and each replica's dispatcher takes
 slices of it (a list of requests per actor call, so Ray's per-call cost is paid once per slice)
-and hand the answers back. Rows in flight stay bounded by the worker's slots, which
-`max_concurrency` (the replicas' concurrency summed) sets: that is the backpressure.
+while the replica has room, and hands the answers back. Rows in flight stay bounded by the
+worker's slots, which `max_concurrency` (the replicas' concurrency summed) sets: that is the backpressure.
 
 A replica (`_Replica`, one actor) wraps a real engine built by `create_engine` from the same
 name and options as a local one. When its process dies, the slice it held goes back to the front
@@ -37,9 +37,12 @@ __all__ = ["RayEngine", "is_loopback_address"]
 
 log = logging.getLogger("llmbatch.server")
 
-#: Actor calls each replica keeps open at once; each carries a slice of max_concurrency / LANES
-#: rows, so a replica starts its next slice while it finishes one (continuous batching stays fed).
-LANES = 4
+#: The largest slice is a replica's max_concurrency / SLICES_PER_REPLICA rows: every row of a
+#: slice waits for its slowest, so a slice smaller than the replica's room lets the next slices
+#: start while one finishes (continuous batching stays fed).
+SLICES_PER_REPLICA = 4
+#: How long a slice that is not full waits for more rows (see `_Queue.take`).
+LINGER_S = 0.005
 #: How long the server start waits for replicas to be placed before it serves without them.
 PLACEMENT_WAIT_S = 20.0
 
@@ -106,6 +109,9 @@ class _Replica:
     node_id: str | None = None
     restarts: int = 0
     rows: int = 0
+    #: Rows sent and not answered yet; at most the engine's max_concurrency.
+    inflight: int = 0
+    room: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _Queue:
@@ -125,11 +131,15 @@ class _Queue:
             self._nonempty.set()
 
     async def take(self, most: int) -> list[_Item]:
-        """Up to `most` rows whose caller still waits (a cancelled row is dropped here)."""
+        """Up to `most` rows whose caller still waits (a cancelled row is dropped here). When
+        fewer are waiting, it lingers a moment for more: the worker queues rows one by one, and
+        a slice per row costs a Ray call per row (1-row slices ran at half the local rate)."""
         while True:
             while not self._items:
                 self._nonempty.clear()
                 await self._nonempty.wait()
+            if len(self._items) < most:
+                await asyncio.sleep(LINGER_S)
             out: list[_Item] = []
             while self._items and len(out) < most:
                 item = self._items.popleft()
@@ -151,7 +161,7 @@ class RayEngine(Engine):
         self._config = config
         self._options = config.engine_options.model_dump(exclude_unset=True) if config.engine_options else None
         self._per_replica = self._local.max_concurrency
-        self._slice = max(1, self._per_replica // LANES)
+        self._slice = max(1, self._per_replica // SLICES_PER_REPLICA)
         self._queue = _Queue()
         self._replicas: list[_Replica] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,13 +182,12 @@ class RayEngine(Engine):
                 num_cpus=self._config.replica_cpus,
                 resources=self._config.replica_resources or None,
                 max_restarts=-1,  # Ray brings a killed replica back; its slice was re-queued
-                max_concurrency=LANES + 4,  # the lanes, plus ready/list_models calls
+                max_concurrency=self._per_replica + 4,  # a slice may be one row; + ready/list_models
             ).remote(self._config.engine, self._options)
             self._replicas.append(_Replica(index, actor))
         await self._await_replicas()
         for replica in self._replicas:
-            for _ in range(LANES):
-                self._tasks.append(asyncio.create_task(self._lane(replica), name=f"ray-replica-{replica.index}"))
+            self._tasks.append(asyncio.create_task(self._dispatch(replica), name=f"ray-replica-{replica.index}"))
         alive = sum(r.ready.is_set() for r in self._replicas)
         log.info(
             "ray executor: %d of %d %s replicas ready, %d rows in flight",
@@ -219,7 +228,7 @@ class RayEngine(Engine):
 
     async def _await_replicas(self) -> None:
         """Waits for every replica's engine to start; one that fails to start fails the server.
-        Replicas not placed within PLACEMENT_WAIT_S join later (see `_lane`)."""
+        Replicas not placed within PLACEMENT_WAIT_S join later (see `_revive`)."""
         import ray
 
         refs = {r.actor.ready.remote(): r for r in self._replicas}
@@ -273,35 +282,55 @@ class RayEngine(Engine):
         self._queue.put(_Item(request, future))
         return await future
 
-    async def _lane(self, replica: _Replica) -> None:
-        """Takes slices from the queue for one replica while it lives; see the module's docstring."""
+    async def _dispatch(self, replica: _Replica) -> None:
+        """Sends one replica slices of the queue while it has room; see the module's docstring."""
+        calls: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await replica.ready.wait()
+                while replica.inflight >= self._per_replica:
+                    replica.room.clear()
+                    await replica.room.wait()
+                items = await self._queue.take(min(self._slice, self._per_replica - replica.inflight))
+                if not replica.ready.is_set():  # it died while this waited for rows
+                    self._queue.put_back(items)
+                    continue
+                replica.inflight += len(items)
+                call = asyncio.create_task(self._call(replica, items))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+        finally:
+            for call in list(calls):
+                call.cancel()
+
+    async def _call(self, replica: _Replica, items: list[_Item]) -> None:
         from ray.exceptions import RayActorError
 
-        while True:
-            await replica.ready.wait()
-            items = await self._queue.take(self._slice)
-            try:
-                answers = await replica.actor.handle_many.remote([i.request for i in items])
-            except RayActorError as exc:
-                self._queue.put_back(items)
-                if replica.ready.is_set():
-                    replica.ready.clear()
-                    log.warning(
-                        "ray executor: replica %d (pid %s) died (%s); %d rows went back to the queue",
-                        replica.index, replica.pid, type(exc).__name__, len(items),
-                    )  # fmt: skip
-                    self._tasks.append(asyncio.create_task(self._revive(replica)))
-                continue
-            except asyncio.CancelledError:
-                self._queue.put_back(items)
-                raise
-            replica.rows += len(items)
-            for item, answer in zip(items, answers, strict=True):
-                if not item.future.done():
-                    item.future.set_result(answer)
+        try:
+            answers = await replica.actor.handle_many.remote([i.request for i in items])
+        except RayActorError as exc:
+            self._queue.put_back(items)
+            if replica.ready.is_set():
+                replica.ready.clear()
+                log.warning(
+                    "ray executor: replica %d (pid %s) died (%s); its rows went back to the queue",
+                    replica.index, replica.pid, type(exc).__name__,
+                )  # fmt: skip
+                self._tasks.append(asyncio.create_task(self._revive(replica)))
+            return
+        except asyncio.CancelledError:
+            self._queue.put_back(items)
+            raise
+        finally:
+            replica.inflight -= len(items)
+            replica.room.set()
+        replica.rows += len(items)
+        for item, answer in zip(items, answers, strict=True):
+            if not item.future.done():
+                item.future.set_result(answer)
 
     async def _revive(self, replica: _Replica, first: Any = None) -> None:
-        """Waits until Ray has restarted (or placed) the replica, then lets its lanes go on."""
+        """Waits until Ray has restarted (or placed) the replica, then lets its dispatcher go on."""
         delay = 0.1
         ref = first
         while not replica.ready.is_set():
