@@ -174,3 +174,23 @@ def test_ray_listens_on_loopback_only(cluster: dict[str, Any], ray_server: Serve
         listening += [(proc.pid, c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN]
     assert listening  # the check saw Ray's sockets
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip in listening), listening
+
+
+def test_an_unplaceable_replica_makes_batches_wait(
+    cluster: dict[str, Any], server_factory: Callable[..., ServerProc]
+) -> None:
+    srv = server_factory(
+        *SERVER_ARGS, "--executor", "ray", "--ray-address", cluster["address"], "--replicas", "1",
+        "--replica-resources", '{"no_such_accelerator": 1}', "--replica-placement-wait", "0.5",
+    )  # fmt: skip
+    assert _health(srv)["replicas_alive"] == 0
+    assert "replica 0 not ready after 0.5 s: not placed" in srv.log()
+    client = srv.client()
+    f = upload(client, jsonl([chat_line(i) for i in range(3)]))
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    time.sleep(1.0)
+    b = client.batches.retrieve(b.id)
+    assert b.status == "in_progress" and b.request_counts.completed == 0, b  # type: ignore[union-attr]
+    client.batches.cancel(b.id)  # rows waiting for a replica are cancelled like any others
+    done = wait_batch(client, b.id, timeout=20)
+    assert done.status == "cancelled" and done.request_counts.failed == 3, done  # type: ignore[union-attr]

@@ -112,6 +112,13 @@ __all__ = ["serve"]
     help="ray: other resources per replica, e.g. '{\"GPU\": 1}'.",
 )
 @click.option(
+    "--replica-placement-wait",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="ray: seconds the start waits for replicas; later ones join when Ray places them.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def serve(
@@ -137,6 +144,7 @@ def serve(
     replicas: int | None,
     replica_cpus: float,
     replica_resources: str | None,
+    replica_placement_wait: float,
     log_level: str,
     **model_options: Any,
 ) -> None:
@@ -181,6 +189,7 @@ def serve(
         replicas=replicas,
         replica_cpus=replica_cpus,
         replica_resources=_replica_resources(replica_resources),
+        replica_placement_wait=replica_placement_wait,
     )
     if executor == "ray" and importlib.util.find_spec("ray") is None:
         raise click.UsageError('--executor ray needs Ray: pip install "llmbatch[ray]"')

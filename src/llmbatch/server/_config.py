@@ -99,6 +99,9 @@ class ServerConfig(BaseModel):
     """ray: CPUs Ray reserves for each replica."""
     replica_resources: dict[str, float] = Field(default_factory=dict)
     """ray: other resources each replica needs, e.g. {"GPU": 1}."""
+    replica_placement_wait: float = Field(20.0, ge=0)
+    """ray: seconds the server start waits for replicas to be placed and their engines started;
+    replicas placed later join then (batches wait for one, with a log line)."""
 
     @field_validator("engine_options", mode="before")
     @classmethod

@@ -43,8 +43,6 @@ log = logging.getLogger("llmbatch.server")
 SLICES_PER_REPLICA = 4
 #: How long a slice that is not full waits for more rows (see `_Queue.take`).
 LINGER_S = 0.005
-#: How long the server start waits for replicas to be placed before it serves without them.
-PLACEMENT_WAIT_S = 20.0
 
 
 def is_loopback_address(address: str | None) -> bool:
@@ -228,12 +226,13 @@ class RayEngine(Engine):
 
     async def _await_replicas(self) -> None:
         """Waits for every replica's engine to start; one that fails to start fails the server.
-        Replicas not placed within PLACEMENT_WAIT_S join later (see `_revive`)."""
+        Replicas not placed within `replica_placement_wait` join later (see `_revive`)."""
         import ray
 
         refs = {r.actor.ready.remote(): r for r in self._replicas}
         pending = list(refs)
-        deadline = time.monotonic() + PLACEMENT_WAIT_S
+        wait = self._config.replica_placement_wait
+        deadline = time.monotonic() + wait
         while pending and time.monotonic() < deadline:
             done, pending = await asyncio.to_thread(
                 ray.wait, pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
@@ -248,9 +247,9 @@ class RayEngine(Engine):
                 replica.ready.set()
         for ref in pending:
             log.warning(
-                "ray executor: replica %d not placed after %g s (the cluster lacks %s per replica); "
-                "batches wait for it",
-                refs[ref].index, PLACEMENT_WAIT_S, self._needs(),
+                "ray executor: replica %d not ready after %g s: not placed (the cluster has no room for %s "
+                "per replica) or its engine still starting; batches wait for it",
+                refs[ref].index, wait, self._needs(),
             )  # fmt: skip
             self._tasks.append(asyncio.create_task(self._revive(refs[ref], first=ref)))
 
