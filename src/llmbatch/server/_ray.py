@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import os
@@ -118,10 +119,12 @@ class _Queue:
     def __init__(self) -> None:
         self._items: collections.deque[_Item] = collections.deque()
         self._nonempty = asyncio.Event()
+        self._grew = asyncio.Event()
 
     def put(self, item: _Item) -> None:
         self._items.append(item)
         self._nonempty.set()
+        self._grew.set()
 
     def put_back(self, items: list[_Item]) -> None:
         self._items.extendleft(reversed(items))
@@ -130,14 +133,17 @@ class _Queue:
 
     async def take(self, most: int) -> list[_Item]:
         """Up to `most` rows whose caller still waits (a cancelled row is dropped here). When
-        fewer are waiting, it lingers a moment for more: the worker queues rows one by one, and
+        fewer are waiting, it lingers up to LINGER_S for more: the worker queues rows one by one, and
         a slice per row costs a Ray call per row (1-row slices ran at half the local rate)."""
         while True:
             while not self._items:
                 self._nonempty.clear()
                 await self._nonempty.wait()
-            if len(self._items) < most:
-                await asyncio.sleep(LINGER_S)
+            deadline = time.monotonic() + LINGER_S
+            while len(self._items) < most and (left := deadline - time.monotonic()) > 0:
+                self._grew.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._grew.wait(), left)
             out: list[_Item] = []
             while self._items and len(out) < most:
                 item = self._items.popleft()
