@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,8 +41,9 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("ray")
-    temp_dir = base / "t"  # short: Ray's socket paths must fit in 107 bytes
-    (temp_dir / "ray").mkdir(parents=True)
+    # Ray's socket paths must fit in 107 bytes: pytest's temp dirs under xdist are too long.
+    temp_dir = Path(tempfile.mkdtemp(prefix="lbray-", dir="/tmp"))
+    (temp_dir / "ray").mkdir()
     saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR", "PYTHONPATH")}
     os.environ.update(RAY_ENV, RAY_TMPDIR=str(temp_dir))
     # Replicas run in Ray's worker processes: they must import this checkout's llmbatch.
@@ -67,6 +70,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             helper.kill()
         for proc in _ray_processes(temp_dir):  # whatever the shutdown left: ours only, by PID
             proc.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
