@@ -201,3 +201,31 @@ def test_an_unplaceable_replica_makes_batches_wait(
     client.batches.cancel(b.id)  # rows waiting for a replica are cancelled like any others
     done = wait_batch(client, b.id, timeout=20)
     assert done.status == "cancelled" and done.request_counts.failed == 3, done  # type: ignore[union-attr]
+
+
+def test_kill_9_of_the_api_process_mid_batch_loses_no_row(
+    cluster: dict[str, Any], server_factory: Callable[..., ServerProc]
+) -> None:
+    # --replica-cpus 0: the module's server holds both CPUs of the cluster.
+    args = [*SERVER_ARGS, "--executor", "ray", "--ray-address", cluster["address"], "--replicas", "2"]
+    srv = server_factory(*args, "--replica-cpus", "0")
+    client = srv.client()
+    n = 400
+    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(b.id).request_counts.completed < 40:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the batch did not start"
+        time.sleep(0.02)
+    old = [r["pid"] for r in _health(srv)["replicas"]]
+    srv.kill()  # its replicas die with it (Ray ties an actor to the process that created it)
+    srv.start(timeout=60)  # new replicas; the journal says which rows are still owed
+    done = wait_batch(client, b.id, timeout=60)
+    assert done.status == "completed", done
+    assert done.request_counts.completed == n and done.request_counts.failed == 0  # type: ignore[union-attr]
+    out = read_jsonl(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"row-{i}" for i in range(n))  # each once
+    deadline = time.monotonic() + 20
+    while any(psutil.pid_exists(pid) for pid in old) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(pid) for pid in old), "the killed server's replicas outlived it"
