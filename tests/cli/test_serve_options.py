@@ -124,3 +124,31 @@ def test_bad_scheduling_options_are_clean_errors(tmp_path: Path, args: list[str]
     assert result.exit_code == 2 or isinstance(result.exception, ConfigError), result.output
     assert message in said
     assert "secret-kb" not in said  # a key is a secret: errors do not repeat it
+
+
+def test_ray_executor_options_reach_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    default = _served_config(monkeypatch, tmp_path, ["--engine", "echo"], {})
+    assert default.executor == "local" and default.ray_address is None and default.replicas is None
+    pytest.importorskip("ray")
+    args = ["--engine", "echo", "--executor", "ray", "--ray-address", "127.0.0.1:6379", "--replicas", "3"]
+    args += ["--replica-cpus", "0.5", "--replica-resources", '{"GPU": 1}', "--replica-placement-wait", "2"]
+    config = _served_config(monkeypatch, tmp_path, args, {})
+    assert (config.executor, config.ray_address, config.replicas) == ("ray", "127.0.0.1:6379", 3)
+    assert config.replica_cpus == 0.5 and config.replica_resources == {"GPU": 1.0}
+    assert config.replica_placement_wait == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replica-resources", "{GPU: 1}"], "--replica-resources: not JSON"),
+        (["--replica-resources", '{"GPU": -1}'], "expected an object of resource names to non-negative amounts"),
+        (["--replica-resources", '["GPU"]'], "expected an object of resource names to non-negative amounts"),
+        (["--replicas", "0"], "0 is not in the range x>=1"),
+        (["--executor", "dask"], "'dask' is not one of 'local', 'ray'"),
+    ],
+)
+def test_bad_ray_options_are_clean_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--engine", "echo", *args], env={"LLMBATCH_HOME": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert message in result.output

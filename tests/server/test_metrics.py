@@ -28,7 +28,7 @@ def test_metrics_need_a_key_and_show_only_the_callers_batches(server_factory) ->
         assert http.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
         health = http.get("/health")
         assert health.status_code == 200
-        assert set(health.json()) == {"status", "engine", "version", "uptime_seconds", "disk"}
+        assert set(health.json()) == {"status", "engine", "executor", "version", "uptime_seconds", "disk"}
     with srv.http(api_key=A) as http:
         assert batch_gauge(http.get("/metrics").text) == {"completed": 2}
     with srv.http(api_key=B) as http:

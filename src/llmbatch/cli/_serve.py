@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,40 @@ __all__ = ["serve"]
     help="fair: the --api-key KEY's share of rows in flight, against 1 for other keys (repeatable).",
 )
 @click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where rows run: local (this process) or ray (engine replicas as Ray actors; needs llmbatch[ray]).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="ray: the cluster to join (auto, HOST:6379, ray://HOST:10001) [default: start a local Ray on 127.0.0.1].",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ray: engine replicas [default: as many as the cluster's resources fit].",
+)
+@click.option(
+    "--replica-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="ray: CPUs per replica."
+)
+@click.option(
+    "--replica-resources",
+    default=None,
+    metavar="JSON",
+    help="ray: other resources per replica, e.g. '{\"GPU\": 1}'.",
+)
+@click.option(
+    "--replica-placement-wait",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="ray: seconds the start waits for replicas; later ones join when Ray places them.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def serve(
@@ -103,6 +139,12 @@ def serve(
     max_active_batches: int,
     scheduling: str,
     key_weights: tuple[str, ...],
+    executor: str,
+    ray_address: str | None,
+    replicas: int | None,
+    replica_cpus: float,
+    replica_resources: str | None,
+    replica_placement_wait: float,
     log_level: str,
     **model_options: Any,
 ) -> None:
@@ -142,14 +184,41 @@ def serve(
         key_weights=dict(_key_weight(text) for text in key_weights),
         engine=engine,
         engine_options=options,
+        executor=executor,
+        ray_address=ray_address,
+        replicas=replicas,
+        replica_cpus=replica_cpus,
+        replica_resources=_replica_resources(replica_resources),
+        replica_placement_wait=replica_placement_wait,
     )
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise click.UsageError('--executor ray needs Ray: pip install "llmbatch[ray]"')
     create_engine(config.engine, config.engine_options)  # fail fast, before binding the port
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(
-        f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, data in {config.data_dir})",
+        f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "
+        f"data in {config.data_dir})",
         err=True,
     )
     run_server(config, host=host, port=port, log_level=log_level)
+
+
+def _replica_resources(text: str | None) -> dict[str, float]:
+    """'{"GPU": 1}' -> {"GPU": 1.0}, or a clear error naming the option."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON ({exc})", param_hint="--replica-resources") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value.values()
+    ):
+        raise click.BadParameter(
+            'expected an object of resource names to non-negative amounts, such as {"GPU": 1}',
+            param_hint="--replica-resources",
+        )
+    return {str(k): float(v) for k, v in value.items()}
 
 
 def _key_weight(text: str) -> tuple[str, float]:

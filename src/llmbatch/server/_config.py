@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -86,6 +86,22 @@ class ServerConfig(BaseModel):
     the engine's own); None: its defaults."""
     checkpoint_interval: float = Field(0.25, gt=0)
     """Seconds between writes of a running batch's counts to the database."""
+    executor: Literal["local", "ray"] = "local"
+    """Where rows run: "local", the engine in this process; "ray", engine replicas that are Ray
+    actors (see `_ray`; needs the `ray` extra). The API, store and journal stay in this process."""
+    ray_address: str | None = None
+    """ray: the cluster to join ("auto", "HOST:6379", "ray://HOST:10001"); None starts a Ray
+    instance in this process, bound to 127.0.0.1."""
+    replicas: int | None = Field(None, gt=0)
+    """ray: engine replicas; None: as many as the cluster's resources fit (`replica_cpus`,
+    `replica_resources` each)."""
+    replica_cpus: float = Field(1.0, ge=0)
+    """ray: CPUs Ray reserves for each replica."""
+    replica_resources: dict[str, float] = Field(default_factory=dict)
+    """ray: other resources each replica needs, e.g. {"GPU": 1}."""
+    replica_placement_wait: float = Field(20.0, ge=0)
+    """ray: seconds the server start waits for replicas to be placed and their engines started;
+    replicas placed later join then (batches wait for one, with a log line)."""
 
     @field_validator("engine_options", mode="before")
     @classmethod

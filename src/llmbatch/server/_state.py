@@ -26,7 +26,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig, engine: Engine | None) -> None:
         self.config = config
-        self.engine = engine or create_engine(config.engine, config.engine_options)
+        self.engine = engine or _build_engine(config)
         self._keys = {k: key_owner(k) for k in config.api_keys}
         self.store: Store | None = None
         self.worker: BatchWorker | None = None
@@ -65,6 +65,14 @@ class ServerState:
         if b is None:
             raise APIError(404, f"No batch found with id '{clip(batch_id)}'.", param="batch_id", code="batch_not_found")
         return b
+
+
+def _build_engine(config: ServerConfig) -> Engine:
+    if config.executor == "ray":
+        from ._ray import RayEngine
+
+        return RayEngine(config)
+    return create_engine(config.engine, config.engine_options)
 
 
 def server_state(request: Request) -> ServerState:

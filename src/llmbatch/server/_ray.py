@@ -1,0 +1,396 @@
+"""The Ray executor: rows run on engine replicas that are Ray actors, anywhere in a Ray cluster.
+
+`RayEngine` is an `Engine`, so the batch worker does not change: it journals every result,
+shares the row budget fairly, cancels, expires and pauses on a full disk exactly as with a local
+engine. Only `handle` differs: a request goes into one queue, and each replica's dispatcher takes
+slices of it (a list of requests per actor call, so Ray's per-call cost is paid once per slice)
+while the replica has room, and hands the answers back. Rows in flight stay bounded by the
+worker's slots, which `max_concurrency` (the replicas' concurrency summed) sets: that is the backpressure.
+
+A replica (`_Replica`, one actor) wraps a real engine built by `create_engine` from the same
+name and options as a local one. When its process dies, the slice it held goes back to the front
+of the queue for a live replica, and Ray restarts the actor (`max_restarts=-1`); a row's caller
+is answered once, so no row is journaled twice. A replica Ray cannot place (no resources) just
+takes no work, with a log line, until it can; one whose engine cannot start fails the server start.
+
+Every Ray import happens in functions: the server imports this module without Ray installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import ConfigError
+from ..engines import Engine, EngineRequest, EngineResponse, create_engine, error_body
+from ._config import ServerConfig
+
+__all__ = ["RayEngine", "is_loopback_address"]
+
+log = logging.getLogger("llmbatch.server")
+
+#: The largest slice is a replica's max_concurrency / SLICES_PER_REPLICA rows: every row of a
+#: slice waits for its slowest, so a slice smaller than the replica's room lets the next slices
+#: start while one finishes (continuous batching stays fed).
+SLICES_PER_REPLICA = 4
+#: How long a slice that is not full waits for more rows (see `_Queue.take`).
+LINGER_S = 0.005
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """True for None (a local Ray instance) and addresses on 127.0.0.0/8 or localhost."""
+    if address is None:
+        return True
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "auto" or a host name: whatever the cluster advertises
+
+
+class _ReplicaActor:
+    """One engine replica, run by Ray as an async actor (see `_actor_class`)."""
+
+    def __init__(self, engine: str, options: dict[str, Any] | None) -> None:
+        self.engine = create_engine(engine, options)
+        self._started: asyncio.Task[None] | None = None
+
+    async def _start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.ensure_future(self.engine.start())
+        await asyncio.shield(self._started)
+
+    async def ready(self) -> tuple[int, str]:
+        """Starts the engine; its process id and Ray node id (what /health shows)."""
+        import ray
+
+        await self._start()
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    async def handle_many(self, requests: list[EngineRequest]) -> list[EngineResponse]:
+        await self._start()
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, request: EngineRequest) -> EngineResponse:
+        try:
+            return await self.engine.handle(request)
+        except Exception as exc:  # an engine bug fails its row, as in the local worker
+            return EngineResponse(500, error_body(f"engine error: {exc}", "server_error"))
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        await self._start()
+        return await self.engine.list_models()
+
+
+@dataclass
+class _Item:
+    request: EngineRequest
+    future: asyncio.Future[EngineResponse]
+
+
+@dataclass
+class _Replica:
+    index: int
+    actor: Any
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pid: int | None = None
+    node_id: str | None = None
+    restarts: int = 0
+    rows: int = 0
+    #: Rows sent and not answered yet; at most the engine's max_concurrency.
+    inflight: int = 0
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Queue:
+    """Rows waiting for a replica; a dead replica's slice goes back to the front."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Item] = collections.deque()
+        self._nonempty = asyncio.Event()
+        self._grew = asyncio.Event()
+
+    def put(self, item: _Item) -> None:
+        self._items.append(item)
+        self._nonempty.set()
+        self._grew.set()
+
+    def put_back(self, items: list[_Item]) -> None:
+        self._items.extendleft(reversed(items))
+        if self._items:
+            self._nonempty.set()
+
+    async def take(self, most: int) -> list[_Item]:
+        """Up to `most` rows whose caller still waits (a cancelled row is dropped here). When
+        fewer are waiting, it lingers up to LINGER_S for more: the worker queues rows one by one, and
+        a slice per row costs a Ray call per row (1-row slices ran at half the local rate)."""
+        while True:
+            while not self._items:
+                self._nonempty.clear()
+                await self._nonempty.wait()
+            deadline = time.monotonic() + LINGER_S
+            while len(self._items) < most and (left := deadline - time.monotonic()) > 0:
+                self._grew.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._grew.wait(), left)
+            out: list[_Item] = []
+            while self._items and len(out) < most:
+                item = self._items.popleft()
+                if not item.future.done():
+                    out.append(item)
+            if out:
+                return out
+
+
+class RayEngine(Engine):
+    """The configured engine, run as `config.replicas` Ray actors (see the module's docstring)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        # Built here too, never started: what the API process asks an engine without running it
+        # (endpoints, model checks for validation) is answered as a local engine would.
+        self._local = create_engine(config.engine, config.engine_options)
+        self.name = self._local.name  # type: ignore[misc]
+        self.endpoints = self._local.endpoints
+        self._config = config
+        self._options = config.engine_options.model_dump(exclude_unset=True) if config.engine_options else None
+        self._per_replica = self._local.max_concurrency
+        self._slice = max(1, self._per_replica // SLICES_PER_REPLICA)
+        self._queue = _Queue()
+        self._replicas: list[_Replica] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_ray = False
+        self.max_concurrency = self._per_replica * (config.replicas or 1)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._init_ray()
+        import ray
+
+        count = self._config.replicas or self._replicas_that_fit(ray.cluster_resources())
+        self.max_concurrency = self._per_replica * count
+        actor_class = ray.remote(_ReplicaActor)
+        for index in range(count):
+            actor = actor_class.options(
+                num_cpus=self._config.replica_cpus,
+                resources=self._config.replica_resources or None,
+                max_restarts=-1,  # Ray brings a killed replica back; its slice was re-queued
+                max_concurrency=self._per_replica + 4,  # a slice may be one row; + ready/list_models
+            ).remote(self._config.engine, self._options)
+            self._replicas.append(_Replica(index, actor))
+        await self._await_replicas()
+        for replica in self._replicas:
+            self._tasks.append(asyncio.create_task(self._dispatch(replica), name=f"ray-replica-{replica.index}"))
+        alive = sum(r.ready.is_set() for r in self._replicas)
+        log.info(
+            "ray executor: %d of %d %s replicas ready, %d rows in flight",
+            alive, count, self.name, self.max_concurrency,
+        )  # fmt: skip
+
+    def _init_ray(self) -> None:
+        # Before Ray is imported: it reads these once, at import.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
+        address = self._config.ray_address
+        if is_loopback_address(address):
+            # Ray swaps 127.0.0.1 for the machine's routable address unless told this is a
+            # one-machine setup; with it, every Ray socket of this driver binds to 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address is None:
+            kwargs.update(_node_ip_address="127.0.0.1", num_cpus=os.cpu_count() or 1)
+            self._started_ray = True
+        # ray.init takes SIGTERM for itself (it exits at once); the server's own handler must stay,
+        # so that a stop finishes gracefully: rows in flight end, replicas and Ray shut down.
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:
+            raise ConfigError(f"--ray-address {address or '(none: a local Ray)'}: cannot reach Ray ({exc})") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)
+
+    def _replicas_that_fit(self, resources: dict[str, float]) -> int:
+        need = {"CPU": self._config.replica_cpus, **self._config.replica_resources}
+        fits = [int(resources.get(k, 0.0) // v) for k, v in need.items() if v > 0]
+        return max(1, min(fits) if fits else 1)
+
+    async def _await_replicas(self) -> None:
+        """Waits for every replica's engine to start; one that fails to start fails the server.
+        Replicas not placed within `replica_placement_wait` join later (see `_revive`)."""
+        import ray
+
+        refs = {r.actor.ready.remote(): r for r in self._replicas}
+        pending = list(refs)
+        wait = self._config.replica_placement_wait
+        deadline = time.monotonic() + wait
+        while pending and time.monotonic() < deadline:
+            done, pending = await asyncio.to_thread(
+                ray.wait, pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+            )
+            for ref in done:
+                replica = refs[ref]
+                try:
+                    replica.pid, replica.node_id = await ref
+                except Exception as exc:
+                    await self.aclose()
+                    raise ConfigError(f"{self.name} replica {replica.index} cannot start: {_cause(exc)}") from None
+                replica.ready.set()
+        for ref in pending:
+            log.warning(
+                "ray executor: replica %d not ready after %g s: not placed (the cluster has no room for %s "
+                "per replica) or its engine still starting; batches wait for it",
+                refs[ref].index, wait, self._needs(),
+            )  # fmt: skip
+            self._tasks.append(asyncio.create_task(self._revive(refs[ref], first=ref)))
+
+    def _needs(self) -> str:
+        return str({"CPU": self._config.replica_cpus, **self._config.replica_resources})
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        try:
+            import ray
+        except ImportError:
+            return
+        for replica in self._replicas:
+            try:
+                ray.kill(replica.actor)
+            except Exception:
+                pass
+        self._replicas.clear()
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def handle(self, request: EngineRequest) -> EngineResponse:
+        future: asyncio.Future[EngineResponse] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Item(request, future))
+        return await future
+
+    async def _dispatch(self, replica: _Replica) -> None:
+        """Sends one replica slices of the queue while it has room; see the module's docstring."""
+        calls: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await replica.ready.wait()
+                while replica.inflight >= self._per_replica:
+                    replica.room.clear()
+                    await replica.room.wait()
+                items = await self._queue.take(min(self._slice, self._per_replica - replica.inflight))
+                if not replica.ready.is_set():  # it died while this waited for rows
+                    self._queue.put_back(items)
+                    continue
+                replica.inflight += len(items)
+                call = asyncio.create_task(self._call(replica, items))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+        finally:
+            for call in list(calls):
+                call.cancel()
+
+    async def _call(self, replica: _Replica, items: list[_Item]) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            answers = await replica.actor.handle_many.remote([i.request for i in items])
+        except RayActorError as exc:
+            self._queue.put_back(items)
+            if replica.ready.is_set():
+                replica.ready.clear()
+                log.warning(
+                    "ray executor: replica %d (pid %s) died (%s); its rows went back to the queue",
+                    replica.index, replica.pid, type(exc).__name__,
+                )  # fmt: skip
+                self._tasks.append(asyncio.create_task(self._revive(replica)))
+            return
+        except asyncio.CancelledError:
+            self._queue.put_back(items)
+            raise
+        finally:
+            replica.inflight -= len(items)
+            replica.room.set()
+        replica.rows += len(items)
+        for item, answer in zip(items, answers, strict=True):
+            if not item.future.done():
+                item.future.set_result(answer)
+
+    async def _revive(self, replica: _Replica, first: Any = None) -> None:
+        """Waits until Ray has restarted (or placed) the replica, then lets its dispatcher go on."""
+        delay = 0.1
+        ref = first
+        while not replica.ready.is_set():
+            try:
+                replica.pid, replica.node_id = await (ref if ref is not None else replica.actor.ready.remote())
+            except Exception as exc:
+                ref = None
+                log.debug("ray executor: replica %d not back yet: %s", replica.index, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            replica.restarts += first is None
+            replica.ready.set()
+            log.info("ray executor: replica %d ready (pid %s)", replica.index, replica.pid)
+
+    # -- what the API process asks -------------------------------------------------------
+
+    def validate_model(self, model: str) -> str | None:
+        return self._local.validate_model(model)
+
+    def model_family(self, model: str) -> str:
+        return self._local.model_family(model)
+
+    def served_models(self) -> tuple[str, ...] | None:
+        return self._local.served_models()
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        for replica in self._replicas:
+            if replica.ready.is_set():
+                try:
+                    models: list[dict[str, Any]] = await replica.actor.list_models.remote()
+                    return models
+                except Exception:
+                    continue
+        return await self._local.list_models()
+
+    def health(self) -> dict[str, Any]:
+        """What /health shows of the replicas."""
+        return {
+            "replicas_alive": sum(r.ready.is_set() for r in self._replicas),
+            "replicas": [
+                {
+                    "index": r.index,
+                    "alive": r.ready.is_set(),
+                    "pid": r.pid,
+                    "node_id": r.node_id,
+                    "restarts": r.restarts,
+                    "rows": r.rows,
+                }
+                for r in self._replicas
+            ],
+        }
+
+
+def _cause(exc: BaseException) -> str:
+    """The engine's own message out of Ray's wrapping (a RayTaskError names the remote error)."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
