@@ -87,13 +87,14 @@ def test_dimensions_and_base64(engine: EngineHandle) -> None:
 
 
 def test_a_big_answer_comes_in_json_parts(engine: EngineHandle) -> None:
-    """2,048 inputs: the vectors are shaped and serialised in a worker thread, in parts (the
-    server's event loop sends them without building the whole answer)."""
-    answer = engine.one({"model": DEFAULT_EMBEDDING_MODEL, "input": ["hello"] * 2048, "dimensions": 100}, EMB)
+    """An answer of more than 65,536 floats (here 200 x 384): the vectors are shaped and
+    serialised in a worker thread, in parts (the server's event loop sends them without
+    building the whole answer)."""
+    answer = engine.one({"model": DEFAULT_EMBEDDING_MODEL, "input": ["hello"] * 200}, EMB)
     assert answer.status_code == 200 and isinstance(answer.body, list) and len(answer.body) > 1
     body = json.loads(b"".join(answer.body))
-    assert len(body["data"]) == 2048 and [d["index"] for d in body["data"]] == list(range(2048))
-    assert len(body["data"][0]["embedding"]) == 100 and body["usage"]["prompt_tokens"] == 2048 * 3
+    assert len(body["data"]) == 200 and [d["index"] for d in body["data"]] == list(range(200))
+    assert len(body["data"][0]["embedding"]) == 384 and body["usage"]["prompt_tokens"] == 200 * 3
 
 
 def test_bad_embedding_requests_are_400s(engine: EngineHandle) -> None:
