@@ -439,19 +439,25 @@ def test_a_crash_inside_any_call_then_a_fresh_runner_finishes_every_row_once(
     assert_all_succeeded(job)
 
 
-def test_a_run_cancelled_mid_way_resumes_with_every_row_once(open_job: Callable[..., Job]) -> None:
-    job = open_job([chat_line(i) for i in range(60)], batch_size=10, max_in_flight=2)
-    fake = MemoryProvider(polls=3)
+def _run_until_batches(job: Job, fake: MemoryProvider, n: int) -> None:
+    """Runs the job until the fake has made `n` batches, then stops it (as a kill would)."""
 
     async def interrupted() -> None:
         task = asyncio.create_task(job.runner(fake).run())
-        while len(fake.batch_list) < 3 and not task.done():
+        while len(fake.batch_list) < n and not task.done():
             await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     asyncio.run(interrupted())
+
+
+def test_a_run_cancelled_mid_way_resumes_with_every_row_once(open_job: Callable[..., Job]) -> None:
+    job = open_job([chat_line(i) for i in range(60)], batch_size=10, max_in_flight=2)
+    fake = MemoryProvider(polls=3)
+
+    _run_until_batches(job, fake, 3)
     assert 3 <= len(fake.batch_list) < 6
     assert job.run(fake).code == EXIT_OK
     assert_one_batch_per_chunk(job, fake, 6)
@@ -641,15 +647,7 @@ def test_an_adopted_batch_is_priced_as_it_was_planned(open_job: Callable[..., Jo
     backup = tmp_path / "backup.sqlite"
     _back_up(job.session.store.path, backup)
 
-    async def interrupted() -> None:
-        task = asyncio.create_task(job.runner(fake).run())
-        while len(fake.batch_list) < 3 and not task.done():
-            await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(interrupted())
+    _run_until_batches(job, fake, 3)
     planned = {c.tag: c.est_cost for c in job.session.store.chunks(("submitted",))}
     assert len(planned) == 3 and all(cost > 0 for cost in planned.values()), planned
     _restore(job, backup)
@@ -679,15 +677,7 @@ def test_a_lost_batch_whose_rows_cannot_be_read_yet_holds_back_every_row_until_i
     backup = tmp_path / "backup.sqlite"
     _back_up(job.session.store.path, backup)
 
-    async def interrupted() -> None:
-        task = asyncio.create_task(job.runner(fake).run())
-        while len(fake.batch_list) < 2 and not task.done():
-            await asyncio.sleep(0)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(interrupted())
+    _run_until_batches(job, fake, 2)
     assert len(fake.batch_list) == 2 and not any(b.status.terminal for b in fake.batch_list)
     if unreadable == "deleted":
         for b in fake.batch_list:
