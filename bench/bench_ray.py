@@ -13,78 +13,23 @@ Usage: python bench/bench_ray.py [--rows 20000] [--latency 0.05] [--concurrency 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-import openai
+from bench_server import Server, run_batch, write_input  # bench/ is on the path when run as a script
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ray_server(data_dir: Path, *args: str) -> Server:
+    """A server whose Ray (started in its process) keeps its temp dir under this run's, no auth, no usage stats."""
+    ray_tmp = data_dir.parent / f"{data_dir.name}-ray"
+    (ray_tmp / "ray").mkdir(parents=True)
+    env = {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return Server(data_dir, *args, env=env, start_timeout=90)
 
 
-class Server:
-    def __init__(self, data_dir: Path, *args: str) -> None:
-        self.port = free_port()
-        ray_tmp = data_dir.parent / f"{data_dir.name}-ray"
-        (ray_tmp / "ray").mkdir(parents=True)
-        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-        log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmbatch", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-             "--log-level", "warning", "--engine", "echo", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: see {log.name}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def write_input(path: Path, rows: int) -> None:
-    with open(path, "w") as f:
-        for i in range(rows):
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"row {i}"}]}
-            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
-            f.write("\n")
-
-
-def rows_per_s(server: Server, input_path: Path, rows: int) -> float:
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
-    with open(input_path, "rb") as fh:
-        f = client.files.create(file=("input.jsonl", fh), purpose="batch")
-    t0 = time.monotonic()
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    while b.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.1)
-        b = client.batches.retrieve(b.id)
-    seconds = time.monotonic() - t0
-    assert b.status == "completed" and b.request_counts and b.request_counts.completed == rows, b
-    return rows / seconds
+def rows_per_s(server: Server, input_path: Path, rows: int, out_path: Path) -> float:
+    """Rows per second from creating the batch to seeing it completed."""
+    return rows / run_batch(server.url, input_path, rows, out_path)["batch_s"]
 
 
 def main() -> None:
@@ -104,20 +49,20 @@ def main() -> None:
         print(f"echo, {args.rows} rows, {args.latency * 1000:g} ms a row, {args.concurrency} in flight per replica")
         ray_rate: dict[int, float] = {}
         for n in counts:
-            srv = Server(tmpd / f"ray{n}", *common, "--max-concurrency", str(args.concurrency), "--executor", "ray",
-                         "--replicas", str(n), "--replica-cpus", "0")  # fmt: skip
+            srv = ray_server(tmpd / f"ray{n}", *common, "--max-concurrency", str(args.concurrency), "--executor", "ray",
+                             "--replicas", str(n), "--replica-cpus", "0")  # fmt: skip
             try:
-                ray_rate[n] = rows_per_s(srv, input_path, args.rows)
+                ray_rate[n] = rows_per_s(srv, input_path, args.rows, tmpd / "out.jsonl")
             finally:
-                srv.stop()
+                srv.close()
             print(f"  ray, {n} replica(s): {ray_rate[n]:8.0f} rows/s  ({ray_rate[n] / (ideal * n):.2f} of ideal)")
         for n in counts:
             conc = args.concurrency * n
             srv = Server(tmpd / f"local{n}", *common, "--max-concurrency", str(conc))
             try:
-                local = rows_per_s(srv, input_path, args.rows)
+                local = rows_per_s(srv, input_path, args.rows, tmpd / "out.jsonl")
             finally:
-                srv.stop()
+                srv.close()
             print(
                 f"  local, {conc} in flight: {local:8.0f} rows/s;  local / ray ({n} replica(s)) = "
                 f"{local / ray_rate[n]:.2f}x"

@@ -48,16 +48,23 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    """`llmbatch serve` (echo unless `args` say otherwise) in its own process, its log beside
+    `data_dir`; `env` adds environment variables, `start_timeout` bounds the wait for /health."""
+
+    def __init__(
+        self, data_dir: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 30
+    ) -> None:
         self.port = free_port()
         log = open(data_dir.parent / f"{data_dir.name}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmbatch", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
              "--log-level", "warning", "--engine", "echo", *args],  # a later --engine in args wins
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {log.name}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
                     break
@@ -91,9 +98,10 @@ class Server:
         self._stop.set()
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 def write_input(path: Path, rows: int) -> int:
