@@ -354,21 +354,51 @@ def fill(path: Path) -> int:
     return written
 
 
-@pytest.mark.slow
-def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> None:
+@dataclass
+class TmpfsBatch:
+    """A batch running on a server whose data dir is a small tmpfs (see `tmpfs_batch`)."""
+
+    root: str
+    disk: Path  # the tmpfs, reached from outside
+    client: openai.OpenAI
+    batch_id: str
+    rows: int
+    log_path: Path
+
+    def wait_done(self, at_least: int, deadline: float) -> None:
+        while self.client.batches.retrieve(self.batch_id).request_counts.completed < at_least:
+            assert time.monotonic() < deadline, self.log_path.read_text()
+            time.sleep(0.01)
+
+    def assert_completes_each_row_once(self) -> None:
+        final = wait_batch(self.client, self.batch_id, timeout=30)
+        assert final.status == "completed", (final, self.log_path.read_text())
+        lines = self.client.files.content(final.output_file_id).text.splitlines()
+        assert sorted(int(json.loads(line)["custom_id"][4:]) for line in lines) == list(range(self.rows))
+        assert final.error_file_id is None
+
+
+@contextlib.contextmanager
+def tmpfs_batch(tmp_path: Path, size: str, rows: int, text: str) -> Iterator[TmpfsBatch]:
+    """A `size` tmpfs server (skipped where one cannot be mounted) running a batch of `rows`
+    chat rows of `text`, 10 ms each, 4 at a time."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     _tmpfs_namespace_or_skip(mnt)
-    rows = 300
     log_path = tmp_path / "server.log"
-    with tmpfs_server(mnt, log_path, "3m", "--echo-latency", "0.01", "--max-concurrency", "4") as (root, disk):
+    with tmpfs_server(mnt, log_path, size, "--echo-latency", "0.01", "--max-concurrency", "4") as (root, disk):
         client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
-        f = upload(client, jsonl([chat_line(i, text="x" * 200) for i in range(rows)]))
+        f = upload(client, jsonl([chat_line(i, text=text) for i in range(rows)]))
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-        deadline = time.monotonic() + 20
-        while client.batches.retrieve(batch.id).request_counts.completed < rows // 5:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.01)
+        yield TmpfsBatch(root, disk, client, batch.id, rows, log_path)
+
+
+@pytest.mark.slow
+def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> None:
+    rows = 300
+    with tmpfs_batch(tmp_path, "3m", rows, "x" * 200) as run:
+        root, disk, client, batch_id, log_path = run.root, run.disk, run.client, run.batch_id, run.log_path
+        run.wait_done(rows // 5, time.monotonic() + 20)
 
         assert fill(disk / "filler") > 0
         # An upload on the full disk: 507 in OpenAI's envelope, its partial file gone.
@@ -382,16 +412,12 @@ def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> Non
         assert health["disk"]["full"] is True, health
 
         time.sleep(2.0)  # the batch waits (one retry, at 1 s)
-        waiting = client.batches.retrieve(batch.id)
+        waiting = client.batches.retrieve(batch_id)
         assert waiting.status in ("in_progress", "finalizing"), waiting
         assert waiting.request_counts.completed < rows or waiting.status == "finalizing"
 
         (disk / "filler").unlink()
-        final = wait_batch(client, batch.id, timeout=30)
-        assert final.status == "completed", (final, log_path.read_text())
-        lines = client.files.content(final.output_file_id).text.splitlines()
-        assert sorted(int(json.loads(line)["custom_id"][4:]) for line in lines) == list(range(rows))
-        assert final.error_file_id is None
+        run.assert_completes_each_row_once()
         assert upload(client, jsonl([chat_line(0)])).bytes > 0  # uploads work again
         assert http.get("/health").json()["disk"]["full"] is False
 
@@ -406,25 +432,17 @@ def test_full_tmpfs_upload_507_batch_waits_then_completes(tmp_path: Path) -> Non
 def test_full_tmpfs_while_finishing_stays_finalizing_then_completes(tmp_path: Path) -> None:
     """Room for the journal's last records but not for the output file: the batch stays
     finalizing (its half-written output removed) and completes once there is space."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    _tmpfs_namespace_or_skip(mnt)
     rows = 200
-    log_path = tmp_path / "server.log"
-    with tmpfs_server(mnt, log_path, "8m", "--echo-latency", "0.01", "--max-concurrency", "4") as (root, disk):
-        client = openai.OpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0)
-        f = upload(client, jsonl([chat_line(i, text="y" * 2000) for i in range(rows)]))
-        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with tmpfs_batch(tmp_path, "8m", rows, "y" * 2000) as run:
+        disk, client, batch_id, log_path = run.disk, run.client, run.batch_id, run.log_path
         deadline = time.monotonic() + 20
-        while client.batches.retrieve(batch.id).request_counts.completed < rows // 4:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.01)
+        run.wait_done(rows // 4, deadline)
         filler = disk / "filler"
         fill(filler)
         while "pausing" not in log_path.read_text():  # paused: the journal holds what it holds
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.01)
-        journal = (disk / "data" / "batches" / batch.id / "journal").read_bytes()
+        journal = (disk / "data" / "batches" / batch_id / "journal").read_bytes()
         done = journal.count(b"\n")
         full_size = len(journal) * rows // done
         # Free the rest of the journal and 40% of its size again: the output (about the journal's
@@ -438,15 +456,11 @@ def test_full_tmpfs_while_finishing_stays_finalizing_then_completes(tmp_path: Pa
             tail = log[log.find("in_progress -> finalizing") :]
             seen_finalizing_full = "in_progress -> finalizing" in log and "pausing" in tail
             time.sleep(0.02)
-        assert client.batches.retrieve(batch.id).status == "finalizing"
+        assert client.batches.retrieve(batch_id).status == "finalizing"
         assert list((disk / "data" / "tmp").iterdir()) == []  # the half-written outputs are gone
 
         filler.unlink()
-        final = wait_batch(client, batch.id, timeout=30)
-        assert final.status == "completed", (final, log_path.read_text())
-        lines = client.files.content(final.output_file_id).text.splitlines()
-        assert sorted(int(json.loads(line)["custom_id"][4:]) for line in lines) == list(range(rows))
-        assert final.error_file_id is None
+        run.assert_completes_each_row_once()
     log = log_path.read_text()
     assert log.count("Traceback") == 0, log
     assert_backoff_kept(log)
