@@ -130,6 +130,10 @@ class Engine(ABC):
         """Models for GET /v1/models, as OpenAI model objects."""
         return []
 
+    def health(self) -> dict[str, Any]:
+        """What /health shows of the engine besides its name (process state, nothing of any tenant)."""
+        return {}
+
     def model_family(self, model: str) -> str:
         """What must be the same across a batch's rows: the model itself, unless the engine can mix
         models in one batch (a base model and its LoRA adapters share the base's family)."""

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
@@ -25,7 +24,6 @@ from ._config import ServerConfig
 from ._direct import DirectAPI
 from ._disk import free_bytes
 from ._errors import APIError, add_error_handlers, json_response, parse_json_object
-from ._ray import RayEngine
 from ._state import ServerState, server_state
 from ._store import Store
 from ._worker import BatchWorker
@@ -42,14 +40,12 @@ async def health(request: Request) -> Response:
     # Public even when keys are set: process health only, nothing about any tenant.
     srv = server_state(request)
     full_since = srv.worker.disk_full_since if srv.worker is not None else None
-    executor: dict[str, Any] = {"executor": srv.config.executor}
-    if isinstance(srv.engine, RayEngine):
-        executor.update(srv.engine.health())
     return json_response(
         {
             "status": "ok",
             "engine": srv.engine.name,
-            **executor,
+            "executor": srv.config.executor,
+            **srv.engine.health(),
             "version": __version__,
             "uptime_seconds": round(time.time() - srv.started_at, 3),
             # full: a write failed for lack of space and none has succeeded since (batches wait).
