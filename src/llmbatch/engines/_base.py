@@ -19,6 +19,7 @@ __all__ = [
     "MODERATIONS",
     "KNOWN_ENDPOINTS",
     "Engine",
+    "MetricFamily",
     "EngineRequest",
     "EngineResponse",
     "Usage",
@@ -102,6 +103,16 @@ def usage_from_body(body: dict[str, Any]) -> Usage | None:
     return Usage(int(inp), int(out), int(cached), int(reasoning))
 
 
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    """One Prometheus metric an engine adds to /metrics: its samples are (labels, value)."""
+
+    name: str
+    type: str  # "counter" or "gauge"
+    help: str
+    samples: list[tuple[dict[str, str], float]]
+
+
 class Engine(ABC):
     """Answers individual requests. Subclasses set `name` and `endpoints` and implement `handle`."""
 
@@ -133,6 +144,10 @@ class Engine(ABC):
     def health(self) -> dict[str, Any]:
         """What /health shows of the engine besides its name (process state, nothing of any tenant)."""
         return {}
+
+    def metric_families(self) -> list[MetricFamily]:
+        """What /metrics shows of the engine (process state only: it must name no tenant's objects)."""
+        return []
 
     def model_family(self, model: str) -> str:
         """What must be the same across a batch's rows: the model itself, unless the engine can mix

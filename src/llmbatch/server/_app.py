@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from .. import __version__
+from .._exceptions import ConfigError, EngineError
 from .._text import clip
 from ..engines import Engine
 from . import _batches, _files
@@ -93,7 +94,17 @@ async def metrics(request: Request) -> Response:
     lines += ["# HELP llmbatch_batches Batches by status.", "# TYPE llmbatch_batches gauge"]
     for status, n in sorted(srv.store.count_by_status(owner).items()):
         lines.append(f'llmbatch_batches{{status="{status}"}} {n}')
+    for family in srv.engine.metric_families():
+        lines += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.type}"]
+        for labels, value in family.samples:
+            pairs = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            lines.append(f"{family.name}{{{pairs}}} {int(value) if value.is_integer() else value}")
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def _label_value(value: str) -> str:
+    """A Prometheus label value escaped as the text format requires."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
@@ -108,7 +119,14 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         srv.store = Store(config.data_dir / "llmbatch.sqlite")
-        await srv.engine.start()
+        try:
+            await srv.engine.start()
+        except Exception as exc:  # a model that cannot load, a replica that cannot start, ...
+            why = str(exc) if isinstance(exc, (ConfigError, EngineError)) else f"{type(exc).__name__}: {exc}"
+            srv.start_error = f"the {srv.engine.name} engine cannot start: {why}"
+            log.debug("engine start failed", exc_info=True)
+            srv.store.close()
+            raise
         srv.worker = BatchWorker(config, srv.store, srv.engine)
         await srv.worker.start()
         log.info("llmbatch server ready: engine %s, data in %s", srv.engine.name, config.data_dir)

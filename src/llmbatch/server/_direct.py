@@ -19,7 +19,7 @@ from ._errors import APIError, parse_json_object
 from ._limits import body_limit, check_length, counting
 
 if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from ._state import ServerState
 
@@ -41,6 +41,16 @@ class DirectAPI:
         self.app = app
         self.server = server
 
+    def _lifespan_send(self, send: Send) -> Send:
+        """When the engine cannot start, the server's log gets its reason, not Starlette's traceback."""
+
+        async def clean(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.server.start_error is not None:
+                message = {**message, "message": self.server.start_error}
+            await send(message)
+
+        return clean
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
             # `/v1/files/` is `/v1/files`: Starlette would answer a 307 redirect before the route
@@ -49,6 +59,9 @@ class DirectAPI:
             scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
             if raw_path:
                 scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

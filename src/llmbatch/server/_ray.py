@@ -2,16 +2,18 @@
 
 `RayEngine` is an `Engine`, so the batch worker does not change: it journals every result,
 shares the row budget fairly, cancels, expires and pauses on a full disk exactly as with a local
-engine. Only `handle` differs: a request goes into one queue, and each replica's dispatcher takes
-slices of it (a list of requests per actor call, so Ray's per-call cost is paid once per slice)
-while the replica has room, and hands the answers back. Rows in flight stay bounded by the
-worker's slots, which `max_concurrency` (the replicas' concurrency summed) sets: that is the backpressure.
+engine. Only `handle` differs: a request goes into one queue, and one dispatcher sends slices of
+it (a list of requests per actor call, so Ray's per-call cost is paid once per slice) to the
+ready replica with the fewest rows in flight, while one has room, and hands the answers back.
+Rows in flight stay bounded by the worker's slots, which `max_concurrency` (the replicas'
+concurrency summed) sets: that is the backpressure.
 
 A replica (`_Replica`, one actor) wraps a real engine built by `create_engine` from the same
 name and options as a local one. When its process dies, the slice it held goes back to the front
 of the queue for a live replica, and Ray restarts the actor (`max_restarts=-1`); a row's caller
 is answered once, so no row is journaled twice. A replica Ray cannot place (no resources) just
-takes no work, with a log line, until it can; one whose engine cannot start fails the server start.
+takes no work, with a log line, until it can; one whose engine cannot start fails the server
+start with its error and node, or, placed after the start, stays down with that error logged.
 
 Every Ray import happens in functions: the server imports this module without Ray installed.
 """
@@ -30,8 +32,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import ConfigError
-from ..engines import Engine, EngineRequest, EngineResponse, create_engine, error_body
+from .._exceptions import ConfigError, EngineError
+from ..engines import Engine, EngineRequest, EngineResponse, MetricFamily, create_engine, error_body
 from ._config import ServerConfig
 
 __all__ = ["RayEngine", "is_loopback_address"]
@@ -44,6 +46,10 @@ log = logging.getLogger("llmbatch.server")
 SLICES_PER_REPLICA = 4
 #: How long a slice that is not full waits for more rows (see `_Queue.take`).
 LINGER_S = 0.005
+#: Rows/s per replica (/health, the log) are over this many most recent seconds.
+RATE_WINDOW_S = 60
+#: Seconds between the log lines of replica throughput (only while rows move).
+LOG_EVERY_S = 30.0
 
 
 def is_loopback_address(address: str | None) -> bool:
@@ -71,12 +77,19 @@ class _ReplicaActor:
             self._started = asyncio.ensure_future(self.engine.start())
         await asyncio.shield(self._started)
 
-    async def ready(self) -> tuple[int, str]:
-        """Starts the engine; its process id and Ray node id (what /health shows)."""
+    async def ready(self) -> tuple[int, str, str | None]:
+        """Starts the engine: its process id, Ray node id (what /health shows) and why the engine
+        could not start (None when it did), the node named, as a model may be missing on one node."""
         import ray
 
-        await self._start()
-        return os.getpid(), ray.get_runtime_context().get_node_id()
+        node_id = ray.get_runtime_context().get_node_id()
+        try:
+            await self._start()
+        except Exception as exc:
+            known = isinstance(exc, (ConfigError, EngineError))
+            why = f"{'' if known else type(exc).__name__ + ': '}{exc}"
+            return os.getpid(), node_id, f"on node {ray.util.get_node_ip_address()} ({node_id[:8]}): {why}"
+        return os.getpid(), node_id, None
 
     async def handle_many(self, requests: list[EngineRequest]) -> list[EngineResponse]:
         await self._start()
@@ -99,6 +112,38 @@ class _Item:
     future: asyncio.Future[EngineResponse]
 
 
+class _Rate:
+    """Rows answered per second over the last RATE_WINDOW_S seconds, in one-second buckets."""
+
+    def __init__(self) -> None:
+        self._buckets: collections.deque[list[int]] = collections.deque()  # [second, rows]
+        self._first: float | None = None
+
+    def add(self, rows: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self._first is None:
+            self._first = now
+        second = int(now)
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += rows
+        else:
+            self._buckets.append([second, rows])
+        self._prune(now)
+
+    def per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._prune(now)
+        if self._first is None or not self._buckets:
+            return 0.0
+        # A replica that started answering 5 s ago has a 5 s window, not 60.
+        span = min(float(RATE_WINDOW_S), max(1.0, now - self._first))
+        return sum(rows for _, rows in self._buckets) / span
+
+    def _prune(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] <= now - RATE_WINDOW_S:
+            self._buckets.popleft()
+
+
 @dataclass
 class _Replica:
     index: int
@@ -107,10 +152,16 @@ class _Replica:
     pid: int | None = None
     node_id: str | None = None
     restarts: int = 0
+    #: Why its engine could not start (it then takes no rows).
+    error: str | None = None
     rows: int = 0
+    #: Rows sent back to the queue because this replica died with them.
+    rows_requeued: int = 0
+    rate: _Rate = field(default_factory=_Rate)
     #: Rows sent and not answered yet; at most the engine's max_concurrency.
     inflight: int = 0
-    room: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When it was last sent a slice: of equally loaded replicas the one idle longest goes first.
+    last_sent: float = 0.0
 
 
 class _Queue:
@@ -169,6 +220,7 @@ class RayEngine(Engine):
         self._queue = _Queue()
         self._replicas: list[_Replica] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._room = asyncio.Event()
         self._started_ray = False
         self.max_concurrency = self._per_replica * (config.replicas or 1)
 
@@ -190,8 +242,8 @@ class RayEngine(Engine):
             ).remote(self._config.engine, self._options)
             self._replicas.append(_Replica(index, actor))
         await self._await_replicas()
-        for replica in self._replicas:
-            self._tasks.append(asyncio.create_task(self._dispatch(replica), name=f"ray-replica-{replica.index}"))
+        self._tasks.append(asyncio.create_task(self._dispatch(), name="ray-dispatch"))
+        self._tasks.append(asyncio.create_task(self._log_rates(), name="ray-replica-rates"))
         alive = sum(r.ready.is_set() for r in self._replicas)
         log.info(
             "ray executor: %d of %d %s replicas ready, %d rows in flight",
@@ -246,10 +298,12 @@ class RayEngine(Engine):
             for ref in done:
                 replica = refs[ref]
                 try:
-                    replica.pid, replica.node_id = await ref
-                except Exception as exc:
+                    replica.pid, replica.node_id, replica.error = await ref
+                except Exception as exc:  # the actor itself failed (e.g. llmbatch not importable there)
+                    replica.error = _cause(exc)
+                if replica.error is not None:
                     await self.aclose()
-                    raise ConfigError(f"{self.name} replica {replica.index} cannot start: {_cause(exc)}") from None
+                    raise EngineError(f"replica {replica.index} {replica.error}") from None
                 replica.ready.set()
         for ref in pending:
             log.warning(
@@ -287,20 +341,32 @@ class RayEngine(Engine):
         self._queue.put(_Item(request, future))
         return await future
 
-    async def _dispatch(self, replica: _Replica) -> None:
-        """Sends one replica slices of the queue while it has room; see the module's docstring."""
+    def _changed(self) -> None:
+        """A replica came up, went down or answered: the dispatcher looks again."""
+        self._room.set()
+
+    async def _next_replica(self) -> _Replica:
+        """The ready replica with the fewest rows in flight (room for one more at least)."""
+        while True:
+            ready = [r for r in self._replicas if r.ready.is_set() and r.inflight < self._per_replica]
+            if ready:
+                return min(ready, key=lambda r: (r.inflight, r.last_sent))
+            self._room.clear()
+            await self._room.wait()
+
+    async def _dispatch(self) -> None:
+        """Sends slices of the queue to the least loaded replica while one has room (see the
+        module's docstring): the rows spread over replicas even when each answers fast."""
         calls: set[asyncio.Task[None]] = set()
         try:
             while True:
-                await replica.ready.wait()
-                while replica.inflight >= self._per_replica:
-                    replica.room.clear()
-                    await replica.room.wait()
+                replica = await self._next_replica()
                 items = await self._queue.take(min(self._slice, self._per_replica - replica.inflight))
                 if not replica.ready.is_set():  # it died while this waited for rows
                     self._queue.put_back(items)
                     continue
                 replica.inflight += len(items)
+                replica.last_sent = time.monotonic()
                 call = asyncio.create_task(self._call(replica, items))
                 calls.add(call)
                 call.add_done_callback(calls.discard)
@@ -315,6 +381,7 @@ class RayEngine(Engine):
             answers = await replica.actor.handle_many.remote([i.request for i in items])
         except RayActorError as exc:
             self._queue.put_back(items)
+            replica.rows_requeued += len(items)
             if replica.ready.is_set():
                 replica.ready.clear()
                 log.warning(
@@ -328,8 +395,9 @@ class RayEngine(Engine):
             raise
         finally:
             replica.inflight -= len(items)
-            replica.room.set()
+            self._changed()
         replica.rows += len(items)
+        replica.rate.add(len(items))
         for item, answer in zip(items, answers, strict=True):
             if not item.future.done():
                 item.future.set_result(answer)
@@ -340,15 +408,21 @@ class RayEngine(Engine):
         ref = first
         while not replica.ready.is_set():
             try:
-                replica.pid, replica.node_id = await (ref if ref is not None else replica.actor.ready.remote())
+                replica.pid, replica.node_id, replica.error = await (
+                    ref if ref is not None else replica.actor.ready.remote()
+                )
             except Exception as exc:
                 ref = None
                 log.debug("ray executor: replica %d not back yet: %s", replica.index, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if replica.error is not None:  # it stays down: its engine would fail the same way again
+                log.error("ray executor: replica %d %s; it takes no rows", replica.index, replica.error)
+                return
             replica.restarts += first is None
             replica.ready.set()
+            self._changed()
             log.info("ray executor: replica %d ready (pid %s)", replica.index, replica.pid)
 
     # -- what the API process asks -------------------------------------------------------
@@ -372,6 +446,25 @@ class RayEngine(Engine):
                     continue
         return await self._local.list_models()
 
+    async def _log_rates(self) -> None:
+        """Every LOG_EVERY_S, while rows move, one log line of each replica's rows/s and state."""
+        done = 0
+        while True:
+            await asyncio.sleep(LOG_EVERY_S)
+            total = sum(r.rows for r in self._replicas)
+            if total == done:
+                continue
+            done = total
+            log.info(
+                "ray executor: %d of %d %s replicas alive; rows/s: %s",
+                sum(r.ready.is_set() for r in self._replicas), len(self._replicas), self.name,
+                ", ".join(
+                    f"replica {r.index} {r.rate.per_second():.1f}"
+                    f" ({'node ' + r.node_id[:8] if r.node_id else 'not placed'}{'' if r.ready.is_set() else ', down'})"
+                    for r in self._replicas
+                ),
+            )  # fmt: skip
+
     def health(self) -> dict[str, Any]:
         """What /health shows of the replicas."""
         return {
@@ -380,14 +473,37 @@ class RayEngine(Engine):
                 {
                     "index": r.index,
                     "alive": r.ready.is_set(),
+                    "engine": self.name,
                     "pid": r.pid,
                     "node_id": r.node_id,
                     "restarts": r.restarts,
+                    "error": r.error,
                     "rows": r.rows,
+                    "rows_per_second": round(r.rate.per_second(), 2),
+                    "rows_in_flight": r.inflight,
+                    "rows_requeued": r.rows_requeued,
                 }
                 for r in self._replicas
             ],
         }
+
+    def metric_families(self) -> list[MetricFamily]:
+        """Per-replica series for /metrics (process state: no tenant, batch or file is named)."""
+        labels = [{"replica": str(r.index), "node_id": r.node_id or ""} for r in self._replicas]
+        series = list(zip(labels, self._replicas, strict=True))
+        return [
+            MetricFamily("llmbatch_replica_up", "gauge", "1 while the Ray replica's engine is ready.",
+                         [(lab, float(r.ready.is_set())) for lab, r in series]),
+            MetricFamily("llmbatch_replica_rows_total", "counter", "Rows answered by the Ray replica.",
+                         [(lab, float(r.rows)) for lab, r in series]),
+            MetricFamily("llmbatch_replica_rows_requeued_total", "counter",
+                         "Rows the Ray replica died with, sent to the queue again.",
+                         [(lab, float(r.rows_requeued)) for lab, r in series]),
+            MetricFamily("llmbatch_replica_restarts_total", "counter", "Times Ray restarted the replica.",
+                         [(lab, float(r.restarts)) for lab, r in series]),
+            MetricFamily("llmbatch_replica_rows_in_flight", "gauge", "Rows sent to the replica, not answered yet.",
+                         [(lab, float(r.inflight)) for lab, r in series]),
+        ]  # fmt: skip
 
 
 def _cause(exc: BaseException) -> str:

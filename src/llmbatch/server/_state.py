@@ -32,6 +32,8 @@ class ServerState:
         self.worker: BatchWorker | None = None
         self.direct_requests: Counter[tuple[str, int]] = Counter()
         self.started_at = time.time()
+        #: Why the engine could not start (one line for the log instead of a traceback).
+        self.start_error: str | None = None
 
     def owner(self, request: Request) -> str:
         """The caller's owner tag; raises 401 when keys are configured and the caller has none of them."""
