@@ -1,12 +1,12 @@
 """A Ray driver for the GPU placement tests, run as its own process (the test process imported
 Ray before it could be told to stay on 127.0.0.1):
 
-    python _ray_probe.py ADDRESS place   places replicas shaped by `_ray_gpu` (a probe actor in
-                                         place of the engine) and prints where they landed
-    python _ray_probe.py ADDRESS engine  starts vllm `RayEngine`s (vLLM is not installed) and
-                                         prints their errors and their groups' states after
+    python _ray_probe.py ADDRESS
 
-Each prints one JSON line. The caller sets the environment as for `_ray_cluster.py`.
+prints one JSON line: "place", where replicas shaped by `_ray_gpu` (a probe actor in place of
+the engine) landed, and "engine", the errors of vllm `RayEngine`s started without vLLM and their
+groups' states after. One process for both: connecting a driver costs seconds. The caller sets
+the environment as for `_ray_cluster.py`.
 """
 
 from __future__ import annotations
@@ -96,5 +96,5 @@ def engine() -> dict[str, Any]:
 
 if __name__ == "__main__":
     ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False)
-    print(json.dumps({"place": place, "engine": engine}[sys.argv[2]]()), flush=True)
+    print(json.dumps({"place": place(), "engine": engine()}), flush=True)
     ray.shutdown()

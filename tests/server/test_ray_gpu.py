@@ -76,12 +76,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                 os.environ[key] = value
 
 
-def probe(cluster: dict[str, Any], command: str) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def probed(cluster: dict[str, Any]) -> dict[str, Any]:
+    """What `_ray_probe.py` saw on the cluster."""
     out = subprocess.run(
-        [sys.executable, str(HERE / "_ray_probe.py"), cluster["address"], command],
-        capture_output=True,
-        text=True,
-        timeout=90,
+        [sys.executable, str(HERE / "_ray_probe.py"), cluster["address"]], capture_output=True, text=True, timeout=90
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,8 +104,8 @@ def test_replica_shapes() -> None:
         replica_shape("echo", None, 1.0, {"CPU": 2})
 
 
-def test_placement_groups_of_gpu_bundles(cluster: dict[str, Any]) -> None:
-    placed = probe(cluster, "place")
+def test_placement_groups_of_gpu_bundles(probed: dict[str, Any]) -> None:
+    placed = probed["place"]
     tp2 = placed["tp2"]
     assert tp2["engine_options"]["distributed_executor_backend"] == "ray"
     assert list(tp2["bundles"].values()) == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}]
@@ -135,8 +134,8 @@ def test_vllm_without_vllm_here_fails_with_the_replicas_error(
     assert "ConfigError: vllm replica 0 cannot start: the vllm engine needs vllm: pip install" in srv.log()
 
 
-def test_a_failed_start_says_why_and_removes_its_groups(cluster: dict[str, Any]) -> None:
-    started = probe(cluster, "engine")
+def test_a_failed_start_says_why_and_removes_its_groups(probed: dict[str, Any]) -> None:
+    started = probed["engine"]
     assert started["tp2"]["error"].startswith("vllm replica ")
     assert 'cannot start: the vllm engine needs vllm: pip install "llmbatch[vllm]"' in started["tp2"]["error"]
     assert started["tp3"]["error"] == (
