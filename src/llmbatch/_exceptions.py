@@ -3,6 +3,7 @@
     LLMBatchError                 base of every error llmbatch raises on purpose
     +-- ConfigError               bad flags, settings or environment; the message says the fix
     |   +-- JobBusy               another process (or run) holds the job's lock
+    |   +-- EngineUnavailable     this machine lacks what an engine runs on (its library, a GPU)
     +-- InputError                bad user input (a file, a line, a value); names where and why
     |   +-- InvalidRows           a job's input has invalid rows and skip_invalid is off
     +-- EngineError               an engine could not be created or started
@@ -21,6 +22,7 @@ __all__ = [
     "LLMBatchError",
     "ConfigError",
     "JobBusy",
+    "EngineUnavailable",
     "InputError",
     "InvalidRows",
     "EngineError",
@@ -42,6 +44,11 @@ class ConfigError(LLMBatchError):
 
 class JobBusy(ConfigError):
     """Another process, or another run in this one, is running the job (holds its lock)."""
+
+
+class EngineUnavailable(ConfigError):
+    """This machine lacks what the engine runs on (its library, a GPU); the options themselves may
+    be fine. The Ray executor's API process then lets a replica describe the engine instead."""
 
 
 class InputError(LLMBatchError):

@@ -9,11 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,68 +25,17 @@ pytest.importorskip("ray")
 # One xdist worker runs the whole module, so its cluster starts once (pyproject: --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("ray")
 
-# The server is a child of this process and inherits these; the cluster helper gets them too.
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",  # a ~/.ray/auth_token left by another run must not turn token auth on
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps 127.0.0.1 as the nodes' address (see _ray_cluster)
-}
+from tests.server._ray_cluster import ray_processes, running_cluster  # noqa: E402
+
 # Echo at 50 ms a row with 8 rows in flight per replica: a 400-row batch takes ~1.3 s on 2 replicas,
 # long enough to kill a replica in the middle of it.
 SERVER_ARGS = ["--engine", "echo", "--echo-latency", "0.05", "--max-concurrency", "8"]
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    base = tmp_path_factory.mktemp("ray")
-    # Ray's socket paths must fit in 107 bytes: pytest's temp dirs under xdist are too long.
-    temp_dir = Path(tempfile.mkdtemp(prefix="lbray-", dir="/tmp"))
-    (temp_dir / "ray").mkdir()
-    saved = {k: os.environ.get(k) for k in (*RAY_ENV, "RAY_TMPDIR", "PYTHONPATH")}
-    os.environ.update(RAY_ENV, RAY_TMPDIR=str(temp_dir))
-    # Replicas run in Ray's worker processes: they must import this checkout's llmbatch.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, saved["PYTHONPATH"]) if p)
-    helper = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("_ray_cluster.py")), str(temp_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=open(base / "cluster.log", "wb"),
-        text=True,
-    )
-    try:
-        assert helper.stdout is not None
-        line = helper.stdout.readline()
-        assert line, f"the Ray cluster did not start: {(base / 'cluster.log').read_text()[-3000:]}"
-        info = json.loads(line)
-        yield {**info, "temp_dir": temp_dir, "helper": helper}
-    finally:
-        assert helper.stdin is not None
-        helper.stdin.close()
-        try:
-            helper.wait(30)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-        for proc in _ray_processes(temp_dir):  # whatever the shutdown left: ours only, by PID
-            proc.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _ray_processes(temp_dir: Path) -> list[psutil.Process]:
-    """The processes of this module's Ray cluster: their command lines name its temp dir."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp_dir) in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    with running_cluster(tmp_path_factory.mktemp("ray")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +128,7 @@ def test_a_killed_replica_loses_no_row(ray_server: ServerProc) -> None:
 
 
 def test_ray_listens_on_loopback_only(cluster: dict[str, Any], ray_server: ServerProc) -> None:
-    procs = _ray_processes(cluster["temp_dir"])
+    procs = ray_processes(cluster["temp_dir"])
     assert ray_server.proc is not None
     procs += [psutil.Process(ray_server.proc.pid), *psutil.Process(ray_server.proc.pid).children(recursive=True)]
     listening = []

@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from .. import __version__
+from .._exceptions import EngineUnavailable
 from .._paths import default_server_dir
 from ._engine_options import ENGINE_HELP, EngineOptionsCommand, engine_config_options, engine_options, option_defaults
 
@@ -193,7 +194,12 @@ def serve(
     )
     if executor == "ray" and importlib.util.find_spec("ray") is None:
         raise click.UsageError('--executor ray needs Ray: pip install "llmbatch[ray]"')
-    create_engine(config.engine, config.engine_options)  # fail fast, before binding the port
+    try:
+        create_engine(config.engine, config.engine_options)  # fail fast, before binding the port
+    except EngineUnavailable:
+        if executor != "ray":
+            raise
+        # No vLLM or GPU here is fine with Ray: the replicas have them (checked at start).
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(
         f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "

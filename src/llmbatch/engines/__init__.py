@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, EngineUnavailable
 from ._base import (
     CHAT,
     COMPLETIONS,
@@ -27,6 +27,7 @@ from ._base import (
     error_body,
     usage_from_body,
 )
+from ._facts import EngineFacts, ModelCatalog
 from ._options import (
     EchoOptions,
     EngineOptions,
@@ -47,6 +48,8 @@ __all__ = [
     "MODERATIONS",
     "KNOWN_ENDPOINTS",
     "Engine",
+    "EngineFacts",
+    "ModelCatalog",
     "EngineOptions",
     "EchoOptions",
     "OpenAIOptions",
@@ -158,13 +161,14 @@ def create_engine(name: str, options: EngineOptions | Mapping[str, Any] | None =
     """Builds the engine called `name` with `options` (its options object or a dict of its fields).
 
     Raises ConfigError naming the choices when `name` is unknown, naming the field when an
-    option is not that engine's, and naming what to install when the engine's libraries are missing.
+    option is not that engine's, and EngineUnavailable naming what to install when the engine's
+    libraries are missing.
     """
     entry = _entry(name)
     config = engine_options(name, options)
     missing = [module for module in entry.requires if importlib.util.find_spec(module) is None]
     if missing:
-        raise ConfigError(f"the {name} engine needs {' and '.join(missing)}: {entry.install}")
+        raise EngineUnavailable(f"the {name} engine needs {' and '.join(missing)}: {entry.install}")
     module_name, _, class_name = entry.target.partition(":")
     cls = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
     return cls(config)

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ._facts import EngineFacts
+
 __all__ = [
     "CHAT",
     "COMPLETIONS",
@@ -140,6 +142,13 @@ class Engine(ABC):
     async def list_models(self) -> list[dict[str, Any]]:
         """Models for GET /v1/models, as OpenAI model objects."""
         return []
+
+    def facts(self) -> EngineFacts:
+        """What the API process asks this engine without running a row (endpoints, model checks,
+        rows in flight), picklable: a Ray replica sends it to an API process that cannot build the
+        engine itself (one that lacks the engine's library or a GPU: a model engine, which gives its
+        own with its model names)."""
+        return EngineFacts(self.name, self.endpoints, self.max_concurrency)
 
     def health(self) -> dict[str, Any]:
         """What /health shows of the engine besides its name (process state, nothing of any tenant)."""

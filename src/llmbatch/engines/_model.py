@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, EngineRequest, EngineResponse, Usage, error_body
 from ._embed import SentenceEmbedder, resolve_embedding_model
+from ._facts import EngineFacts, ModelCatalog
 from ._options import parse_adapters
 from ._request import (
-    MODEL_CREATED,
     BadRequest,
     check_json_schema,
     hex_id,
@@ -246,44 +246,25 @@ class ModelEngine(Engine):
 
     # -- models ---------------------------------------------------------------------------
 
+    def catalog(self) -> ModelCatalog:
+        """The names this engine answers to; its model checks below are the catalog's."""
+        embedding = self.embedder.names if self.embedder is not None else ()
+        return ModelCatalog(tuple(self.base_names), tuple(self.adapters), tuple(embedding))
+
+    def facts(self) -> EngineFacts:
+        return EngineFacts(self.name, self.endpoints, self.max_concurrency, self.catalog())
+
     def validate_model(self, model: str) -> str | None:
-        if model in self.base_names or model in self.adapters:
-            return None
-        if self.embedder is not None and model in self.embedder.names:
-            return None
-        known = [*self.base_names[:1], *self.adapters]
-        if self.embedder is not None:
-            known.append(self.embedder.names[0])
-        what = "adapter or model" if self.adapters else "model"
-        return f"unknown {what} {model!r}: this server serves {', '.join(repr(k) for k in known)}"
+        return self.catalog().validate(model)
 
     def model_family(self, model: str) -> str:
-        # The base model and its adapters run side by side: a batch may mix them.
-        if model in self.adapters or model in self.base_names:
-            return self.base_names[0] if self.base_names else model
-        return model
+        return self.catalog().family(model)
 
     def served_models(self) -> tuple[str, ...] | None:
-        embedding = self.embedder.names if self.embedder is not None else ()
-        return (*self.base_names, *self.adapters, *embedding)
+        return self.catalog().served()
 
     async def list_models(self) -> list[dict[str, Any]]:
-        out = [{"id": self.base_names[0], "object": "model", "created": MODEL_CREATED, "owned_by": "llmbatch"}]
-        for name in self.adapters:
-            out.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": MODEL_CREATED,
-                    "owned_by": "llmbatch",
-                    "parent": self.base_names[0],
-                }
-            )
-        if self.embedder is not None:
-            out.append(
-                {"id": self.embedder.names[0], "object": "model", "created": MODEL_CREATED, "owned_by": "llmbatch"}
-            )
-        return out
+        return self.catalog().listing()
 
     # -- requests -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ naming the engine and the field.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,6 +106,10 @@ class VLLMOptions(ModelOptions):
     """GPUs the model is split across."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Share of GPU memory vLLM may take."""
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    """How vLLM runs its tensor-parallel workers: "mp" (processes on this machine), "ray" (Ray
+    actors in the current placement group; what the Ray executor sets for its replicas when
+    tensor_parallel_size > 1: their GPUs are then the workers', not this process's), None: vLLM's choice."""
 
 
 def parse_adapters(values: list[str] | tuple[str, ...] | dict[str, str]) -> dict[str, str]:

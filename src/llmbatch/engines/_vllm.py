@@ -7,7 +7,10 @@ vllm/config/lora.py, vllm/lora/request.py), and older releases (V0 and early-V1 
 GuidedDecodingParams) for the fallbacks. Everything used here is what `LLM.generate` itself calls:
 
 - `vllm.LLM(model=..., tensor_parallel_size, gpu_memory_utilization, max_model_len,
-  max_num_seqs, dtype, enable_lora, max_loras, max_lora_rank)`, `LLM.get_tokenizer()`;
+  max_num_seqs, dtype, enable_lora, max_loras, max_lora_rank, distributed_executor_backend)`
+  (with "ray", vLLM's Ray executor puts its workers in the placement group of the Ray actor that
+  builds the LLM: `EngineArgs.create_engine_config` captures `get_current_placement_group()`,
+  `initialize_ray_cluster` takes its bundles of one GPU each), `LLM.get_tokenizer()`;
 - `LLM.llm_engine` (the v1 `LLMEngine`): `add_request(request_id, prompt, params,
   lora_request=...)`, `step() -> list[RequestOutput]`, `has_unfinished_requests()`,
   `abort_request([request_id])`, `add_lora(LoRARequest)`, `model_config.max_model_len`,
@@ -45,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ConfigError, EngineError
+from .._exceptions import ConfigError, EngineError, EngineUnavailable
 from ._model import Choice, Generation, ModelEngine, _Item, _Take, hf_prompt_ids, model_names
 from ._options import parse_adapters
 from ._packaged import INSTALL_VLLM
@@ -111,6 +114,8 @@ def llm_kwargs(config: VLLMOptions) -> dict[str, Any]:
     # n_parallel's default (8) suits a CPU; vLLM picks its own (256, or 1024 on 70+ GiB GPUs) unless told.
     if "n_parallel" in config.model_fields_set:
         kwargs["max_num_seqs"] = config.n_parallel
+    if config.distributed_executor_backend is not None:
+        kwargs["distributed_executor_backend"] = config.distributed_executor_backend
     adapters = parse_adapters(config.adapters)
     if adapters:
         kwargs.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=lora_rank(adapters))
@@ -132,17 +137,21 @@ class VLLMEngine(ModelEngine):
     supported = frozenset({"response_format"})
 
     def __init__(self, config: VLLMOptions) -> None:
+        # What this machine lacks comes first (EngineUnavailable), then the options: the Ray
+        # executor's API process, without vLLM or a GPU, leaves the model files to its replicas.
         if importlib.util.find_spec("vllm") is None:
-            raise ConfigError(f"the vllm engine needs vLLM: {INSTALL_VLLM}")
-        self._kwargs = llm_kwargs(config)  # checks --model-path and the adapters
-        import torch
+            raise EngineUnavailable(f"the vllm engine needs vLLM: {INSTALL_VLLM}")
+        # With Ray's executor the GPUs are its workers' (in the placement group), not this process's.
+        if config.distributed_executor_backend != "ray":
+            import torch
 
-        # device_count asks NVML: unlike is_available it leaves CUDA uninitialised, so vLLM may still fork.
-        if torch.cuda.device_count() == 0:
-            raise ConfigError(
-                "the vllm engine needs a CUDA GPU and none is visible here: "
-                "use --engine transformers or --engine llamacpp on this machine"
-            )
+            # device_count asks NVML: unlike is_available it leaves CUDA uninitialised, so vLLM may still fork.
+            if torch.cuda.device_count() == 0:
+                raise EngineUnavailable(
+                    "the vllm engine needs a CUDA GPU and none is visible here: "
+                    "use --engine transformers or --engine llamacpp on this machine"
+                )
+        self._kwargs = llm_kwargs(config)  # checks --model-path and the adapters
         super().__init__(config)
         self._names = model_names(config.model_path, config.served_model_name)  # type: ignore[arg-type]
         self.max_concurrency = max(config.max_concurrency, _QUEUE_FACTOR * self._kwargs.get("max_num_seqs", 256))

@@ -15,6 +15,11 @@ is answered once, so no row is journaled twice. A replica Ray cannot place (no r
 takes no work, with a log line, until it can; one whose engine cannot start fails the server
 start with its error and node, or, placed after the start, stays down with that error logged.
 
+GPUs: a vllm replica asks Ray for its GPU, or for a placement group of its own when its model is
+split across GPUs (see `_ray_gpu`). The API process needs neither vLLM nor a GPU: when it cannot
+build the engine for want of them (EngineUnavailable), the first replica placed sends the
+engine's facts (`Engine.facts`: endpoints, model names and checks, rows in flight) instead.
+
 Every Ray import happens in functions: the server imports this module without Ray installed.
 """
 
@@ -26,15 +31,17 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import ConfigError, EngineError
-from ..engines import Engine, EngineRequest, EngineResponse, MetricFamily, create_engine, error_body
+from .._exceptions import ConfigError, EngineError, EngineUnavailable
+from ..engines import Engine, EngineFacts, EngineRequest, EngineResponse, MetricFamily, create_engine, error_body
 from ._config import ServerConfig
+from ._ray_gpu import place_replica, replica_shape
 
 __all__ = ["RayEngine", "is_loopback_address"]
 
@@ -76,6 +83,10 @@ class _ReplicaActor:
         if self._started is None:
             self._started = asyncio.ensure_future(self.engine.start())
         await asyncio.shield(self._started)
+
+    async def facts(self) -> EngineFacts:
+        """The engine's facts as built, before its start (which may take minutes for vLLM)."""
+        return self.engine.facts()
 
     async def ready(self) -> tuple[int, str, str | None]:
         """Starts the engine: its process id, Ray node id (what /health shows) and why the engine
@@ -208,21 +219,39 @@ class RayEngine(Engine):
     """The configured engine, run as `config.replicas` Ray actors (see the module's docstring)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        # Built here too, never started: what the API process asks an engine without running it
-        # (endpoints, model checks for validation) is answered as a local engine would.
-        self._local = create_engine(config.engine, config.engine_options)
-        self.name = self._local.name  # type: ignore[misc]
-        self.endpoints = self._local.endpoints
         self._config = config
         self._options = config.engine_options.model_dump(exclude_unset=True) if config.engine_options else None
-        self._per_replica = self._local.max_concurrency
-        self._slice = max(1, self._per_replica // SLICES_PER_REPLICA)
+        self._shape = replica_shape(config.engine, self._options, config.replica_cpus, config.replica_resources)
+        # Built here too, never started: what the API process asks an engine without running it
+        # (endpoints, model checks for validation) is answered as a local engine would. Where this
+        # process lacks the engine's library or a GPU, a replica answers instead (see `start`);
+        # any other ConfigError (a bad option) fails here, as with the local executor.
+        self._local: Engine | None = None
+        self._unavailable = ""
+        try:
+            self._local = create_engine(config.engine, config.engine_options)
+        except EngineUnavailable as exc:
+            self._unavailable = str(exc)
+        self._about: Engine | EngineFacts | None = self._local
+        self.name = config.engine  # type: ignore[misc]
+        self.endpoints = frozenset()
+        self._per_replica = 0
+        self._slice = 1
+        if self._local is not None:
+            self._learn(self._local.facts())
         self._queue = _Queue()
         self._replicas: list[_Replica] = []
+        self._groups: list[Any] = []  # the replicas' placement groups, if any
         self._tasks: list[asyncio.Task[None]] = []
         self._room = asyncio.Event()
         self._started_ray = False
         self.max_concurrency = self._per_replica * (config.replicas or 1)
+
+    def _learn(self, facts: EngineFacts) -> None:
+        self.name = facts.name  # type: ignore[misc]
+        self.endpoints = facts.endpoints
+        self._per_replica = facts.max_concurrency
+        self._slice = max(1, self._per_replica // SLICES_PER_REPLICA)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -231,16 +260,24 @@ class RayEngine(Engine):
         import ray
 
         count = self._config.replicas or self._replicas_that_fit(ray.cluster_resources())
-        self.max_concurrency = self._per_replica * count
         actor_class = ray.remote(_ReplicaActor)
         for index in range(count):
-            actor = actor_class.options(
-                num_cpus=self._config.replica_cpus,
-                resources=self._config.replica_resources or None,
+            actor, group = place_replica(
+                actor_class,
+                self._shape,
+                self._config.engine,
+                self._shape.engine_options,
                 max_restarts=-1,  # Ray brings a killed replica back; its slice was re-queued
-                max_concurrency=self._per_replica + 4,  # a slice may be one row; + ready/list_models
-            ).remote(self._config.engine, self._options)
+                # A slice may be one row; + ready/list_models/facts. Not known yet without a local
+                # engine: Ray's own default for async actors then.
+                max_concurrency=self._per_replica + 4 if self._per_replica else 1000,
+            )
             self._replicas.append(_Replica(index, actor))
+            if group is not None:
+                self._groups.append(group)
+        if self._about is None:
+            await self._ask_replicas()
+        self.max_concurrency = self._per_replica * count
         await self._await_replicas()
         self._tasks.append(asyncio.create_task(self._dispatch(), name="ray-dispatch"))
         self._tasks.append(asyncio.create_task(self._log_rates(), name="ray-replica-rates"))
@@ -278,9 +315,38 @@ class RayEngine(Engine):
                 signal.signal(signal.SIGTERM, sigterm)
 
     def _replicas_that_fit(self, resources: dict[str, float]) -> int:
-        need = {"CPU": self._config.replica_cpus, **self._config.replica_resources}
-        fits = [int(resources.get(k, 0.0) // v) for k, v in need.items() if v > 0]
+        fits = [int(resources.get(k, 0.0) // v) for k, v in self._shape.total().items()]
         return max(1, min(fits) if fits else 1)
+
+    async def _ask_replicas(self) -> None:
+        """This process cannot build the engine (no library or GPU here): the first replica Ray
+        places describes it. One whose engine cannot be built fails the start with its error."""
+        import ray
+
+        refs = {r.actor.facts.remote(): r for r in self._replicas}
+        pending = list(refs)
+        wait = self._config.replica_placement_wait
+        deadline = time.monotonic() + wait
+        while pending and time.monotonic() < deadline:
+            done, pending = await asyncio.to_thread(
+                ray.wait, pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+            )
+            for ref in done:
+                try:
+                    facts: EngineFacts = await ref
+                except Exception as exc:
+                    await self.aclose()
+                    raise EngineError(f"replica {refs[ref].index} could not be created: {_cause(exc)}") from None
+                self._learn(facts)
+                self._about = facts
+                log.info("ray executor: replica %d describes the engine (%s)", refs[ref].index, self._unavailable)
+                return
+        await self.aclose()
+        raise ConfigError(
+            f"no {self.name} replica was placed within {wait:g} s (the cluster has no room for "
+            f"{self._needs()} per replica), and this process cannot stand in to describe the engine "
+            f"({self._unavailable}): free room, or give a longer --replica-placement-wait"
+        )
 
     async def _await_replicas(self) -> None:
         """Waits for every replica's engine to start; one that fails to start fails the server.
@@ -300,7 +366,7 @@ class RayEngine(Engine):
                 try:
                     replica.pid, replica.node_id, replica.error = await ref
                 except Exception as exc:  # the actor itself failed (e.g. llmbatch not importable there)
-                    replica.error = _cause(exc)
+                    replica.error = f"could not be created: {_cause(exc)}"
                 if replica.error is not None:
                     await self.aclose()
                     raise EngineError(f"replica {replica.index} {replica.error}") from None
@@ -314,7 +380,7 @@ class RayEngine(Engine):
             self._tasks.append(asyncio.create_task(self._revive(refs[ref], first=ref)))
 
     def _needs(self) -> str:
-        return str({"CPU": self._config.replica_cpus, **self._config.replica_resources})
+        return self._shape.describe()
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -331,6 +397,12 @@ class RayEngine(Engine):
             except Exception:
                 pass
         self._replicas.clear()
+        from ray.util import remove_placement_group
+
+        for group in self._groups:  # their GPUs are free for others at once, not when this process ends
+            with contextlib.suppress(Exception):
+                remove_placement_group(group)
+        self._groups.clear()
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -427,14 +499,20 @@ class RayEngine(Engine):
 
     # -- what the API process asks -------------------------------------------------------
 
+    # The local engine, or a replica's facts once `start` has them: plain lookups, no Ray call
+    # (validate_model runs on the event loop for direct requests, and per model in validation).
+
     def validate_model(self, model: str) -> str | None:
-        return self._local.validate_model(model)
+        assert self._about is not None, "the Ray executor answers once started"
+        return self._about.validate_model(model)
 
     def model_family(self, model: str) -> str:
-        return self._local.model_family(model)
+        assert self._about is not None, "the Ray executor answers once started"
+        return self._about.model_family(model)
 
     def served_models(self) -> tuple[str, ...] | None:
-        return self._local.served_models()
+        assert self._about is not None, "the Ray executor answers once started"
+        return self._about.served_models()
 
     async def list_models(self) -> list[dict[str, Any]]:
         for replica in self._replicas:
@@ -444,7 +522,9 @@ class RayEngine(Engine):
                     return models
                 except Exception:
                     continue
-        return await self._local.list_models()
+        if self._local is not None:
+            return await self._local.list_models()
+        return self._about.listing() if isinstance(self._about, EngineFacts) else []
 
     async def _log_rates(self) -> None:
         """Every LOG_EVERY_S, while rows move, one log line of each replica's rows/s and state."""
@@ -507,6 +587,9 @@ class RayEngine(Engine):
 
 
 def _cause(exc: BaseException) -> str:
-    """The engine's own message out of Ray's wrapping (a RayTaskError names the remote error)."""
+    """The engine's own message out of Ray's wrapping (a RayTaskError names the remote error; an
+    actor whose constructor failed ends its message with "module.ErrorClass: message")."""
     cause = getattr(exc, "cause", None)
-    return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
+    if cause is not None:
+        return str(cause)
+    return re.sub(r"^[\w.]+\.[A-Z]\w*: ", "", str(exc).strip().splitlines()[-1])
