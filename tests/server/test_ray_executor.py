@@ -336,3 +336,18 @@ def test_lora_adapters_per_row_on_every_transformers_replica(
             assert body["model"] == name
             assert body["choices"][0]["message"]["content"] == reference.chat(text, 6, adapter=name == ADAPTER)
     assert all(r["rows"] > 0 for r in _health(srv)["replicas"]), _health(srv)  # both replicas served rows
+
+
+def test_rows_per_second_is_over_the_last_minute() -> None:
+    from llmbatch.server._ray import RATE_WINDOW_S, _Rate
+
+    rate = _Rate()
+    assert rate.per_second(now=1000.0) == 0.0
+    for second in range(10):  # 8 rows a second for 10 s
+        rate.add(8, now=1000.0 + second)
+    assert rate.per_second(now=1010.0) == 8.0  # a replica up for 10 s: over those 10 s, not 60
+    rate.add(600, now=1050.5)
+    assert rate.per_second(now=1051.0) == (80 + 600) / 51  # up for 51 s
+    assert rate.per_second(now=1065.0) == (4 * 8 + 600) / RATE_WINDOW_S  # seconds 0-5 have left the window
+    assert rate.per_second(now=1075.0) == 600 / RATE_WINDOW_S
+    assert rate.per_second(now=1200.0) == 0.0
