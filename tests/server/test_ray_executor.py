@@ -351,3 +351,16 @@ def test_rows_per_second_is_over_the_last_minute() -> None:
     assert rate.per_second(now=1065.0) == (4 * 8 + 600) / RATE_WINDOW_S  # seconds 0-5 have left the window
     assert rate.per_second(now=1075.0) == 600 / RATE_WINDOW_S
     assert rate.per_second(now=1200.0) == 0.0
+
+
+def test_an_unreachable_ray_address_fails_the_start_at_once(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["--engine", "echo", "--executor", "ray", "--ray-address", address]
+    srv = ServerProc(port=free_port(), data_dir=tmp_path / "data", args=args, log_path=tmp_path / "server.log")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="server exited with 3"):
+        srv.start(timeout=60)
+    assert time.monotonic() - t0 < 20  # ray.init alone would retry for minutes
+    log = srv.log()
+    assert f"ERROR:    the echo engine cannot start: --ray-address {address}: no Ray answers there" in log, log
+    assert "Traceback" not in log, log

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,21 @@ def is_loopback_address(address: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # "auto" or a host name: whatever the cluster advertises
+
+
+def _check_reachable(address: str) -> None:
+    """Fails at once, naming the address, when nothing listens at a HOST:PORT `--ray-address`
+    (ray.init would retry for minutes). "auto" is left to Ray: it fails fast when no Ray runs."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--ray-address {address}: no Ray answers there ({why}); start it with `ray start --head`"
+        ) from None
 
 
 class _ReplicaActor:
@@ -299,6 +315,8 @@ class RayEngine(Engine):
 
         if ray.is_initialized():
             return
+        if address is not None:
+            _check_reachable(address)
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         if address is None:
             kwargs.update(_node_ip_address="127.0.0.1", num_cpus=os.cpu_count() or 1)
@@ -536,7 +554,7 @@ class RayEngine(Engine):
                 continue
             done = total
             log.info(
-                "ray executor: %d of %d %s replicas alive; rows/s: %s",
+                "ray executor: %d of %d %s replicas alive; rows/s over the last minute: %s",
                 sum(r.ready.is_set() for r in self._replicas), len(self._replicas), self.name,
                 ", ".join(
                     f"replica {r.index} {r.rate.per_second():.1f}"
