@@ -319,6 +319,8 @@ def test_lora_adapters_per_row_on_every_transformers_replica(
         start=False,
     )  # fmt: skip
     srv.start(timeout=120)  # each replica imports torch and transformers
+    # Under load a replica may take longer than the start waits (--replica-placement-wait): it joins later.
+    _wait_for("both replicas", lambda: _health(srv)["replicas_alive"] == 2, timeout=120)
     client = srv.client(timeout=60)
     texts = ["Tell me about the dragon.", "Green apples by the river.", "Count to nine.", "Who came back?"]
     rows = [

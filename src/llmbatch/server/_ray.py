@@ -36,6 +36,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,20 +337,26 @@ class RayEngine(Engine):
         fits = [int(resources.get(k, 0.0) // v) for k, v in self._shape.total().items()]
         return max(1, min(fits) if fits else 1)
 
-    async def _ask_replicas(self) -> None:
-        """This process cannot build the engine (no library or GPU here): the first replica Ray
-        places describes it. One whose engine cannot be built fails the start with its error."""
+    @staticmethod
+    async def _answers(pending: list[Any], deadline: float) -> AsyncIterator[Any]:
+        """Yields each Ray ref of `pending` as it completes, until `deadline`; the refs still
+        pending then are left in `pending`."""
         import ray
 
-        refs = {r.actor.facts.remote(): r for r in self._replicas}
-        pending = list(refs)
-        wait = self._config.replica_placement_wait
-        deadline = time.monotonic() + wait
         while pending and time.monotonic() < deadline:
-            done, pending = await asyncio.to_thread(
+            done, pending[:] = await asyncio.to_thread(
                 ray.wait, pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
             )
             for ref in done:
+                yield ref
+
+    async def _ask_replicas(self) -> None:
+        """This process cannot build the engine (no library or GPU here): the first replica Ray
+        places describes it. One whose engine cannot be built fails the start with its error."""
+        refs = {r.actor.facts.remote(): r for r in self._replicas}
+        wait = self._config.replica_placement_wait
+        async with contextlib.aclosing(self._answers(list(refs), time.monotonic() + wait)) as answers:
+            async for ref in answers:
                 try:
                     facts: EngineFacts = await ref
                 except Exception as exc:
@@ -369,26 +376,19 @@ class RayEngine(Engine):
     async def _await_replicas(self) -> None:
         """Waits for every replica's engine to start; one that fails to start fails the server.
         Replicas not placed within `replica_placement_wait` join later (see `_revive`)."""
-        import ray
-
         refs = {r.actor.ready.remote(): r for r in self._replicas}
         pending = list(refs)
         wait = self._config.replica_placement_wait
-        deadline = time.monotonic() + wait
-        while pending and time.monotonic() < deadline:
-            done, pending = await asyncio.to_thread(
-                ray.wait, pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-            )
-            for ref in done:
-                replica = refs[ref]
-                try:
-                    replica.pid, replica.node_id, replica.error = await ref
-                except Exception as exc:  # the actor itself failed (e.g. llmbatch not importable there)
-                    replica.error = f"could not be created: {_cause(exc)}"
-                if replica.error is not None:
-                    await self.aclose()
-                    raise EngineError(f"replica {replica.index} {replica.error}") from None
-                replica.ready.set()
+        async for ref in self._answers(pending, time.monotonic() + wait):
+            replica = refs[ref]
+            try:
+                replica.pid, replica.node_id, replica.error = await ref
+            except Exception as exc:  # the actor itself failed (e.g. llmbatch not importable there)
+                replica.error = f"could not be created: {_cause(exc)}"
+            if replica.error is not None:
+                await self.aclose()
+                raise EngineError(f"replica {replica.index} {replica.error}") from None
+            replica.ready.set()
         for ref in pending:
             log.warning(
                 "ray executor: replica %d not ready after %g s: not placed (the cluster has no room for %s "
