@@ -46,6 +46,9 @@ def main() -> None:
                 {"role": "system", "content": "Classify the article's topic."},
                 {"role": "user", "content": a["text"]},
             ],
+            # The answer is ~25 tokens. Without a cap, a sampled run of JSON whitespace or digits
+            # can go on to the context's end (2,048 tokens on the local model: a minute on a CPU).
+            "max_tokens": 60,
         },
         output=Topic,
         process=lambda a, t: {"id": a["id"], "topic": t.topic, "confidence": t.confidence},

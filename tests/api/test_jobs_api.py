@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -131,6 +132,19 @@ def test_run_file_waits_and_returns_results_in_order(tmp_path: Path) -> None:
     out, err = job.export(tmp_path / "again.jsonl")
     assert (out, err) == (tmp_path / "again.jsonl", None)
     assert [json.loads(line) for line in out.read_text().splitlines()] == written
+
+
+def test_the_local_provider_polls_at_least_every_half_second(tmp_path: Path) -> None:
+    """A poll of the local server is a call inside this process: the wait between polls stays at
+    0.5 s at most instead of growing from --poll-interval (2 s by default) as for a remote API."""
+    inp = write_input(tmp_path, [chat_line(0)])
+    job = run_file(inp, engine="echo", engine_options={"echo_latency": 3.0})  # the default poll interval
+    assert job.wait() == 0
+    with sqlite3.connect(job.dir / "job.sqlite") as db:
+        (collected,) = db.execute("SELECT at FROM events WHERE kind = 'collected'").fetchone()
+    with sqlite3.connect(next((job.dir / "local-server").glob("*.sqlite"))) as db:
+        (completed,) = db.execute("SELECT at FROM batch_events WHERE to_status = 'completed'").fetchone()
+    assert 0 < collected - completed < 1.0, collected - completed  # before: ~2 s (waits of 2, 3, 4.5 s, ...)
 
 
 def test_run_file_inside_a_running_event_loop(tmp_path: Path) -> None:

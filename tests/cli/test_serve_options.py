@@ -46,7 +46,11 @@ def test_serve_help_groups_options_by_engine() -> None:
     ]
     assert {"--host", "--engine", "--max-concurrency", "--help"} <= set(sections["Options"])
     assert sections["Echo engine options"] == ["--echo-latency", "--echo-fail-rate"]
-    assert sections["OpenAI engine options (forwarding)"] == ["--upstream-url", "--upstream-api-key"]
+    assert sections["OpenAI engine options (forwarding)"] == [
+        "--upstream-url",
+        "--upstream-api-key",
+        "--upstream-max-retries",
+    ]
     assert "--model-path" in sections["Model engine options (llamacpp, transformers, vllm)"]
     assert sections["llamacpp engine options"] == ["--n-threads"]
     assert sections["vllm engine options"] == ["--tensor-parallel-size", "--gpu-memory-utilization"]

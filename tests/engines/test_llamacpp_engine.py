@@ -32,7 +32,9 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EngineHandle]:
-    e = EngineHandle("llamacpp", LlamaCppOptions(embedding_model="none", n_parallel=4))
+    # One thread: llama.cpp's threads spin while they wait for each other, so with two on the
+    # suite's two shared cores a test ran 5-10x slower (6 rows of 80 tokens: 46-88 s, one thread 8-9 s).
+    e = EngineHandle("llamacpp", LlamaCppOptions(embedding_model="none", n_parallel=4, n_threads=1))
     yield e
     e.close()
 
@@ -189,7 +191,7 @@ def test_auto_engine_picks_llamacpp_when_installed(monkeypatch: pytest.MonkeyPat
 
 
 def test_whole_batch_through_the_server(server_factory: Any) -> None:
-    srv = server_factory("--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "4")
+    srv = server_factory("--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "4", "--n-threads", "1")
     client = srv.client()
     rows = [chat_line(i, f"Give me a word that rhymes with {w}.", model=MODEL, max_tokens=12, temperature=0)
             for i, w in enumerate(["cat", "tree", "blue", "stone", "light", "rain"])]  # fmt: skip

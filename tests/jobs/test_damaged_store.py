@@ -24,18 +24,30 @@ def llmbatch(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def two_jobs(tmp_path: Path) -> tuple[Path, Path, str, str]:
-    """(home, the first job's input, its id, the other job's id): two finished local jobs."""
-    home = tmp_path / "home"
-    ids = []
+@pytest.fixture(scope="module")
+def finished_jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, str]:
+    """(home, the first job's input, its id, the other job's id): two finished local jobs, made
+    once per module (four CLI runs, ~5 s under load); each test damages a copy of `home`."""
+    base = tmp_path_factory.mktemp("finished-jobs")
+    home = base / "home"
+    ids: list[str] = []
     for name in ("first", "other"):
-        inp = tmp_path / f"{name}.jsonl"
+        inp = base / f"{name}.jsonl"
         inp.write_bytes(jsonl([chat_line(f"{name}-{i}", model="echo") for i in range(5)]))
         done = llmbatch(home, "run", str(inp), "--poll-interval", "0.05")
         assert done.returncode == 0, done.stderr
         ids.append(json.loads(llmbatch(home, "status", str(_only_new(home, ids)), "--json").stdout)["id"])
-    return home, tmp_path / "first.jsonl", ids[0], ids[1]
+    return home, base / "first.jsonl", ids[0], ids[1]
+
+
+@pytest.fixture
+def two_jobs(finished_jobs: tuple[Path, Path, str, str], tmp_path: Path) -> tuple[Path, Path, str, str]:
+    """`finished_jobs` with a home of this test's own. The input stays where it is: a job's id
+    hashes its input's path, size and mtime, so `run INPUT` finds the copied job."""
+    template, inp, job, other = finished_jobs
+    home = tmp_path / "home"
+    shutil.copytree(template, home)
+    return home, inp, job, other
 
 
 def _only_new(home: Path, known: list[str]) -> Path:

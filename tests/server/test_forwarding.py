@@ -65,11 +65,14 @@ def test_direct_api_through_forwarding_engine(server_factory) -> None:  # type: 
 def test_unreachable_upstream_fails_rows_not_batch(server_factory) -> None:  # type: ignore[no-untyped-def]
     from conftest import free_port
 
+    # One retry, not the default five: backing off through all five is ~8-15 s of waiting.
+    url = f"http://127.0.0.1:{free_port()}/v1"
     srv = server_factory(
-        "--engine", "openai", "--upstream-url", f"http://127.0.0.1:{free_port()}/v1", "--upstream-api-key", "k"
+        "--engine", "openai", "--upstream-url", url, "--upstream-api-key", "k", "--upstream-max-retries", "1"
     )
     client = srv.client()
     final = run_batch(client, [chat_line(i) for i in range(3)])
     assert final.status == "completed"
     errs = read_jsonl(client, final.error_file_id)
     assert len(errs) == 3 and all(e["response"]["status_code"] == 502 for e in errs)
+    assert all("unreachable after 2 attempts" in e["response"]["body"]["error"]["message"] for e in errs), errs

@@ -238,7 +238,8 @@ class AsyncBatchClient:
         async with provider_started(self._runner.ctx.provider):
             try:
                 await self._runner.start()
-                next_poll, interval = 0.0, self.config.poll_interval
+                first, longest = self._runner.poll_waits()
+                next_poll, interval = 0.0, first
                 while True:
                     self._admit()
                     send_now = self._plan()
@@ -246,11 +247,7 @@ class AsyncBatchClient:
                     due = now >= next_poll and bool(self.store.chunks(("submitted",)))
                     progressed = await self._runner.round(full_only=True, poll=due, direct=send_now)
                     if due:
-                        interval = (
-                            self.config.poll_interval
-                            if progressed
-                            else min(interval * 1.5, self.config.max_poll_interval)
-                        )
+                        interval = first if progressed else min(interval * 1.5, longest)
                         next_poll = now + interval
                     self._resolve()
                     if self._closing and not self._waiting and not self._new:

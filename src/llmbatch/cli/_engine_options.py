@@ -85,7 +85,7 @@ _FIELDS = (
 #: --help sections after the command's own options: (title, the parameters it lists).
 HELP_SECTIONS: tuple[tuple[str, frozenset[str]], ...] = (
     ("Echo engine options", frozenset({"echo_latency", "echo_fail_rate"})),
-    ("OpenAI engine options (forwarding)", frozenset({"upstream_url", "upstream_api_key"})),
+    ("OpenAI engine options (forwarding)", frozenset({"upstream_url", "upstream_api_key", "max_retries"})),
     (
         "Model engine options (llamacpp, transformers, vllm)",
         frozenset({"model_path", "served_model_name", "adapters", "embedding_model", "n_parallel", "n_ctx"}),

@@ -48,6 +48,14 @@ __all__ = ["serve"]
 @click.option("--upstream-url", default=None, help="openai: base URL of an OpenAI-compatible API, with /v1.")
 @click.option("--upstream-api-key", envvar="LLMBATCH_UPSTREAM_API_KEY", default=None, help="openai: key sent upstream.")
 @click.option(
+    "--upstream-max-retries",
+    "max_retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="openai: retries of a 429, 5xx, timeout or connection error, with backoff (0.5 s, doubling).",
+)
+@click.option(
     "--max-concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="Requests in flight at once."
 )
 @click.option(
@@ -132,6 +140,7 @@ def serve(
     echo_fail_rate: float,
     upstream_url: str | None,
     upstream_api_key: str | None,
+    max_retries: int,
     max_concurrency: int,
     windows: tuple[str, ...],
     max_file_size: str,
@@ -163,6 +172,7 @@ def serve(
         "echo_fail_rate": echo_fail_rate,
         "upstream_url": upstream_url,
         "upstream_api_key": upstream_api_key,
+        "max_retries": max_retries,
         "max_concurrency": max_concurrency,
     }
     ctx = click.get_current_context()

@@ -91,6 +91,12 @@ class JobRunner:
         """Whether the budget is holding back the next chunk."""
         return self.ctx.budget_blocked
 
+    def poll_waits(self) -> tuple[float, float]:
+        """(first, longest) wait between polls: the settings', within the provider's `max_poll_interval`."""
+        cap = self.ctx.provider.max_poll_interval
+        first, longest = self.settings.poll_interval, self.settings.max_poll_interval
+        return (first, longest) if cap is None else (min(first, cap), min(longest, cap))
+
     def tariff(self, model: str, *, batch: bool = True) -> Tariff:
         return self.ctx.tariff(model, batch=batch)
 
@@ -123,7 +129,8 @@ class JobRunner:
     async def run(self) -> RunOutcome:
         """Plans, submits, polls and collects until every row is final (or the budget stops it)."""
         await self.start()
-        delay = self.settings.poll_interval
+        first, longest = self.poll_waits()
+        delay = first
         while True:
             progressed = await self.round()
             if self._done():
@@ -133,7 +140,7 @@ class JobRunner:
                 await self.repair_results()
                 return self._finish(budget_stopped=True)
             self.report()
-            delay = self.settings.poll_interval if progressed else min(delay * 1.5, self.settings.max_poll_interval)
+            delay = first if progressed else min(delay * 1.5, longest)
             await asyncio.sleep(delay)
         self.store.set_job(status="finished")
         await self.repair_results()
@@ -259,5 +266,5 @@ class JobRunner:
         self.store.set_job(status="cancelled")
         while self.store.chunks(("submitted",)):
             await self.poll()
-            await asyncio.sleep(self.settings.poll_interval)
+            await asyncio.sleep(self.poll_waits()[0])
         return n

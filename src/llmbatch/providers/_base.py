@@ -111,6 +111,11 @@ class Provider(ABC):
     #: store rolled back meanwhile still finds the batch (`list_job_batches`) instead of
     #: sending its rows again.
     batches_known_by_upload: ClassVar[bool] = False
+    #: The longest wait between polls worth making (None: the job's poll settings alone). A
+    #: poll of a remote API costs a request against its rate limits, so the wait grows while
+    #: nothing changes; a poll of the local server is a call inside this process, and a longer
+    #: wait would only delay the results.
+    max_poll_interval: ClassVar[float | None] = None
 
     @classmethod
     def api_key_from(cls, api_key: str | None) -> str:

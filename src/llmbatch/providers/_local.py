@@ -38,6 +38,7 @@ class LocalProvider(OpenAIBatchProvider):
 
     name = "local"
     billed = False
+    max_poll_interval = 0.5
 
     def __init__(
         self,
