@@ -513,6 +513,32 @@ def test_a_job_larger_than_direct_below_goes_in_batches_only(open_job: Callable[
     assert_all_succeeded(job)
 
 
+def test_the_job_model_goes_with_every_row_in_batches_direct_calls_and_retries(open_job: Callable[..., Job]) -> None:
+    """`--model` replaces the rows' own model on every path that sends a row: the batch, the
+    direct API, and retries through either (issue 15: direct calls sent the row's own model)."""
+    models: Counter[tuple[str, str]] = Counter()
+
+    def answer(r: Request) -> Any:
+        models[r.via, r.body["model"]] += 1
+        if r.attempt == 1 and row_no(r) % 5 == 0:  # fails once, in the batch and then directly
+            return 500, {"error": {"message": "server error", "type": "server_error"}}
+        return ok(r)
+
+    job = open_job([chat_line(i) for i in range(200)], model="gpt-4.1-mini", direct_below=100, max_attempts=3)
+    fake = MemoryProvider(answer=answer)
+    assert job.run(fake).code == EXIT_OK
+    # The 40 rows failed in the batch went direct, failed once more there and were sent again.
+    assert len(fake.batch_list) == 1 and fake.calls["direct"] == 80
+    assert models == {("batch", "gpt-4.1-mini"): 200, ("direct", "gpt-4.1-mini"): 80}
+    assert_all_succeeded(job)
+
+    models.clear()
+    few = open_job([chat_line(i) for i in range(10)], model="gpt-4.1-mini", direct_below=100)
+    assert few.run(MemoryProvider(answer=answer)).code == EXIT_OK
+    # All ten directly; rows 0 and 5 failed their first direct call and were sent again.
+    assert models == {("direct", "gpt-4.1-mini"): 12}
+
+
 def test_a_batch_refused_for_a_full_quota_is_sent_again_after_a_pause_without_an_attempt(
     open_job: Callable[..., Job],
 ) -> None:
