@@ -730,6 +730,9 @@ def test_cli_runs_chunks_retries_and_maps_long_ids(tmp_path: Path) -> None:
     assert out[123]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
     (err,) = read_lines(tmp_path / "input.errors.jsonl")
     assert err["custom_id"] == "row-17" and err["response"]["status_code"] == 400
+    # Anthropic's results have no line id: each line gets one of its own (issue 15: they were null).
+    ids = [r["id"] for r in out]
+    assert all(i.startswith("batch_req_") for i in ids) and len(set(ids)) == len(rows) and err["id"] == ids[17]
 
     sent = [cid for ids in fake.custom_id_sets().values() for cid in ids]
     assert long_id not in sent and sum(cid.startswith("lb_") for cid in sent) == 1

@@ -839,6 +839,9 @@ def test_cli_chunks_errors_retries_and_ingest_checks(start: Start, tmp_path: Pat
     assert errors["row-3"]["response"]["status_code"] == 400
     assert "input.jsonl:8" in errors["row-7"]["error"]["message"]
     assert "logprobs" in errors["row-7"]["error"]["message"]
+    # Gemini's results have no line id: each line gets one of its own (issue 15: they were null).
+    ids = [r["id"] for r in out]
+    assert all(i.startswith("batch_req_") for i in ids) and len(set(ids)) == len(rows)
 
     batches = fake.all_batches()
     assert sorted(len(b.requests) for b in batches) == [1, 3, 3, 3]  # 9 valid rows in 3 chunks; row-5 again

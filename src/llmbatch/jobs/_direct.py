@@ -48,7 +48,7 @@ async def run_direct(ctx: RunContext) -> bool:
         async with slots:
             status, answer = await ctx.provider.direct(row.endpoint, bodies[row.idx])
         rec = {
-            "id": None,
+            "id": None,  # no batch line's id: the export gives it one derived from job and row
             "custom_id": row.custom_id,
             "response": {"status_code": status, "request_id": None, "body": answer},
             "error": None,
