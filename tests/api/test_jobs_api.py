@@ -315,6 +315,10 @@ def test_budget_stop_is_exit_code_3_and_the_cli_finishes_the_job(server_factory,
     out = list(job.results())
     assert [r["response"]["status_code"] for r in out[:100]] == [200] * 100
     assert {r["error"]["code"] for r in out[100:]} == {"not_run"}
+    # Every record has an id, rows not run too, and the same one on every read (issue 15: null).
+    ids = [r["id"] for r in out]
+    assert all(i.startswith("batch_req_") for i in ids) and len(set(ids)) == 300
+    assert [r["id"] for r in job.results()] == ids
     assert list(job.errors()) == []  # rows not run are not failures
     # Cancelling from another handle: nothing is in flight, and the job reads cancelled.
     assert Job.attach(job.id).cancel() == 0

@@ -177,6 +177,8 @@ class GeminiFake:
         self.failed_once: set[str] = set()
         self.to_expire = 0
         self.direct_requests: list[dict[str, Any]] = []
+        #: The model each direct call named in its path (`models/M:generateContent`), in order.
+        self.direct_models: list[str] = []
         self.calls: list[tuple[str, str]] = []
         self.app = Starlette(routes=[Route("/{path:path}", self._dispatch, methods=["GET", "POST", "DELETE"])])
 
@@ -479,6 +481,7 @@ class GeminiFake:
         req = await request.json()
         with self.lock:
             self.direct_requests.append(req)
+            self.direct_models.append(model)
             result = self._answer(None, req, f"models/{model}")
         if "error" in result:
             e = result["error"]
@@ -489,6 +492,7 @@ class GeminiFake:
         body = await request.json()
         with self.lock:
             self.direct_requests.append(body)
+            self.direct_models.append(model)
         out = []
         for req in body.get("requests") or []:
             text = "".join(p.get("text", "") for p in (_get(req, "content") or {}).get("parts") or [])

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import chat_line, jsonl
+from llmbatch.jobs import line_id
 
 
 def run_direct_below(tmp_path: Path, base_url: str, rows: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -36,8 +37,10 @@ def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Pa
     direct = sum(
         int(n) for n in re.findall(r'source="direct",endpoint="/v1/chat/completions",status="200"\} (\d+)', metrics)
     )
-    failed_in_batch = sum(1 for r in out if r["id"] is None)  # rows answered directly carry no batch request id
-    assert direct == failed_in_batch > 0
+    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
+    # Rows answered directly carry no batch's line id: theirs is derived from the job and the row.
+    answered_directly = sum(1 for i, r in enumerate(out) if r["id"] == line_id(job_dir.name, i))
+    assert direct == answered_directly > 0
 
 
 def test_a_job_larger_than_the_threshold_goes_in_batches_only(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -49,4 +52,5 @@ def test_a_job_larger_than_the_threshold_goes_in_batches_only(server_factory, tm
     assert "direct API" not in done.stderr
     assert sorted(b.request_counts.total for b in server.client().batches.list()) == [50, 100]
     out = [json.loads(line) for line in (tmp_path / "in.results.jsonl").read_text().splitlines()]
-    assert all(r["id"] is not None for r in out)  # every row answered in a batch
+    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
+    assert all(r["id"] != line_id(job_dir.name, i) for i, r in enumerate(out))  # every row answered in a batch

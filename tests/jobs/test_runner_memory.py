@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from fakes.memory_provider import BatchScript, Crash, MemoryProvider, Request, RowError, chat_completion
+from pydantic import BaseModel, ConfigDict, Field
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
@@ -36,6 +37,7 @@ from llmbatch.jobs import (
     JobSession,
     JobSettings,
     Prepared,
+    line_id,
 )
 
 FAST = {"poll_interval": 0.001, "max_poll_interval": 0.001}
@@ -121,6 +123,12 @@ def assert_all_succeeded(job: Job) -> None:
     for rec, row in zip(out, job.rows):
         assert rec["error"] is None and rec["response"]["status_code"] == 200, rec
         assert rec["response"]["body"]["choices"][0]["message"]["content"] == row["body"]["messages"][-1]["content"]
+
+
+def answered_directly(job: Job) -> list[str]:
+    """The custom_ids of the rows no batch answered: their lines' ids are derived from job and row."""
+    job_id = job.session.store.job()["id"]
+    return [r["custom_id"] for i, r in enumerate(job.results()) if r["id"] == line_id(job_id, i)]
 
 
 def assert_one_batch_per_chunk(job: Job, fake: MemoryProvider, chunks: int) -> None:
@@ -480,8 +488,7 @@ def test_the_last_few_rows_go_through_the_direct_api(open_job: Callable[..., Job
     assert len(fake.batch_list) == 1  # the 40 failed rows did not make a second batch
     assert fake.calls["direct"] == 40
     assert_all_succeeded(job)
-    answered_directly = [r["custom_id"] for r in job.results() if r["id"] is None]
-    assert answered_directly == [f"row-{i}" for i in range(0, 200, 5)]
+    assert answered_directly(job) == [f"row-{i}" for i in range(0, 200, 5)]
 
 
 def test_a_crash_during_direct_calls_resends_only_those_rows(open_job: Callable[..., Job]) -> None:
@@ -501,7 +508,7 @@ def test_a_crash_during_direct_calls_resends_only_those_rows(open_job: Callable[
     assert fake.calls["direct"] == 5 + 5
     out = job.results()
     assert [r["custom_id"] for r in out] == job.ids and all(r["response"]["status_code"] == 200 for r in out)
-    assert [r["custom_id"] for r in out if r["id"] is None] == [f"row-{i}" for i in range(0, 50, 10)]
+    assert answered_directly(job) == [f"row-{i}" for i in range(0, 50, 10)]
 
 
 def test_a_job_larger_than_direct_below_goes_in_batches_only(open_job: Callable[..., Job]) -> None:
@@ -511,6 +518,32 @@ def test_a_job_larger_than_direct_below_goes_in_batches_only(open_job: Callable[
     assert [len(b.lines) for b in fake.batch_list] == [100, 50]
     assert fake.calls["direct"] == 0
     assert_all_succeeded(job)
+
+
+def test_the_job_model_goes_with_every_row_in_batches_direct_calls_and_retries(open_job: Callable[..., Job]) -> None:
+    """`--model` replaces the rows' own model on every path that sends a row: the batch, the
+    direct API, and retries through either (issue 15: direct calls sent the row's own model)."""
+    models: Counter[tuple[str, str]] = Counter()
+
+    def answer(r: Request) -> Any:
+        models[r.via, r.body["model"]] += 1
+        if r.attempt == 1 and row_no(r) % 5 == 0:  # fails once, in the batch and then directly
+            return 500, {"error": {"message": "server error", "type": "server_error"}}
+        return ok(r)
+
+    job = open_job([chat_line(i) for i in range(200)], model="gpt-4.1-mini", direct_below=100, max_attempts=3)
+    fake = MemoryProvider(answer=answer)
+    assert job.run(fake).code == EXIT_OK
+    # The 40 rows failed in the batch went direct, failed once more there and were sent again.
+    assert len(fake.batch_list) == 1 and fake.calls["direct"] == 80
+    assert models == {("batch", "gpt-4.1-mini"): 200, ("direct", "gpt-4.1-mini"): 80}
+    assert_all_succeeded(job)
+
+    models.clear()
+    few = open_job([chat_line(i) for i in range(10)], model="gpt-4.1-mini", direct_below=100)
+    assert few.run(MemoryProvider(answer=answer)).code == EXIT_OK
+    # All ten directly; rows 0 and 5 failed their first direct call and were sent again.
+    assert models == {("direct", "gpt-4.1-mini"): 12}
 
 
 def test_a_batch_refused_for_a_full_quota_is_sent_again_after_a_pause_without_an_attempt(
@@ -537,6 +570,66 @@ def test_a_batch_refused_for_a_full_quota_is_sent_again_after_a_pause_without_an
     first, second = fake.batch_list
     assert second.custom_ids == job.ids and second.status == "completed"
     assert_all_succeeded(job)
+
+
+# -- exported lines' ids --------------------------------------------------------------------
+
+
+class OutputResponse(BaseModel):
+    status_code: int
+    request_id: str | None
+    body: Any
+
+
+class OutputError(BaseModel):
+    code: str | None
+    message: str
+
+
+class BatchRequestOutput(BaseModel):
+    """OpenAI's batch output line (openai-openapi's `BatchRequestOutput`; the SDK has no type
+    for it): `id` a string, as peers key on it."""
+
+    model_config = ConfigDict(extra="allow")  # `native`: a translated line's original
+    id: str = Field(min_length=1)
+    custom_id: str
+    response: OutputResponse | None
+    error: OutputError | None
+
+
+def test_every_exported_line_has_an_id_the_providers_or_one_from_job_and_row(
+    open_job: Callable[..., Job], tmp_path: Path
+) -> None:
+    """Batch answers keep the provider's line id; a direct answer and an invalid row (which no
+    batch answered) get one derived from the job and the row, the same on every export
+    (issue 15: they were `"id": null`)."""
+
+    def answer(r: Request) -> Any:
+        if r.via == "batch" and row_no(r) == 2:
+            return 500, {"error": {"message": "server error", "type": "server_error"}}  # retried directly
+        if row_no(r) == 5:
+            return 400, {"error": {"message": "bad request", "type": "invalid_request_error"}}  # final
+        return ok(r)
+
+    rows = [chat_line(i) for i in range(10)]
+    del rows[7]["body"]["model"]  # invalid: skipped, exported as an error line
+    job = open_job(rows, direct_below=3, skip_invalid=True)
+    fake = MemoryProvider(answer=answer)
+    assert job.run(fake).code == EXIT_FAILED_ROWS
+    assert fake.calls["direct"] == 1
+    out = [BatchRequestOutput.model_validate(r) for r in job.results()]
+    assert [r.custom_id for r in out] == job.ids
+    by_provider = {}
+    for b in fake.batch_list:
+        for line in b.ran + b.failed_lines:
+            rec = json.loads(line)
+            by_provider[rec["custom_id"]] = rec["id"]
+    job_id = job.session.store.job()["id"]
+    for i, r in enumerate(out):
+        assert r.id == (by_provider[r.custom_id] if i not in (2, 7) else line_id(job_id, i)), r
+    assert len({r.id for r in out}) == 10 and line_id(job_id, 2).startswith("batch_req_")
+    again, _errors = job.session.export(tmp_path / "again.jsonl")
+    assert again.read_bytes() == (tmp_path / "input.results.jsonl").read_bytes()
 
 
 # -- the user's cancel ----------------------------------------------------------------------

@@ -730,6 +730,9 @@ def test_cli_runs_chunks_retries_and_maps_long_ids(tmp_path: Path) -> None:
     assert out[123]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "weather"
     (err,) = read_lines(tmp_path / "input.errors.jsonl")
     assert err["custom_id"] == "row-17" and err["response"]["status_code"] == 400
+    # Anthropic's results have no line id: each line gets one of its own (issue 15: they were null).
+    ids = [r["id"] for r in out]
+    assert all(i.startswith("batch_req_") for i in ids) and len(set(ids)) == len(rows) and err["id"] == ids[17]
 
     sent = [cid for ids in fake.custom_id_sets().values() for cid in ids]
     assert long_id not in sent and sum(cid.startswith("lb_") for cid in sent) == 1
@@ -762,6 +765,31 @@ def test_cli_reports_unsupported_rows_at_ingest(tmp_path: Path) -> None:
     assert [e["custom_id"] for e in errors] == ["row-1", "row-2"]
     assert "input.jsonl:2" in errors[0]["error"]["message"]
     assert len(fake.direct_requests) == 2 and fake.creates == 0
+
+
+def test_cli_model_override_reaches_batches_direct_calls_and_retries(tmp_path: Path) -> None:
+    """Rows naming an OpenAI model run with `--model claude-sonnet-4-5`: the batch and the retry
+    `--direct-below` sends directly both carry Claude's name (issue 15: direct calls sent the
+    row's own `gpt-4o-mini`, which Anthropic answers with a 404). One run: the SDK's import
+    makes each ~2.5 s; rows that go direct from the start are in test_gemini.py and
+    test_runner_memory.py."""
+    app, fake = anthropic_fake(end_after_polls=1)
+    rows = [chat_line(i) for i in range(12)]  # model gpt-4o-mini
+    rows[4] = chat_line(4, "rate limited FAIL429")  # in the batch, then again in its first direct call
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+    model = "claude-sonnet-4-5"
+    with serve_app(app) as url:
+        # 12 rows in a batch; the failed one is then below --direct-below and goes direct.
+        proc = llmbatch_run(tmp_path, inp, url, "--model", model, "--direct-below", "5", "--max-attempts", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "through the direct API" in proc.stderr
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["response"]["status_code"] for r in out] == [200] * 12
+    assert out[4]["response"]["body"]["model"] == model
+    batched = [r["params"]["model"] for b in fake.batches.values() for r in b.requests]
+    assert batched == [model] * 12 and len(fake.batches) == 1
+    assert [p["model"] for p in fake.direct_requests] == [model] * 2  # row 4: a 429, then answered
 
 
 def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path: Path) -> None:

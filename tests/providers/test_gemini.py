@@ -839,11 +839,37 @@ def test_cli_chunks_errors_retries_and_ingest_checks(start: Start, tmp_path: Pat
     assert errors["row-3"]["response"]["status_code"] == 400
     assert "input.jsonl:8" in errors["row-7"]["error"]["message"]
     assert "logprobs" in errors["row-7"]["error"]["message"]
+    # Gemini's results have no line id: each line gets one of its own (issue 15: they were null).
+    ids = [r["id"] for r in out]
+    assert all(i.startswith("batch_req_") for i in ids) and len(set(ids)) == len(rows)
 
     batches = fake.all_batches()
     assert sorted(len(b.requests) for b in batches) == [1, 3, 3, 3]  # 9 valid rows in 3 chunks; row-5 again
     assert fake.sent_keys().count("row-5") == 2 and "row-7" not in fake.sent_keys()
     assert {b.display_name for b in batches} == chunk_tags(tmp_path)
+
+
+def test_cli_model_override_reaches_batches_direct_calls_and_retries(start: Start, tmp_path: Path) -> None:
+    """Rows naming `gpt-4o-mini` run with `--model gemini-2.5-flash`: the batch, the direct calls
+    `--direct-below` makes and the retries all go to Gemini's model (issue 15: direct calls went
+    to `models/gpt-4o-mini:generateContent`, which Gemini answers with a 404)."""
+    fake, root = start()
+    rows = [chat_line(i) for i in range(8)]  # model gpt-4o-mini
+    rows[2] = chat_line(2, "this will FAIL429 once")  # in the batch, and again in its first direct call
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+    proc = run_cli(tmp_path, inp, root, "--model", MODEL, "--direct-below", "4", "--max-attempts", "4")
+    assert proc.returncode == 0, proc.stderr
+    # A second job of the same rows: all 8 go direct from the start.
+    inp2 = tmp_path / "again.jsonl"
+    inp2.write_bytes(jsonl(rows))
+    proc = run_cli(tmp_path, inp2, root, "--model", f"gemini/{MODEL}", "--direct-below", "50", "--max-attempts", "4")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("input", "again"):
+        assert [r["response"]["status_code"] for r in read_lines(tmp_path / f"{name}.results.jsonl")] == [200] * 8
+    assert [(b.model, len(b.requests)) for b in fake.all_batches()] == [(f"models/{MODEL}", 8)]
+    # Row 2 twice after the batch (429, then answered); the second job's 8 rows, row 2 answered at once.
+    assert fake.direct_models == [MODEL] * 10
 
 
 def test_cli_rows_of_an_expired_batch_go_again(start: Start, tmp_path: Path) -> None:

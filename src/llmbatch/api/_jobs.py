@@ -276,7 +276,8 @@ class Job:
     def results(self, *, wait: bool = True) -> Iterator[dict[str, Any]]:
         """The output records, one per input row, in input order, read from the job's store.
 
-        Each is an OpenAI batch output record (`id`, `custom_id`, `response`, `error`): the
+        Each is an OpenAI batch output record (`id`, `custom_id`, `response`, `error`; `id` the
+        provider's line id, else one derived from the job and the row, the same on every read): the
         provider's answer for rows that ran, an `error` record for rows that failed, and one
         with code `not_run` for rows the job never ran (it was stopped, or the budget held
         them back). They are the lines `llmbatch run` writes to its results file.

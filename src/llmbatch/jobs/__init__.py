@@ -8,7 +8,7 @@ every front end runs a job through; `JobRunner` is its loop; the other modules a
 
 from __future__ import annotations
 
-from ._export import ResultReader, export, output_lines, output_paths
+from ._export import ResultReader, export, line_id, output_lines, output_paths
 from ._ingest import IngestReport, RowRules, ingest, remote_id_for
 from ._lock import JobLock, lock_held
 from ._progress import LiveProgress, PlainProgress, Snapshot, make_progress
@@ -71,6 +71,7 @@ __all__ = [
     "find_damage",
     "ingest",
     "job_id_for",
+    "line_id",
     "list_jobs",
     "lock_held",
     "make_progress",

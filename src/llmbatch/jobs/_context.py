@@ -93,11 +93,3 @@ class RunContext:
         if not self.provider.billed:
             return []
         return [m for m in self.store.models() if self.prices.lookup(m) is None]
-
-    def read_line(self, file_no: int, offset: int, length: int, idx: int) -> bytes:
-        """A row's input line: from its file, or from the store for a call made through the Python API."""
-        if file_no < 0:
-            return self.store.request(idx)
-        with open(self.inputs[file_no], "rb") as fh:
-            fh.seek(offset)
-            return fh.read(length)

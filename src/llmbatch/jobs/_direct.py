@@ -9,6 +9,7 @@ import orjson
 
 from ._collect import classify
 from ._context import RunContext
+from ._outgoing import RequestLines
 from ._records import DirectRow, Outcome
 
 __all__ = ["run_direct"]
@@ -36,16 +37,18 @@ async def run_direct(ctx: RunContext) -> bool:
             ctx.budget_blocked = True
             return False
     rows = store.start_direct()
+    # The lines a batch would carry (the job's model): the adapter translates them as it would a batch's.
+    with RequestLines(store, ctx.inputs) as lines:
+        bodies = {row.idx: orjson.loads(lines.line(row))["body"] for row in rows}
     ctx.say(f"sending the last {len(rows)} rows through the direct API")
     outcome = Outcome(settings.max_attempts)
     slots = asyncio.Semaphore(settings.direct_concurrency)
 
     async def one(row: DirectRow) -> None:
-        body = orjson.loads(ctx.read_line(row.file_no, row.offset, row.length, row.idx))["body"]
         async with slots:
-            status, answer = await ctx.provider.direct(row.endpoint, body)
+            status, answer = await ctx.provider.direct(row.endpoint, bodies[row.idx])
         rec = {
-            "id": None,
+            "id": None,  # no batch line's id: the export gives it one derived from job and row
             "custom_id": row.custom_id,
             "response": {"status_code": status, "request_id": None, "body": answer},
             "error": None,

@@ -3,8 +3,10 @@ downloaded result files it points into."""
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from ._settings import JobSettings
 from ._store import JobStore
 from ._verify import check_results
 
-__all__ = ["ResultReader", "error_line", "export", "output_lines", "output_paths"]
+__all__ = ["ResultReader", "error_line", "export", "line_id", "output_lines", "output_paths", "with_id"]
 
 
 def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None = None) -> tuple[Path, Path]:
@@ -41,19 +43,20 @@ def output_lines(store: JobStore, inputs: list[Path], *, check: bool = True) -> 
     cut or changed since it was downloaded (`check`: False when the caller just checked)."""
     if check:
         check_results(store)
+    job = store.job()
+    assert job is not None
+    job_id: str = job["id"]
     with ResultReader(store) as results:
         for row in store.export_rows():
             state = row.state
-            if state == "succeeded" and row.result is not None:
-                yield state, results.line(row.result)
+            if state in ("succeeded", "failed", "invalid") and row.result is not None:
+                line = results.line(row.result)
             elif state in ("failed", "invalid"):
-                if row.result is not None:
-                    yield state, results.line(row.result)
-                else:
-                    where = f"{inputs[row.file_no].name}:{row.line}" if row.file_no >= 0 else "a call"
-                    yield state, error_line(row.custom_id, "invalid_request", f"{where}: {row.error}")
+                where = f"{inputs[row.file_no].name}:{row.line}" if row.file_no >= 0 else "a call"
+                line = error_line(row.custom_id, "invalid_request", f"{where}: {row.error}")
             else:  # pending or queued: the job stopped before this row ran
-                yield state, error_line(row.custom_id, "not_run", "not run: the job stopped before this row was sent")
+                line = error_line(row.custom_id, "not_run", "not run: the job stopped before this row was sent")
+            yield state, with_id(line, job_id, row.idx)
 
 
 def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[Path, Path]:
@@ -129,6 +132,37 @@ class ResultReader:
 #: Result files a `ResultReader` keeps mapped at once: enough for the files an export in input
 #: order moves between (a chunk's output and errors, and the chunks its retried rows went in).
 _OPEN_MAPS = 16
+
+
+def line_id(job_id: str, idx: int) -> str:
+    """The id of a row's output line where no provider gave one (a translated result, a direct
+    call's answer, an error line of our own): derived from the job and the row, so every export
+    gives the same one. OpenAI's shape: `batch_req_` and 32 hex digits."""
+    return "batch_req_" + hashlib.sha256(f"{job_id}/{idx}".encode()).hexdigest()[:32]
+
+
+#: A line whose `id` is a string, as OpenAI writes them (`{"id": "batch_req_...`): kept as it is.
+_HAS_ID = re.compile(rb'\{\s*"id"\s*:\s*"[^"]')
+#: How llmbatch's own lines without an id begin (orjson, `id` first): the id goes in without parsing.
+_NULL_ID = b'{"id":null,'
+
+
+def with_id(line: bytes, job_id: str, idx: int) -> bytes:
+    """`line` with a non-empty string `id` (OpenAI's batch output lines always have one, and
+    peers key on it): the provider's own where it gave one, else `line_id(job_id, idx)`.
+
+    Export runs over every row, so the usual cases are settled on the line's first bytes;
+    only a line of another shape (no `id`, or not first) is parsed.
+    """
+    if _HAS_ID.match(line):
+        return line
+    new = b'{"id":"' + line_id(job_id, idx).encode() + b'",'
+    if line.startswith(_NULL_ID):
+        return new + line[len(_NULL_ID) :]
+    rec = orjson.loads(line)
+    if isinstance(rec.get("id"), str) and rec["id"]:
+        return line
+    return orjson.dumps({"id": line_id(job_id, idx), **{k: v for k, v in rec.items() if k != "id"}})
 
 
 def error_line(custom_id: str | None, code: str, message: str) -> bytes:

@@ -163,6 +163,8 @@ class DirectRow(NamedTuple):
     offset: int
     length: int
     custom_id: str
+    remote_id: str | None
+    rewrite: int
     endpoint: str
     model: str
     attempts: int

@@ -667,8 +667,8 @@ class JobStore:
         """Queues every pending row for the direct API (chunk_id NULL) and returns them."""
         with self._tx() as db:
             rows = db.execute(
-                "SELECT idx, file_no, offset, length, custom_id, endpoint, model, attempts + 1 FROM rows "
-                "WHERE state='pending' ORDER BY idx"
+                "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, endpoint, model, attempts + 1 "
+                "FROM rows WHERE state='pending' ORDER BY idx"
             ).fetchall()
             db.execute("UPDATE rows SET state='queued', chunk_id=NULL, attempts=attempts+1 WHERE state='pending'")
             self._event(db, "direct", f"{len(rows)} rows sent to the direct API")

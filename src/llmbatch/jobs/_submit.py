@@ -11,13 +11,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import IO
 
 import orjson
 
 from .._exceptions import ProviderError
 from ..providers import TAG_KEY, RemoteBatch
 from ._context import RunContext
+from ._outgoing import RequestLines
 from ._records import IN_FLIGHT, Chunk
 
 __all__ = ["audit", "reconcile", "submit", "write_chunk_file"]
@@ -26,32 +26,12 @@ log = logging.getLogger("llmbatch.jobs")
 
 
 def write_chunk_file(ctx: RunContext, chunk: Chunk) -> Path:
-    """The chunk's JSONL: its rows' original lines, in input order (same bytes every time)."""
+    """The chunk's JSONL: its rows' request lines (`RequestLines`), in input order (same bytes every time)."""
     path = ctx.job_dir / "chunks" / f"{chunk.tag}.jsonl"
     tmp = path.with_suffix(".part")
-    handles: dict[int, IO[bytes]] = {}
-    try:
-        with open(tmp, "wb") as out:
-            for row in ctx.store.chunk_rows(chunk.id):
-                if row.file_no < 0:  # a call made through the Python API: its request is in the store
-                    line = ctx.store.request(row.idx)
-                else:
-                    fh = handles.get(row.file_no)
-                    if fh is None:
-                        fh = handles[row.file_no] = open(ctx.inputs[row.file_no], "rb")  # noqa: SIM115
-                    fh.seek(row.offset)
-                    line = fh.read(row.length)
-                if row.remote_id or row.rewrite:  # the id the provider accepts; the model the job sets
-                    rec = orjson.loads(line)
-                    if row.remote_id:
-                        rec["custom_id"] = row.remote_id
-                    if row.rewrite:
-                        rec["body"]["model"] = row.model
-                    line = orjson.dumps(rec)
-                out.write(line + b"\n")
-    finally:
-        for fh in handles.values():
-            fh.close()
+    with open(tmp, "wb") as out, RequestLines(ctx.store, ctx.inputs) as lines:
+        for row in ctx.store.chunk_rows(chunk.id):
+            out.write(lines.line(row) + b"\n")
     os.replace(tmp, path)
     return path
 
