@@ -104,7 +104,8 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
             continue
         name = result_file_name(chunk.tag, file_id)
         dest = ctx.job_dir / "results" / name
-        await ctx.provider.download(file_id, dest)
+        if ctx.fetched.pop(file_id, None) != dest or not dest.exists():
+            await ctx.provider.download(file_id, dest)
         # Rows keep their results as references into this file, so it must be on disk before
         # the transaction that points at it commits, and what it was then is recorded: an
         # export checks it has not been cut or changed since (`_verify`).
