@@ -111,6 +111,11 @@ class Provider(ABC):
     #: store rolled back meanwhile still finds the batch (`list_job_batches`) instead of
     #: sending its rows again.
     batches_known_by_upload: ClassVar[bool] = False
+    #: Whether result lines that come without a custom_id (`null`) are in the order of the
+    #: chunk's requests, as the provider documents: when every line of a batch's results lacks
+    #: one and there are as many as the chunk's rows, the runner matches them by position.
+    #: Otherwise (and for other providers) such lines match no row; their usage still counts.
+    unkeyed_results_in_order: ClassVar[bool] = False
 
     @classmethod
     def api_key_from(cls, api_key: str | None) -> str:
