@@ -165,6 +165,8 @@ class GeminiFake:
         self.reverse_results = reverse_results
         #: Leave `metadata.key` out of inline results, as some reports say the API does.
         self.drop_inline_keys = drop_inline_keys
+        #: The next this many inline batches answer one request fewer (the last result left out).
+        self.short_inline = 0
         #: Embed results inline even for a batch whose requests came in a file (reported to happen).
         self.inline_embed_results = False
         self.max_page_size = max_page_size
@@ -398,6 +400,10 @@ class GeminiFake:
         b.results = [{**answer(key, req, b.model), "_key": key} for key, req in b.requests]
         ordered = list(reversed(b.results)) if self.reverse_results else b.results
         b.state = "BATCH_STATE_SUCCEEDED"
+        if b.source == "inline" and self.short_inline:
+            self.short_inline -= 1
+            b.results.pop()  # what came back is what was generated: tests count usage from b.results
+            ordered = list(reversed(b.results)) if self.reverse_results else b.results
         if b.source == "inline" or (b.kind == "embed" and self.inline_embed_results):
             items = []
             for r in ordered:

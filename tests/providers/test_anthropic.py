@@ -30,7 +30,7 @@ from provider_cli import check_store_rollback
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
-from llmbatch.jobs import JobSettings
+from llmbatch.jobs import JobRunner, JobSession, JobSettings
 from llmbatch.providers import RemoteStatus, create_provider
 from llmbatch.providers._anthropic import JOURNAL, AnthropicBatchProvider, _read_journal
 from llmbatch.providers._anthropic_translate import (
@@ -635,6 +635,66 @@ def test_find_batch_pages_through_the_list(tmp_path: Path) -> None:
     assert len(lists) == 3 and all("after_id=" in q for q in lists[1:]), lists
 
 
+def results_reads(fake: FakeAnthropic) -> Counter[str]:
+    """How many times each batch's results were asked for."""
+    return Counter(path.split("/")[-2] for _m, path in fake.calls if path.endswith("/results"))
+
+
+def test_an_ambiguous_lookup_waits_alone_and_reads_results_once(tmp_path: Path) -> None:
+    """Chunk 1's create went unanswered and a stranger made a batch of the same size meanwhile:
+    which one is the chunk's cannot be told until they end. Chunks 2 and 3 go on meanwhile, the
+    line saying so is printed once, and once both end the chunk's batch (the one created nearest
+    its create) is recognised by reading its results, which are then not downloaded again; the
+    stranger's results are never read."""
+    app, fake = anthropic_fake(end_after_polls=1)
+    inp = tmp_path / "in.jsonl"
+    rows = [chat_line(i, model=MODEL) for i in range(30)]
+    inp.write_bytes(jsonl(rows))
+    messages: list[str] = []
+    with serve_app(app) as url:
+        settings = JobSettings(provider="anthropic", base_url=url, batch_size=10, poll_interval=0.01,
+                               max_poll_interval=0.01)  # fmt: skip
+        session, _ = JobSession.open([inp], settings, tmp_path / "jobs", api_key="test", say=messages.append)
+        prepared = session.prepare(settings)
+        store = session.store
+        p = provider(url)
+        runner = JobRunner(store, session.dir, prepared.settings, p, prices=prepared.prices, say=messages.append)
+
+        async def scenario() -> Any:
+            runner.plan()
+            c1 = store.chunks(("planned",))[0]
+            store.move_chunk(c1.id, "uploading", ("planned",), intent_at=int(time.time()))
+            fid = await p.upload(c1.tag, runner.write_chunk_file(c1))
+            store.move_chunk(c1.id, "uploaded", ("uploading",), file_id=fid)
+            store.move_chunk(c1.id, "creating", ("uploaded",), intent_at=int(time.time()))
+            ours = create_behind_its_back(url, fid)
+            stranger = fake.add_batch([f"s{i}" for i in range(10)], created_at=time.time() + 2).id
+            task = asyncio.create_task(runner.run())
+            deadline = time.monotonic() + 10
+            while len(store.chunks(("collected",))) < 2:
+                assert not task.done(), task.result()
+                assert time.monotonic() < deadline, f"other chunks held back: {messages[-1]}"
+                await asyncio.sleep(0.01)
+            assert store.chunk_of_tag(c1.tag).state == "creating"  # type: ignore[union-attr]
+            await asyncio.sleep(0.2)  # a few more rounds of looking
+            with fake.lock:
+                fake._end(fake.batches[ours])
+                fake._end(fake.batches[stranger])
+            outcome = await asyncio.wait_for(task, 20)
+            await p.aclose()
+            return ours, stranger, outcome
+
+        ours, stranger, outcome = asyncio.run(scenario())
+        session.close()
+    assert outcome.code == 0, (outcome.summary, messages)
+    out = read_lines(tmp_path / "in.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    assert sum("cannot tell yet" in m for m in messages) == 1, messages
+    reads = results_reads(fake)
+    assert reads[ours] == 1 and stranger not in reads, reads
+    assert fake.creates == 3
+
+
 # -- the direct API ------------------------------------------------------------------------
 
 
@@ -888,3 +948,7 @@ def test_a_store_rolled_back_adopts_the_batches_in_the_journal(tmp_path: Path, s
     assert sum("adopted batch" in m for m in messages) == stop_at
     listings = [c for c in fake.calls if c[0] == "GET" and c[1].split("?")[0] == "/v1/messages/batches"]
     assert len(listings) == 1, listings  # the first run's journal was empty: nothing to list
+    # The audit reads an adopted batch's results once, and collecting it uses that copy (a batch
+    # the first run collected was read then too, before its store was rolled back).
+    reads = results_reads(fake)
+    assert set(reads) == set(fake.batches) and max(reads.values()) == (1 if stop_at == 2 else 2), reads

@@ -33,10 +33,10 @@ from provider_cli import check_store_rollback
 
 from conftest import chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
-from llmbatch.jobs import JobSettings
+from llmbatch.jobs import JobSettings, JobStore
 from llmbatch.providers import RemoteStatus, create_provider
 from llmbatch.providers import _gemini_translate as gt
-from llmbatch.providers._gemini import GeminiBatchProvider, remote_status
+from llmbatch.providers._gemini import INLINE_UNKEYED_MAX_REQUESTS, GeminiBatchProvider, remote_status
 
 T = TypeVar("T")
 KEY = "test-key"
@@ -580,21 +580,29 @@ def test_file_batch_round_trip_and_find_upload(start: Start, tmp_path: Path, lim
     assert not list(tmp_path.glob("*.gemini*")), "translated and raw files are cleaned up"
 
 
-def test_inline_results_without_keys_are_not_matched_by_position(start: Start, tmp_path: Path) -> None:
-    """Reports say the API may drop `metadata.key` from inline results (and reorder them): such
-    results are never guessed from their position; the rows go again, by file from then on."""
+def test_inline_results_without_keys_come_in_order_and_keep_later_chunks_small(start: Start, tmp_path: Path) -> None:
+    """The API has been seen to drop `metadata.key` from inline results (python-genai #1886,
+    #2008). Google documents inline responses in input order, so such results are written in the
+    order they came, without a custom_id (the runner matches them by position when their count
+    is the chunk's), with their usage; and from then on only small chunks go inline."""
     fake, root = start(drop_inline_keys=True)
-    chunk = write_chunk(tmp_path / "job_t-c00001.jsonl", [gemini_line(i) for i in range(3)])
+    chunk = write_chunk(tmp_path / "job_t-c00001.jsonl", [gemini_line(i, f"hello {i}") for i in range(3)])
 
-    async def go(p: GeminiBatchProvider) -> tuple[str, str]:
+    async def go(p: GeminiBatchProvider) -> tuple[str, str, str]:
         batch, _ = await run_batch(p, chunk)
         await p.download(batch.output_file_id, tmp_path / "out.jsonl")
-        again = await p.upload("job_t-c00002", write_chunk(tmp_path / "job_t-c00002.jsonl", [gemini_line(9)]))
-        return (tmp_path / "out.jsonl").read_text(), again
+        big = [gemini_line(i) for i in range(INLINE_UNKEYED_MAX_REQUESTS + 1)]
+        larger = await p.upload("job_t-c00002", write_chunk(tmp_path / "job_t-c00002.jsonl", big))
+        small = await p.upload("job_t-c00003", write_chunk(tmp_path / "job_t-c00003.jsonl", big[:-1]))
+        return (tmp_path / "out.jsonl").read_text(), larger, small
 
-    text, again = with_adapter(root, go)
-    assert text == ""
-    assert again.split("|")[1].startswith("files/")
+    text, larger, small = with_adapter(root, go)
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [None] * 3
+    assert [text_of(line) for line in lines] == [f"hello {i}" for i in range(3)]
+    assert all(line["response"]["body"]["usage"]["prompt_tokens"] > 0 for line in lines)
+    assert larger.split("|")[1].startswith("files/")
+    assert small.split("|")[1].startswith("local:")
 
 
 def test_expired_and_cancelled_batches_have_no_results(start: Start, tmp_path: Path) -> None:
@@ -886,6 +894,37 @@ def test_cli_rows_of_an_expired_batch_go_again(start: Start, tmp_path: Path) -> 
     first, second = fake.all_batches()
     assert first.state == "BATCH_STATE_EXPIRED" and second.state == "BATCH_STATE_SUCCEEDED"
     assert [k for k, _ in second.requests] == [r["custom_id"] for r in rows]
+
+
+def test_cli_inline_results_without_keys_are_matched_by_position_and_all_usage_counts(
+    start: Start, tmp_path: Path
+) -> None:
+    """Inline results without keys: a batch that answers every request is matched by position
+    (Google documents input order), so its rows are not sent again; one that answers fewer
+    cannot be matched, its rows go again, and what it generated still counts in the job's usage."""
+    fake, root = start(drop_inline_keys=True)
+    fake.short_inline = 1
+    rows = [gemini_line(i, f"hello {i} " + "word " * i) for i in range(6)]
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+
+    proc = run_cli(tmp_path, inp, root, "--batch-size", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [text_of(r) for r in out] == [r["body"]["messages"][0]["content"] for r in rows]
+    sent = Counter(key for key in fake.sent_keys())
+    assert sorted(sent.values()) == [1, 1, 1, 2, 2, 2], sent  # only the short batch's rows went again
+    assert all(b.source == "inline" for b in fake.all_batches())
+    generated = [r["response"]["usageMetadata"] for b in fake.all_batches() for r in b.results]
+    assert len(generated) == 8  # 2 of the short batch, 6 matched
+    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
+    store = JobStore(job_dir / "job.sqlite")
+    try:
+        totals = store.totals()
+    finally:
+        store.close()
+    assert totals["input_tokens"] == sum(u["promptTokenCount"] for u in generated)
+    assert totals["output_tokens"] == sum(u["candidatesTokenCount"] + u["thoughtsTokenCount"] for u in generated)
 
 
 def test_cli_file_mode_with_embeddings_tools_and_filters(start: Start, tmp_path: Path) -> None:

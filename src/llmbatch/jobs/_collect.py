@@ -31,22 +31,32 @@ def is_retryable_status(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
+def _success(tariff: Tariff, idx: int, line: Result, rec: dict[str, Any]) -> Success | None:
+    """A 2xx output record as a `Success`, priced by `tariff` from its usage; None for any other."""
+    response = rec.get("response") or {}
+    status = response.get("status_code") if isinstance(response, dict) else None
+    if rec.get("error") is not None or not isinstance(status, int) or not 200 <= status < 300:
+        return None
+    body = response.get("body") or {}
+    u = body.get("usage") or {} if isinstance(body, dict) else {}
+    inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
+    out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
+    cached = (u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    details = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
+    reasoning = details.get("reasoning_tokens") or 0
+    return Success(line, inp, out, cached, reasoning, tariff(inp, out, cached), idx)
+
+
 def classify(outcome: Outcome, tariff: Tariff, idx: int, attempts: int, line: Result, rec: dict[str, Any]) -> None:
     """Sorts one answered row (its output record `rec`) into `outcome`: succeeded (priced by
     `tariff`), failed for good, or retried while it has attempts left."""
+    success = _success(tariff, idx, line, rec)
+    if success is not None:
+        outcome.succeeded.append(success)
+        return
     response = rec.get("response") or {}
     error = rec.get("error")
     status = response.get("status_code") if isinstance(response, dict) else None
-    if error is None and isinstance(status, int) and 200 <= status < 300:
-        body = response.get("body") or {}
-        u = body.get("usage") or {} if isinstance(body, dict) else {}
-        inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
-        out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
-        cached = (u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}).get("cached_tokens") or 0
-        details = u.get("completion_tokens_details") or u.get("output_tokens_details") or {}
-        reasoning = details.get("reasoning_tokens") or 0
-        outcome.succeeded.append(Success(line, inp, out, cached, reasoning, tariff(inp, out, cached), idx))
-        return
     if isinstance(error, dict):
         code = error.get("code") or "error"
         message = f"{code}: {error.get('message')}"
@@ -99,12 +109,15 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
     tariff = ctx.tariff(chunk.model)
     outcome = Outcome(settings.max_attempts, user_cancelled=(store.job() or {}).get("status") == "cancelled")
     seen: set[int] = set()
+    unkeyed: list[dict[str, Any]] = []  # result lines without a custom_id, in the order they came
+    keyed = 0
     for file_id in (batch.output_file_id, batch.error_file_id):
         if not file_id:
             continue
         name = result_file_name(chunk.tag, file_id)
         dest = ctx.job_dir / "results" / name
-        await ctx.provider.download(file_id, dest)
+        if ctx.fetched.pop(file_id, None) != dest or not dest.exists():
+            await ctx.provider.download(file_id, dest)
         # Rows keep their results as references into this file, so it must be on disk before
         # the transaction that points at it commits, and what it was then is recorded: an
         # export checks it has not been cut or changed since (`_verify`).
@@ -119,9 +132,17 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
                     continue
                 try:
                     rec = orjson.loads(line)
-                    row = by_id[rec["custom_id"]]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.warning("chunk %s: ignoring an unmatched result line", chunk.tag)
+                    cid = rec.get("custom_id")
+                except (orjson.JSONDecodeError, AttributeError):
+                    log.warning("chunk %s: ignoring a result line that is not a JSON object", chunk.tag)
+                    continue
+                if cid is None:
+                    unkeyed.append(rec)
+                    continue
+                keyed += 1
+                row = by_id.get(cid) if isinstance(cid, str) else None
+                if row is None:
+                    _unmatched(outcome, tariff, rec)
                     continue
                 if row.idx in seen:
                     continue
@@ -133,6 +154,23 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
                 else:
                     result = ResultRef(ref_file, start, len(line))
                 classify(outcome, tariff, row.idx, row.attempts, result, rec)
+    if unkeyed:
+        if ctx.provider.unkeyed_results_in_order and not keyed and len(unkeyed) == len(rows):
+            # As many as the chunk's rows, in the order the provider documents: its rows' order.
+            for row, rec in zip(rows, unkeyed):
+                rec["custom_id"] = row.custom_id
+                seen.add(row.idx)
+                classify(outcome, tariff, row.idx, row.attempts, orjson.dumps(rec), rec)
+            log.info("chunk %s: %d results without their ids matched to its rows by position", chunk.tag, len(rows))
+        else:
+            for rec in unkeyed:
+                _unmatched(outcome, tariff, rec)
+    u = outcome.unmatched
+    if u.results:
+        ctx.say(
+            f"chunk {chunk.tag}: {u.results} results matched none of its rows (their rows go again); "
+            f"their usage ({u.input_tokens} input + {u.output_tokens} output tokens, ${u.cost:.4f}) counts as spent"
+        )
     _unanswered(ctx, chunk, batch, rows, seen, outcome)
     store.collect(chunk.id, outcome, batch.status.value)
     if batch.status is RemoteStatus.COMPLETED:
@@ -140,6 +178,13 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
     if chunk.file_id and not settings.keep_uploads and not ctx.provider.batches_known_by_upload:
         # The input is no longer needed, and uploads count against per-account file caps.
         await _delete_upload(ctx, chunk.tag, chunk.file_id)
+
+
+def _unmatched(outcome: Outcome, tariff: Tariff, rec: dict[str, Any]) -> None:
+    """A result that matches no row of its chunk: what it generated was billed all the same."""
+    success = _success(tariff, -1, b"", rec)
+    if success is not None:
+        outcome.unmatched.add(success)
 
 
 async def release_uploads(ctx: RunContext) -> None:

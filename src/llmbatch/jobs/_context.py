@@ -44,6 +44,11 @@ class RunContext:
     #: Lost batches the audit found whose rows cannot be read until they end (tag -> batch):
     #: polled each round, adopted as they end; None before the audit's listing.
     audit_waiting: dict[str, RemoteBatch] | None = None
+    #: Chunks whose earlier submission could not be looked up yet (tag -> why): said once each.
+    lookups_waiting: dict[str, str] = field(default_factory=dict)
+    #: Result files already downloaded this run (file id -> where), by the audit reading which
+    #: rows a lost batch holds: collecting that batch uses them instead of downloading again.
+    fetched: dict[str, Path] = field(default_factory=dict)
     #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
     clock: Callable[[], float] = time.monotonic
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = [
+    "Usage",
     "CHUNK_STATES",
     "ROW_STATES",
     "IN_FLIGHT",
@@ -241,6 +242,26 @@ class Retry(NamedTuple):
 
 
 @dataclass
+class Usage:
+    """Tokens and cost added up (results that matched no row)."""
+
+    results: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, s: Success) -> None:
+        self.results += 1
+        self.input_tokens += s.input_tokens
+        self.output_tokens += s.output_tokens
+        self.cached_tokens += s.cached_tokens
+        self.reasoning_tokens += s.reasoning_tokens
+        self.cost += s.cost
+
+
+@dataclass
 class Outcome:
     """What collecting a batch (or a round of direct calls) did to its rows, applied in one
     transaction by `JobStore.apply`."""
@@ -253,6 +274,8 @@ class Outcome:
     failed: list[Failure] = field(default_factory=list)
     #: Back to pending with the attempt given back: rows the user's own cancel cut off.
     refund: list[Retry] = field(default_factory=list)
+    #: Successful results that matched no row: their usage is spent all the same.
+    unmatched: Usage = field(default_factory=Usage)
 
     def give_up_or_retry(
         self, idx: int, attempts: int, result: Result, message: str, *, cut_off: bool = False, refund: bool = False

@@ -104,9 +104,17 @@ def _v2(db: sqlite3.Connection) -> None:
         db.execute(f"ALTER TABLE result_files ADD COLUMN {column}")
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    """Usage and cost of a chunk's results that matched none of its rows (a provider that
+    dropped their ids): generated and billed, so counted in the job's totals, on no row."""
+    for column in ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens"):
+        db.execute(f"ALTER TABLE chunks ADD COLUMN unmatched_{column} INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE chunks ADD COLUMN unmatched_cost REAL NOT NULL DEFAULT 0")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

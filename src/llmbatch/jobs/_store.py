@@ -345,12 +345,14 @@ class JobStore:
         return {s: found.get(s, 0) for s in ROW_STATES}
 
     def totals(self) -> dict[str, float]:
-        """Actual usage and cost of answered rows so far."""
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(input_tokens),0), COALESCE(SUM(output_tokens),0), COALESCE(SUM(cached_tokens),0),"
-            " COALESCE(SUM(reasoning_tokens),0), COALESCE(SUM(cost),0) FROM rows"
+        """Actual usage and cost so far: of answered rows, and of results that matched no row
+        (generated and billed all the same)."""
+        keys = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cost")
+        rows = self._db.execute(f"SELECT {', '.join(f'COALESCE(SUM({k}),0)' for k in keys)} FROM rows").fetchone()
+        unmatched = self._db.execute(
+            f"SELECT {', '.join(f'COALESCE(SUM(unmatched_{k}),0)' for k in keys)} FROM chunks"
         ).fetchone()
-        return dict(zip(("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens", "cost"), row))
+        return {k: a + b for k, a, b in zip(keys, rows, unmatched)}
 
     def pending_groups(self) -> list[tuple[str, str]]:
         """(endpoint, model) pairs that have pending rows, in order of their first row."""
@@ -650,12 +652,16 @@ class JobStore:
         A result is its line's bytes, or a `ResultRef` to the line in a downloaded file (which
         the caller fsynced first).
         """
+        u = outcome.unmatched
         with self._tx() as db:
             self._apply(db, outcome)
             changed = db.execute(
-                "UPDATE chunks SET state='collected', remote_status=?, finished_at=? WHERE id=? AND state='submitted'",
-                (remote_status, int(time.time()), chunk_id),
-            ).rowcount
+                "UPDATE chunks SET state='collected', remote_status=?, finished_at=?, unmatched_input_tokens=?, "
+                "unmatched_output_tokens=?, unmatched_cached_tokens=?, unmatched_reasoning_tokens=?, unmatched_cost=? "
+                "WHERE id=? AND state='submitted'",
+                (remote_status, int(time.time()), u.input_tokens, u.output_tokens, u.cached_tokens,
+                 u.reasoning_tokens, u.cost, chunk_id),
+            ).rowcount  # fmt: skip
             if changed != 1:
                 raise StateError(f"chunk {chunk_id} was not submitted; its results were not applied")
             self._event(db, "collected", f"chunk {chunk_id}: {outcome.describe()}", chunk_id)

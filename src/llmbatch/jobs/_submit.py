@@ -19,6 +19,7 @@ from ..providers import TAG_KEY, RemoteBatch
 from ._context import RunContext
 from ._outgoing import RequestLines
 from ._records import IN_FLIGHT, Chunk
+from ._verify import result_file_name
 
 __all__ = ["audit", "reconcile", "submit", "write_chunk_file"]
 
@@ -56,14 +57,10 @@ def _over_budget(ctx: RunContext, chunk: Chunk) -> bool:
 async def submit(ctx: RunContext) -> bool:
     """Submits planned chunks while the in-flight, enqueued-token and budget limits allow."""
     store = ctx.store
-    if store.chunks(("uploading", "creating")):
-        # An earlier upload or create failed or went unanswered: find out where it got to
-        # (list and match by tag), or the chunk would sit in `uploading`/`creating` forever.
-        try:
-            await _reconcile_chunks(ctx)
-        except ProviderError as exc:
-            ctx.say(f"looking up earlier submissions failed: {exc}; will try again")
-            return False
+    # An earlier upload or create failed or went unanswered: find out where it got to (list
+    # and match by tag), or the chunk would sit in `uploading`/`creating` forever. A chunk that
+    # cannot be settled yet waits alone (holding its in-flight slot): the others go on.
+    await _reconcile_chunks(ctx)
     if not ctx.audited:
         try:
             await audit(ctx)
@@ -130,29 +127,46 @@ async def reconcile(ctx: RunContext) -> None:
     requeued = ctx.store.requeue_interrupted_direct()
     if requeued:
         ctx.say(f"{requeued} rows were with the direct API when the last run stopped; sending them again")
-    await _reconcile_chunks(ctx)
+    await _reconcile_chunks(ctx, strict=True)
 
 
-async def _reconcile_chunks(ctx: RunContext) -> None:
+async def _reconcile_chunks(ctx: RunContext, *, strict: bool = False) -> None:
+    """Looks up each chunk caught in `uploading`/`creating`; one that cannot be settled yet (a
+    failed lookup, or batches that cannot be told apart until they end) stays there, said once,
+    and is looked up again next round. `strict`: a lookup refused for good raises."""
+    for chunk in ctx.store.chunks(("uploading", "creating")):
+        try:
+            await _reconcile_chunk(ctx, chunk)
+        except ProviderError as exc:
+            if strict and not exc.retryable:
+                raise
+            if chunk.tag not in ctx.lookups_waiting:
+                ctx.say(f"looking up chunk {chunk.tag}'s earlier submission failed: {exc}; will try again")
+            ctx.lookups_waiting[chunk.tag] = str(exc)
+            continue
+        if ctx.lookups_waiting.pop(chunk.tag, None) is not None:
+            log.info("chunk %s: its earlier submission is settled", chunk.tag)
+
+
+async def _reconcile_chunk(ctx: RunContext, chunk: Chunk) -> None:
     store, provider = ctx.store, ctx.provider
-    for chunk in store.chunks(("uploading", "creating")):
-        since = (chunk.intent_at or chunk.created_at) - 300
-        if chunk.state == "uploading":
-            file_id = await provider.find_upload(chunk.tag, since)
-            if file_id:
-                message = f"chunk {chunk.tag}: found upload {file_id}"
-                store.move_chunk(chunk.id, "uploaded", ("uploading",), message, file_id=file_id)
-            else:
-                store.move_chunk(chunk.id, "planned", ("uploading",), f"chunk {chunk.tag}: no upload found")
+    since = (chunk.intent_at or chunk.created_at) - 300
+    if chunk.state == "uploading":
+        file_id = await provider.find_upload(chunk.tag, since)
+        if file_id:
+            message = f"chunk {chunk.tag}: found upload {file_id}"
+            store.move_chunk(chunk.id, "uploaded", ("uploading",), message, file_id=file_id)
         else:
-            batch = await provider.find_batch(chunk.tag, since, chunk.file_id)
-            if batch is not None:
-                store.move_chunk(
-                    chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: found batch {batch.id}",
-                    batch_id=batch.id, remote_status=batch.status.value, submitted_at=batch.created_at,
-                )  # fmt: skip
-            else:
-                store.move_chunk(chunk.id, "uploaded", ("creating",), f"chunk {chunk.tag}: no batch found")
+            store.move_chunk(chunk.id, "planned", ("uploading",), f"chunk {chunk.tag}: no upload found")
+    else:
+        batch = await provider.find_batch(chunk.tag, since, chunk.file_id)
+        if batch is not None:
+            store.move_chunk(
+                chunk.id, "submitted", ("creating",), f"chunk {chunk.tag}: found batch {batch.id}",
+                batch_id=batch.id, remote_status=batch.status.value, submitted_at=batch.created_at,
+            )  # fmt: skip
+        else:
+            store.move_chunk(chunk.id, "uploaded", ("creating",), f"chunk {chunk.tag}: no batch found")
 
 
 async def audit(ctx: RunContext) -> None:
@@ -244,24 +258,33 @@ async def _batch_ids(ctx: RunContext, tag: str, batch: RemoteBatch) -> list[str]
     if not sources or batch.status.terminal:
         sources += [f for f in (batch.output_file_id, batch.error_file_id) if f]
     ids: list[str] = []
-    tmp = ctx.job_dir / "chunks" / f"{tag}.adopt"
     for file_id in sources:
+        # An input file is read and dropped; a result file goes where collecting the batch
+        # will look for it (`RunContext.fetched`), so that it is downloaded once.
+        is_input = file_id == batch.input_file_id
+        if is_input:
+            dest = ctx.job_dir / "chunks" / f"{tag}.adopt"
+        else:
+            dest = ctx.job_dir / "results" / result_file_name(tag, file_id)
         try:
-            await ctx.provider.download(file_id, tmp)
+            await ctx.provider.download(file_id, dest)
         except ProviderError as exc:
             if exc.status != 404:
                 raise
             continue
         try:
-            with open(tmp, "rb") as fh:
+            with open(dest, "rb") as fh:
                 for line in fh:
                     if line.strip():
                         cid = orjson.loads(line).get("custom_id")
                         if cid is not None:
                             ids.append(str(cid))
         finally:
-            tmp.unlink(missing_ok=True)
-        if file_id == batch.input_file_id:
+            if is_input:
+                dest.unlink(missing_ok=True)
+            else:
+                ctx.fetched[file_id] = dest
+        if is_input:
             return ids
     if not batch.status.terminal:  # its input is gone, and it has no results yet
         return None

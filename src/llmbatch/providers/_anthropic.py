@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -72,6 +73,8 @@ MAX_BODY_BYTES = 256_000_000
 LOCAL = "local:"
 JOURNAL = "anthropic-batches.jsonl"
 _SUFFIX = ".anthropic.jsonl"
+#: A candidate batch's results, read while finding out whether it is the chunk's, kept for `download`.
+_RESULTS_SUFFIX = ".anthropic-results.jsonl"
 
 
 def _unix(value: Any) -> int:
@@ -177,6 +180,8 @@ class AnthropicBatchProvider(Provider):
         self._client = anthropic.AsyncAnthropic(
             api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout
         )
+        #: batch id -> its results, read (as OpenAI lines) by `find_batch`: downloaded once, not twice.
+        self._fetched: dict[str, Path] = {}
 
     @classmethod
     def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
@@ -268,34 +273,46 @@ class AnthropicBatchProvider(Provider):
     async def find_batch(self, tag: str, since: int, file_id: str | None = None) -> RemoteBatch | None:
         path = _local_path(file_id)
         journal = _read_journal(path.parent)
+        cache = path.with_name(tag + _RESULTS_SUFFIX)
         if tag in journal:
             path.unlink(missing_ok=True)  # a crash between the journal entry and this cleanup
+            cache.unlink(missing_ok=True)
             return await self.get_batch(journal[tag])
         try:
             ids = set(_custom_ids(path))
+            tried = path.stat().st_mtime  # when a create was last tried (create_batch touches it)
         except FileNotFoundError:
             raise ProviderError(
                 f"chunk {tag}: cannot look for its batch, its requests ({path}) are gone", status=410
             ) from None
         taken = set(journal.values())
-        verified: MessageBatch | None = None
-        unverifiable: list[MessageBatch] = []
+        candidates: list[MessageBatch] = []
 
         async def scan() -> None:
-            nonlocal verified
             async for b in self._client.messages.batches.list(limit=100):
                 if _unix(b.created_at) < since:
                     return  # newest first: nothing older can be ours
-                if b.id in taken or _total(b) != len(ids):
-                    continue
-                held = await self._holds(b, ids) if b.processing_status == "ended" else None
-                if held:
-                    verified = b
-                    return
-                if held is None:
-                    unverifiable.append(b)
+                if b.id not in taken and _total(b) == len(ids):
+                    candidates.append(b)
 
         await self._call("listing batches", scan)
+        # The chunk's batch was made moments after its create was sent: the candidate made
+        # nearest that time is read first, so that others' results are read only when it is
+        # not the chunk's. The one that proves ours is kept, for `download`.
+        candidates.sort(key=lambda b: abs(b.created_at.timestamp() - tried))
+        verified: MessageBatch | None = None
+        unverifiable: list[MessageBatch] = []
+        for b in candidates:
+            if b.processing_status != "ended":
+                unverifiable.append(b)
+                continue
+            held = await self._call(f"reading the results of {b.id}", lambda b=b: self._holds(b, ids, cache))
+            if held:
+                verified = b
+                self._fetched[b.id] = cache
+                break
+            if held is None:
+                unverifiable.append(b)
         found = verified
         if found is None and unverifiable:
             rivals = self._rivals(path, tag, len(ids), journal, since)
@@ -313,22 +330,33 @@ class AnthropicBatchProvider(Provider):
         path.unlink(missing_ok=True)
         return _remote(found)
 
-    async def _holds(self, b: MessageBatch, ids: set[str]) -> bool | None:
-        """Whether an ended batch's results are all `ids`' (None: its results cannot be read)."""
+    async def _holds(self, b: MessageBatch, ids: set[str], dest: Path) -> bool | None:
+        """Whether an ended batch's results are all `ids`' (None: its results cannot be read).
+        Reading stops at the first result that is not; when all are, they are in `dest` as
+        `download` writes them."""
+        created = int(time.time())
+        tmp = dest.with_name(dest.name + ".part")
         try:
             async with self._client.messages.batches.with_streaming_response.results(b.id) as resp:
                 seen = False
-                async for line in resp.iter_lines():
-                    if not line.strip():
-                        continue
-                    if orjson.loads(line).get("custom_id") not in ids:
-                        return False
-                    seen = True
-                return seen
+                with open(tmp, "wb") as out:
+                    async for line in resp.iter_lines():
+                        if not line.strip():
+                            continue
+                        rec = orjson.loads(line)
+                        if rec.get("custom_id") not in ids:
+                            return False
+                        out.write(orjson.dumps(openai_line(rec, created)) + b"\n")
+                        seen = True
+            if seen:
+                os.replace(tmp, dest)
+            return seen
         except anthropic.APIConnectionError:
             raise
         except (anthropic.AnthropicError, orjson.JSONDecodeError):  # gone (archived), or not readable
             return None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _rivals(path: Path, tag: str, n: int, journal: dict[str, str], since: int) -> int:
@@ -382,6 +410,10 @@ class AnthropicBatchProvider(Provider):
         return _remote(b)
 
     async def download(self, file_id: str, dest: Path) -> None:
+        fetched = self._fetched.pop(file_id, None)
+        if fetched is not None and fetched.exists():
+            shutil.move(fetched, dest)  # an ended batch's results do not change
+            return
         created = int(time.time())
 
         async def fetch() -> None:

@@ -116,6 +116,11 @@ class Provider(ABC):
     #: nothing changes; a poll of the local server is a call inside this process, and a longer
     #: wait would only delay the results.
     max_poll_interval: ClassVar[float | None] = None
+    #: Whether result lines that come without a custom_id (`null`) are in the order of the
+    #: chunk's requests, as the provider documents: when every line of a batch's results lacks
+    #: one and there are as many as the chunk's rows, the runner matches them by position.
+    #: Otherwise (and for other providers) such lines match no row; their usage still counts.
+    unkeyed_results_in_order: ClassVar[bool] = False
 
     @classmethod
     def api_key_from(cls, api_key: str | None) -> str:

@@ -3,8 +3,13 @@
 A chunk is translated once, in `upload`, into Gemini's batch input lines
 (`{"key": custom_id, "request": GenerateContentRequest}`). A small chunk stays on disk and
 its requests go inline with `batches.create` (each carrying `metadata.key`); a large one, and
-every embeddings chunk, is uploaded with the Files API. Results are matched to rows by key,
-never by position: Gemini has been seen to return inline results out of order.
+every embeddings chunk, is uploaded with the Files API. Results are matched to rows by key:
+Gemini has been seen to return inline results out of order (python-genai #1909, batches of
+10,000+). Inline results have also been seen without their key (python-genai #1886, #2008):
+those are written in the order they came, without a custom_id, for the runner to match by
+position (`Provider.unkeyed_results_in_order`: Google documents inline responses "in the same
+order as the input requests"), and from then on only chunks of at most
+`INLINE_UNKEYED_MAX_REQUESTS` go inline, so that less rides on that order.
 
 Tagging: a batch's display name is the chunk's tag, so `find_batch` lists batches and matches
 it; an uploaded file's display name is `TAG|MODEL`, because `create_batch` needs the model
@@ -41,7 +46,7 @@ from . import _chat
 from . import _gemini_translate as gt
 from ._base import TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
 
-__all__ = ["GeminiBatchProvider", "GEMINI_LIMITS", "INLINE_MAX_BYTES"]
+__all__ = ["GeminiBatchProvider", "GEMINI_LIMITS", "INLINE_MAX_BYTES", "INLINE_UNKEYED_MAX_REQUESTS"]
 
 log = logging.getLogger("llmbatch.providers.gemini")
 T = TypeVar("T")
@@ -68,6 +73,9 @@ INLINE_MAX_BYTES = 16 << 20
 #: ... and that hold at most this many requests: the SDK turns inline results into its own
 #: types (about half a millisecond each, on the event loop), while a results file is streamed.
 INLINE_MAX_REQUESTS = 1000
+#: ... and, once inline results have come back without their keys, at most this many: larger
+#: chunks go by file, whose result lines always carry their key.
+INLINE_UNKEYED_MAX_REQUESTS = 100
 #: Environment variable that overrides `inline_max_bytes` (0: always upload a file).
 INLINE_ENV = "LLMBATCH_GEMINI_INLINE_MAX_BYTES"
 
@@ -146,6 +154,7 @@ class GeminiBatchProvider(Provider):
     endpoints = frozenset({gt.CHAT, gt.EMBEDDINGS})
     # An embedding key is "CUSTOM_ID#I/N": ids with a "#" go under a runner-made id.
     custom_id_pattern = re.compile(r"[^#]+")
+    unkeyed_results_in_order = True
 
     def __init__(
         self,
@@ -360,15 +369,17 @@ class GeminiBatchProvider(Provider):
             created = _timestamp(job.end_time or job.update_time) or int(time.time())
             unkeyed = await asyncio.to_thread(_write_results, map(_dump, responses), tmp, model, created)
             if unkeyed:
-                # Without keys the results cannot be matched to rows (their order is not to be
-                # trusted): those rows go again, and this process uploads files from now on.
+                # Written in the order they came, for the runner to match by position (the
+                # order Google documents); chunks larger than a few requests go by file from now on.
                 log.warning(
-                    "batch %s: %d inline results came back without their key; sending those rows again "
-                    "and using file input for the rest of this run",
+                    "batch %s: %d of %d inline results came back without their key; they go to the runner "
+                    "in the order they came, and chunks of more than %d requests go by file from now on",
                     ref,
                     unkeyed,
+                    len(responses),
+                    INLINE_UNKEYED_MAX_REQUESTS,
                 )
-                self.inline_max_bytes = -1
+                self.inline_max_requests = min(self.inline_max_requests, INLINE_UNKEYED_MAX_REQUESTS)
         else:
             raw = dest.with_name(dest.name + ".gemini")
             await self._call(f"downloading {ref}", lambda: self._aio.files.download(file=ref, destination=str(raw)))
@@ -459,7 +470,9 @@ def _key_of(item: dict[str, Any]) -> str | None:
 
 
 def _write_results(items: Iterable[dict[str, Any]], dest: Path, model: str, created: int) -> int:
-    """Writes OpenAI output lines for Gemini result items; returns how many had no key."""
+    """Writes OpenAI output lines for Gemini result items; returns how many had no key. A chat
+    result without a key is written in its place with `"custom_id": null` (the runner matches
+    such lines by position, or counts their usage as spent); an embedding without one is dropped."""
     unkeyed = 0
     embeddings = _EmbeddingGroups(model)
     with open(dest, "wb") as out:
@@ -467,6 +480,10 @@ def _write_results(items: Iterable[dict[str, Any]], dest: Path, model: str, crea
             key = _key_of(item)
             if key is None:
                 unkeyed += 1
+                response = item.get("response") or {}
+                if "embedding" not in response and "embeddings" not in response:
+                    line = gt.result_line(f"#{unkeyed}", item, model=model, created=created)
+                    out.write(orjson.dumps({**line, "custom_id": None}) + b"\n")
                 continue
             part = gt.parse_embedding_key(key)
             if part is not None:
@@ -489,7 +506,7 @@ def _translate_results_file(raw: Path, dest: Path, model: str, created: int) -> 
 
     unkeyed = _write_results(items(), dest, model, created)
     if unkeyed:
-        log.warning("%s: %d result lines without a key were ignored (their rows go again)", raw.name, unkeyed)
+        log.warning("%s: %d result lines came without a key (passed on in the order they came)", raw.name, unkeyed)
 
 
 class _EmbeddingGroups:
