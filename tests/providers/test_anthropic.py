@@ -42,6 +42,7 @@ from llmbatch.providers._anthropic_translate import (
 )
 
 MODEL = "claude-haiku-4-5"
+CHAT = "/v1/chat/completions"
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 fake").decode()
 WEATHER = {
@@ -346,6 +347,31 @@ def test_requests_that_never_ran_are_not_run_lines() -> None:
 
 
 # -- the adapter against the fake ------------------------------------------------------------
+
+
+def test_measured_sizes_add_up_to_the_create_body(tmp_path: Path) -> None:
+    """What ingest measures of each row (the chunk planner's bytes) plus the envelope is the
+    create request's body to the byte, so a chunk planned within 256 MB is a body within it."""
+    rows = [
+        chat_line("a", "hello", model=MODEL),
+        chat_line("b", "weather in Paris?", model=MODEL, tools=[WEATHER], temperature=0.5),
+        chat_line("c", "in blocks", model=MODEL, max_tokens=50),
+    ]
+    rows[2]["body"]["messages"] = [{"role": "system", "content": "Be terse."}, user([text_block("x" * 300)])]
+    measured = [AnthropicBatchProvider.check_and_measure(r["custom_id"], CHAT, r["body"]) for r in rows]
+    assert all(reasons == [] and size for reasons, size in measured)
+    assert AnthropicBatchProvider.check_and_measure("d", CHAT, body(n=2)) == (translate_request(body(n=2))[1], None)
+
+    async def main() -> str:
+        p = provider("http://127.0.0.1:9")  # uploading translates on this machine: nothing is sent
+        try:
+            return await upload(p, tmp_path, "t-c00001", rows)
+        finally:
+            await p.aclose()
+
+    created = Path(asyncio.run(main()).removeprefix("local:"))
+    total = AnthropicBatchProvider.wire_envelope + sum(size or 0 for _r, size in measured)
+    assert created.stat().st_size == total
 
 
 @pytest.fixture

@@ -46,7 +46,8 @@ __all__ = ["JobStore", "SCHEMA_VERSION"]
 _CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
 _INSERT_ROW = (
     "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-    "est_input, est_output, uncapped, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "est_input, est_output, uncapped, state, error, wire_length) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -270,11 +271,11 @@ class JobStore:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-                "est_input, est_output, uncapped, state, request) "
-                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
+                "est_input, est_output, uncapped, state, request, wire_length) "
+                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
                 [
                     (r.idx, c.custom_id, c.remote_id, c.rewrite, c.endpoint, c.model, c.est_input, c.est_output,
-                     c.uncapped, r.request)
+                     c.uncapped, r.request, c.wire_length)
                     for r in rows
                     for c in (r.row,)
                 ],
@@ -361,7 +362,7 @@ class JobStore:
     def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
         """Pending rows of an endpoint and model past `after`, in input order, at most `limit` of them (-1: all)."""
         cur = self._db.execute(
-            "SELECT idx, length, est_input, est_output FROM rows "
+            "SELECT idx, COALESCE(wire_length, length + 1), est_input, est_output FROM rows "
             "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
             (endpoint, model, after, limit),
         )
@@ -468,7 +469,7 @@ class JobStore:
                     (chunk_id, *part),
                 )
             n, *sums = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(length + 1), 0), COALESCE(SUM(est_input), 0), "
+                "SELECT COUNT(*), COALESCE(SUM(COALESCE(wire_length, length + 1)), 0), COALESCE(SUM(est_input), 0), "
                 "COALESCE(SUM(est_output), 0) "
                 "FROM rows WHERE chunk_id=? AND state='queued'",
                 (chunk_id,),
