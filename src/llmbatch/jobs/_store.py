@@ -29,6 +29,7 @@ from ._records import (
     ChunkRow,
     DirectRow,
     ExportRow,
+    Failure,
     InputRow,
     ModelEstimate,
     Outcome,
@@ -530,6 +531,35 @@ class JobStore:
                 self._event(db, "replan", f"{n} unsent chunks dissolved to re-plan under new limits")
         return n
 
+    def replan_chunk(self, chunk_id: int, from_: Sequence[str], message: str, failed: Sequence[Failure] = ()) -> int:
+        """Dissolves one chunk that no batch holds or can come to hold, in one transaction: rows
+        in `failed` (which no batch can take) fail for good, the others go back to pending with
+        their attempt given back, and the chunk is kept as `abandoned` (its tag stays taken).
+        Returns how many rows went back; raises StateError when the chunk is not in `from_`.
+
+        The caller vouches that nothing remote holds the chunk: its create was refused, or never
+        sent (`create_tried`).
+        """
+        with self._tx() as db:
+            changed = db.execute(
+                f"UPDATE chunks SET state='abandoned' WHERE id=? AND state IN ({_marks(from_)})", (chunk_id, *from_)
+            ).rowcount
+            if changed != 1:
+                raise StateError(f"chunk {chunk_id} cannot be re-planned: not in {', '.join(from_)}")
+            self._apply(db, Outcome(0, failed=list(failed)))
+            n = db.execute(
+                "UPDATE rows SET state='pending', chunk_id=NULL, attempts=MAX(attempts-1, 0) "
+                "WHERE chunk_id=? AND state='queued'",
+                (chunk_id,),
+            ).rowcount
+            self._event(db, "replan", message, chunk_id)
+        return n
+
+    def create_tried(self, chunk_id: int) -> bool:
+        """Whether a create was ever asked for this chunk (it entered `creating`): then a batch may
+        hold it even where no lookup found one, and it is never re-planned but for a refusal."""
+        return bool(self._one("SELECT EXISTS(SELECT 1 FROM events WHERE chunk_id=? AND kind='creating')", (chunk_id,)))
+
     def chunks(self, states: Sequence[str] | None = None) -> list[Chunk]:
         if states is None:
             rows = self._db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks ORDER BY id").fetchall()
@@ -690,8 +720,9 @@ class JobStore:
         return float(self._one(query, IN_FLIGHT))
 
     def estimated_cost(self) -> float:
-        """Estimated cost of every chunk planned so far (at batch prices)."""
-        return float(self._one("SELECT COALESCE(SUM(est_cost), 0) FROM chunks"))
+        """Estimated cost of every chunk planned so far (at batch prices); a chunk re-planned
+        (abandoned) is not counted, its rows are in the chunks planned after it."""
+        return float(self._one("SELECT COALESCE(SUM(est_cost), 0) FROM chunks WHERE state != 'abandoned'"))
 
     def in_flight_tokens(self, model: str) -> int:
         """Estimated prompt tokens of this model's chunks in flight (the provider's enqueued-token queue)."""
