@@ -25,7 +25,8 @@ format; a `tool_use` block when tools are offered), cut at a stop sequence or at
 words, with usage counting words, cache reads for requests with a system prompt.
 Controls: `expire(batch_id)` ends a batch now with its requests expired; `add_batch(...)` plants
 a batch made by someone else; `create_latency` delays create's answer after the batch exists
-(a window for kills); `cancel_completes` requests of a cancelled batch still finish.
+(a window for kills); `cancel_completes` requests of a cancelled batch still finish; `max_body`
+lowers the 256 MB a create's body may have (413 past it), so that tests of size limits stay small.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class FakeAnthropic:
         create_latency: float = 0.0,
         cancel_completes: int = 0,
         page_cap: int = 1000,
+        max_body: int = MAX_BODY,
         seed: int = 0,
     ) -> None:
         self.api_key = api_key
@@ -112,12 +114,15 @@ class FakeAnthropic:
         self.create_latency = create_latency
         self.cancel_completes = cancel_completes
         self.page_cap = page_cap
+        self.max_body = max_body
         self.rng = random.Random(seed)
         self.lock = threading.RLock()
         self.batches: dict[str, FakeBatch] = {}
         #: (method, path?query) of every call, in order.
         self.calls: list[tuple[str, str]] = []
         self.creates = 0
+        #: The body size of every create asked for (refused ones too), in order.
+        self.create_sizes: list[int] = []
         #: Bodies sent to POST /v1/messages.
         self.direct_requests: list[dict[str, Any]] = []
         self._seen_429: set[str] = set()
@@ -240,7 +245,9 @@ class FakeAnthropic:
         if (denied := self._auth(request)) is not None:
             return denied
         raw = await request.body()
-        if len(raw) > MAX_BODY:
+        with self.lock:
+            self.create_sizes.append(len(raw))
+        if len(raw) > self.max_body:
             return error(413, "request_too_large", "Request exceeds the maximum allowed number of bytes")
         try:
             body = orjson.loads(raw)

@@ -58,6 +58,30 @@ def submit(store: JobStore, chunk_id: int) -> None:
     store.move_chunk(chunk_id, "submitted", ("creating",), batch_id="batch-1", remote_status="validating")
 
 
+def test_replan_chunk_gives_rows_back_and_fails_those_no_batch_takes(store: JobStore) -> None:
+    cid = plan(store, "job_test-c00001", [0, 1, 2])
+    store.move_chunk(cid, "uploading", ("planned",))
+    with pytest.raises(StateError):  # a chunk that may be a batch is never re-planned
+        store.replan_chunk(cid, ("creating",), "refused")
+    failed = [Failure(b'{"custom_id": "row-1"}', "request_too_large: too large", 1)]
+    assert store.replan_chunk(cid, ("uploading",), "chunk 1: refused as too large", failed) == 2
+    r = rows(store)
+    assert [r[i] for i in (0, 2)] == [("pending", 0, None, None)] * 2  # the attempt given back
+    assert r[1][0] == "failed" and r[1][3] == "request_too_large: too large"
+    (chunk,) = store.chunks()
+    assert chunk.state == "abandoned" and not store.create_tried(cid)
+    assert store.estimated_cost() == 0  # its rows will be in the chunks planned next, counted there
+    assert [idx for idx, *_ in store.pending_rows(CHAT, MODEL)] == [0, 2, 3, 4]
+    assert any(kind == "replan" and "refused" in message for _at, kind, _c, message in store.events())
+
+    cid2 = plan(store, "job_test-c00002", [0, 2])
+    store.move_chunk(cid2, "uploading", ("planned",))
+    store.move_chunk(cid2, "uploaded", ("uploading",), file_id="file-1")
+    store.move_chunk(cid2, "creating", ("uploaded",))
+    store.move_chunk(cid2, "uploaded", ("creating",), "no batch found")
+    assert store.create_tried(cid2)
+
+
 def test_job_round_trip(store: JobStore) -> None:
     job = store.job()
     assert job is not None

@@ -42,6 +42,7 @@ from llmbatch.providers._anthropic_translate import (
 )
 
 MODEL = "claude-haiku-4-5"
+CHAT = "/v1/chat/completions"
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 PDF = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 fake").decode()
 WEATHER = {
@@ -346,6 +347,31 @@ def test_requests_that_never_ran_are_not_run_lines() -> None:
 
 
 # -- the adapter against the fake ------------------------------------------------------------
+
+
+def test_measured_sizes_add_up_to_the_create_body(tmp_path: Path) -> None:
+    """What ingest measures of each row (the chunk planner's bytes) plus the envelope is the
+    create request's body to the byte, so a chunk planned within 256 MB is a body within it."""
+    rows = [
+        chat_line("a", "hello", model=MODEL),
+        chat_line("b", "weather in Paris?", model=MODEL, tools=[WEATHER], temperature=0.5),
+        chat_line("c", "in blocks", model=MODEL, max_tokens=50),
+    ]
+    rows[2]["body"]["messages"] = [{"role": "system", "content": "Be terse."}, user([text_block("x" * 300)])]
+    measured = [AnthropicBatchProvider.check_and_measure(r["custom_id"], CHAT, r["body"]) for r in rows]
+    assert all(reasons == [] and size for reasons, size in measured)
+    assert AnthropicBatchProvider.check_and_measure("d", CHAT, body(n=2)) == (translate_request(body(n=2))[1], None)
+
+    async def main() -> str:
+        p = provider("http://127.0.0.1:9")  # uploading translates on this machine: nothing is sent
+        try:
+            return await upload(p, tmp_path, "t-c00001", rows)
+        finally:
+            await p.aclose()
+
+    created = Path(asyncio.run(main()).removeprefix("local:"))
+    total = AnthropicBatchProvider.wire_envelope + sum(size or 0 for _r, size in measured)
+    assert created.stat().st_size == total
 
 
 @pytest.fixture
@@ -899,6 +925,86 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
         "no batch was looked for by listing"
     )
     print(f"{kills} kills; reconciliations: {found}")
+
+
+def turns_line(i: int, text: str | None = None) -> dict[str, Any]:
+    """A row of many short turns: Anthropic's translation (each message a content-block array,
+    `max_tokens` added) is ~1.45x its compact OpenAI line, as long conversations grow in practice."""
+    row = chat_line(i, model=MODEL)
+    row["body"]["messages"] = [
+        *({"role": "user" if k % 2 == 0 else "assistant", "content": f"turn {k}"} for k in range(8)),
+        user(text or f"hello {i}"),
+    ]
+    return row
+
+
+def compact_jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+
+
+def assert_each_row_once(tmp_path: Path, fake: FakeAnthropic, n: int) -> None:
+    """Every row answered once, in order, and sent in exactly one batch."""
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
+    sent = Counter(cid for ids in fake.custom_id_sets().values() for cid in ids)
+    assert set(sent.values()) == {1}
+
+
+def test_cli_splits_chunks_the_api_refuses_as_too_large(tmp_path: Path) -> None:
+    """An API that takes less than llmbatch plans for (a proxy's body limit, a lowered quota)
+    answers 413: the refused chunk (nothing accepted) is split and sent again, never left stuck;
+    a row too large on its own fails with the reason, and the rest run."""
+    limit = 20_000
+    app, fake = anthropic_fake(end_after_polls=1, max_body=limit)
+    n = 200
+    rows = [turns_line(i) for i in range(n)]
+    rows[150] = turns_line(150, "big " * 6_000)  # ~24 KB once translated: no batch can hold it
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(compact_jsonl(rows))
+    with serve_app(app) as url:
+        proc = llmbatch_run(tmp_path, inp, url)
+    assert proc.returncode == 1, proc.stderr  # one failed row
+    assert "refused" in proc.stderr and "splitting" in proc.stderr, proc.stderr
+    refused = [size for size in fake.create_sizes if size > limit]
+    assert refused and len(fake.create_sizes) == len(fake.batches) + len(refused)
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    (err,) = read_lines(tmp_path / "input.errors.jsonl")
+    assert err["custom_id"] == "row-150" and err["response"]["status_code"] == 413
+    assert "too large" in err["response"]["body"]["error"]["message"]
+    assert all(r["response"]["status_code"] == 200 for r in out if r["custom_id"] != "row-150")
+    sent = Counter(cid for ids in fake.custom_id_sets().values() for cid in ids)
+    assert set(sent.values()) == {1} and len(sent) == n - 1
+
+
+def test_a_refused_chunk_is_replanned_on_its_translated_size(tmp_path: Path) -> None:
+    """A chunk left in `uploading` (refused before anything left this machine, or killed there)
+    is re-planned when the run is repeated with a smaller --max-bytes, instead of being sent as
+    planned (and refused) again; and --max-bytes counts a batch as Anthropic receives it, ~1.45x
+    the OpenAI lines here: with the API taking exactly that much, every batch fits the first
+    time, and they are full."""
+    limit = 20_000
+    app, fake = anthropic_fake(end_after_polls=1, max_body=limit)
+    n = 200
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(compact_jsonl([turns_line(i) for i in range(n)]))
+    with serve_app(app) as url:
+        dry = llmbatch_run(tmp_path, inp, url, "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        db = job_db(tmp_path)
+        with db:
+            db.execute("UPDATE chunks SET state='uploading', intent_at=strftime('%s','now')")
+        db.close()
+        proc = llmbatch_run(tmp_path, inp, url, "--max-bytes", str(limit))
+    assert proc.returncode == 0, proc.stderr
+    assert max(fake.create_sizes) <= limit, "a batch was sent larger than --max-bytes (and refused)"
+    assert len(fake.create_sizes) == len(fake.batches) > 1  # none refused
+    assert all(size > limit - 700 for size in fake.create_sizes[:-1])  # full: the next row (~650 bytes) did not fit
+    assert_each_row_once(tmp_path, fake, n)
+    db = job_db(tmp_path)
+    states = Counter(state for (state,) in db.execute("SELECT state FROM chunks"))
+    db.close()
+    assert states == {"abandoned": 1, "collected": len(fake.batches)}
 
 
 # -- a real job --------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
         ctx.quota_failures = 0
     if chunk.file_id and not settings.keep_uploads and not ctx.provider.batches_known_by_upload:
         # The input is no longer needed, and uploads count against per-account file caps.
-        await _delete_upload(ctx, chunk.tag, chunk.file_id)
+        await delete_upload(ctx, chunk.tag, chunk.file_id)
 
 
 def _unmatched(outcome: Outcome, tariff: Tariff, rec: dict[str, Any]) -> None:
@@ -193,11 +193,11 @@ async def release_uploads(ctx: RunContext) -> None:
     if ctx.settings.keep_uploads or not ctx.provider.batches_known_by_upload:
         return
     for chunk in ctx.store.chunks(("collected",)):
-        if chunk.file_id and await _delete_upload(ctx, chunk.tag, chunk.file_id):
+        if chunk.file_id and await delete_upload(ctx, chunk.tag, chunk.file_id):
             ctx.store.update_chunk(chunk.id, file_id=None)
 
 
-async def _delete_upload(ctx: RunContext, tag: str, file_id: str) -> bool:
+async def delete_upload(ctx: RunContext, tag: str, file_id: str) -> bool:
     try:
         await ctx.provider.delete_file(file_id)
     except ProviderError as exc:

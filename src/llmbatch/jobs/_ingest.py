@@ -85,21 +85,21 @@ class RowRules:
             return CheckedRow.invalid(custom_id, message, endpoint, model)
         if rewrite:
             body = {**body, "model": model}
-        remote_id = None
+        remote_id = wire = None
         cls: type[Provider] | None = None
         if self.provider is not None:
             cls = _provider_classes.get(self.provider) or _provider_classes.setdefault(
                 self.provider, provider_class(self.provider)
             )
-            reasons = cls.check_request(endpoint, body)
+            remote_id = remote_id_for(custom_id, cls.custom_id_pattern)
+            reasons, wire = cls.check_and_measure(remote_id or custom_id, endpoint, body)
             if reasons:
                 message = "; ".join(f"unsupported_by_provider: {r}" for r in reasons)
                 return CheckedRow.invalid(custom_id, message, endpoint, model)
-            remote_id = remote_id_for(custom_id, cls.custom_id_pattern)
         default_out = (cls.default_max_tokens if cls is not None else None) or self.default_output_tokens
         est = estimate_row(endpoint, body, default_output_tokens=default_out)
         return CheckedRow(custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
-                          int(not est.capped), "pending", None)  # fmt: skip
+                          int(not est.capped), "pending", None, wire)  # fmt: skip
 
 
 _provider_classes: dict[str, type[Provider]] = {}

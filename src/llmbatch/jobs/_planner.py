@@ -18,8 +18,11 @@ def plan(ctx: RunContext, *, full_only: bool = False, limit: int | None = None, 
     `limit`: at most this many chunks now (the first goes out before the rest are planned).
     `direct`: leave the rows to the direct API when no more than `--direct-below` are pending.
     Rows are read in pages of a chunk's size, so memory stays flat however large the job.
+    Bytes are counted as the provider receives them (translated, where it translates), so a
+    chunk within `--max-bytes` is a batch within it.
     """
     store, settings = ctx.store, ctx.settings
+    envelope = ctx.provider.wire_envelope
     if direct and settings.direct_below and store.pending_count() <= settings.direct_below:
         return False  # few enough left: the direct API sends them now instead
     planned = 0
@@ -37,19 +40,19 @@ def plan(ctx: RunContext, *, full_only: bool = False, limit: int | None = None, 
             if not rows:
                 break
             idxs: list[int] = []
-            nbytes = est_in = est_out = 0
+            nbytes, est_in, est_out = envelope, 0, 0
             est_cost = 0.0
             full = False
             while rows and len(idxs) < ctx.batch_size:
                 row = rows[0]
-                too_big = nbytes + row.length + 1 > ctx.max_bytes
+                too_big = nbytes + row.size > ctx.max_bytes
                 too_heavy = ctx.max_enqueued is not None and est_in + row.est_input > ctx.max_enqueued
                 if idxs and (too_big or too_heavy):
                     full = True  # the row that did not fit starts the next chunk
                     break
                 rows.popleft()
                 idxs.append(row.idx)
-                nbytes += row.length + 1
+                nbytes += row.size
                 est_in += row.est_input
                 est_out += row.est_output
                 est_cost += price(row.est_input, row.est_output)  # per row: a long prompt costs more per token

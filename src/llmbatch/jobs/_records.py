@@ -92,12 +92,15 @@ class CheckedRow(NamedTuple):
     uncapped: int
     state: str
     error: str | None
+    #: Bytes the row takes in a batch as the provider receives it (`Provider.check_and_measure`);
+    #: None: its line and a newline.
+    wire_length: int | None = None
 
     @classmethod
     def invalid(
         cls, custom_id: str | None, error: str, endpoint: str | None = None, model: str | None = None
     ) -> CheckedRow:
-        return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error)
+        return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error, None)
 
 
 class InputRow(NamedTuple):
@@ -119,6 +122,7 @@ class InputRow(NamedTuple):
     uncapped: int
     state: str
     error: str | None
+    wire_length: int | None = None
 
     @classmethod
     def of(cls, idx: int, file_no: int, line: int, offset: int, length: int, row: CheckedRow) -> InputRow:
@@ -137,7 +141,8 @@ class PendingRow(NamedTuple):
     """What planning needs of a pending row."""
 
     idx: int
-    length: int
+    #: Bytes in a batch as the provider receives it (its line and newline, or its wire length).
+    size: int
     est_input: int
     est_output: int
 

@@ -112,9 +112,16 @@ def _v3(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE chunks ADD COLUMN unmatched_cost REAL NOT NULL DEFAULT 0")
 
 
+def _v4(db: sqlite3.Connection) -> None:
+    """Each row's size in a batch as the provider receives it, where the provider translates
+    (`Provider.check_and_measure`): chunks are planned on it. NULL in rows read before version 4, and
+    where the OpenAI line is what is sent."""
+    db.execute("ALTER TABLE rows ADD COLUMN wire_length INTEGER")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

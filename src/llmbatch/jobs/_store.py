@@ -29,6 +29,7 @@ from ._records import (
     ChunkRow,
     DirectRow,
     ExportRow,
+    Failure,
     InputRow,
     ModelEstimate,
     Outcome,
@@ -46,7 +47,8 @@ __all__ = ["JobStore", "SCHEMA_VERSION"]
 _CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
 _INSERT_ROW = (
     "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-    "est_input, est_output, uncapped, state, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "est_input, est_output, uncapped, state, error, wire_length) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -270,11 +272,11 @@ class JobStore:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-                "est_input, est_output, uncapped, state, request) "
-                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10)",
+                "est_input, est_output, uncapped, state, request, wire_length) "
+                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
                 [
                     (r.idx, c.custom_id, c.remote_id, c.rewrite, c.endpoint, c.model, c.est_input, c.est_output,
-                     c.uncapped, r.request)
+                     c.uncapped, r.request, c.wire_length)
                     for r in rows
                     for c in (r.row,)
                 ],
@@ -363,7 +365,7 @@ class JobStore:
     def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
         """Pending rows of an endpoint and model past `after`, in input order, at most `limit` of them (-1: all)."""
         cur = self._db.execute(
-            "SELECT idx, length, est_input, est_output FROM rows "
+            "SELECT idx, COALESCE(wire_length, length + 1), est_input, est_output FROM rows "
             "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
             (endpoint, model, after, limit),
         )
@@ -470,7 +472,7 @@ class JobStore:
                     (chunk_id, *part),
                 )
             n, *sums = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(length + 1), 0), COALESCE(SUM(est_input), 0), "
+                "SELECT COUNT(*), COALESCE(SUM(COALESCE(wire_length, length + 1)), 0), COALESCE(SUM(est_input), 0), "
                 "COALESCE(SUM(est_output), 0) "
                 "FROM rows WHERE chunk_id=? AND state='queued'",
                 (chunk_id,),
@@ -530,6 +532,35 @@ class JobStore:
             if n:
                 self._event(db, "replan", f"{n} unsent chunks dissolved to re-plan under new limits")
         return n
+
+    def replan_chunk(self, chunk_id: int, from_: Sequence[str], message: str, failed: Sequence[Failure] = ()) -> int:
+        """Dissolves one chunk that no batch holds or can come to hold, in one transaction: rows
+        in `failed` (which no batch can take) fail for good, the others go back to pending with
+        their attempt given back, and the chunk is kept as `abandoned` (its tag stays taken).
+        Returns how many rows went back; raises StateError when the chunk is not in `from_`.
+
+        The caller vouches that nothing remote holds the chunk: its create was refused, or never
+        sent (`create_tried`).
+        """
+        with self._tx() as db:
+            changed = db.execute(
+                f"UPDATE chunks SET state='abandoned' WHERE id=? AND state IN ({_marks(from_)})", (chunk_id, *from_)
+            ).rowcount
+            if changed != 1:
+                raise StateError(f"chunk {chunk_id} cannot be re-planned: not in {', '.join(from_)}")
+            self._apply(db, Outcome(0, failed=list(failed)))
+            n = db.execute(
+                "UPDATE rows SET state='pending', chunk_id=NULL, attempts=MAX(attempts-1, 0) "
+                "WHERE chunk_id=? AND state='queued'",
+                (chunk_id,),
+            ).rowcount
+            self._event(db, "replan", message, chunk_id)
+        return n
+
+    def create_tried(self, chunk_id: int) -> bool:
+        """Whether a create was ever asked for this chunk (it entered `creating`): then a batch may
+        hold it even where no lookup found one, and it is never re-planned but for a refusal."""
+        return bool(self._one("SELECT EXISTS(SELECT 1 FROM events WHERE chunk_id=? AND kind='creating')", (chunk_id,)))
 
     def chunks(self, states: Sequence[str] | None = None) -> list[Chunk]:
         if states is None:
@@ -695,8 +726,9 @@ class JobStore:
         return float(self._one(query, IN_FLIGHT))
 
     def estimated_cost(self) -> float:
-        """Estimated cost of every chunk planned so far (at batch prices)."""
-        return float(self._one("SELECT COALESCE(SUM(est_cost), 0) FROM chunks"))
+        """Estimated cost of every chunk planned so far (at batch prices); a chunk re-planned
+        (abandoned) is not counted, its rows are in the chunks planned after it."""
+        return float(self._one("SELECT COALESCE(SUM(est_cost), 0) FROM chunks WHERE state != 'abandoned'"))
 
     def in_flight_tokens(self, model: str) -> int:
         """Estimated prompt tokens of this model's chunks in flight (the provider's enqueued-token queue)."""

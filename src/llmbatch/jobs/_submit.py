@@ -3,6 +3,12 @@
 Intent (`uploading`, `creating`) is recorded before each remote call, and the upload and the
 batch carry the chunk's tag, so a chunk caught between intent and result by a crash (or an
 unanswered call) is looked up by its tag (`reconcile`) before anything is created again.
+
+A chunk no batch can hold is re-planned (its rows planned again into new chunks, under new
+tags): one over the run's limits (smaller than when it was planned) whose create was never
+asked for, and one whose upload or create the provider refused as too large (HTTP 413: that
+call made nothing). A chunk whose create was asked for and not refused may be a batch, even
+where no lookup found it, so it is sent as planned.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import orjson
 
 from .._exceptions import ProviderError
 from ..providers import TAG_KEY, RemoteBatch
+from ._collect import delete_upload
 from ._context import RunContext
 from ._outgoing import RequestLines
-from ._records import IN_FLIGHT, Chunk
+from ._records import IN_FLIGHT, Chunk, Failure
 from ._verify import result_file_name
 
 __all__ = ["audit", "reconcile", "submit", "write_chunk_file"]
@@ -74,6 +81,14 @@ async def submit(ctx: RunContext) -> bool:
     progressed = False
     in_flight = len(store.chunks(IN_FLIGHT))
     for chunk in store.chunks(("planned", "uploaded")):
+        if _over_limits(ctx, chunk):
+            message = (
+                f"chunk {chunk.tag} ({chunk.rows} rows, {chunk.bytes:,} bytes) was never sent and is over this run's "
+                f"limits ({ctx.batch_size:,} rows, {ctx.max_bytes:,} bytes): re-planning its rows"
+            )
+            await _replan(ctx, chunk, ("planned", "uploaded"), message)
+            progressed = True
+            continue
         if chunk.state == "planned":
             if in_flight >= ctx.max_in_flight or ctx.clock() < ctx.quota_wait_until:
                 break
@@ -90,12 +105,67 @@ async def submit(ctx: RunContext) -> bool:
             await _submit_chunk(ctx, chunk)
             progressed = True
         except ProviderError as exc:
+            if exc.status == 413:  # refused as too large: that call made nothing
+                await _split_refused(ctx, chunk, exc)
+                if chunk.state == "planned":
+                    in_flight -= 1
+                progressed = True
+                continue
             # A refused or unanswered call: the chunk stays where it is (reconcile sorts it out).
             store.update_chunk(chunk.id, submit_errors=chunk.submit_errors + 1)
             if not exc.retryable:  # refused for good (bad key, window, file): trying again cannot help
                 raise
             ctx.say(f"chunk {chunk.tag}: {exc}; will try again")
     return progressed
+
+
+def _over_limits(ctx: RunContext, chunk: Chunk) -> bool:
+    """Whether a chunk not sent is larger than this run's limits allow (a rerun with a smaller
+    --batch-size or --max-bytes), and may be re-planned: no create was ever asked for it. A
+    chunk of one row stays: it cannot be split (and is as large as its row)."""
+    too_large = chunk.rows > ctx.batch_size or chunk.bytes > ctx.max_bytes
+    return chunk.rows > 1 and too_large and not ctx.store.create_tried(chunk.id)
+
+
+async def _replan(
+    ctx: RunContext, chunk: Chunk, from_: tuple[str, ...], message: str, failed: list[Failure] | None = None
+) -> None:
+    """Dissolves a chunk no batch holds (in one of the states `from_`): its rows go back to
+    pending (those in `failed` fail) and its upload and local files are deleted; the planner
+    makes new chunks of them."""
+    current = ctx.store.chunk_of_tag(chunk.tag) or chunk  # where the submission got to
+    ctx.store.replan_chunk(chunk.id, from_, message, failed or [])
+    ctx.say(message)
+    (ctx.job_dir / "chunks" / f"{chunk.tag}.jsonl").unlink(missing_ok=True)
+    if current.file_id:
+        await delete_upload(ctx, chunk.tag, current.file_id)
+
+
+#: Where a chunk is when its upload or create is refused: the intent of the call refused.
+_REFUSED_IN = ("uploading", "creating")
+
+
+async def _split_refused(ctx: RunContext, chunk: Chunk, exc: ProviderError) -> None:
+    """A chunk whose upload or create was refused as too large (HTTP 413, so nothing was made
+    of it) is re-planned, with this run's byte limit halved below its size: the provider takes
+    less than the limits said (a proxy's body limit, translation larger than planned), and
+    halving finds what it takes in a few tries. A chunk of one row cannot be split: the row
+    fails, naming the refusal."""
+    if chunk.rows > 1:
+        ctx.max_bytes = max(min(ctx.max_bytes, chunk.bytes // 2), 1)
+        message = (
+            f"chunk {chunk.tag}: refused as too large ({exc}); splitting its {chunk.rows} rows into chunks "
+            f"of at most {ctx.max_bytes:,} bytes"
+        )
+        await _replan(ctx, chunk, _REFUSED_IN, message)
+        return
+    (row,) = ctx.store.chunk_rows(chunk.id)
+    error = f"request_too_large: this row alone is too large for a batch ({chunk.bytes:,} bytes as sent): {exc}"
+    body = {"error": {"message": error, "type": "request_too_large", "param": None, "code": None}}
+    line = {"id": None, "custom_id": row.custom_id, "response": {"status_code": 413, "request_id": None, "body": body},
+            "error": None}  # fmt: skip
+    failed = [Failure(orjson.dumps(line), error, row.idx)]
+    await _replan(ctx, chunk, _REFUSED_IN, f"chunk {chunk.tag}: {error}; failing the row", failed)
 
 
 async def _submit_chunk(ctx: RunContext, chunk: Chunk) -> None:

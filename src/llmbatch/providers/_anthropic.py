@@ -64,17 +64,20 @@ __all__ = ["ANTHROPIC_LIMITS", "AnthropicBatchProvider"]
 
 T = TypeVar("T")
 
-#: Anthropic's batch limits: 100,000 requests or 256 MB per batch. Chunks are planned on the
-#: OpenAI lines, so their byte limit leaves room for what translation adds; `upload` checks
-#: the translated size itself.
-ANTHROPIC_LIMITS = ProviderLimits(max_requests=100_000, max_bytes=220_000_000, max_in_flight=10)
+#: Anthropic's batch limits: 100,000 requests or 256 MB per batch, counted on the create
+#: request's body. Translation grows a row (every message becomes a content-block array:
+#: 1.4-1.8x in practice), so chunks are planned on each row's translated size (`check_and_measure`).
 MAX_BODY_BYTES = 256_000_000
+ANTHROPIC_LIMITS = ProviderLimits(max_requests=100_000, max_bytes=MAX_BODY_BYTES, max_in_flight=10)
 
 LOCAL = "local:"
 JOURNAL = "anthropic-batches.jsonl"
 _SUFFIX = ".anthropic.jsonl"
 #: A candidate batch's results, read while finding out whether it is the chunk's, kept for `download`.
 _RESULTS_SUFFIX = ".anthropic-results.jsonl"
+#: The create body around its requests: `{"requests":[` and a newline before them, a newline
+#: and `]}` and a newline after; each request takes its line and a `,\n`, less one for the last.
+_OPEN, _CLOSE = b'{"requests":[\n', b"\n]}\n"
 
 
 def _unix(value: Any) -> int:
@@ -146,6 +149,10 @@ def _custom_ids(path: Path) -> list[str]:
     return ids
 
 
+def _request_line(custom_id: str, params: dict[str, Any]) -> bytes:
+    return orjson.dumps({"custom_id": custom_id, "params": params})
+
+
 def _count_requests(path: Path) -> int:
     n = 0
     with open(path, "rb") as fh:
@@ -164,6 +171,7 @@ class AnthropicBatchProvider(Provider):
     endpoints = frozenset({"/v1/chat/completions"})
     custom_id_pattern = re.compile(r"[a-zA-Z0-9_-]{1,64}")
     default_max_tokens = DEFAULT_MAX_TOKENS
+    wire_envelope = len(_OPEN) + len(_CLOSE) - 2
 
     def __init__(
         self,
@@ -187,6 +195,16 @@ class AnthropicBatchProvider(Provider):
     def check_request(cls, endpoint: str, body: dict[str, Any]) -> list[str]:
         reasons = super().check_request(endpoint, body)
         return reasons or translate_request(body)[1]
+
+    @classmethod
+    def check_and_measure(cls, custom_id: str, endpoint: str, body: dict[str, Any]) -> tuple[list[str], int | None]:
+        """Translated once: the reasons, and the request's line in the create body (as `upload`
+        writes it) with its `,\n`."""
+        reasons = super().check_request(endpoint, body)
+        if reasons:
+            return reasons, None
+        params, reasons = translate_request(body)
+        return reasons, None if reasons else len(_request_line(custom_id, params)) + 2
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -216,7 +234,7 @@ class AnthropicBatchProvider(Provider):
         # sends it as read and find_batch can read the custom_ids back line by line.
         n = 0
         with open(path, "rb") as src, open(tmp, "wb") as out:
-            out.write(b'{"requests":[\n')
+            out.write(_OPEN)
             for raw in src:
                 if not raw.strip():
                     continue
@@ -227,15 +245,15 @@ class AnthropicBatchProvider(Provider):
                     raise ProviderError(
                         f"row {rec.get('custom_id')} cannot go to Anthropic: {exc}", status=400
                     ) from exc
-                out.write((b",\n" if n else b"") + orjson.dumps({"custom_id": rec["custom_id"], "params": params}))
+                out.write((b",\n" if n else b"") + _request_line(rec["custom_id"], params))
                 n += 1
-            out.write(b"\n]}\n")
+            out.write(_CLOSE)
             size = out.tell()
         if size > MAX_BODY_BYTES:
             tmp.unlink(missing_ok=True)
             raise ProviderError(
-                f"chunk {tag} is {size:,} bytes once translated, past Anthropic's 256 MB per batch: "
-                "run again with a smaller --max-bytes",
+                f"chunk {tag} is too large: {size:,} bytes once translated, past Anthropic's "
+                f"{MAX_BODY_BYTES:,} per batch",
                 status=413,
             )
         os.replace(tmp, dest)

@@ -66,6 +66,8 @@ class ProviderLimits:
     """What one batch may hold and how much may be in flight; every field is overridable."""
 
     max_requests: int = 50_000
+    #: Bytes per batch as the provider receives it (translated where it translates:
+    #: `Provider.check_and_measure`).
     max_bytes: int = 200 * 1024 * 1024
     #: Prompt tokens enqueued across in-flight batches, per model; None: no limit known.
     max_enqueued_tokens: int | None = None
@@ -121,6 +123,9 @@ class Provider(ABC):
     #: one and there are as many as the chunk's rows, the runner matches them by position.
     #: Otherwise (and for other providers) such lines match no row; their usage still counts.
     unkeyed_results_in_order: ClassVar[bool] = False
+    #: Bytes a batch takes besides its requests (an envelope around them), so that a chunk's
+    #: planned bytes are what the provider receives.
+    wire_envelope: ClassVar[int] = 0
 
     @classmethod
     def api_key_from(cls, api_key: str | None) -> str:
@@ -147,6 +152,17 @@ class Provider(ABC):
         if endpoint not in cls.endpoints:
             return [f"the {cls.name} provider cannot batch {endpoint} (it batches {', '.join(sorted(cls.endpoints))})"]
         return []
+
+    @classmethod
+    def check_and_measure(cls, custom_id: str, endpoint: str, body: dict[str, Any]) -> tuple[list[str], int | None]:
+        """`check_request`'s reasons, and for a request without any, the bytes it takes in a batch
+        as this provider receives it (its separator included) where that is not its OpenAI
+        line: `limits.max_bytes` then counts these, and chunks are planned on them. None: the
+        OpenAI line and its newline are what the provider receives.
+
+        Called for every row at ingest, with the id and body the batch will carry.
+        """
+        return cls.check_request(endpoint, body), None
 
     async def start(self) -> None:
         """Acquires resources (clients, an in-process server)."""
