@@ -16,7 +16,7 @@ from ._export import error_line
 from ._records import Chunk, ChunkRow, Failure, Outcome, Result, ResultRef, Success
 from ._verify import digest, result_file_name
 
-__all__ = ["classify", "collect", "is_retryable_status", "poll", "release_uploads"]
+__all__ = ["classify", "collect", "delete_upload", "is_retryable_status", "poll", "release_uploads"]
 
 log = logging.getLogger("llmbatch.jobs")
 
