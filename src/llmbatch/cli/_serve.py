@@ -212,7 +212,7 @@ def serve(
         # No vLLM or GPU here is fine with Ray: the replicas have them (checked at start).
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(
-        f"llmbatch {__version__}: serving on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "
+        f"llmbatch {__version__}: starting on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "
         f"data in {config.data_dir})",
         err=True,
     )
