@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -165,6 +166,16 @@ def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any
     if not file_id:
         return []
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+
+
+def back_up_store(path: Path, to: Path) -> None:
+    """A consistent copy of a job store, WAL included (what a backup tool restores)."""
+    src, dst = sqlite3.connect(path), sqlite3.connect(to)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
 
 
 def run_batch(

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import pytest
 from fakes.memory_provider import BatchScript, Crash, MemoryProvider, Request, RowError, chat_completion
 from pydantic import BaseModel, ConfigDict, Field
 
-from conftest import chat_line, jsonl
+from conftest import back_up_store, chat_line, jsonl
 from llmbatch._exceptions import ConfigError, ProviderError
 from llmbatch.jobs import (
     EXIT_BUDGET,
@@ -671,16 +670,6 @@ def test_user_cancel_refunds_cut_off_rows_and_resume_runs_them(
 # -- a damaged or rolled-back store ---------------------------------------------------------
 
 
-def _back_up(path: Path, to: Path) -> None:
-    """A consistent copy of a job store, WAL included (what a backup tool restores)."""
-    src, dst = sqlite3.connect(path), sqlite3.connect(to)
-    try:
-        src.backup(dst)
-    finally:
-        src.close()
-        dst.close()
-
-
 def _restore(job: Job, backup: Path) -> None:
     """Puts the older copy back in place of the job's store (its -wal and -shm gone) and opens the job again."""
     path = job.session.store.path
@@ -702,14 +691,14 @@ def test_a_store_restored_from_an_older_copy_adopts_the_batches_it_lost(
     fake = MemoryProvider(polls=3)
     backup = tmp_path / "backup.sqlite"
     if backup_at == 0:
-        _back_up(job.session.store.path, backup)
+        back_up_store(job.session.store.path, backup)
 
     async def interrupted() -> None:
         task = asyncio.create_task(job.runner(fake).run())
         while len(fake.batch_list) < backup_at and not task.done():
             await asyncio.sleep(0)
         if backup_at:
-            _back_up(job.session.store.path, backup)
+            back_up_store(job.session.store.path, backup)
         # More batches are created (and some collected) after the copy was made.
         while len(fake.batch_list) < 5 and not task.done():
             await asyncio.sleep(0)
@@ -738,7 +727,7 @@ def test_an_adopted_batch_is_priced_as_it_was_planned(open_job: Callable[..., Jo
     job = open_job([chat_line(i) for i in range(30)], batch_size=10, max_in_flight=3, max_cost=100.0)
     fake = MemoryProvider(polls=1000)  # the batches stay running
     backup = tmp_path / "backup.sqlite"
-    _back_up(job.session.store.path, backup)
+    back_up_store(job.session.store.path, backup)
 
     _run_until_batches(job, fake, 3)
     planned = {c.tag: c.est_cost for c in job.session.store.chunks(("submitted",))}
@@ -768,7 +757,7 @@ def test_a_lost_batch_whose_rows_cannot_be_read_yet_holds_back_every_row_until_i
     job = open_job([chat_line(i) for i in range(20)], batch_size=10, max_in_flight=2)
     fake = MemoryProvider(polls=4, hide_inputs=unreadable == "not-given")
     backup = tmp_path / "backup.sqlite"
-    _back_up(job.session.store.path, backup)
+    back_up_store(job.session.store.path, backup)
 
     _run_until_batches(job, fake, 2)
     assert len(fake.batch_list) == 2 and not any(b.status.terminal for b in fake.batch_list)

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 from fakes._serve import serve_app
 
-from conftest import chat_line, jsonl
+from conftest import back_up_store, chat_line, jsonl
 from llmbatch.jobs import JobRunner, JobSession, JobSettings, JobStore, ingest
 from llmbatch.providers import Provider, RemoteBatch, RemoteStatus
 
@@ -288,7 +288,7 @@ def check_store_rollback(
     session, _ = JobSession.open([inp], settings, tmp_path / "jobs", api_key=KEY, say=messages.append)
     prepared = session.prepare(settings)
     backup = tmp_path / "backup.sqlite"
-    _copy_db(session.store.path, backup)
+    back_up_store(session.store.path, backup)
 
     def runner(p: Provider) -> JobRunner:
         return JobRunner(session.store, session.dir, prepared.settings, p, prices=prepared.prices, say=messages.append)
@@ -334,13 +334,3 @@ def check_store_rollback(
     assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
     assert all(r["response"]["status_code"] == 200 for r in out), [r for r in out if r["response"] is None][:1]
     return messages
-
-
-def _copy_db(src: Path, dst: Path) -> None:
-    """A consistent copy of a job store, WAL included (what a backup tool restores)."""
-    a, b = sqlite3.connect(src), sqlite3.connect(dst)
-    try:
-        a.backup(b)
-    finally:
-        a.close()
-        b.close()

@@ -64,6 +64,14 @@ def _health(srv: ServerProc) -> dict[str, Any]:
     return health
 
 
+def _running_batch(client: Any, n: int, done: int) -> Any:
+    """A batch of `n` echo rows, once `done` of them are answered (so that it is mid-way)."""
+    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait_for("the batch to start", lambda: client.batches.retrieve(b.id).request_counts.completed >= done, 20)
+    return b
+
+
 def _bodies(lines: list[dict[str, Any]]) -> dict[str, Any]:
     """custom_id -> the answer, without what differs between two runs (ids, timestamps)."""
 
@@ -105,12 +113,7 @@ def test_a_killed_replica_loses_no_row(ray_server: ServerProc) -> None:
     client = ray_server.client()
     n = 400
     before = {r["index"]: r for r in _health(ray_server)["replicas"]}
-    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 20
-    while client.batches.retrieve(b.id).request_counts.completed < 40:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "the batch did not start"
-        time.sleep(0.02)
+    b = _running_batch(client, n, done=40)
     victim = before[0]["pid"]
     os.kill(victim, signal.SIGKILL)
     done = wait_batch(client, b.id, timeout=60)
@@ -170,12 +173,7 @@ def test_kill_9_of_the_api_process_mid_batch_loses_no_row(
     srv = server_factory(*args, "--replica-cpus", "0")
     client = srv.client()
     n = 400
-    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + 20
-    while client.batches.retrieve(b.id).request_counts.completed < 40:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "the batch did not start"
-        time.sleep(0.02)
+    b = _running_batch(client, n, done=40)
     old = [r["pid"] for r in _health(srv)["replicas"]]
     srv.kill()  # its replicas die with it (Ray ties an actor to the process that created it)
     srv.start(timeout=60)  # new replicas; the journal says which rows are still owed
@@ -215,9 +213,7 @@ def test_a_dead_node_loses_no_row_and_a_node_joining_mid_batch_takes_work(
     (on_a,) = [r for r in _health(srv)["replicas"] if r["alive"]]
     client = srv.client()
     n = 300
-    f = upload(client, jsonl([chat_line(i) for i in range(n)]))
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    _wait_for("the batch to start", lambda: client.batches.retrieve(b.id).request_counts.completed >= 16)  # type: ignore[union-attr]
+    b = _running_batch(client, n, done=16)
     # Node A goes away as a machine would: its Ray processes and the replica's worker, all SIGKILLed.
     _cluster_command(cluster, {"remove": added["node"]})
     with contextlib.suppress(ProcessLookupError):
