@@ -78,7 +78,7 @@ def _served_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[s
     seen: list[Any] = []
     monkeypatch.setattr(llmbatch.server, "serve", lambda config, **kw: seen.append(config))
     monkeypatch.setenv("LLMBATCH_HOME", str(tmp_path))
-    result = CliRunner().invoke(cli, ["serve", *args], env=env, catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", *args], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return seen[0]
 

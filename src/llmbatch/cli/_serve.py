@@ -160,7 +160,7 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible Files + Batches API (and the direct API) on your own engine."""
     from ..engines import ENGINE_OPTIONS, create_engine, resolve_engine
-    from ..server import ServerConfig, parse_size, parse_window
+    from ..server import ServerConfig, bind_port, lock_data_dir, parse_size, parse_window
     from ..server import serve as run_server
 
     engine, notice = resolve_engine(engine)
@@ -210,13 +210,22 @@ def serve(
         if executor != "ray":
             raise
         # No vLLM or GPU here is fine with Ray: the replicas have them (checked at start).
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    click.echo(
-        f"llmbatch {__version__}: starting on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "
-        f"data in {config.data_dir})",
-        err=True,
-    )
-    run_server(config, host=host, port=port, log_level=log_level)
+    # Both before "starting on": a busy port or a data directory in use is one line, not a
+    # traceback after the server said it was starting.
+    lock = lock_data_dir(config.data_dir)
+    try:
+        sock = bind_port(host, port)
+        port = sock.getsockname()[1]  # --port 0: the port the system chose
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        click.echo(
+            f"llmbatch {__version__}: starting on http://{host}:{port}/v1 (engine {engine}, executor {executor}, "
+            f"data in {config.data_dir})",
+            err=True,
+        )
+        with sock:
+            run_server(config, sock=sock, log_level=log_level)
+    finally:
+        lock.release()
 
 
 def _replica_resources(text: str | None) -> dict[str, float]:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import socket
+
 from ._app import create_app
 from ._config import ServerConfig, parse_size, parse_window
 from ._errors import APIError
+from ._listen import bind_port, lock_data_dir
 
-__all__ = ["APIError", "ServerConfig", "create_app", "parse_size", "parse_window", "serve"]
+__all__ = [
+    "APIError",
+    "ServerConfig",
+    "bind_port",
+    "create_app",
+    "lock_data_dir",
+    "parse_size",
+    "parse_window",
+    "serve",
+]
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Runs the server in this process until interrupted."""
+def serve(config: ServerConfig, sock: socket.socket, log_level: str = "info") -> None:
+    """Runs the server in this process on `sock` (from `bind_port`) until interrupted."""
     import uvicorn
 
     try:
@@ -19,12 +31,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
         loop = "uvloop"
     except ImportError:  # optional: plain asyncio works, more slowly
         loop = "asyncio"
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        loop=loop,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=5,
+    settings = uvicorn.Config(
+        create_app(config), loop=loop, log_level=log_level, access_log=False, timeout_graceful_shutdown=5
     )
+    uvicorn.Server(settings).run(sockets=[sock])
