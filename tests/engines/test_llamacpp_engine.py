@@ -213,6 +213,53 @@ def test_whole_batch_through_the_server(server_factory: Any) -> None:
     assert "not-a-model" in batch.errors.data[0].message
 
 
+def test_responses_api_directly_through_the_sdk_and_in_a_batch(server_factory: Any) -> None:
+    """Inspect AI sends unknown models to /v1/responses, directly and in batches: the default
+    engine serves it (instructions, max_output_tokens, temperature, text.format, usage)."""
+    srv = server_factory("--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "2", "--n-threads", "1")
+    client = srv.client()
+    response = client.responses.create(
+        model=MODEL,
+        instructions="Answer in one short sentence.",
+        input="What is the capital of France?",
+        max_output_tokens=20,
+        temperature=0,
+    )
+    assert response.object == "response" and response.model == MODEL
+    assert "Paris" in response.output_text
+    assert response.output[0].content[0].text == response.output_text
+    assert 0 < response.usage.output_tokens <= 20
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    structured = client.responses.create(
+        model=MODEL,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Name a city in Italy."}]}],
+        max_output_tokens=30,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+    )
+    assert set(json.loads(structured.output_text)) == {"city"}
+
+    rows = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": f"Say the number {i}.", "max_output_tokens": 8, "temperature": 0}}
+        for i in range(3)
+    ]  # fmt: skip
+    batch = run_batch(client, rows, endpoint="/v1/responses")
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == 3 and not read_jsonl(client, batch.error_file_id)
+    for line in read_jsonl(client, batch.output_file_id):
+        body = line["response"]["body"]
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"].strip()
+        assert 0 < body["usage"]["output_tokens"] <= 8
+    assert batch.usage.output_tokens > 0
+
+
 def test_readme_main_command_gives_real_answers_by_default(tmp_path: Path) -> None:
     """`llmbatch run` with nothing configured runs the packaged model; unknown models are refused at ingest."""
     env = {k: v for k, v in os.environ.items() if k != "LLMBATCH_ENGINE" and not k.startswith("OPENAI_")}

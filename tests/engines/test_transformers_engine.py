@@ -34,6 +34,7 @@ MODEL = "tiny-llama"  # the model directory's name, so the base model's served n
 ADAPTER = "my-adapter"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 N_CTX = 128
 
 # -- the tiny model ---------------------------------------------------------------------------
@@ -275,6 +276,34 @@ def test_chat_answer_has_openai_shape_real_usage_and_matches_transformers(
     assert usage["completion_tokens"] == 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + 12
     assert (r.usage.input_tokens, r.usage.output_tokens) == (usage["prompt_tokens"], 12)
+
+
+def test_responses_api_runs_as_its_chat_request(engine: EngineHandle, reference: _Reference) -> None:
+    """/v1/responses on a model engine: the translated chat request's answer, in a response object."""
+    import openai
+
+    text = "Tell me a story about a dragon."
+    r = engine.one({"model": MODEL, "input": text, "max_output_tokens": 12, "temperature": 0}, RESPONSES)
+    assert r.status_code == 200, r.body
+    response = openai.types.responses.Response.model_validate(r.body)
+    assert response.output_text == reference.chat(text, 12)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.input_tokens == len(reference.chat_ids(text)) and response.usage.output_tokens == 12
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (len(reference.chat_ids(text)), 12)
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}]
+    same = engine.one({"model": MODEL, "input": items, "max_output_tokens": 12, "temperature": 0}, RESPONSES)
+    assert same.body["output"][0]["content"][0]["text"] == response.output_text
+    # What the engine cannot honour is a 400 naming the Responses parameter the caller sent.
+    fmt = {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}
+    for body, param in (
+        ({"text": fmt}, "text.format"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ):
+        bad = engine.one({"model": MODEL, "input": text, **body}, RESPONSES)
+        assert (bad.status_code, bad.body["error"]["param"]) == (400, param), bad.body
+        assert param.split(".")[0] in bad.body["error"]["message"]
 
 
 def test_completions_default_to_16_tokens_and_match_transformers(engine: EngineHandle, reference: _Reference) -> None:

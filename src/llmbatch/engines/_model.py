@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._base import CHAT, COMPLETIONS, EMBEDDINGS, Engine, EngineRequest, EngineResponse, Usage, error_body
+from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
 from ._embed import SentenceEmbedder, resolve_embedding_model
 from ._facts import EngineFacts, ModelCatalog
 from ._options import parse_adapters
@@ -41,6 +41,7 @@ from ._request import (
     resolve_future,
     stop_strings,
 )
+from ._responses import chat_request, response_object, responses_error
 
 if TYPE_CHECKING:
     from ._options import ModelOptions
@@ -144,7 +145,7 @@ class ModelEngine(Engine):
     the engine is stopping), and each finished one is passed to `self._done(item)`.
     """
 
-    endpoints = frozenset({CHAT, COMPLETIONS})
+    endpoints = frozenset({CHAT, COMPLETIONS, RESPONSES})
     #: Optional parameters this engine honours (see `_OPTIONAL`); others get a 400 naming them.
     supported: frozenset[str] = frozenset()
     #: Whether the engine can answer more than one choice (`n`) per request.
@@ -272,6 +273,8 @@ class ModelEngine(Engine):
         try:
             if request.endpoint == EMBEDDINGS and self.embedder is not None:
                 return await self.embedder.handle(request.body)
+            if request.endpoint == RESPONSES:
+                return await self._respond(request.body)
             if request.endpoint not in (CHAT, COMPLETIONS):
                 return EngineResponse(
                     404, error_body(f"Invalid URL (POST {request.endpoint})", "invalid_request_error")
@@ -279,6 +282,30 @@ class ModelEngine(Engine):
             gen = self.parse(request.endpoint, request.body)
         except BadRequest as e:
             return EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
+        return await self.generate(gen)
+
+    async def _respond(self, body: Any) -> EngineResponse:
+        """A Responses API request, run as the chat request it translates to (see `_responses`)."""
+        chat = chat_request(body, self.name)
+        try:
+            gen = self.parse(CHAT, chat)
+        except BadRequest as e:  # name the Responses parameter the caller sent, not its chat twin
+            raise responses_error(e) from None
+        answer = await self.generate(gen)
+        if not answer.ok:
+            return answer
+        choice = gen.choices[0]
+        out = response_object(
+            body,
+            text=choice.text,
+            cut=choice.finish_reason == "length",
+            input_tokens=gen.prompt_tokens,
+            output_tokens=choice.tokens,
+        )
+        return EngineResponse(200, out, answer.usage)
+
+    async def generate(self, gen: Generation) -> EngineResponse:
+        """Runs a parsed request on the worker thread; its chat or completions answer."""
         if self._stopping or self._thread is None:
             return EngineResponse(503, error_body(f"the {self.name} engine is not running", "server_error"))
         item = _Item(gen, asyncio.get_running_loop().create_future())
