@@ -260,6 +260,33 @@ def test_responses_api_directly_through_the_sdk_and_in_a_batch(server_factory: A
     assert batch.usage.output_tokens > 0
 
 
+def test_stream_sends_tokens_as_they_are_generated(server_factory: Any) -> None:
+    """stream: true on the default engine: text comes in many pieces as generated, adds up to the
+    unstreamed answer, and a stop string's beginning is never shown."""
+    srv = server_factory("--engine", "llamacpp", "--embedding-model", "none", "--n-parallel", "2", "--n-threads", "1")
+    client = srv.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 20."}], "temperature": 0}
+    for extra in ({"max_tokens": 24}, {"max_tokens": 40, "stop": ["7"]}):
+        whole = client.chat.completions.create(**ask, **extra)
+        chunks = list(
+            client.chat.completions.create(**ask, **extra, stream=True, stream_options={"include_usage": True})
+        )
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) > 5, pieces  # token by token, not the whole answer at the end
+        assert "".join(pieces) == whole.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+        assert chunks[-1].usage == whole.usage
+    assert "7" not in "".join(pieces) and "6" in "".join(pieces)
+    events = list(
+        client.responses.create(
+            model=MODEL, input="Count from 1 to 20.", max_output_tokens=16, temperature=0, stream=True
+        )
+    )
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 5 and "".join(deltas) == events[-1].response.output_text
+    assert events[-1].type == "response.incomplete" and events[-1].response.usage.output_tokens == 16
+
+
 def test_readme_main_command_gives_real_answers_by_default(tmp_path: Path) -> None:
     """`llmbatch run` with nothing configured runs the packaged model; unknown models are refused at ingest."""
     env = {k: v for k, v in os.environ.items() if k != "LLMBATCH_ENGINE" and not k.startswith("OPENAI_")}

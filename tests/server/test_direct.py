@@ -153,9 +153,64 @@ def test_invalid_body(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         client.embeddings.create(model="m", input="")
     assert exc.value.param == "input"
+
+
+# -- streaming (stream: true): server-sent events as OpenAI sends them --------------------------
+
+
+def test_chat_streams_as_openai_chunks_with_usage_last(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "stream this back ✓"}]
+    whole = client.chat.completions.create(model="gpt-4o-mini", messages=messages, n=2)
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, n=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+    *answer, last = chunks
+    assert last.choices == [] and last.usage == whole.usage  # the usage chunk comes last, with no choices
+    assert all(c.usage is None for c in answer)
+    for index in (0, 1):
+        deltas = [ch.delta for c in answer for ch in c.choices if ch.index == index]
+        assert deltas[0].role == "assistant"
+        assert "".join(d.content or "" for d in deltas) == "stream this back ✓"
+        finishes = [ch.finish_reason for c in answer for ch in c.choices if ch.index == index]
+        assert finishes[-1] == "stop" and not any(finishes[:-1])
+    # Without stream_options no usage chunk; the stream ends with [DONE] (the SDK stops on it).
+    r = client.chat.completions.with_raw_response.create(model="m", messages=messages, stream=True)
+    raw = r.http_response.read().decode()
+    assert r.http_response.headers["content-type"].startswith("text/event-stream")
+    assert raw.endswith("data: [DONE]\n\n") and '"usage"' not in raw
+
+
+def test_completions_and_responses_stream(client: openai.OpenAI) -> None:
+    chunks = list(client.completions.create(model="m", prompt="one two three", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "one two three"
+    assert chunks[-1].choices[0].finish_reason == "stop" and {c.object for c in chunks} == {"text_completion"}
+    events = list(client.responses.create(model="m", instructions="be brief", input="respond, streamed", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "respond, streamed"
+    final = events[-1].response
+    assert final.output_text == "respond, streamed" and final.usage.output_tokens > 0
+    cut = list(client.responses.create(model="m", input="a b c d e f", max_output_tokens=2, stream=True))
+    assert cut[-1].type == "response.incomplete" and cut[-1].response.incomplete_details.reason == "max_output_tokens"
+
+
+def test_a_stream_refused_before_it_starts_is_an_ordinary_error(client: openai.OpenAI, server) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
-    assert exc.value.param == "stream"
+        client.chat.completions.create(model="m", messages=[], stream=True)
+    assert exc.value.param == "messages"
+    http = server.http()
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for extra, param in (
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ):
+        error = assert_envelope(http.post("/v1/chat/completions", json={**body, **extra}), 400)
+        assert error["param"] == param
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"])

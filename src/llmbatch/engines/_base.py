@@ -8,6 +8,7 @@ an OpenAI-format body, which the worker writes to the output or error file.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,6 +25,7 @@ __all__ = [
     "MetricFamily",
     "EngineRequest",
     "EngineResponse",
+    "TextDelta",
     "Usage",
     "error_body",
     "usage_from_body",
@@ -82,6 +84,14 @@ class EngineResponse:
         return 200 <= self.status_code < 300
 
 
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of an answer being streamed: `text` to append to choice `index`'s text."""
+
+    index: int
+    text: str
+
+
 def error_body(message: str, type: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -134,6 +144,12 @@ class Engine(ABC):
     @abstractmethod
     async def handle(self, request: EngineRequest) -> EngineResponse:
         """Answers one request. Never raises for bad input or upstream failure."""
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[TextDelta | EngineResponse]:
+        """Answers like `handle` (the request's body holds no `stream`), yielding text as it is
+        generated and then the whole answer, last. This default yields only the answer, which the
+        server then streams in one piece; engines that generate token by token override it."""
+        yield await self.handle(request)
 
     def validate_model(self, model: str) -> str | None:
         """Returns why `model` cannot be served by this engine, or None when it can."""

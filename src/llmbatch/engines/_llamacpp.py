@@ -52,6 +52,7 @@ class _Seq:
     item: _Item
     prompt: list[int]
     seed: int
+    index: int = 0  # the choice this sequence answers
     sampler: Any = None
     slot: int = -1
     fed: int = 0  # prompt tokens already decoded
@@ -62,6 +63,7 @@ class _Seq:
     logits_at: int = -1  # this step's batch index holding the sequence's logits
     finish: str | None = None
     text: str = ""
+    sent: int = 0  # characters of the text already streamed (Generation.on_text)
 
 
 @dataclass(slots=True, eq=False)
@@ -273,7 +275,7 @@ class LlamaCppEngine(ModelEngine):
         requests[id(item)] = _Request(item, [None] * gen.n, gen.n)
         for i in range(gen.n):
             seed = _RANDOM_SEED if base_seed is None else (base_seed + i) % _RANDOM_SEED
-            waiting.append(_Seq(item, prompt, seed))
+            waiting.append(_Seq(item, prompt, seed, index=i))
 
     def _prompt_tokens(self, gen: Generation) -> list[int]:
         if gen.messages is not None:
@@ -353,6 +355,15 @@ class LlamaCppEngine(ModelEngine):
         if (gen.max_tokens is not None and seq.tokens >= gen.max_tokens) or seq.pos >= self.n_ctx:
             seq.finish = "length"
             seq.text = _decode(seq.out)
+            return
+        if gen.on_text is not None:
+            # Held back: a character cut mid-way (decoding drops it) and what could be the start of
+            # a stop string, which the answer must not show once the stop string completes.
+            text = _decode(seq.out)
+            ready = len(text) - max((len(s) - 1 for s in gen.stop), default=0)
+            if ready > seq.sent:
+                gen.on_text(seq.index, text[seq.sent : ready])
+                seq.sent = ready
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token (special tokens render as nothing)."""
@@ -382,8 +393,11 @@ class LlamaCppEngine(ModelEngine):
             del requests[id(seq.item)]
             self._done(seq.item)
             return
-        index = req.choices.index(None)
-        req.choices[index] = Choice(seq.text, seq.finish or "stop", seq.tokens)
+        gen = seq.item.generation
+        if gen.on_text is not None and len(seq.text) > seq.sent:
+            gen.on_text(seq.index, seq.text[seq.sent :])
+        # Choice i is the sequence seeded seed + i, whichever finishes first.
+        req.choices[seq.index] = Choice(seq.text, seq.finish or "stop", seq.tokens)
         req.left -= 1
         if req.left == 0:
             del requests[id(seq.item)]

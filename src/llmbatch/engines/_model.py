@@ -24,12 +24,23 @@ import queue
 import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._base import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Engine, EngineRequest, EngineResponse, Usage, error_body
+from ._base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    Engine,
+    EngineRequest,
+    EngineResponse,
+    TextDelta,
+    Usage,
+    error_body,
+)
 from ._embed import SentenceEmbedder, resolve_embedding_model
 from ._facts import EngineFacts, ModelCatalog
 from ._options import parse_adapters
@@ -97,6 +108,10 @@ class Generation:
     #: longer than the context), `error_status` 5xx when the engine failed.
     error: str | None = None
     error_status: int = 400
+    #: Set while the answer is streamed: the worker thread calls it with (choice index, new text)
+    #: as text is generated. Engines that generate token by token call it; others never do, and
+    #: their answer is streamed whole once done.
+    on_text: Callable[[int, str], None] | None = None
 
 
 def model_names(path: str | Path, served: str | None) -> tuple[str, ...]:
@@ -286,12 +301,17 @@ class ModelEngine(Engine):
 
     async def _respond(self, body: Any) -> EngineResponse:
         """A Responses API request, run as the chat request it translates to (see `_responses`)."""
+        gen = self._responses_generation(body)
+        return self._responses_answer(body, gen, await self.generate(gen))
+
+    def _responses_generation(self, body: Any) -> Generation:
         chat = chat_request(body, self.name)
         try:
-            gen = self.parse(CHAT, chat)
+            return self.parse(CHAT, chat)
         except BadRequest as e:  # name the Responses parameter the caller sent, not its chat twin
             raise responses_error(e) from None
-        answer = await self.generate(gen)
+
+    def _responses_answer(self, body: dict[str, Any], gen: Generation, answer: EngineResponse) -> EngineResponse:
         if not answer.ok:
             return answer
         choice = gen.choices[0]
@@ -303,6 +323,48 @@ class ModelEngine(Engine):
             output_tokens=choice.tokens,
         )
         return EngineResponse(200, out, answer.usage)
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[TextDelta | EngineResponse]:
+        """Text as the worker thread generates it (where the engine reports it), then the answer."""
+        if request.endpoint not in (CHAT, COMPLETIONS, RESPONSES):
+            yield await self.handle(request)
+            return
+        try:
+            if request.endpoint == RESPONSES:
+                gen = self._responses_generation(request.body)
+            else:
+                gen = self.parse(request.endpoint, request.body)
+        except BadRequest as e:
+            yield EngineResponse(400, error_body(e.message, "invalid_request_error", param=e.param))
+            return
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[TextDelta | EngineResponse] = asyncio.Queue()
+
+        def on_text(index: int, text: str) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(pieces.put_nowait, TextDelta(index, text))
+
+        async def run() -> None:
+            # The worker resolves the request's future after its last on_text, both through
+            # call_soon_threadsafe, so every piece is queued before the answer.
+            try:
+                answer = await self.generate(gen)
+            except Exception as exc:  # an engine answers, never raises; if it did, the stream ends in an error
+                log.exception("engine %s failed on a streamed request", self.name)
+                answer = EngineResponse(500, error_body(f"{self.name} engine failed: {exc!r}", "server_error"))
+            if request.endpoint == RESPONSES:
+                answer = self._responses_answer(request.body, gen, answer)
+            pieces.put_nowait(answer)
+
+        gen.on_text = on_text
+        task = asyncio.create_task(run())
+        try:
+            while True:
+                piece = await pieces.get()
+                yield piece
+                if isinstance(piece, EngineResponse):
+                    return
+        finally:
+            task.cancel()  # the caller hung up: the engine drops the request (its slot is freed)
 
     async def generate(self, gen: Generation) -> EngineResponse:
         """Runs a parsed request on the worker thread; its chat or completions answer."""

@@ -17,6 +17,7 @@ from .._text import clip
 from ..engines import KNOWN_ENDPOINTS, EngineRequest, error_body
 from ._errors import APIError, parse_json_object
 from ._limits import body_limit, check_length, counting
+from ._stream import send_stream, stream_options
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -89,9 +90,29 @@ class DirectAPI:
         except APIError as exc:  # a chunked body past the limit
             await _respond(send, exc.status, orjson.dumps(exc.body), None)
             return
-        await _respond(send, *await self._answer(scope, b"".join(chunks)))
+        checked = self._check(scope, b"".join(chunks))
+        if isinstance(checked, APIError):
+            await _respond(send, checked.status, orjson.dumps(checked.body), None)
+            return
+        body, size = checked
+        try:
+            include_usage = stream_options(body)
+        except APIError as exc:
+            await _respond(send, exc.status, orjson.dumps(exc.body), None)
+            return
+        request = EngineRequest(scope["path"], body, size=size)
+        if include_usage is None:
+            await _respond(send, *await self._answer(request))
+            return
+        pieces = self.server.engine.stream(request)
+        answer = await send_stream(pieces, request.endpoint, body, include_usage, receive, send)
+        if answer is not None:
+            self.server.direct_requests[(request.endpoint, answer.status_code)] += 1
+            if not answer.ok:  # nothing was streamed yet: an ordinary error answer
+                await _respond(send, answer.status_code, _json(answer.body), answer.headers)
 
-    async def _answer(self, scope: Scope, raw: bytes) -> tuple[int, bytes | list[bytes], dict[str, str] | None]:
+    def _check(self, scope: Scope, raw: bytes) -> tuple[dict[str, Any], int] | APIError:
+        """The request's body and size once the key, the endpoint and the model are checked."""
         srv = self.server
         engine = srv.engine
         endpoint = scope["path"]
@@ -114,19 +135,25 @@ class DirectAPI:
             if why:
                 raise APIError(404, clip(why, limit=1000), param="model", code="model_not_found")
         except APIError as exc:
-            return exc.status, orjson.dumps(exc.body), None
+            return exc
+        return body, len(raw)
+
+    async def _answer(self, request: EngineRequest) -> tuple[int, bytes | list[bytes], dict[str, str] | None]:
         try:
-            resp = await engine.handle(EngineRequest(endpoint, body, size=len(raw)))
+            resp = await self.server.engine.handle(request)
         except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
-            log.exception("engine failed on a direct %s request", endpoint)
+            log.exception("engine failed on a direct %s request", request.endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
-        srv.direct_requests[(endpoint, resp.status_code)] += 1
-        content = resp.body if isinstance(resp.body, (bytes, list)) else orjson.dumps(resp.body)
-        return resp.status_code, content, resp.headers
+        self.server.direct_requests[(request.endpoint, resp.status_code)] += 1
+        return resp.status_code, _json(resp.body), resp.headers
 
     def __getattr__(self, name: str) -> Any:
         # `app.state`, `app.routes`, ... of the wrapped FastAPI app stay reachable.
         return getattr(self.app, name)
+
+
+def _json(body: dict[str, Any] | bytes | list[bytes]) -> bytes | list[bytes]:
+    return body if isinstance(body, (bytes, list)) else orjson.dumps(body)
 
 
 async def _respond(send: Send, status: int, content: bytes | list[bytes], headers: dict[str, str] | None) -> None:
