@@ -156,3 +156,21 @@ def test_bad_ray_options_are_clean_errors(tmp_path: Path, args: list[str], messa
     result = CliRunner().invoke(cli, ["serve", "--engine", "echo", *args], env={"LLMBATCH_HOME": str(tmp_path)})
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def _help(*command: str) -> str:
+    result = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())  # one line: wrapping must not split what is looked for
+
+
+def test_help_shows_defaults_environment_variables_and_exit_codes() -> None:
+    """What a new user looks for in --help: each option's default, the environment variables
+    that set it, what --log-level does, and what `run`'s exit status means."""
+    serve = _help("serve")
+    assert "[env var: LLMBATCH_API_KEYS]" in serve and "[env var: LLMBATCH_UPSTREAM_API_KEY]" in serve
+    log_level = serve[serve.index("--log-level") :]
+    assert log_level.split("[default: info]")[0].count(" ") > 3  # a sentence, not just the choices
+    run = _help("run")
+    assert "--poll-interval FLOAT RANGE First wait between polls" in run and "[default: 2;" in run
+    assert "Exit codes: 0 every row succeeded" in run and "130 Ctrl+C" in run

@@ -123,10 +123,20 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="Keep each chunk's uploaded input at the provider (default: deleted once collected).",
 )
 @click.option("--dry-run", is_flag=True, help="Validate, estimate, print the planned chunks, send nothing.")
-@click.option("--poll-interval", type=click.FloatRange(min=0.01), default=None, help="First wait between polls (s).")
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="First wait between polls (s), doubling to 60 s. [default: 2; local: 0.5]",
+)
 @price_options
 def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
-    """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
+    """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it.
+
+    \b
+    Exit codes: 0 every row succeeded; 1 some rows finally failed (outputs written);
+    2 usage, configuration or invalid input; 3 the budget stopped the job; 130 Ctrl+C.
+    """
     opts["engine_options"] = engine_config_options(opts) or None
     settings = settings_for(list(inputs), **opts)
     if settings.provider == "local":

@@ -35,7 +35,9 @@ __all__ = ["serve"]
     "api_keys",
     multiple=True,
     envvar="LLMBATCH_API_KEYS",
-    help="Accepted Bearer key (repeatable). None: the server is open. Each key sees only its own objects.",
+    show_envvar=True,
+    help="Accepted Bearer key (repeatable; the variable holds keys separated by spaces). None: the server is "
+    "open. Each key sees only its own objects.",
 )
 @click.option("--echo-latency", type=float, default=0.0, show_default=True, help="echo: seconds added per request.")
 @click.option(
@@ -46,7 +48,13 @@ __all__ = ["serve"]
     help="echo: fraction of requests failing with a retryable 500 (deterministic per row).",
 )
 @click.option("--upstream-url", default=None, help="openai: base URL of an OpenAI-compatible API, with /v1.")
-@click.option("--upstream-api-key", envvar="LLMBATCH_UPSTREAM_API_KEY", default=None, help="openai: key sent upstream.")
+@click.option(
+    "--upstream-api-key",
+    envvar="LLMBATCH_UPSTREAM_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="openai: key sent upstream.",
+)
 @click.option(
     "--upstream-max-retries",
     "max_retries",
@@ -128,7 +136,11 @@ __all__ = ["serve"]
     help="ray: seconds the start waits for replicas; later ones join when Ray places them.",
 )
 @click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Least severe server log lines shown (info: one line per batch state change).",
 )
 def serve(
     host: str,

@@ -178,8 +178,14 @@ class SentenceEmbedder:
             tokenizer = self._model.tokenizer
             limit = self._model.get_max_seq_length() or 512
             counts = [min(len(ids), limit) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+            # show_progress_bar: by default it follows its logger, drawing a tqdm bar into the
+            # server's log for every call when the server logs at INFO.
             vectors = self._model.encode(
-                texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
             ).tolist()
         except Exception as exc:  # a failure answers the rows, never kills the thread
             for job in jobs:
