@@ -116,11 +116,10 @@ class DirectAPI:
         except APIError as exc:
             return exc.status, orjson.dumps(exc.body), None
         try:
-            resp = await engine.handle(EngineRequest(endpoint, body, size=len(raw)))
+            resp = await srv.meter.handle(engine, "direct", EngineRequest(endpoint, body, size=len(raw)))
         except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
             log.exception("engine failed on a direct %s request", endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
-        srv.direct_requests[(endpoint, resp.status_code)] += 1
         content = resp.body if isinstance(resp.body, (bytes, list)) else orjson.dumps(resp.body)
         return resp.status_code, content, resp.headers
 
