@@ -20,7 +20,8 @@ def upstream_chat_requests(upstream) -> int:  # type: ignore[no-untyped-def]
         int(n)
         for n in re.findall(
             # prometheus_client writes labels in alphabetical order: endpoint, source, status
-            r'llmbatch_requests_total\{endpoint="/v1/chat/completions",source="direct",[^}]*\} (\d+)', text
+            r'llmbatch_requests_total\{endpoint="/v1/chat/completions",source="direct",[^}]*\} (\d+)',
+            text,
         )
     )
 
