@@ -65,7 +65,7 @@ def batch_chart(srv: ServerState, b: BatchRow) -> Any:
     failed = [(t - start, float(f)) for t, _, f in points]
     return line_chart(
         [Series("completed", "#16a34a", done), Series("failed", "#dc2626", failed)],
-        x_label="seconds since start",
+        x_label=f"seconds since start (0 to {done[-1][0]:.0f})" if done else "seconds since start",
         title=f"Rows of {b.id} over time",
     )
 

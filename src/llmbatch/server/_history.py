@@ -12,11 +12,13 @@ __all__ = ["ProgressHistory", "RateWindow"]
 
 
 class ProgressHistory:
-    """(time, completed, failed) samples per batch, at most one a second; the oldest half of a
-    long run's samples are thinned to every other one, so a batch keeps at most `per_batch`."""
+    """(time, completed, failed) samples per batch, about one a second; when a long run has
+    `per_batch` of them they are thinned to every other one and taken half as often from then
+    on, so memory stays bounded and the samples stay evenly spread."""
 
     def __init__(self, batches: int = 500, per_batch: int = 600) -> None:
         self._samples: OrderedDict[str, list[tuple[float, int, int]]] = OrderedDict()
+        self._gap: dict[str, float] = {}  # seconds between a batch's samples: 1, doubled at each thinning
         self._batches = batches
         self._per_batch = per_batch
         self._lock = threading.Lock()
@@ -27,15 +29,16 @@ class ProgressHistory:
             samples = self._samples.get(batch_id)
             if samples is None:
                 samples = self._samples[batch_id] = []
+                self._gap[batch_id] = 1.0
                 while len(self._samples) > self._batches:
-                    self._samples.popitem(last=False)
-            if samples and now - samples[-1][0] < 1.0 and len(samples) > 1:
-                samples[-1] = (now, completed, failed)  # within the second: the latest counts win
+                    self._gap.pop(self._samples.popitem(last=False)[0], None)
+            if len(samples) > 1 and now - samples[-2][0] < self._gap[batch_id]:
+                samples[-1] = (now, completed, failed)  # within a second of the one before: the latest wins
             else:
                 samples.append((now, completed, failed))
             if len(samples) > self._per_batch:
-                half = len(samples) // 2
-                samples[:half] = samples[:half:2]
+                samples[:-1] = samples[:-1:2]  # every other one, and from now on half as often:
+                self._gap[batch_id] *= 2  # a long run's chart keeps its shape
 
     def samples(self, batch_id: str) -> list[tuple[float, int, int]]:
         with self._lock:
