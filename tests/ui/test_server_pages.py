@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]  # one Ch
 A, B = "sk-page-a", "sk-page-b"
 
 
-def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+def until(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:  # generous: CI is busy
     deadline = time.monotonic() + timeout
     while True:
         value = check()
