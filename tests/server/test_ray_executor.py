@@ -235,9 +235,9 @@ def test_a_dead_node_loses_no_row_and_a_node_joining_mid_batch_takes_work(
     assert f"replica {on_a['index']} (pid {on_a['pid']}) died" in srv.log()
     metrics = httpx.get(f"http://127.0.0.1:{srv.port}/metrics", timeout=5).text
     for r in replicas:
-        labels = f'replica="{r["index"]}",node_id="{r["node_id"] or ""}"'
-        assert f"llmbatch_replica_up{{{labels}}} {int(r['alive'])}" in metrics, metrics
-        assert f"llmbatch_replica_rows_total{{{labels}}} {r['rows']}" in metrics, metrics
+        labels = f'node_id="{r["node_id"] or ""}",replica="{r["index"]}"'  # prometheus_client sorts labels
+        assert f"llmbatch_replica_up{{{labels}}} {float(r['alive'])}\n" in metrics, metrics
+        assert f"llmbatch_replica_rows_total{{{labels}}} {float(r['rows'])}\n" in metrics, metrics
     _cluster_command(cluster, {"remove": joined["node"]})
 
 

@@ -1,9 +1,9 @@
-"""The HTTP API: OpenAI's Files and Batches endpoints, the direct endpoints, models, metrics.
+"""The HTTP API: OpenAI's Files and Batches endpoints, the direct endpoints, models, health.
 
 `create_app(config)` returns an ASGI app; its lifespan opens the store, starts the engine and
 the batch worker, and resumes whatever batches were running when the server last stopped.
-The routes live in `_files`, `_batches` and here (health, models, metrics); the direct
-endpoints in `_direct`, in front of the FastAPI app.
+The routes live in `_files`, `_batches`, `_metrics` (/metrics), `_dashboard` (the web pages
+at /ui) and here (health, models); the direct endpoints in `_direct`, in front of the FastAPI app.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .. import __version__
 from .._exceptions import ConfigError, EngineError
 from .._text import clip
 from ..engines import Engine
-from . import _batches, _files
+from . import _batches, _dashboard, _files, _metrics
 from ._config import ServerConfig
 from ._direct import DirectAPI
 from ._disk import free_bytes
@@ -76,37 +76,6 @@ async def get_model(model_id: str, request: Request) -> Response:
     raise APIError(404, f"The model '{clip(model_id)}' does not exist.", param="model", code="model_not_found")
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    """Prometheus text. With keys set, a key is required and the batch gauge counts only that
-    key's batches: on a shared server one tenant must not learn another's workload. The request
-    counters are the process's (what an operator scrapes; they name no tenant or object)."""
-    srv = server_state(request)
-    owner = srv.owner(request)
-    assert srv.store is not None and srv.worker is not None
-    lines = [
-        "# HELP llmbatch_requests_total Requests answered by the engine.",
-        "# TYPE llmbatch_requests_total counter",
-    ]
-    for source, counter in (("direct", srv.direct_requests), ("batch", srv.worker.rows_done)):
-        for (endpoint, status), n in sorted(counter.items()):
-            lines.append(f'llmbatch_requests_total{{source="{source}",endpoint="{endpoint}",status="{status}"}} {n}')
-    lines += ["# HELP llmbatch_batches Batches by status.", "# TYPE llmbatch_batches gauge"]
-    for status, n in sorted(srv.store.count_by_status(owner).items()):
-        lines.append(f'llmbatch_batches{{status="{status}"}} {n}')
-    for family in srv.engine.metric_families():
-        lines += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.type}"]
-        for labels, value in family.samples:
-            pairs = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-            lines.append(f"{family.name}{{{pairs}}} {int(value) if value.is_integer() else value}")
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-
-def _label_value(value: str) -> str:
-    """A Prometheus label value escaped as the text format requires."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
     """Builds the server's ASGI app. `engine` overrides the one named in the config.
 
@@ -127,7 +96,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
             log.debug("engine start failed", exc_info=True)
             srv.store.close()
             raise
-        srv.worker = BatchWorker(config, srv.store, srv.engine)
+        srv.worker = BatchWorker(config, srv.store, srv.engine, srv.meter, srv.history)
         await srv.worker.start()
         log.info("llmbatch server ready: engine %s, data in %s", srv.engine.name, config.data_dir)
         try:
@@ -144,4 +113,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> DirectAPI:
     app.include_router(router)
     app.include_router(_files.router)
     app.include_router(_batches.router)
+    app.include_router(_metrics.router)
+    app.include_router(_dashboard.router)
+    app.add_middleware(_metrics.HTTPMeter, registry=srv.http_metrics)
     return DirectAPI(app, srv)

@@ -13,10 +13,10 @@ from ..engines import KNOWN_ENDPOINTS
 from ._errors import APIError, json_response, parse_json_object
 from ._ids import new_id
 from ._params import expires_after, int_param, list_page
-from ._state import server_state
+from ._state import ServerState, server_state
 from ._store import BatchRow
 
-__all__ = ["router"]
+__all__ = ["router", "cancel"]
 
 router = APIRouter()
 
@@ -96,10 +96,16 @@ async def get_batch(batch_id: str, request: Request) -> Response:
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(batch_id: str, request: Request) -> Response:
     srv = server_state(request)
-    b = srv.batch(batch_id, srv.owner(request))
+    return json_response(cancel(srv, batch_id, srv.owner(request)).to_api())
+
+
+def cancel(srv: ServerState, batch_id: str, owner: str) -> BatchRow:
+    """Cancels `owner`'s batch (the API and the dashboard's button): the batch in `cancelling`;
+    APIError 404 when it is not owner's, 409 when it has ended."""
+    b = srv.batch(batch_id, owner)
     assert srv.store is not None and srv.worker is not None
     if b.status == "cancelling":
-        return json_response(b.to_api())
+        return b
     if b.status not in ("validating", "in_progress"):
         raise APIError(
             409, f"Cannot cancel a batch with status '{b.status}'.", param="batch_id", code="batch_not_cancellable"
@@ -116,7 +122,7 @@ async def cancel_batch(batch_id: str, request: Request) -> Response:
                 code="batch_not_cancellable",
             ) from None
     srv.worker.request_cancel(b.id)
-    return json_response(b.to_api())
+    return b
 
 
 def _validate_metadata(metadata: Any) -> dict[str, str] | None:

@@ -9,6 +9,7 @@ of the FastAPI app, which serves everything else.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -104,10 +105,13 @@ class DirectAPI:
         if include_usage is None:
             await _respond(send, *await self._answer(request))
             return
-        pieces = self.server.engine.stream(request)
-        answer = await send_stream(pieces, request.endpoint, body, include_usage, receive, send)
+        meter = self.server.meter
+        t0 = time.perf_counter()
+        with meter.busy("direct"):
+            pieces = self.server.engine.stream(request)
+            answer = await send_stream(pieces, request.endpoint, body, include_usage, receive, send)
         if answer is not None:
-            self.server.direct_requests[(request.endpoint, answer.status_code)] += 1
+            meter.record("direct", request.endpoint, answer, time.perf_counter() - t0)
             if not answer.ok:  # nothing was streamed yet: an ordinary error answer
                 await _respond(send, answer.status_code, _json(answer.body), answer.headers)
 
@@ -140,11 +144,10 @@ class DirectAPI:
 
     async def _answer(self, request: EngineRequest) -> tuple[int, bytes | list[bytes], dict[str, str] | None]:
         try:
-            resp = await self.server.engine.handle(request)
+            resp = await self.server.meter.handle(self.server.engine, "direct", request)
         except Exception as exc:  # engines should not raise; if one does, answer like the rest of the API
             log.exception("engine failed on a direct %s request", request.endpoint)
             return 500, orjson.dumps(error_body(f"Internal server error: {exc}", "server_error")), None
-        self.server.direct_requests[(request.endpoint, resp.status_code)] += 1
         return resp.status_code, _json(resp.body), resp.headers
 
     def __getattr__(self, name: str) -> Any:

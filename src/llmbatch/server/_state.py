@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 from fastapi import Request
+from prometheus_client import CollectorRegistry
 
 from .._text import clip
 from ..engines import Engine, create_engine
 from ._config import ServerConfig, key_owner
 from ._errors import APIError
+from ._history import ProgressHistory
 from ._limits import MAX_ID_CHARS
+from ._metrics import EngineMeter, public_registry
 from ._store import BatchRow, FileRow, Store
 from ._worker import BatchWorker
 
@@ -30,10 +32,22 @@ class ServerState:
         self._keys = {k: key_owner(k) for k in config.api_keys}
         self.store: Store | None = None
         self.worker: BatchWorker | None = None
-        self.direct_requests: Counter[tuple[str, int]] = Counter()
+        #: Every engine call, counted and timed (/metrics, the dashboard's engine panel).
+        self.meter = EngineMeter()
+        #: The API's HTTP requests by route and status (filled by `HTTPMeter`).
+        self.http_metrics = CollectorRegistry(auto_describe=True)
+        #: Process-level series, public even with keys.
+        self.public_metrics = public_registry(self)
+        #: Running batches' counts over time (the dashboard's batch chart).
+        self.history = ProgressHistory()
         self.started_at = time.time()
         #: Why the engine could not start (one line for the log instead of a traceback).
         self.start_error: str | None = None
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether callers need a key (else the server is open)."""
+        return bool(self._keys)
 
     def owner(self, request: Request) -> str:
         """The caller's owner tag; raises 401 when keys are configured and the caller has none of them."""

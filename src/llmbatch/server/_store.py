@@ -334,9 +334,12 @@ class Store:
             return None
         return _batch(row)
 
-    def list_batches(self, owner: str, *, after: str | None, limit: int) -> tuple[list[BatchRow], bool] | None:
-        """A page of batches, newest first; None when `after` names no batch of owner's."""
-        return self._page("batches", _BATCH_COLUMNS, _batch, owner, after, limit, "desc", None, None)
+    def list_batches(
+        self, owner: str, *, after: str | None, limit: int, status: str | None = None
+    ) -> tuple[list[BatchRow], bool] | None:
+        """A page of batches, newest first (only those in `status`, if given); None when `after`
+        names no batch of owner's."""
+        return self._page("batches", _BATCH_COLUMNS, _batch, owner, after, limit, "desc", "status", status)
 
     def batches_in(self, statuses: Sequence[str]) -> list[BatchRow]:
         """All batches in these statuses, oldest first."""
@@ -352,6 +355,34 @@ class Store:
         with self._lock:
             sql = "SELECT status, COUNT(*) FROM batches WHERE owner=? GROUP BY status"
             return dict(self._db.execute(sql, (owner,)).fetchall())
+
+    def transition_counts(self, owner: str) -> dict[tuple[str | None, str], int]:
+        """How many times `owner`'s batches moved from one status to another (None: created)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.from_status, e.to_status, COUNT(*) FROM batch_events e JOIN batches b ON b.id = e.batch_id "
+                "WHERE b.owner=? GROUP BY e.from_status, e.to_status",
+                (owner,),
+            ).fetchall()
+        return {(frm, to): n for frm, to, n in rows}
+
+    def usage_totals(self, owner: str) -> dict[str, int]:
+        """Rows completed and failed, and tokens in and out, over all of `owner`'s batches."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(completed), 0), COALESCE(SUM(failed), 0), COALESCE(SUM(input_tokens), 0), "
+                "COALESCE(SUM(output_tokens), 0) FROM batches WHERE owner=?",
+                (owner,),
+            ).fetchone()
+        return dict(zip(("completed", "failed", "input_tokens", "output_tokens"), row))
+
+    def rows_pending(self) -> int:
+        """Rows of in_progress batches (every owner's) not answered yet: the engine's backlog."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(total - completed - failed), 0) FROM batches WHERE status='in_progress'"
+            ).fetchone()
+        return int(row[0])
 
     def transition(
         self,

@@ -42,8 +42,10 @@ from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
 from ._disk import Backoff, free_bytes, is_disk_full
 from ._fair import EngineSlots, Share, admit
+from ._history import ProgressHistory
 from ._ids import new_id
 from ._journal import Journal
+from ._metrics import EngineMeter
 from ._outputs import CANCELLED, EXPIRED, fsync_dir, write_outputs
 from ._store import BatchRow, FileRow, Store
 from ._validate import ValidationResult, iter_lines, validate_input
@@ -117,11 +119,20 @@ class _Retry:
 class BatchWorker:
     """Runs every batch the store says is owed work, with one engine."""
 
-    def __init__(self, config: ServerConfig, store: Store, engine: Engine) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        engine: Engine,
+        meter: EngineMeter | None = None,
+        history: ProgressHistory | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.engine = engine
-        self.rows_done: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> rows
+        self.meter = meter or EngineMeter()
+        #: Running batches' counts over time, as they are checkpointed (the dashboard's chart).
+        self.history = history or ProgressHistory()
         self._runs: dict[str, _Run] = {}
         # Rows in flight, for all batches together: the engine's concurrency, shared fairly.
         self._slots = EngineSlots(engine.max_concurrency, config.scheduling, config.owner_weights())
@@ -416,7 +427,8 @@ class BatchWorker:
             try:
                 obj = orjson.loads(raw)
                 custom_id = obj["custom_id"]
-                resp = await self.engine.handle(EngineRequest(endpoint, obj["body"], custom_id, len(raw)))
+                request = EngineRequest(endpoint, obj["body"], custom_id, len(raw))
+                resp = await self.meter.handle(self.engine, "batch", request)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug fails its row, never the batch
@@ -440,7 +452,6 @@ class BatchWorker:
                 return
             if self.disk_full_since is not None:
                 self.note_disk_full(False)
-            self.rows_done[(endpoint, resp.status_code)] += 1
         finally:
             self._slots.release(share)
 
@@ -451,6 +462,7 @@ class BatchWorker:
             await asyncio.sleep(self.config.checkpoint_interval)
             cols = journal.totals.columns()
             if cols != last:
+                self.history.record(batch_id, cols["completed"], cols["failed"])
                 try:
                     self.store.set_progress(batch_id, **cols)
                 except Exception as exc:
