@@ -14,9 +14,9 @@ What a scrape shows depends on who asks (README, "/metrics"):
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
