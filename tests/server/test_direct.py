@@ -256,3 +256,8 @@ def test_metrics(client: openai.OpenAI, server) -> None:  # type: ignore[no-unty
     client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "once more"}])
     text = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
     assert value(direct) == before + 1
+    # a streamed answer is counted as well, once it has been sent
+    for _ in client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "s"}], stream=True):
+        pass
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+    assert value(direct) == before + 2
