@@ -134,7 +134,7 @@ class Hit:
 
 @dataclass(frozen=True)
 class Entry:
-    """An answer to keep."""
+    """An answer to keep: its result record without id and custom_id (compressed when stored)."""
 
     key: bytes
     endpoint: str
@@ -249,15 +249,16 @@ class ResponseCache:
         if not entries:
             return 0
         now = time.time()
+        packed = [zlib.compress(e.record) for e in entries]  # before the transaction: it stays short
         with self._tx() as db:
             added = db.executemany(
                 "INSERT INTO answers (key, scope, endpoint, model, record, size, input_tokens, output_tokens, "
                 "cached_tokens, reasoning_tokens, cost, created_at, used_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key, scope) DO NOTHING",
                 [
-                    (e.key, scope, e.endpoint, e.model, e.record, len(e.record) + ENTRY_OVERHEAD, e.input_tokens,
+                    (e.key, scope, e.endpoint, e.model, z, len(z) + ENTRY_OVERHEAD, e.input_tokens,
                      e.output_tokens, e.cached_tokens, e.reasoning_tokens, e.cost, now, now)
-                    for e in entries
+                    for e, z in zip(entries, packed)
                 ],
             ).rowcount  # fmt: skip
         self.evict()
@@ -371,9 +372,8 @@ def remember(ctx: RunContext, outcome: Outcome) -> int:
             rec = orjson.loads(reader.line(s.result))
             for name in ("id", "custom_id", "cached"):
                 rec.pop(name, None)
-            record = zlib.compress(orjson.dumps(rec))
-            entries.append(Entry(key, endpoint, model, record, s.input_tokens, s.output_tokens, s.cached_tokens,
-                                 s.reasoning_tokens, s.cost))  # fmt: skip
+            usage = (s.input_tokens, s.output_tokens, s.cached_tokens, s.reasoning_tokens)
+            entries.append(Entry(key, endpoint, model, orjson.dumps(rec), *usage, s.cost))
     try:
         return cache.store(cache_scope(ctx.settings), entries)
     except (sqlite3.Error, OSError) as exc:
