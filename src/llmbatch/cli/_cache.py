@@ -27,14 +27,14 @@ def cache() -> None:
 @cache_path_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(cache_path: Path | None, as_json: bool) -> None:
-    """Answers kept, bytes stored and on disk, hits, and answers by who gave them."""
+    """Answers kept, bytes stored and on disk, answers taken, and answers by who gave them."""
     with _open(cache_path) as c:
         s = c.stats()
     if as_json:
         data = {
             "path": str(s.path), "entries": s.entries, "stored_bytes": s.stored_bytes, "file_bytes": s.file_bytes,
             "hits": s.hits, "cost": s.cost,
-            "by_scope": {k: {"entries": n, "hits": h} for k, (n, h) in s.by_scope.items()},
+            "by_scope": s.by_scope,
         }  # fmt: skip
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return
@@ -44,8 +44,8 @@ def stats(cache_path: Path | None, as_json: bool) -> None:
         f"--cache-max-size), {s.file_bytes:,} bytes on disk"
     )
     click.echo(f"  {s.hits:,} hits; the answers cost ${s.cost:.4f} when paid for")
-    for scope, (n, hits) in sorted(s.by_scope.items()):
-        click.echo(f"  {scope}: {n:,} answers, {hits:,} hits")
+    for scope, n in sorted(s.by_scope.items()):
+        click.echo(f"  {scope}: {n:,} answers")
 
 
 @cache.command()
@@ -64,7 +64,7 @@ def clear(cache_path: Path | None) -> None:
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="File [default: stdout]."
 )
 def export(cache_path: Path | None, output: Path | None) -> None:
-    """Every answer as a JSON line: key, scope, endpoint, model, usage, cost, times, hits, result."""
+    """Every answer as a JSON line: key, scope, endpoint, model, usage, cost, times, result."""
     with _open(cache_path) as c:
         out = open(output, "wb") if output is not None else sys.stdout.buffer  # noqa: SIM115
         try:

@@ -65,6 +65,9 @@ DEFAULT_CACHE_MAX_SIZE = 2 * 10**9
 ENTRY_OVERHEAD = 100
 #: Eviction frees down to this share of the bound, so that the next few answers do not evict again.
 _EVICT_TO = 0.9
+#: An answer used again within this many seconds of its last use is not marked again: LRU to
+#: the hour, where marking each use would rewrite 100,000 rows on a re-run of 100,000.
+_TOUCH_AFTER = 3600.0
 #: Keys asked of SQLite per query; rows read from the job store per page.
 _PART, _PAGE = 500, 5000
 _SCHEMA_VERSION = 1
@@ -75,7 +78,6 @@ CREATE TABLE answers (
     scope TEXT NOT NULL,
     endpoint TEXT NOT NULL,
     model TEXT NOT NULL,
-    record BLOB NOT NULL,
     size INTEGER NOT NULL,
     input_tokens INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL,
@@ -83,18 +85,21 @@ CREATE TABLE answers (
     reasoning_tokens INTEGER NOT NULL,
     cost REAL NOT NULL,
     created_at REAL NOT NULL,
-    used_at REAL NOT NULL,
-    hits INTEGER NOT NULL DEFAULT 0
+    used_at REAL NOT NULL
 );
+-- Apart from the answers' small rows: marking an answer used rewrites its row, not its record.
+CREATE TABLE records (id INTEGER PRIMARY KEY, record BLOB NOT NULL);
 CREATE UNIQUE INDEX answers_key ON answers(key, scope);
 CREATE INDEX answers_used ON answers(used_at);
-CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), entries INTEGER NOT NULL, bytes INTEGER NOT NULL);
-INSERT INTO totals VALUES (0, 0, 0);
+CREATE TABLE totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0), entries INTEGER NOT NULL, bytes INTEGER NOT NULL, hits INTEGER NOT NULL
+);
+INSERT INTO totals VALUES (0, 0, 0, 0);
 -- The totals follow every insert and delete, so the bound is checked without a scan.
 CREATE TRIGGER answers_in AFTER INSERT ON answers
     BEGIN UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.size; END;
 CREATE TRIGGER answers_out AFTER DELETE ON answers
-    BEGIN UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size; END;
+    BEGIN UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size; DELETE FROM records WHERE id = OLD.id; END;
 """
 
 
@@ -156,15 +161,19 @@ class CacheStats:
     #: The database's files on disk (its WAL included).
     file_bytes: int
     max_size: int
+    #: Answers jobs took from the cache, ever.
     hits: int
     #: What the stored answers cost when they were paid for.
     cost: float
-    #: scope -> (entries, hits).
-    by_scope: dict[str, tuple[int, int]]
+    #: scope -> answers.
+    by_scope: dict[str, int]
 
 
 class ResponseCache:
     """The cache's SQLite file; the only place that knows its SQL."""
+
+    #: Seconds after its last use before a use marks an answer again (`_TOUCH_AFTER`).
+    touch_after = _TOUCH_AFTER
 
     def __init__(self, path: Path | None = None, max_size: int | None = None) -> None:
         self.path = path or default_cache_path()
@@ -228,19 +237,23 @@ class ResponseCache:
         """The answers kept for these keys in `scope`; those found count as used now (LRU)."""
         found: dict[bytes, Hit] = {}
         now = time.time()
+        stale: list[int] = []
         for i in range(0, len(keys), _PART):
             part = list(keys[i : i + _PART])
-            query = "SELECT key, record, input_tokens, output_tokens, cost FROM answers WHERE scope=? AND key IN "
-            rows = self._db.execute(query + _marks(part), (scope, *part)).fetchall()
-            for key, record, inp, out, cost in rows:
+            query = (
+                "SELECT a.id, a.key, a.input_tokens, a.output_tokens, a.cost, a.used_at, r.record FROM answers a "
+                "JOIN records r ON r.id = a.id WHERE a.scope=? AND a.key IN "
+            )
+            for rowid, key, inp, out, cost, used_at, record in self._db.execute(query + _marks(part), (scope, *part)):
                 found[key] = Hit(zlib.decompress(record), inp, out, cost)
+                if used_at < now - self.touch_after:
+                    stale.append(rowid)
         if found:
-            used = list(found)
             with self._tx() as db:  # one short write for the lot
-                for i in range(0, len(used), _PART):
-                    part = used[i : i + _PART]
-                    query = "UPDATE answers SET used_at=?, hits=hits+1 WHERE scope=? AND key IN "
-                    db.execute(query + _marks(part), (now, scope, *part))
+                db.execute("UPDATE totals SET hits = hits + ?", (len(found),))
+                for i in range(0, len(stale), _PART):
+                    part = stale[i : i + _PART]
+                    db.execute("UPDATE answers SET used_at=? WHERE id IN " + _marks(part), (now, *part))
         return found
 
     def store(self, scope: str, entries: Sequence[Entry]) -> int:
@@ -250,17 +263,19 @@ class ResponseCache:
             return 0
         now = time.time()
         packed = [zlib.compress(e.record) for e in entries]  # before the transaction: it stays short
+        added = 0
         with self._tx() as db:
-            added = db.executemany(
-                "INSERT INTO answers (key, scope, endpoint, model, record, size, input_tokens, output_tokens, "
-                "cached_tokens, reasoning_tokens, cost, created_at, used_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key, scope) DO NOTHING",
-                [
-                    (e.key, scope, e.endpoint, e.model, z, len(z) + ENTRY_OVERHEAD, e.input_tokens,
-                     e.output_tokens, e.cached_tokens, e.reasoning_tokens, e.cost, now, now)
-                    for e, z in zip(entries, packed)
-                ],
-            ).rowcount  # fmt: skip
+            for e, z in zip(entries, packed):
+                cur = db.execute(
+                    "INSERT INTO answers (key, scope, endpoint, model, size, input_tokens, output_tokens, "
+                    "cached_tokens, reasoning_tokens, cost, created_at, used_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key, scope) DO NOTHING",
+                    (e.key, scope, e.endpoint, e.model, len(z) + ENTRY_OVERHEAD, e.input_tokens, e.output_tokens,
+                     e.cached_tokens, e.reasoning_tokens, e.cost, now, now),
+                )  # fmt: skip
+                if cur.rowcount:
+                    db.execute("INSERT INTO records (id, record) VALUES (?, ?)", (cur.lastrowid, z))
+                    added += 1
         self.evict()
         return added
 
@@ -292,28 +307,27 @@ class ResponseCache:
 
     def stats(self) -> CacheStats:
         entries, stored = self._db.execute("SELECT entries, bytes FROM totals").fetchone()
-        hits, cost = self._db.execute("SELECT COALESCE(SUM(hits), 0), COALESCE(SUM(cost), 0) FROM answers").fetchone()
-        by_scope = {
-            scope: (n, h)
-            for scope, n, h in self._db.execute("SELECT scope, COUNT(*), SUM(hits) FROM answers GROUP BY scope")
-        }
+        hits = int(self._db.execute("SELECT hits FROM totals").fetchone()[0])
+        cost = float(self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM answers").fetchone()[0])
+        by_scope = dict(self._db.execute("SELECT scope, COUNT(*) FROM answers GROUP BY scope").fetchall())
         files = [self.path, self.path.with_name(self.path.name + "-wal")]
         file_bytes = sum(f.stat().st_size for f in files if f.exists())
         return CacheStats(self.path, entries, stored, file_bytes, self.max_size, hits, cost, by_scope)
 
     def export(self) -> Iterator[dict[str, Any]]:
         """Every answer, oldest first: its key (hex), scope, endpoint, model, usage, cost, when it
-        was kept and last used, how often it was used, and its result record."""
+        was kept and last used (to the hour), and its result record."""
         for row in self._db.execute(
-            "SELECT key, scope, endpoint, model, record, input_tokens, output_tokens, cached_tokens, "
-            "reasoning_tokens, cost, created_at, used_at, hits FROM answers ORDER BY id"
+            "SELECT a.key, a.scope, a.endpoint, a.model, r.record, a.input_tokens, a.output_tokens, a.cached_tokens, "
+            "a.reasoning_tokens, a.cost, a.created_at, a.used_at FROM answers a JOIN records r ON r.id = a.id "
+            "ORDER BY a.id"
         ):
-            key, scope, endpoint, model, record, inp, out, cached, reasoning, cost, created, used, hits = row
+            key, scope, endpoint, model, record, inp, out, cached, reasoning, cost, created, used = row
             yield {
                 "key": key.hex(), "scope": scope, "endpoint": endpoint, "model": model,
                 "usage": {"input_tokens": inp, "output_tokens": out, "cached_tokens": cached,
                           "reasoning_tokens": reasoning},
-                "cost": cost, "created_at": created, "used_at": used, "hits": hits,
+                "cost": cost, "created_at": created, "used_at": used,
                 "result": orjson.loads(zlib.decompress(record)),
             }  # fmt: skip
 
