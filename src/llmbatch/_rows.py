@@ -6,6 +6,7 @@ input before spending anything), so both reject exactly the same rows for the sa
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ import orjson
 from ._text import clip
 from .engines import KNOWN_ENDPOINTS
 
-__all__ = ["RowProblem", "check_row", "iter_lines", "iter_lines_with_offsets"]
+__all__ = ["RowProblem", "check_row", "iter_lines", "iter_lines_with_offsets", "request_key", "samples"]
 
 _BOM = b"\xef\xbb\xbf"
+#: Endpoints whose answer has no sampling in it: the same request always gets the same answer.
+_UNSAMPLED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/moderations"})
 
 
 @dataclass(slots=True)
@@ -104,3 +107,24 @@ def check_row(raw: bytes, endpoint: str | None = None) -> tuple[dict[str, Any] |
     if not isinstance(model, str) or not model:
         problems.append(RowProblem("missing_required_parameter", "body.model must be a non-empty string", "body.model"))
     return obj, problems
+
+
+def request_key(endpoint: str, body: dict[str, Any]) -> bytes:
+    """The content address of a request (16 bytes): sha256 of its endpoint and body as canonical
+    JSON (keys sorted, fields set to null left out), so its custom_id, key order and spacing
+    make no difference. The body is the one the provider is sent (after the job's `--model`).
+
+    The Python API's client keys its calls by it, and the response cache looks answers up by it.
+    """
+    canonical = orjson.dumps([endpoint, {k: v for k, v in body.items() if v is not None}], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).digest()[:16]
+
+
+def samples(endpoint: str, body: dict[str, Any]) -> bool:
+    """Whether the request's answer is drawn at random, so that asking again may answer
+    differently: a generation at a temperature above 0 (the APIs' default is 1) with no `seed`.
+    """
+    if endpoint in _UNSAMPLED_ENDPOINTS or body.get("seed") is not None:
+        return False
+    temperature = body.get("temperature")
+    return not (isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0)

@@ -1,4 +1,5 @@
-"""Clipping of caller-supplied strings echoed back in error messages.
+"""Text the user gives or is shown: sizes such as `200MB`, and clipping of caller-supplied
+strings echoed back in error messages.
 
 A caller can send a 20 KB model name or a 6,000-character id; echoing it whole in every error
 (and every batch object that embeds the error) multiplies it. Messages show the start of the
@@ -7,7 +8,13 @@ string and its length instead, which is enough to recognise it.
 
 from __future__ import annotations
 
-__all__ = ["clip", "ECHO_LIMIT"]
+import re
+
+from ._exceptions import ConfigError
+
+__all__ = ["clip", "ECHO_LIMIT", "parse_size"]
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 #: Characters of a caller's string kept in a message.
 ECHO_LIMIT = 200
@@ -22,3 +29,11 @@ def clip(value: object, *, quote: bool = False, limit: int = ECHO_LIMIT) -> str:
         return repr(value) if quote else value
     head = value[:limit] + "…"
     return f"{head!r} ({len(value)} characters)" if quote else f"{head} ({len(value)} characters)"
+
+
+def parse_size(text: str) -> int:
+    """'200MB' -> 200_000_000; a bare number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as 200MB, 1GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import hashlib
 import threading
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
 from .._exceptions import BudgetExceeded, ConfigError
+from .._rows import request_key
 from ..jobs import JobSession, JobSettings, RequestRow, ResultReader, RowRules, default_job_root, provider_started
 from ..providers import split_model
 
@@ -213,7 +213,7 @@ class AsyncBatchClient:
         body = {k: v for k, v in body.items() if v is not None}
         if body.get("stream"):
             raise ConfigError("stream=True cannot be batched")
-        key = hashlib.sha256(orjson.dumps([endpoint, body], option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+        key = request_key(endpoint, body).hex()
         custom_id = f"{key}-{self._seen[key]}"  # the n-th identical call of this program
         self._seen[key] += 1
         raw = orjson.dumps({"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body})

@@ -88,7 +88,7 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
         est_in, est_out = store.estimated_tokens()
         data = {
             "id": j["id"], "status": j["status"], "inputs": [i["path"] for i in j["inputs"]],
-            "rows": store.counts(), "batches": chunks, "usage": store.totals(),
+            "rows": store.counts(), "batches": chunks, "usage": store.totals(), "from_cache": store.from_cache()[0],
             "estimate": {"input_tokens": est_in, "output_tokens": est_out, "cost": store.estimated_cost()},
         }  # fmt: skip
         if as_json:
@@ -100,6 +100,9 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
             f"  rows: {r['succeeded']} succeeded, {r['failed']} failed, {r['invalid']} invalid, "
             f"{r['pending'] + r['queued']} pending"
         )
+        cached, saved = store.from_cache()
+        if cached:
+            click.echo(f"  from the cache: {cached} of the succeeded rows, not sent (${saved:.4f} when first paid for)")
         click.echo(f"  batches: {', '.join(f'{n} {s}' for s, n in sorted(chunks.items())) or 'none'}")
         u = data["usage"]
         click.echo(

@@ -9,10 +9,21 @@ from typing import Any, TypeVar
 
 import click
 
+from .._exceptions import ConfigError
+from .._text import parse_size
 from ..jobs import default_job_root
 from ..pricing import Estimate
 
-__all__ = ["api_key_option", "job_root_option", "price_options", "print_estimate", "root_of", "say"]
+__all__ = [
+    "SIZE",
+    "api_key_option",
+    "cache_path_option",
+    "job_root_option",
+    "price_options",
+    "print_estimate",
+    "root_of",
+    "say",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +45,32 @@ def root_of(given: Path | None) -> Path:
     """Where jobs live: as given (`--job-dir`), else `$LLMBATCH_HOME/jobs`."""
     return given or default_job_root()
 
+
+class _Size(click.ParamType):
+    """A size in bytes, given as `2GB`, `500MiB` or a bare number of bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} is not a positive size", param, ctx)
+        return size
+
+
+SIZE = _Size()
+
+cache_path_option = click.option(
+    "--cache-path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The response cache's SQLite file [default: $LLMBATCH_HOME/cache.sqlite].",
+)
 
 api_key_option = click.option(
     "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."

@@ -14,7 +14,16 @@ from ..engines import resolve_engine
 from ..jobs import EXIT_INTERRUPTED, EXIT_OK, JobSession, JobSettings, make_progress, settings_for
 from ..providers import PROVIDER_NAMES
 from ._engine_options import ENGINE_HELP, EngineOptionsCommand, engine_config_options, engine_options
-from ._options import api_key_option, job_root_option, price_options, print_estimate, root_of, say
+from ._options import (
+    SIZE,
+    api_key_option,
+    cache_path_option,
+    job_root_option,
+    price_options,
+    print_estimate,
+    root_of,
+    say,
+)
 
 __all__ = ["run", "run_job"]
 
@@ -115,6 +124,22 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     type=click.FloatRange(min=0),
     default=None,
     help="USD cap: stop before the next submission's estimate would pass it.",
+)
+@click.option(
+    "--cache",
+    type=click.Choice(["deterministic", "all", "off"]),
+    is_flag=False,
+    flag_value="deterministic",
+    default=None,
+    help="Answer rows from the response cache shared by jobs, and keep new answers there: "
+    "`--cache` (deterministic) for rows at temperature 0 or with a seed, `--cache all` for sampled rows too.",
+)
+@cache_path_option
+@click.option(
+    "--cache-max-size",
+    type=SIZE,
+    default=None,
+    help="Most bytes the cache stores, e.g. 500MB; the answers used least recently go first [default: 2GB].",
 )
 @click.option("--skip-invalid", is_flag=True, help="Send the valid rows even if some are invalid.")
 @click.option(

@@ -11,6 +11,7 @@ import orjson
 from .._exceptions import ProviderError
 from ..pricing import Tariff
 from ..providers import RemoteBatch, RemoteStatus
+from ._cache import remember
 from ._context import RunContext
 from ._export import error_line
 from ._records import Chunk, ChunkRow, Failure, Outcome, Result, ResultRef, Success
@@ -173,6 +174,7 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
         )
     _unanswered(ctx, chunk, batch, rows, seen, outcome)
     store.collect(chunk.id, outcome, batch.status.value)
+    remember(ctx, outcome)  # after the rows' own commit: the cache only ever holds answers a job has
     if batch.status is RemoteStatus.COMPLETED:
         ctx.quota_failures = 0
     if chunk.file_id and not settings.keep_uploads and not ctx.provider.batches_known_by_upload:

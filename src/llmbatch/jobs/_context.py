@@ -6,11 +6,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteBatch
 from ._settings import JobSettings
 from ._store import JobStore
+
+if TYPE_CHECKING:  # _cache reads result files through _export, whose checks import this module
+    from ._cache import ResponseCache
 
 __all__ = ["RunContext"]
 
@@ -51,6 +55,8 @@ class RunContext:
     fetched: dict[str, Path] = field(default_factory=dict)
     #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
     clock: Callable[[], float] = time.monotonic
+    #: The response cache, when the job runs with one: answers succeeded rows are kept in it.
+    cache: ResponseCache | None = None
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +68,7 @@ class RunContext:
         provider: Provider,
         prices: PriceTable | None,
         say: Callable[[str], None],
+        cache: ResponseCache | None = None,
     ) -> RunContext:
         if prices is None:
             prices = PriceTable.load(settings.price_file).for_provider(settings.provider)
@@ -82,6 +89,7 @@ class RunContext:
             max_bytes=min(settings.max_bytes or limits.max_bytes, limits.max_bytes),
             max_in_flight=settings.max_in_flight or limits.max_in_flight,
             max_enqueued=settings.max_enqueued_tokens or limits.max_enqueued_tokens,
+            cache=cache,
         )
 
     def tariff(self, model: str, *, batch: bool = True) -> Tariff:

@@ -7,6 +7,7 @@ import asyncio
 
 import orjson
 
+from ._cache import remember
 from ._collect import classify
 from ._context import RunContext
 from ._outgoing import RequestLines
@@ -57,4 +58,5 @@ async def run_direct(ctx: RunContext) -> bool:
 
     await asyncio.gather(*(one(r) for r in rows))
     store.finish_direct(outcome)
+    remember(ctx, outcome)
     return True

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._rows import _BOM as BOM
-from .._rows import check_row
+from .._rows import check_row, request_key, samples
 from ..pricing import estimate_row
 from ..providers import Provider, provider_class, split_model
 from ._records import CheckedRow, InputRow
@@ -98,8 +98,10 @@ class RowRules:
                 return CheckedRow.invalid(custom_id, message, endpoint, model)
         default_out = (cls.default_max_tokens if cls is not None else None) or self.default_output_tokens
         est = estimate_row(endpoint, body, default_output_tokens=default_out)
+        # The cache's key: 2 µs a row here, in the checking workers, spares a second read of the inputs.
         return CheckedRow(custom_id, remote_id, rewrite, endpoint, model, est.input_tokens, est.output_tokens,
-                          int(not est.capped), "pending", None, wire)  # fmt: skip
+                          int(not est.capped), "pending", None, wire, request_key(endpoint, body),
+                          int(samples(endpoint, body)))  # fmt: skip
 
 
 _provider_classes: dict[str, type[Provider]] = {}

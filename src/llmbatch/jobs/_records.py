@@ -95,12 +95,16 @@ class CheckedRow(NamedTuple):
     #: Bytes the row takes in a batch as the provider receives it (`Provider.check_and_measure`);
     #: None: its line and a newline.
     wire_length: int | None = None
+    #: The request's content address (`_rows.request_key`), for the response cache.
+    request_key: bytes | None = None
+    #: 1 when the request's answer is sampled (`_rows.samples`): cached only with `--cache all`.
+    sampled: int = 0
 
     @classmethod
     def invalid(
         cls, custom_id: str | None, error: str, endpoint: str | None = None, model: str | None = None
     ) -> CheckedRow:
-        return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error, None)
+        return cls(custom_id, None, 0, endpoint, model, 0, 0, 0, "invalid", error, None, None, 0)
 
 
 class InputRow(NamedTuple):
@@ -123,6 +127,8 @@ class InputRow(NamedTuple):
     state: str
     error: str | None
     wire_length: int | None = None
+    request_key: bytes | None = None
+    sampled: int = 0
 
     @classmethod
     def of(cls, idx: int, file_no: int, line: int, offset: int, length: int, row: CheckedRow) -> InputRow:

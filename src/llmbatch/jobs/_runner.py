@@ -21,6 +21,7 @@ from pathlib import Path
 from .._exceptions import ConfigError, ProviderError
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteStatus
+from ._cache import ResponseCache
 from ._collect import poll, release_uploads
 from ._context import RunContext
 from ._direct import run_direct
@@ -68,9 +69,10 @@ class JobRunner:
         prices: PriceTable | None = None,
         say: Callable[[str], None] = print,
         progress: PlainProgress | LiveProgress | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.progress = progress or PlainProgress(say)
-        self.ctx = RunContext.of(store, job_dir, settings, provider, prices, self.progress.message)
+        self.ctx = RunContext.of(store, job_dir, settings, provider, prices, self.progress.message, cache)
         (job_dir / "chunks").mkdir(exist_ok=True)
         (job_dir / "results").mkdir(exist_ok=True)
 

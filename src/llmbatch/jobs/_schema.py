@@ -119,9 +119,21 @@ def _v4(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE rows ADD COLUMN wire_length INTEGER")
 
 
+def _v5(db: sqlite3.Connection) -> None:
+    """The response cache (`_cache.py`): each row's request key (`_rows.request_key` of the
+    body the provider is sent) and whether its answer is sampled (`_rows.samples`), set when
+    the row is read; and, for a row answered from the cache, `from_cache` 1 and `saved_cost`
+    what its answer cost when it was first paid for. NULL keys in rows read before version 5:
+    those rows are neither looked up nor stored."""
+    db.execute("ALTER TABLE rows ADD COLUMN request_key BLOB")
+    db.execute("ALTER TABLE rows ADD COLUMN sampled INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE rows ADD COLUMN from_cache INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE rows ADD COLUMN saved_cost REAL NOT NULL DEFAULT 0")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

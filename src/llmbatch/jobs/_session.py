@@ -27,6 +27,7 @@ from .._paths import llmbatch_home
 from .._rows import iter_lines
 from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
+from ._cache import ResponseCache, answer_from_cache, cache_scope
 from ._export import export
 from ._ingest import IngestReport, ingest
 from ._lock import JobLock, lock_held
@@ -204,6 +205,8 @@ class Prepared:
     estimate: Estimate
     #: What reading the inputs found, when this run read them (None: an earlier run did).
     ingest: IngestReport | None = None
+    #: The response cache, when the job runs with one (the session closes it).
+    cache: ResponseCache | None = None
 
 
 class JobSession:
@@ -222,6 +225,7 @@ class JobSession:
         self.say = say
         self.store = JobStore(db)
         self.lock = JobLock(job_dir)
+        self.cache: ResponseCache | None = None
 
     @classmethod
     def open(
@@ -290,6 +294,9 @@ class JobSession:
         return self.dir.name
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         self.store.close()
 
     def __enter__(self) -> JobSession:
@@ -350,15 +357,34 @@ class JobSession:
                 )
             self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
         provider = make_provider(settings, self.dir, self.api_key)
+        cache = self._answer_from_cache(settings)
         models = self.store.models()
         prices = price_table(
             settings.price_file, settings.price_input, settings.price_output, models, settings.provider,
             settings.price_as,
         )  # fmt: skip
         estimate = Estimate.from_totals(self.store.estimate_by_model(LONG_PROMPT_TOKENS))
+        estimate.cached_rows, estimate.cached_cost = self.store.from_cache()
         if provider.billed:
             estimate.cost(prices)
-        return Prepared(job, settings, provider, prices, estimate, report)
+        return Prepared(job, settings, provider, prices, estimate, report, cache)
+
+    def _answer_from_cache(self, settings: JobSettings) -> ResponseCache | None:
+        """Opens the response cache when the job runs with one, and answers from it every
+        pending row it holds an answer for, before anything is planned."""
+        if settings.cache == "off":
+            return None
+        if self.cache is None or self.cache.path != (settings.cache_path or self.cache.path):
+            if self.cache is not None:
+                self.cache.close()
+            self.cache = ResponseCache(settings.cache_path, settings.cache_max_size)
+        self.cache.max_size = settings.cache_max_size or self.cache.max_size
+        n, saved = answer_from_cache(self.store, self.cache, cache_scope(settings), sampled=settings.cache == "all")
+        if n:
+            self.say(
+                f"cache: {n:,} rows answered from {self.cache.path}, not sent (they cost ${saved:.4f} when paid for)"
+            )
+        return self.cache
 
     def _record_settings(self, settings: JobSettings) -> int:
         """Stores a run's settings with the job; returns how many unsent chunks went back to be
@@ -383,7 +409,7 @@ class JobSession:
     def runner(self, prepared: Prepared, progress: PlainProgress | LiveProgress | None = None) -> JobRunner:
         return JobRunner(
             self.store, self.dir, prepared.settings, prepared.provider, prices=prepared.prices,
-            progress=progress or PlainProgress(self.say),
+            progress=progress or PlainProgress(self.say), cache=prepared.cache,
         )  # fmt: skip
 
     def calls_runner(self, settings: JobSettings) -> JobRunner:

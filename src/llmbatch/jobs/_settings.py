@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -63,6 +63,14 @@ class JobSettings(BaseModel):
     """USD per 1M input tokens for models the table lacks (with `price_output`)."""
     price_output: float | None = None
     """USD per 1M output tokens for models the table lacks."""
+    cache: Literal["off", "deterministic", "all"] = "off"
+    """The response cache shared by jobs (`_cache.py`): `deterministic` answers rows from it and
+    keeps their answers, for rows whose answer is not sampled (temperature 0, or a seed);
+    `all` sampled rows too; `off` neither."""
+    cache_path: Path | None = None
+    """The cache's SQLite file (default `$LLMBATCH_HOME/cache.sqlite`)."""
+    cache_max_size: int | None = Field(None, gt=0)
+    """Bytes the cache may store before it evicts the answers used least recently (default 2 GB)."""
     output: Path | None = None
     """Where results go (default: next to the first input, `NAME.results.jsonl`)."""
     errors: Path | None = None

@@ -47,8 +47,8 @@ __all__ = ["JobStore", "SCHEMA_VERSION"]
 _CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
 _INSERT_ROW = (
     "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-    "est_input, est_output, uncapped, state, error, wire_length) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "est_input, est_output, uncapped, state, error, wire_length, request_key, sampled) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -272,11 +272,11 @@ class JobStore:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO rows (idx, file_no, line, offset, length, custom_id, remote_id, rewrite, endpoint, model, "
-                "est_input, est_output, uncapped, state, request, wire_length) "
-                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
+                "est_input, est_output, uncapped, state, request, wire_length, request_key, sampled) "
+                "VALUES (?1, -1, ?1, 0, LENGTH(?10), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11, ?12, ?13)",
                 [
                     (r.idx, c.custom_id, c.remote_id, c.rewrite, c.endpoint, c.model, c.est_input, c.est_output,
-                     c.uncapped, r.request, c.wire_length)
+                     c.uncapped, r.request, c.wire_length, c.request_key, c.sampled)
                     for r in rows
                     for c in (r.row,)
                 ],
@@ -313,22 +313,24 @@ class JobStore:
         return found
 
     def estimate_by_model(self, long_prompt: int) -> list[ModelEstimate]:
-        """Estimated tokens of the valid rows by model; "long" rows have more than `long_prompt` input tokens."""
+        """Estimated tokens of the valid rows to send, by model (rows answered from the cache are
+        not sent); "long" rows have more than `long_prompt` input tokens."""
         return [
             ModelEstimate._make(r)
             for r in self._db.execute(
                 "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped), SUM(est_input > ?1), "
                 "SUM(CASE WHEN est_input > ?1 THEN est_input ELSE 0 END), "
                 "SUM(CASE WHEN est_input > ?1 THEN est_output ELSE 0 END) FROM rows "
-                "WHERE state != 'invalid' GROUP BY model ORDER BY model",
+                "WHERE state != 'invalid' AND from_cache = 0 GROUP BY model ORDER BY model",
                 (long_prompt,),
             )
         ]
 
     def estimated_tokens(self) -> tuple[int, int]:
-        """Estimated (input, output) tokens of every valid row."""
+        """Estimated (input, output) tokens of every valid row to send (not answered from the cache)."""
         row = self._db.execute(
-            "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows WHERE state!='invalid'"
+            "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows "
+            "WHERE state!='invalid' AND from_cache=0"
         ).fetchone()
         return int(row[0]), int(row[1])
 
@@ -355,6 +357,43 @@ class JobStore:
             f"SELECT {', '.join(f'COALESCE(SUM(unmatched_{k}),0)' for k in keys)} FROM chunks"
         ).fetchone()
         return {k: a + b for k, a, b in zip(keys, rows, unmatched)}
+
+    # -- the response cache (`_cache.py`) ---------------------------------------------------
+
+    def cache_candidates(self, after: int, limit: int, *, sampled: bool) -> list[tuple[int, str, bytes]]:
+        """(idx, custom_id, request key) of pending rows past `after` that the cache may answer,
+        in input order, at most `limit` (rows whose answer is sampled only with `sampled`)."""
+        return self._db.execute(
+            "SELECT idx, custom_id, request_key FROM rows WHERE state='pending' AND request_key IS NOT NULL "
+            "AND (sampled = 0 OR ?) AND idx > ? ORDER BY idx LIMIT ?",
+            (sampled, after, limit),
+        ).fetchall()
+
+    def answer_from_cache(self, answers: Sequence[tuple[bytes, float, int]]) -> int:
+        """Records (result line, what it cost when first paid for, idx) of rows the cache
+        answered as succeeded, in one transaction; returns how many were still pending."""
+        with self._tx() as db:
+            return db.executemany(
+                "UPDATE rows SET state='succeeded', result=?, from_cache=1, saved_cost=?, error=NULL "
+                "WHERE idx=? AND state='pending'",
+                answers,
+            ).rowcount
+
+    def cache_keys(self, idxs: Sequence[int]) -> dict[int, tuple[bytes | None, int, str, str]]:
+        """idx -> (request key, sampled, endpoint, model) of these rows."""
+        found: dict[int, tuple[bytes | None, int, str, str]] = {}
+        for i in range(0, len(idxs), 500):
+            part = idxs[i : i + 500]
+            query = f"SELECT idx, request_key, sampled, endpoint, model FROM rows WHERE idx IN ({_marks(part)})"
+            found.update((r[0], r[1:]) for r in self._db.execute(query, part))
+        return found
+
+    def from_cache(self) -> tuple[int, float]:
+        """(rows answered from the cache, what their answers cost when first paid for)."""
+        n, saved = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(saved_cost), 0) FROM rows WHERE from_cache=1"
+        ).fetchone()
+        return int(n), float(saved)
 
     def pending_groups(self) -> list[tuple[str, str]]:
         """(endpoint, model) pairs that have pending rows, in order of their first row."""

@@ -346,6 +346,10 @@ class Estimate:
     prices_taken: str | None = None
     #: Filled by `cost`: models whose rows with long prompts were priced at higher long-prompt rates.
     long_priced: set[str] = field(default_factory=set)
+    #: Rows answered from the response cache (not counted above: they are not sent), and what
+    #: their answers cost when they were paid for.
+    cached_rows: int = 0
+    cached_cost: float = 0.0
 
     def add(self, model: str, row: RowEstimate) -> None:
         """Counts one row for `model`."""
@@ -445,6 +449,11 @@ class Estimate:
             lines.append(
                 f"Cost: batch {_usd(self.cost_batch)} vs direct {_usd(self.cost_direct)}; "
                 f"batch saves {_usd(saved)}{share}. Prices as of {self.prices_taken or 'an unknown date'}."
+            )
+        if self.cached_rows:
+            lines.append(
+                f"Cache: {_plural(self.cached_rows, 'row')} answered from the response cache, not sent "
+                f"(not counted above; they cost {_usd(self.cached_cost)} when first answered)."
             )
         if self.uncapped_rows:
             lines.append(

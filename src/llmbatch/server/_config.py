@@ -11,13 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .._exceptions import ConfigError
+from .._text import parse_size
 from ..engines import EngineOptions, engine_options
 from ._fair import Scheduling
 
 __all__ = ["ServerConfig", "key_owner", "parse_window", "parse_size"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_window(text: str) -> int:
@@ -26,14 +26,6 @@ def parse_window(text: str) -> int:
     if not m or int(m.group(1)) <= 0:
         raise ConfigError(f"invalid completion window {text!r}: use a positive number and a unit, like 24h, 30m or 7d")
     return int(m.group(1)) * _UNITS[m.group(2)]
-
-
-def parse_size(text: str) -> int:
-    """'200MB' -> 200_000_000; a bare number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as 200MB, 1GiB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def key_owner(key: str) -> str:
