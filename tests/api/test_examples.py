@@ -27,7 +27,11 @@ _real = pytest.mark.skipif(
     ("script", "output", "check"),
     [
         ("summarize_articles.py", "summaries.jsonl", lambda r: r["summary"]),
-        ("classify_texts.py", "topics.jsonl", lambda r: r["topic"] in ("sports", "politics", "science")),
+        (
+            "classify_texts.py",
+            "topics.jsonl",
+            lambda r: r["topic"] in ("sports", "politics", "science") and 0 <= r["confidence"] <= 1,
+        ),
         ("embed_corpus.py", "embeddings.jsonl", lambda r: len(r["embedding"]) > 0),
     ],
 )

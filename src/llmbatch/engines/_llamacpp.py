@@ -19,7 +19,6 @@ does not depend on the other rows' parameters.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from collections import deque
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
+from ._grammar import schema_to_gbnf
 from ._model import Choice, Generation, ModelEngine, _Item, _Take, cut_at_stop, model_names
 from ._packaged import DEFAULT_CHAT_MODEL, INSTALL_LOCAL, packaged_chat_model
 
@@ -297,11 +297,8 @@ class LlamaCppEngine(ModelEngine):
 
         if gen.json_schema is not None:
             try:
-                grammar = (
-                    llama_grammar.json_schema_to_gbnf(json.dumps(gen.json_schema))
-                    if gen.json_schema
-                    else llama_grammar.JSON_GBNF
-                )
+                # Our converter states numeric bounds llama-cpp-python's leaves out (_grammar.py).
+                grammar = schema_to_gbnf(gen.json_schema) if gen.json_schema else llama_grammar.JSON_GBNF
             except Exception as exc:
                 llama_cpp.llama_sampler_free(chain)
                 raise _GrammarRefused(f"llama.cpp cannot express this response_format schema: {exc}") from exc
