@@ -119,7 +119,10 @@ class LlamaCppEngine(ModelEngine):
         import llama_cpp
         from llama_cpp import llama_chat_format
 
-        threads = self.config.n_threads or os.cpu_count() or 1
+        # The cores this process may run on (taskset, a container's cpuset), not the machine's:
+        # llama.cpp's threads spin while they wait for each other, so one per core at most.
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = self.config.n_threads or usable or 1
         # The Llama object gives the model, tokenizer and metadata; its own context stays tiny.
         self._llm = llama_cpp.Llama(model_path=self.model_path, n_ctx=64, n_batch=64, verbose=False, n_threads=threads)
         model = self._llm._model.model
