@@ -3,10 +3,11 @@
     python examples/classify_texts.py                   # local server: the packaged model (else echo), no key
     python examples/classify_texts.py --provider openai  # OPENAI_API_KEY set: real labels
 
-The schema goes out as `response_format`; every answer is parsed and validated, and an answer
-that does not validate is asked again with the error shown to the model. On the local model the
-schema constrains its tokens (a grammar), so every answer validates; on the echo engine the
-answers are schema-shaped fixtures (the first allowed label), not real labels.
+The schema goes out as `response_format`; every answer is parsed and validated (the label one of
+three, the confidence from 0 to 1), and an answer that does not validate is asked again with the
+error shown to the model. On the local model the schema constrains its tokens (a grammar, bounds
+included), so every answer validates; on the echo engine the answers are schema-shaped fixtures
+(the first allowed label, the lowest confidence), not real labels.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ HERE = Path(__file__).parent
 
 class Topic(BaseModel):
     topic: Literal["sports", "politics", "science"]
-    confidence: float = Field(description="0 to 1")
+    # ge/le are the schema's minimum/maximum: a grammar's bounds on the local model, and a
+    # validation (asked again when broken) wherever the provider does not enforce them.
+    confidence: float = Field(ge=0, le=1, description="how sure the label is, from 0 to 1")
 
 
 def main() -> None:

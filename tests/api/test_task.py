@@ -2,8 +2,9 @@
 
 A real `llmbatch serve` runs its `openai` engine against a small fake model on 127.0.0.1 (an
 OpenAI-compatible chat endpoint): it answers with the JSON the prompt asks for, breaks the
-answer for prompts marked `BAD:` until it is told what was wrong, and never gets `NEVER:`
-prompts right. The task's client talks to the server over HTTP like any provider.
+answer for prompts marked `BAD:` until it is told what was wrong, answers a score out of bounds
+for prompts marked `BIG:` until told, and never gets `NEVER:` prompts right. The task's client
+talks to the server over HTTP like any provider.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import pytest
 from fakes._serve import serve_app
 from fastapi import FastAPI, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llmbatch.api import BatchConfig, Task
 
@@ -37,6 +38,8 @@ def fake_model(seen: list[dict[str, Any]]) -> FastAPI:
         told = "does not match" in body["messages"][-1]["content"]
         if first.startswith("NEVER:") or (first.startswith("BAD:") and not told):
             content = '{"label": "maybe"'
+        elif first.startswith("BIG:") and not told:
+            content = '{"label": "positive", "score": 1181903914809537}'
         else:
             content = first.split(":", 1)[1] if ":" in first[:6] else first
         return {
@@ -58,12 +61,14 @@ def model_server(server_factory) -> Iterator[tuple[Any, list[dict[str, Any]]]]: 
         yield server_factory("--engine", "openai", "--upstream-url", f"{root}/v1"), seen
 
 
-def _task(server: Any, tmp_path: Path, inputs: list[dict[str, Any]], **kwargs: Any) -> Task[dict[str, Any]]:
+def _task(
+    server: Any, tmp_path: Path, inputs: list[dict[str, Any]], output: type[BaseModel] = Sentiment, **kwargs: Any
+) -> Task[dict[str, Any]]:
     return Task(
         "sentiment",
         inputs,
         lambda r: {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": r["prompt"]}]},
-        output=Sentiment,
+        output=output,
         provider="openai",
         base_url=server.base_url,
         api_key="test",
@@ -136,3 +141,23 @@ def test_dataframes(model_server, tmp_path: Path) -> None:  # type: ignore[no-un
     report = _task(server, tmp_path, [{"prompt": _prompt(i)} for i in range(4)]).run()
     df = report.to_pandas()
     assert isinstance(df, pd.DataFrame) and list(df["index"]) == [0, 1, 2, 3]
+
+
+class Rated(BaseModel):
+    label: Literal["positive", "negative"]
+    score: int = Field(ge=0, le=10)
+
+
+def test_an_answer_out_of_the_schemas_bounds_is_asked_again(model_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Bounds (pydantic ge/le, the schema's minimum/maximum) go out in the schema and are checked
+    in every answer: an engine that does not enforce them (a fractional bound on llama.cpp, most
+    open-model servers) gets the answer back with what was wrong, as a parse failure does."""
+    server, seen = model_server
+    inputs = [{"prompt": _prompt(3, "BIG:")}, {"prompt": _prompt(20)}]  # 20 is past le=10 every time
+    report = _task(server, tmp_path, inputs, output=Rated).run()
+    assert report.rows[0].output == Rated(label="positive", score=3)
+    assert report.rows[1].output is None and "less than or equal to 10" in (report.rows[1].error or "")
+    schema = seen[0]["response_format"]["json_schema"]["schema"]
+    assert (schema["properties"]["score"]["minimum"], schema["properties"]["score"]["maximum"]) == (0, 10)
+    asked = [b["messages"][0]["content"] for b in seen]
+    assert asked.count(_prompt(3, "BIG:")) == 2 and asked.count(_prompt(20)) == 3

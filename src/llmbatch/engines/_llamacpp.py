@@ -19,7 +19,6 @@ does not depend on the other rows' parameters.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from collections import deque
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
+from ._grammar import schema_to_gbnf
 from ._model import Choice, Generation, ModelEngine, _Item, _Take, cut_at_stop, model_names
 from ._packaged import DEFAULT_CHAT_MODEL, INSTALL_LOCAL, packaged_chat_model
 
@@ -121,7 +121,10 @@ class LlamaCppEngine(ModelEngine):
         import llama_cpp
         from llama_cpp import llama_chat_format
 
-        threads = self.config.n_threads or os.cpu_count() or 1
+        # The cores this process may run on (taskset, a container's cpuset), not the machine's:
+        # llama.cpp's threads spin while they wait for each other, so one per core at most.
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = self.config.n_threads or usable or 1
         # The Llama object gives the model, tokenizer and metadata; its own context stays tiny.
         self._llm = llama_cpp.Llama(model_path=self.model_path, n_ctx=64, n_batch=64, verbose=False, n_threads=threads)
         model = self._llm._model.model
@@ -299,11 +302,8 @@ class LlamaCppEngine(ModelEngine):
 
         if gen.json_schema is not None:
             try:
-                grammar = (
-                    llama_grammar.json_schema_to_gbnf(json.dumps(gen.json_schema))
-                    if gen.json_schema
-                    else llama_grammar.JSON_GBNF
-                )
+                # Our converter states numeric bounds llama-cpp-python's leaves out (_grammar.py).
+                grammar = schema_to_gbnf(gen.json_schema) if gen.json_schema else llama_grammar.JSON_GBNF
             except Exception as exc:
                 llama_cpp.llama_sampler_free(chain)
                 raise _GrammarRefused(f"llama.cpp cannot express this response_format schema: {exc}") from exc

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._rows import check_row, iter_lines
 from .._text import clip
+from ._eta import OutputBudget
 
 __all__ = ["ValidationResult", "validate_input", "iter_lines"]  # iter_lines re-exported for the worker
 
@@ -29,6 +30,8 @@ class ValidationResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: Errors found beyond the cap (not listed).
     more_errors: int = 0
+    #: What the rows may generate (their max_tokens), for the server's estimate of the batch's time.
+    output: OutputBudget = field(default_factory=OutputBudget)
 
 
 class _SeenIds:
@@ -128,6 +131,7 @@ def validate_input(
                         "custom_id",
                     )
             body = obj.get("body")
+            result.output.add(body)
             model = body.get("model") if isinstance(body, dict) else None
             if not isinstance(model, str) or not model:
                 continue

@@ -41,6 +41,7 @@ from .._exceptions import StateError
 from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
 from ._disk import Backoff, free_bytes, is_disk_full
+from ._eta import OutputBudget, Throughput, estimate_line
 from ._fair import EngineSlots, Share, admit
 from ._history import ProgressHistory
 from ._ids import new_id
@@ -53,6 +54,8 @@ from ._validate import ValidationResult, iter_lines, validate_input
 __all__ = ["BatchWorker", "output_line", "files_dir"]
 
 log = logging.getLogger("llmbatch.server")
+#: Endpoints whose rows generate tokens (the estimate of a batch's time is about those).
+_GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 #: The statuses a batch can be finished from, by outcome.
 _FINISHED_FROM = {"completed": ("finalizing",), "expired": ("in_progress", "validating"), "cancelled": ("cancelling",)}
@@ -95,6 +98,10 @@ class _Run:
     failure: OSError | None = None
 
     share: Share | None = None  # its place in the engine's row budget, while executing
+    #: What its rows may generate (from validation; None after a restart) and whether its
+    #: estimated time was said in the log.
+    budget: OutputBudget | None = None
+    eta_said: bool = False
 
     def halt(self, why: str, slots: EngineSlots) -> None:
         """Tells the batch to stop: its loop ends now, even while it waits for an engine slot."""
@@ -143,6 +150,8 @@ class BatchWorker:
         self._backoff = Backoff()
         self._retry: dict[str, _Retry] = {}
         self._tick_backoff = Backoff()
+        #: The engine's measured output tokens/s, for the estimate of a long batch's time.
+        self._throughput = Throughput()
         #: time.time() of the last write that failed for a full disk, until one succeeds.
         self.disk_full_since: float | None = None
 
@@ -345,6 +354,21 @@ class BatchWorker:
             self.store.transition(b.id, "failed", ("validating",), errors=errors, total=result.total)
         else:
             self.store.transition(b.id, "in_progress", ("validating",), total=result.total, model=result.model)
+            run = self._runs.get(b.id)
+            if run is not None and b.endpoint in _GENERATING:
+                run.budget = result.output
+                self._say_eta(b.id, run, result.total)
+
+    def _say_eta(self, batch_id: str, run: _Run, rows_left: int) -> None:
+        """Logs once how long the batch's rows will take, when a rate is known and it is long."""
+        if run.budget is None or run.eta_said:
+            return
+        line = estimate_line(batch_id, run.budget, rows_left, self._throughput)
+        if line is not None:
+            log.info(line)
+            run.eta_said = True
+        elif self._throughput.tokens_per_second() is not None:
+            run.eta_said = True  # measured, and short: nothing to say, now or later
 
     # -- running -------------------------------------------------------------------------
 
@@ -428,7 +452,14 @@ class BatchWorker:
                 obj = orjson.loads(raw)
                 custom_id = obj["custom_id"]
                 request = EngineRequest(endpoint, obj["body"], custom_id, len(raw))
-                resp = await self.meter.handle(self.engine, "batch", request)
+                self._throughput.begin()
+                answer: EngineResponse | None = None
+                try:
+                    answer = await self.meter.handle(self.engine, "batch", request)
+                finally:
+                    usage = answer.usage if answer is not None and answer.ok else None
+                    self._throughput.end(usage.output_tokens if usage is not None else None)
+                resp = answer
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug fails its row, never the batch
@@ -456,10 +487,14 @@ class BatchWorker:
             self._slots.release(share)
 
     async def _checkpoints(self, batch_id: str, journal: Journal) -> None:
-        """Writes the running counts to the store, so request_counts move while rows finish."""
+        """Writes the running counts to the store, so request_counts move while rows finish; says
+        the batch's estimated time once the engine's rate is measured, if validation could not."""
         last = None
         while True:
             await asyncio.sleep(self.config.checkpoint_interval)
+            run = self._runs.get(batch_id)
+            if run is not None and run.budget is not None and not run.eta_said:
+                self._say_eta(batch_id, run, run.budget.rows - journal.totals.completed - journal.totals.failed)
             cols = journal.totals.columns()
             if cols != last:
                 self.history.record(batch_id, cols["completed"], cols["failed"])
