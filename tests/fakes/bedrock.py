@@ -105,7 +105,10 @@ class FakeJob:
     message: str | None = None
     ended: float | None = None
     stop_asked: bool = False
+    stop_polls: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    #: The recordIds its input held when it was created (the input may be deleted later).
+    record_ids: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -114,7 +117,8 @@ class FakeJob:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "jobArn": self.arn, "jobName": self.name, "modelId": self.model, "roleArn": self.role,
-            "status": self.status, "submitTime": iso(self.submitted), "lastModifiedTime": iso(self.ended or self.submitted),
+            "status": self.status, "submitTime": iso(self.submitted),
+            "lastModifiedTime": iso(self.ended or self.submitted),
             "inputDataConfig": {"s3InputDataConfig": {"s3Uri": self.input_uri, "s3InputFormat": "JSONL"}},
             "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": self.output_uri}},
         }  # fmt: skip
@@ -155,12 +159,7 @@ class FakeBedrock:
 
     def job_records(self) -> dict[str, list[str]]:
         """job id -> the recordIds of its input, as sent."""
-        out = {}
-        for job in self.jobs.values():
-            obj = self.objects.get(_split_uri(job.input_uri))
-            lines = obj.data.splitlines() if obj else []
-            out[job.id] = [orjson.loads(x)["recordId"] for x in lines if x.strip()]
-        return out
+        return {job.id: job.record_ids for job in self.jobs.values()}
 
     # -- S3 ----------------------------------------------------------------------------------
 
@@ -229,6 +228,13 @@ class FakeBedrock:
                 output_uri=body["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"],
                 submitted=time.time(), timeout_hours=hours, tags=body.get("tags") or [],
             )  # fmt: skip
+            obj = self.objects.get(_split_uri(job.input_uri))
+            try:
+                job.record_ids = (
+                    [orjson.loads(x).get("recordId") for x in obj.data.splitlines() if x.strip()] if obj else []
+                )
+            except orjson.JSONDecodeError:
+                pass  # the job fails validation when it ends
             self.jobs[job_id] = job
         if self.create_latency:
             await anyio.sleep(self.create_latency)
@@ -282,8 +288,10 @@ class FakeBedrock:
         if job.status in _ENDED:
             return
         job.polls += 1
-        if job.status == "Stopping":
-            self._finish(job, stopped=True)
+        if job.status == "Stopping":  # stopping takes a poll, then the job ends Stopped
+            job.stop_polls += 1
+            if job.stop_polls > 1:
+                self._finish(job, stopped=True)
             return
         due = self.end_after_polls is not None and job.polls >= self.end_after_polls
         late = self.end_after_seconds is not None and time.time() - job.submitted >= self.end_after_seconds

@@ -70,6 +70,10 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
 )
 @click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
+@click.option(
+    "--s3-uri", default=None, help="bedrock: s3://bucket/prefix for inputs and outputs [env LLMBATCH_BEDROCK_S3_URI]."
+)
+@click.option("--role-arn", default=None, help="bedrock: IAM role the jobs run as [env LLMBATCH_BEDROCK_ROLE_ARN].")
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
 @click.option(

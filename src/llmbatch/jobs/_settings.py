@@ -21,6 +21,10 @@ class JobSettings(BaseModel):
     """Sent as every row's model (an Azure deployment name, or one model for a whole file)."""
     api_version: str | None = None
     """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
+    s3_uri: str | None = None
+    """bedrock: where chunk inputs and job outputs go, s3://bucket/prefix (default LLMBATCH_BEDROCK_S3_URI)."""
+    role_arn: str | None = None
+    """bedrock: the IAM role its jobs run as (default LLMBATCH_BEDROCK_ROLE_ARN)."""
     engine: str = Field("auto", validate_default=True)
     """local: the engine of the in-process server; "auto" is resolved when the settings are made
     (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).
