@@ -260,8 +260,10 @@ def test_cli_runs_a_job_every_row_once_in_order(tmp_path: Path) -> None:
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl(rows))
     with serve_app(app) as url:
-        proc = subprocess.run(run_cmd(inp, url, "--batch-size", "50"), env=cli_env(tmp_path), capture_output=True,
-                              text=True, timeout=120)  # fmt: skip
+        # The S3 location and the role as flags this time (the environment's are removed).
+        env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("LLMBATCH_BEDROCK_")}
+        cmd = run_cmd(inp, url, "--batch-size", "50", "--s3-uri", S3 + "/flags", "--role-arn", ROLE_ARN)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr  # row 17 failed
     out = read_lines(tmp_path / "input.results.jsonl")
     assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
@@ -271,6 +273,7 @@ def test_cli_runs_a_job_every_row_once_in_order(tmp_path: Path) -> None:
     (err,) = read_lines(tmp_path / "input.errors.jsonl")
     assert err["custom_id"] == "row-17" and err["response"]["status_code"] == 400
     assert len(fake.jobs) == 3 and {j.model for j in fake.jobs.values()} == {MODEL}
+    assert all(j.input_uri.startswith(S3 + "/flags/job_") and j.role == ROLE_ARN for j in fake.jobs.values())
     assert_one_job_per_chunk(tmp_path, fake)
     inputs = [k for (_b, k) in fake.objects if k.endswith(".jsonl")]
     assert inputs == [], "collected chunks' inputs are deleted"
