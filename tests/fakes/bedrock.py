@@ -19,11 +19,19 @@ after `end_after_polls` polls (or `end_after_seconds`): it reads its input objec
 `<output s3Uri><jobId>/<input name>.out`, one line per record in shuffled order (the docs do not
 promise input order) with `recordId`, `modelInput` and `modelOutput` or `error`
 (`{errorCode, errorMessage}`), and `manifest.json.out` with the counts. Completed when every
-record succeeded, PartiallyCompleted otherwise. For a Claude model (`anthropic.claude` in the
-model id) the input must be an Anthropic Messages body with `anthropic_version:
-bedrock-2023-05-31` and no `model`; the output is a Messages response echoing the last user
-text. `FAIL400` in that text makes the record's `error` 400. An input that does not parse, has
+record succeeded, PartiallyCompleted otherwise. Each record's `modelInput` must be its model's
+documented InvokeModel body (Claude: Anthropic Messages with `anthropic_version:
+bedrock-2023-05-31` and no `model`; Llama 3: `prompt` in Llama 3's chat template and
+`max_gen_len`/`temperature`/`top_p`; Mistral: a `<s>[INST] ... [/INST]` `prompt` and
+`max_tokens`/`stop`/`temperature`/`top_p`/`top_k`; Nova: `messages-v1` with `inferenceConfig`),
+unknown keys refused; the answer, in the model's documented response shape, echoes the last user
+text. `FAIL400` in that text makes the record's `error` 400 (`BATCH500` a 500 in a batch only).
+An input that does not parse, has
 fewer than `min_records` records, or lacks `recordId`/`modelInput` fails the job.
+
+bedrock-runtime: `POST /model/{modelId}/invoke` (InvokeModel) answers one body the same way,
+with `X-Amzn-Bedrock-Input-Token-Count`/`-Output-Token-Count` headers; a refused body is a 400
+ValidationException. Calls are kept in `invoked`.
 
 Controls: `expire_next` ends the next job to end Expired with half its records answered;
 `create_latency` delays create's answer after the job exists (a window for kills).
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 import threading
 import time
 import uuid
@@ -149,6 +158,8 @@ class FakeBedrock:
         self.objects: dict[tuple[str, str], S3Object] = {}
         self.jobs: dict[str, FakeJob] = {}  # by job id
         self.calls: list[tuple[str, str]] = []
+        #: (model, body) of each InvokeModel call.
+        self.invoked: list[tuple[str, dict[str, Any]]] = []
         self.url = ""
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -341,32 +352,136 @@ class FakeBedrock:
 
     def _answer(self, job: FakeJob, record: dict[str, Any]) -> dict[str, Any]:
         line: dict[str, Any] = {"recordId": record["recordId"], "modelInput": record["modelInput"]}
-        if "anthropic.claude" not in job.model:
-            line["error"] = {"errorCode": 400, "errorMessage": f"the fake answers Claude models only, not {job.model}"}
+        if b"BATCH500" in orjson.dumps(record["modelInput"]):  # a batch's trouble: InvokeModel answers it
+            line["error"] = {"errorCode": 500, "errorMessage": "the fake's batch failed this record"}
             return line
-        body = record["modelInput"]
-        problem = None
-        if body.get("anthropic_version") != "bedrock-2023-05-31":
-            problem = "anthropic_version must be bedrock-2023-05-31"
-        elif "model" in body:
-            problem = "extraneous key [model] is not permitted"
-        elif not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
-            problem = "max_tokens and messages are required"
-        text = _last_user_text(body.get("messages") or [])
-        if problem is None and "FAIL400" in text:
-            problem = "the fake refuses FAIL400"
+        output, problem = answer(job.model, record["modelInput"])
         if problem is not None:
             line["error"] = {"errorCode": 400, "errorMessage": problem}
-            return line
-        words = text.split()
-        out_words = words[: body["max_tokens"]]
-        line["modelOutput"] = {
-            "id": f"msg_bdrk_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-            "model": job.model.split(".", 1)[-1], "content": [{"type": "text", "text": " ".join(out_words)}],
-            "stop_reason": "end_turn" if len(out_words) == len(words) else "max_tokens", "stop_sequence": None,
-            "usage": {"input_tokens": max(1, len(words)), "output_tokens": len(out_words)},
-        }  # fmt: skip
+        else:
+            line["modelOutput"] = output
         return line
+
+    # -- bedrock-runtime ---------------------------------------------------------------------
+
+    async def invoke(self, request: Request) -> Response:
+        """InvokeModel: `POST /model/{modelId}/invoke`, the model's native body in and out, the
+        token counts in `X-Amzn-Bedrock-*-Token-Count` headers."""
+        model = request.path_params["model"]
+        self.calls.append(("POST", f"invoke:{model}"))
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return bedrock_error(400, "ValidationException", "Malformed input request")
+        self.invoked.append((model, body))
+        output, problem = answer(model, body)
+        if problem is not None:
+            return bedrock_error(400, "ValidationException", problem)
+        assert output is not None
+        counts = _token_counts(output)
+        headers = {"X-Amzn-Bedrock-Input-Token-Count": str(counts[0]),
+                   "X-Amzn-Bedrock-Output-Token-Count": str(counts[1])}  # fmt: skip
+        return Response(orjson.dumps(output), 200, media_type="application/json", headers=headers)
+
+
+# -- the models: each family's documented InvokeModel body, and an answer echoing its user text ------
+
+_LLAMA_KEYS = {"prompt", "max_gen_len", "temperature", "top_p"}
+_MISTRAL_KEYS = {"prompt", "max_tokens", "stop", "temperature", "top_p", "top_k"}
+_NOVA_KEYS = {"schemaVersion", "system", "messages", "inferenceConfig", "toolConfig"}
+_NOVA_CONFIG = {"maxTokens", "temperature", "topP", "topK", "stopSequences"}
+_LLAMA_USER = re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S)
+_MISTRAL_USER = re.compile(r"\[INST\] (.*?) \[/INST\]", re.S)
+
+
+def answer(model: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the model's answer, None) or (None, why the body is refused). The answer's text is the
+    last user text cut to the output cap in words; its tokens are words."""
+    if "anthropic.claude" in model:
+        return _claude(model, body)
+    if "meta.llama" in model:
+        if set(body) - _LLAMA_KEYS or not isinstance(body.get("prompt"), str):
+            return None, f"Llama takes {sorted(_LLAMA_KEYS)}, a prompt required; got {sorted(body)}"
+        if not body["prompt"].startswith("<|begin_of_text|>") or not body["prompt"].endswith(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ):
+            return None, "the fake wants Llama 3's chat template"
+        users = _LLAMA_USER.findall(body["prompt"])
+        words, cut, problem = _echo(users[-1] if users else "", body.get("max_gen_len", 512))
+        if problem:
+            return None, problem
+        return {"generation": " ".join(cut), "prompt_token_count": max(1, len(words)),
+                "generation_token_count": len(cut),
+                "stop_reason": "stop" if len(cut) == len(words) else "length"}, None  # fmt: skip
+    if "mistral." in model:
+        if set(body) - _MISTRAL_KEYS or not isinstance(body.get("prompt"), str):
+            return None, f"Mistral takes {sorted(_MISTRAL_KEYS)}, a prompt required; got {sorted(body)}"
+        if not body["prompt"].startswith("<s>[INST] ") or not body["prompt"].endswith(" [/INST]"):
+            return None, "the fake wants Mistral's <s>[INST] ... [/INST] prompt"
+        users = _MISTRAL_USER.findall(body["prompt"])
+        words, cut, problem = _echo(users[-1] if users else "", body.get("max_tokens", 512))
+        if problem:
+            return None, problem
+        stop = "stop" if len(cut) == len(words) else "length"
+        return {"outputs": [{"text": " ".join(cut), "stop_reason": stop}]}, None
+    if "amazon.nova" in model:
+        config = body.get("inferenceConfig") or {}
+        if set(body) - _NOVA_KEYS or set(config) - _NOVA_CONFIG or body.get("schemaVersion") != "messages-v1":
+            return None, f"Nova takes schemaVersion messages-v1, {sorted(_NOVA_KEYS)} and {sorted(_NOVA_CONFIG)}"
+        msgs = body.get("messages") or []
+        if not msgs or msgs[0].get("role") != "user":
+            return None, "A conversation must start with a user message."
+        users = [m for m in msgs if m.get("role") == "user"]
+        text = " ".join(c.get("text", "") for c in users[-1].get("content") or [])
+        words, cut, problem = _echo(text, config.get("maxTokens", 512))
+        if problem:
+            return None, problem
+        n_in = max(1, len(words))
+        usage = {"inputTokens": n_in, "outputTokens": len(cut), "totalTokens": n_in + len(cut)}
+        return {"output": {"message": {"role": "assistant", "content": [{"text": " ".join(cut)}]}},
+                "stopReason": "end_turn" if len(cut) == len(words) else "max_tokens", "usage": usage}, None  # fmt: skip
+    return None, f"the fake does not serve {model}"
+
+
+def _echo(text: str, cap: Any) -> tuple[list[str], list[str], str | None]:
+    if "FAIL400" in text:
+        return [], [], "the fake refuses FAIL400"
+    if not isinstance(cap, int) or cap < 1:
+        return [], [], f"the output cap must be a positive integer, not {cap!r}"
+    words = text.split()
+    return words, words[:cap], None
+
+
+def _token_counts(output: dict[str, Any]) -> tuple[int, int]:
+    if "usage" in output and "input_tokens" in output["usage"]:
+        return output["usage"]["input_tokens"], output["usage"]["output_tokens"]
+    if "generation" in output:
+        return output["prompt_token_count"], output["generation_token_count"]
+    if "outputs" in output:
+        text = output["outputs"][0]["text"]
+        return 7, len(text.split())  # the fake does not count Mistral's prompt
+    return output["usage"]["inputTokens"], output["usage"]["outputTokens"]
+
+
+def _claude(model: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    problem = None
+    if body.get("anthropic_version") != "bedrock-2023-05-31":
+        problem = "anthropic_version must be bedrock-2023-05-31"
+    elif "model" in body:
+        problem = "extraneous key [model] is not permitted"
+    elif not isinstance(body.get("max_tokens"), int) or not body.get("messages"):
+        problem = "max_tokens and messages are required"
+    if problem is not None:
+        return None, problem
+    words, cut, problem = _echo(_last_user_text(body.get("messages") or []), body["max_tokens"])
+    if problem is not None:
+        return None, problem
+    return {
+        "id": f"msg_bdrk_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+        "model": model.split(".", 1)[-1], "content": [{"type": "text", "text": " ".join(cut)}],
+        "stop_reason": "end_turn" if len(cut) == len(words) else "max_tokens", "stop_sequence": None,
+        "usage": {"input_tokens": max(1, len(words)), "output_tokens": len(cut)},
+    }, None  # fmt: skip
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -388,6 +503,7 @@ def bedrock_fake(**options: Any) -> tuple[Starlette, FakeBedrock]:
     fake = FakeBedrock(**options)
     routes = [
         Route("/model-invocation-job", fake.create, methods=["POST"]),
+        Route("/model/{model:path}/invoke", fake.invoke, methods=["POST"]),
         Route("/model-invocation-jobs", fake.list, methods=["GET"]),
         # An ARN as the identifier arrives with its `/` escaped, decoded before routing.
         Route("/model-invocation-job/{ident:path}/stop", fake.stop, methods=["POST"]),

@@ -108,6 +108,13 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="Send the last N pending rows through the direct API instead of another batch.",
 )
 @click.option(
+    "--no-direct",
+    "direct",
+    flag_value=False,
+    default=None,
+    help="Never use the direct API: refuse rows too few for a batch (Bedrock: fewer than 100 per model).",
+)
+@click.option(
     "--max-attempts",
     type=click.IntRange(min=1),
     default=3,

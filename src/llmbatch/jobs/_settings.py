@@ -43,6 +43,9 @@ class JobSettings(BaseModel):
     """Most estimated prompt tokens enqueued per model across in-flight batches."""
     direct_below: int = Field(0, ge=0)
     """When this many pending rows or fewer are left, send them through the direct API."""
+    direct: bool = True
+    """Whether rows may go through the direct API when no batch can take them (fewer than the
+    provider's minimum per batch, as on Bedrock); False refuses such a job instead."""
     direct_concurrency: int = Field(16, gt=0)
     """Direct requests in flight at once (with `direct_below`)."""
     max_attempts: int = Field(3, gt=0)

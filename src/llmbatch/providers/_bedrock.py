@@ -18,11 +18,14 @@ allow neither), and its `clientRequestToken` the same: a create retried after a 
 gets the job it made, and after a crash `find_batch` lists jobs by `nameContains`. A job's id
 for the runner is its ARN.
 
-Models: Claude (`anthropic.claude-...`, also through inference profiles such as
-`us.anthropic.claude-...`) rows are translated by `_anthropic_translate` into Messages bodies
-with `anthropic_version: bedrock-2023-05-31` (the model goes in the job, not the body), and
-results back into OpenAI chat completions. Other families (Llama, Mistral, Nova) are refused at
-ingest for now.
+Models: Claude, Llama 3/4, Mistral and Nova (also through inference profiles such as
+`us.anthropic.claude-...`): rows are translated into each family's InvokeModel body
+(`_bedrock_models`; the model goes in the job, not the body) and answers back into OpenAI chat
+completions; what does not translate is refused at ingest. The direct API (`--direct-below`,
+and rows too few for a job) is InvokeModel through bedrock-runtime with the same bodies.
+
+Limits (Bedrock's default quotas): at least 100 and at most 50,000 records per job, 1 GB per
+input file (a chunk is one file, so this binds before the 5 GB per job).
 
 Statuses: Submitted and Validating are validating; Scheduled and InProgress in progress;
 Completed and PartiallyCompleted completed (failed records are error lines); Failed failed
@@ -46,15 +49,10 @@ import orjson
 from botocore.config import Config
 
 from .._exceptions import ConfigError, ProviderError
-from ._anthropic_translate import (
-    DEFAULT_MAX_TOKENS,
-    Untranslatable,
-    chat_completion_of,
-    to_messages_params,
-    translate_request,
-)
+from ._anthropic_translate import DEFAULT_MAX_TOKENS, Untranslatable
 from ._base import TAG_KEY, Provider, ProviderLimits, RemoteBatch, RemoteStatus
-from ._chat import error_result, result_line
+from ._bedrock_models import completion_of, model_input, request_reasons
+from ._chat import error_result, error_type, result_line
 
 __all__ = ["BEDROCK_LIMITS", "BedrockBatchProvider", "job_name", "tag_of_job_name"]
 
@@ -62,13 +60,10 @@ T = TypeVar("T")
 
 S3_URI_ENV = "LLMBATCH_BEDROCK_S3_URI"
 ROLE_ARN_ENV = "LLMBATCH_BEDROCK_ROLE_ARN"
-ANTHROPIC_VERSION = "bedrock-2023-05-31"
-#: Bedrock's default quotas: 50,000 records per job (and per input file), 1 GB per input file.
-#: (At least 100 records per job too: a smaller chunk's job fails validation.)
-BEDROCK_LIMITS = ProviderLimits(max_requests=50_000, max_bytes=1_000_000_000, max_in_flight=10)
+#: Bedrock's default quotas: 100 to 50,000 records per job (and per input file), 1 GB per input file.
+BEDROCK_LIMITS = ProviderLimits(max_requests=50_000, min_requests=100, max_bytes=1_000_000_000, max_in_flight=10)
 _NAME_PREFIX = "llmbatch-"
 _MODEL_META = "llmbatch-model"
-_CLAUDE = re.compile(r"(^|[.:/])anthropic\.claude")
 _STATUS = {
     "Submitted": RemoteStatus.VALIDATING,
     "Validating": RemoteStatus.VALIDATING,
@@ -98,10 +93,6 @@ def tag_of_job_name(name: str) -> str | None:
     return "job_" + name[len(_NAME_PREFIX + "job-") :]
 
 
-def is_claude(model: str) -> bool:
-    return bool(_CLAUDE.search(model))
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """(bucket, key prefix without slashes at its ends) of `s3://bucket/prefix`."""
     if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
@@ -117,18 +108,12 @@ def _hours(window: str) -> int:
     return int(m.group(1))
 
 
-def model_input(body: dict[str, Any]) -> dict[str, Any]:
-    """The InvokeModel body of a Claude row: Messages params without the model, with Bedrock's version."""
-    params = to_messages_params(body)
-    params.pop("model", None)
-    return {"anthropic_version": ANTHROPIC_VERSION, **params}
-
-
 def record_line(custom_id: str, body: dict[str, Any]) -> bytes:
-    return orjson.dumps({"recordId": custom_id, "modelInput": model_input(body)})
+    """The batch input line of a row: its id and its model's InvokeModel body."""
+    return orjson.dumps({"recordId": custom_id, "modelInput": model_input(str(body.get("model") or ""), body)})
 
 
-def openai_line(rec: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+def openai_line(rec: dict[str, Any], model: str, created: int) -> dict[str, Any]:
     """An OpenAI batch output line for one Bedrock output line (its modelInput left out of `native`)."""
     cid = rec.get("recordId")
     native = {k: v for k, v in rec.items() if k != "modelInput"}
@@ -141,7 +126,11 @@ def openai_line(rec: dict[str, Any], created: int | None = None) -> dict[str, An
     output = rec.get("modelOutput")
     if not isinstance(output, dict):
         return error_result(cid, 500, "the Bedrock output line has neither modelOutput nor error", native=native)  # type: ignore[arg-type]
-    return result_line(cid, 200, chat_completion_of(output, created), request_id=output.get("id"), native=native)  # type: ignore[arg-type]
+    try:
+        body = completion_of(output, model, created, id=f"chatcmpl-bedrock-{cid}")
+    except ValueError as exc:
+        return error_result(cid, 500, str(exc), native=native)  # type: ignore[arg-type]
+    return result_line(cid, 200, body, request_id=output.get("id"), native=native)  # type: ignore[arg-type]
 
 
 class BedrockBatchProvider(Provider):
@@ -173,12 +162,16 @@ class BedrockBatchProvider(Provider):
         if not self.role_arn:
             raise ConfigError(f"the bedrock provider needs the role its jobs run as: --role-arn or {ROLE_ARN_ENV}")
         self.limits = limits or BEDROCK_LIMITS
+        self._models: dict[str, str] = {}  # results file -> its job's model
         self.base_url = base_url
         config = Config(retries={"max_attempts": max_retries + 1, "mode": "standard"}, s3={"addressing_style": "path"})
         session = boto3.session.Session(region_name=region)
         try:
             self._s3 = session.client("s3", endpoint_url=base_url, config=config)
             self._bedrock = session.client("bedrock", endpoint_url=base_url, config=config)
+            # Direct calls are one attempt each: the runner retries a failed row itself.
+            self._runtime = session.client("bedrock-runtime", endpoint_url=base_url,
+                                           config=config.merge(Config(retries={"max_attempts": 1})))  # fmt: skip
         except botocore.exceptions.NoRegionError as exc:
             raise ConfigError("the bedrock provider needs a region: set AWS_REGION or a profile's region") from exc
 
@@ -192,12 +185,7 @@ class BedrockBatchProvider(Provider):
         reasons = super().check_request(endpoint, body)
         if reasons:
             return reasons, None
-        model = str(body.get("model") or "")
-        if not is_claude(model):
-            return [
-                f"model {model!r}: the bedrock provider batches Claude models (anthropic.claude-...) only, so far"
-            ], None
-        params, reasons = translate_request(body)
+        reasons = request_reasons(str(body.get("model") or ""), body)
         if reasons:
             return reasons, None
         return [], len(record_line(custom_id, body)) + 1
@@ -334,6 +322,8 @@ class BedrockBatchProvider(Provider):
         if status in _WITH_OUTPUT and ran:
             folder = j["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"].rstrip("/")
             output = f"{folder}/{j['jobArn'].rsplit('/', 1)[1]}/{input_uri.rsplit('/', 1)[1]}.out"
+            # The results name no model (but Claude's): the job's is put on their completions.
+            self._models[output] = str(j.get("modelId") or "")
         errors = [{"code": "job_failed", "message": j.get("message") or "the job failed"}] if status == "Failed" else []
         return RemoteBatch(
             id=j["jobArn"],
@@ -354,6 +344,7 @@ class BedrockBatchProvider(Provider):
     async def download(self, file_id: str, dest: Path) -> None:
         bucket, key = split_s3_uri(file_id)
         created = int(time.time())
+        model = self._models.get(file_id) or "bedrock"
         tmp = dest.with_name(dest.name + ".part")
 
         def fetch() -> None:
@@ -361,7 +352,7 @@ class BedrockBatchProvider(Provider):
             with open(tmp, "wb") as out:
                 for line in body.iter_lines():
                     if line.strip():
-                        out.write(orjson.dumps(openai_line(orjson.loads(line), created)) + b"\n")
+                        out.write(orjson.dumps(openai_line(orjson.loads(line), model, created)) + b"\n")
 
         await self._call(f"downloading {file_id}", fetch)
         os.replace(tmp, dest)
@@ -373,3 +364,38 @@ class BedrockBatchProvider(Provider):
     async def delete_file(self, file_id: str) -> None:
         bucket, key = split_s3_uri(file_id)
         await self._call(f"deleting {file_id}", lambda: self._s3.delete_object(Bucket=bucket, Key=key))
+
+    # -- the direct API --------------------------------------------------------------------
+
+    async def direct(self, endpoint: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """One InvokeModel call with the body a batch record would carry."""
+        model = str(body.get("model") or "")
+        if endpoint not in self.endpoints:
+            return 404, {"error": {"message": f"{endpoint} is not translated", "type": "not_found_error"}}
+        try:
+            request = model_input(model, body)
+        except Untranslatable as exc:
+            return 400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}}
+
+        def invoke() -> tuple[dict[str, Any], dict[str, str]]:
+            answer = self._runtime.invoke_model(
+                modelId=model, body=orjson.dumps(request), contentType="application/json", accept="application/json"
+            )
+            return orjson.loads(answer["body"].read()), answer["ResponseMetadata"].get("HTTPHeaders", {})
+
+        try:
+            output, headers = await self._call(f"InvokeModel {model}", invoke)
+        except ProviderError as exc:
+            if exc.status is None:  # not an HTTP answer (AWS could not be reached)
+                return 502, {"error": {"message": str(exc), "type": "connection_error", "param": None, "code": None}}
+            err = (exc.body or {}).get("Error", {}) if isinstance(exc.body, dict) else {}
+            message = err.get("Message") or str(exc)
+            return exc.status, {"error": {"message": message, "type": error_type(exc.status),
+                                          "param": None, "code": err.get("Code")}}  # fmt: skip
+        # Mistral's answer has no token counts; InvokeModel's headers do, for every model.
+        counted = headers.get("x-amzn-bedrock-input-token-count"), headers.get("x-amzn-bedrock-output-token-count")
+        tokens = (int(counted[0]), int(counted[1])) if all(c and c.isdigit() for c in counted) else None  # type: ignore[union-attr]
+        try:
+            return 200, completion_of(output, model, int(time.time()), tokens=tokens)
+        except ValueError as exc:
+            return 502, {"error": {"message": f"unexpected answer from Bedrock: {exc}", "type": "api_error"}}
