@@ -79,6 +79,10 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
 )
 @click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
+@click.option(
+    "--s3-uri", default=None, help="bedrock: s3://bucket/prefix for inputs and outputs [env LLMBATCH_BEDROCK_S3_URI]."
+)
+@click.option("--role-arn", default=None, help="bedrock: IAM role the jobs run as [env LLMBATCH_BEDROCK_ROLE_ARN].")
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
 @click.option(
@@ -111,6 +115,13 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     type=click.IntRange(min=0),
     default=None,
     help="Send the last N pending rows through the direct API instead of another batch.",
+)
+@click.option(
+    "--no-direct",
+    "direct",
+    flag_value=False,
+    default=None,
+    help="Never use the direct API: refuse rows too few for a batch (Bedrock: fewer than 100 per model).",
 )
 @click.option(
     "--max-attempts",

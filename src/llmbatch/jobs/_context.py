@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._exceptions import ConfigError
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteBatch
 from ._settings import JobSettings
@@ -37,6 +38,11 @@ class RunContext:
     max_bytes: int
     max_in_flight: int
     max_enqueued: int | None
+    #: Fewest requests a batch may hold (`ProviderLimits.min_requests`).
+    min_requests: int = 1
+    #: Most requests a batch may hold, whatever `--batch-size` says: a short tail is folded into
+    #: the chunk before it up to this many.
+    hard_max_requests: int = 50_000
     #: Whether the budget is holding back the next chunk (or the last rows' direct calls).
     budget_blocked: bool = False
     #: Batches refused in a row because the provider's token quota was full, and when to try again.
@@ -76,6 +82,11 @@ class RunContext:
         job = store.job()
         assert job is not None
         limits = provider.limits
+        if settings.batch_size is not None and settings.batch_size < limits.min_requests:
+            raise ConfigError(
+                f"--batch-size {settings.batch_size} is below the {provider.name} provider's minimum of "
+                f"{limits.min_requests} requests per batch"
+            )
         return cls(
             store=store,
             job_dir=job_dir,
@@ -90,7 +101,15 @@ class RunContext:
             max_in_flight=settings.max_in_flight or limits.max_in_flight,
             max_enqueued=settings.max_enqueued_tokens or limits.max_enqueued_tokens,
             cache=cache,
+            min_requests=limits.min_requests,
+            hard_max_requests=limits.max_requests,
         )
+
+    @property
+    def most_rows_planned(self) -> int:
+        """The most rows the planner puts in a chunk: `batch_size`, plus a tail too short for a
+        batch of its own (below the provider's minimum) folded in."""
+        return min(self.batch_size + self.min_requests - 1, max(self.hard_max_requests, self.batch_size))
 
     def tariff(self, model: str, *, batch: bool = True) -> Tariff:
         """Prices one request of `model` at batch or direct prices (0 for a provider that bills

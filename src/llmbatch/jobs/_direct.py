@@ -1,5 +1,6 @@
 """The direct API: the last few pending rows (`--direct-below`) sent one request each instead
-of waiting another batch cycle."""
+of waiting another batch cycle, and rows too few for one batch of a provider that has a
+minimum per batch (Bedrock's 100 records per job)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ._cache import remember
 from ._collect import classify
 from ._context import RunContext
 from ._outgoing import RequestLines
+from ._planner import below_minimum
 from ._records import DirectRow, Outcome
 
 __all__ = ["run_direct"]
@@ -18,7 +20,8 @@ __all__ = ["run_direct"]
 
 async def run_direct(ctx: RunContext) -> bool:
     """Sends the pending rows through the direct API when no more than `--direct-below` are
-    left, a bounded number at a time; returns whether it sent any.
+    left (and the rows of groups below the provider's minimum per batch, whatever is left), a
+    bounded number at a time; returns whether it sent any.
 
     A row in flight when the process dies is sent again on resume: at most `direct_below`
     rows can be paid twice, which is the price of not waiting a batch cycle.
@@ -27,21 +30,36 @@ async def run_direct(ctx: RunContext) -> bool:
     limit = settings.direct_below
     pending = store.pending_count()
     # Not before the audit: a lost batch (a rolled-back store) may hold these rows.
-    if not limit or not pending or pending > limit or ctx.budget_blocked or not ctx.audited:
+    if not pending or ctx.budget_blocked or not ctx.audited:
         return False
+    groups: list[tuple[str, str]] | None = None  # None: every pending row
+    if not limit or pending > limit:
+        # Groups too small for one batch of the provider's go now: no batch can take them.
+        small = below_minimum(ctx) if settings.direct else []
+        if not small:
+            return False
+        groups = [(e, m) for e, m, _n in small]
+        for _e, model, n in small:
+            ctx.say(
+                f"{n} rows of {model}: fewer than the {ctx.provider.name} provider's minimum of "
+                f"{ctx.min_requests} requests per batch, so they go through the direct API, one request each"
+            )
     if settings.max_cost is not None:
         # Few rows: priced one by one, at direct prices.
-        direct_cost = sum(ctx.tariff(m, batch=False)(i, o) for m, i, o in store.pending_estimates())
+        chosen = None if groups is None else {m for _e, m in groups}
+        estimates = [(m, i, o) for m, i, o in store.pending_estimates() if chosen is None or m in chosen]
+        direct_cost = sum(ctx.tariff(m, batch=False)(i, o) for m, i, o in estimates)
         committed = store.totals()["cost"] + store.in_flight_cost()
         if committed + direct_cost > settings.max_cost:
-            ctx.say(f"budget: the last {pending} rows at direct prices (est. ${direct_cost:.4f}) pass the cap")
+            ctx.say(f"budget: the last {len(estimates)} rows at direct prices (est. ${direct_cost:.4f}) pass the cap")
             ctx.budget_blocked = True
             return False
-    rows = store.start_direct()
+    rows = store.start_direct(groups)
     # The lines a batch would carry (the job's model): the adapter translates them as it would a batch's.
     with RequestLines(store, ctx.inputs) as lines:
         bodies = {row.idx: orjson.loads(lines.line(row))["body"] for row in rows}
-    ctx.say(f"sending the last {len(rows)} rows through the direct API")
+    if groups is None:
+        ctx.say(f"sending the last {len(rows)} rows through the direct API")
     outcome = Outcome(settings.max_attempts)
     slots = asyncio.Semaphore(settings.direct_concurrency)
 

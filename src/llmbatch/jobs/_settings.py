@@ -21,6 +21,10 @@ class JobSettings(BaseModel):
     """Sent as every row's model (an Azure deployment name, or one model for a whole file)."""
     api_version: str | None = None
     """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
+    s3_uri: str | None = None
+    """bedrock: where chunk inputs and job outputs go, s3://bucket/prefix (default LLMBATCH_BEDROCK_S3_URI)."""
+    role_arn: str | None = None
+    """bedrock: the IAM role its jobs run as (default LLMBATCH_BEDROCK_ROLE_ARN)."""
     engine: str = Field("auto", validate_default=True)
     """local: the engine of the in-process server; "auto" is resolved when the settings are made
     (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).
@@ -39,6 +43,9 @@ class JobSettings(BaseModel):
     """Most estimated prompt tokens enqueued per model across in-flight batches."""
     direct_below: int = Field(0, ge=0)
     """When this many pending rows or fewer are left, send them through the direct API."""
+    direct: bool = True
+    """Whether rows may go through the direct API when no batch can take them (fewer than the
+    provider's minimum per batch, as on Bedrock); False refuses such a job instead."""
     direct_concurrency: int = Field(16, gt=0)
     """Direct requests in flight at once (with `direct_below`)."""
     max_attempts: int = Field(3, gt=0)

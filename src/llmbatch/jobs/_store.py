@@ -397,8 +397,13 @@ class JobStore:
 
     def pending_groups(self) -> list[tuple[str, str]]:
         """(endpoint, model) pairs that have pending rows, in order of their first row."""
+        return [(e, m) for e, m, _n in self.pending_group_counts()]
+
+    def pending_group_counts(self) -> list[tuple[str, str, int]]:
+        """(endpoint, model, pending rows) of each pair that has pending rows, in order of their first row."""
         return self._db.execute(
-            "SELECT endpoint, model FROM rows WHERE state='pending' GROUP BY endpoint, model ORDER BY MIN(idx)"
+            "SELECT endpoint, model, COUNT(*) FROM rows WHERE state='pending' GROUP BY endpoint, model "
+            "ORDER BY MIN(idx)"
         ).fetchall()
 
     def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
@@ -739,14 +744,21 @@ class JobStore:
     def pending_count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM rows WHERE state='pending'"))
 
-    def start_direct(self) -> list[DirectRow]:
-        """Queues every pending row for the direct API (chunk_id NULL) and returns them."""
+    def start_direct(self, groups: Sequence[tuple[str, str]] | None = None) -> list[DirectRow]:
+        """Queues the pending rows for the direct API (chunk_id NULL) and returns them: every one,
+        or those of the (endpoint, model) `groups`."""
+        where = "state='pending'"
+        params: list[str] = []
+        if groups is not None:
+            where += f" AND (endpoint, model) IN (VALUES {', '.join('(?, ?)' for _ in groups) or '(NULL, NULL)'})"
+            params = [v for g in groups for v in g]
         with self._tx() as db:
             rows = db.execute(
                 "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, endpoint, model, attempts + 1 "
-                "FROM rows WHERE state='pending' ORDER BY idx"
+                f"FROM rows WHERE {where} ORDER BY idx",
+                params,
             ).fetchall()
-            db.execute("UPDATE rows SET state='queued', chunk_id=NULL, attempts=attempts+1 WHERE state='pending'")
+            db.execute(f"UPDATE rows SET state='queued', chunk_id=NULL, attempts=attempts+1 WHERE {where}", params)
             self._event(db, "direct", f"{len(rows)} rows sent to the direct API")
         return [DirectRow._make(r) for r in rows]
 

@@ -123,7 +123,7 @@ def _over_limits(ctx: RunContext, chunk: Chunk) -> bool:
     """Whether a chunk not sent is larger than this run's limits allow (a rerun with a smaller
     --batch-size or --max-bytes), and may be re-planned: no create was ever asked for it. A
     chunk of one row stays: it cannot be split (and is as large as its row)."""
-    too_large = chunk.rows > ctx.batch_size or chunk.bytes > ctx.max_bytes
+    too_large = chunk.rows > ctx.most_rows_planned or chunk.bytes > ctx.max_bytes
     return chunk.rows > 1 and too_large and not ctx.store.create_tried(chunk.id)
 
 

@@ -22,6 +22,7 @@ higher rates as `above_200k`, applied to each request whose prompt exceeds that,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
@@ -132,11 +133,18 @@ class Tariff:
         return cost_at(rates, input_tokens, output_tokens, cached_tokens) if rates is not None else 0.0
 
 
+#: A Bedrock cross-region inference profile's region (`us.anthropic.claude-...`): it costs the
+#: model's own price (the source region's), so prices are looked up without it.
+_BEDROCK_PROFILE = re.compile(r"^(us|eu|apac|us-gov|global|jp|au|ca)\.(?=(anthropic|meta|mistral|amazon)\.)")
+
+
 def normalize_model(model: str) -> str:
-    """The table key form of a model id: lower case, without a `provider/` prefix."""
+    """The table key form of a model id: lower case, without a `provider/` prefix (or a Bedrock
+    inference profile's region)."""
     key = model.strip().lower()
     slash = key.rfind("/")
-    return key[slash + 1 :] if slash != -1 else key
+    key = key[slash + 1 :] if slash != -1 else key
+    return _BEDROCK_PROFILE.sub("", key)
 
 
 class PriceTable:

@@ -66,6 +66,9 @@ class ProviderLimits:
     """What one batch may hold and how much may be in flight; every field is overridable."""
 
     max_requests: int = 50_000
+    #: Fewest requests a batch may hold (Bedrock refuses smaller jobs): the planner makes no
+    #: smaller chunk where it can avoid it, and rows too few for one go through the direct API.
+    min_requests: int = 1
     #: Bytes per batch as the provider receives it (translated where it translates:
     #: `Provider.check_and_measure`).
     max_bytes: int = 200 * 1024 * 1024
