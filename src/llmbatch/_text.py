@@ -31,6 +31,17 @@ def clip(value: object, *, quote: bool = False, limit: int = ECHO_LIMIT) -> str:
     return f"{head!r} ({len(value)} characters)" if quote else f"{head} ({len(value)} characters)"
 
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '6h', '1.5d' -> seconds; a bare number is seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(f"invalid duration {text!r}: use seconds or a unit such as 90s, 30m, 6h, 1d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
 def parse_size(text: str) -> int:
     """'200MB' -> 200_000_000; a bare number is bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)

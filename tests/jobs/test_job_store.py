@@ -176,7 +176,7 @@ def test_collect_applies_results(store: JobStore) -> None:
     assert r[2] == ("pending", 1, None, "HTTP 429: slow down")
     assert r[3] == ("failed", 1, cid, "HTTP 400: no messages")
     assert r[4] == ("pending", 0, None, None)
-    results = {idx: result for idx, _f, _l, _cid, _state, result, _err in store.export_rows()}
+    results = {row.idx: row.result for row in store.export_rows()}
     assert results[0] == b'{"ok": 0}' and results[3] == b'{"bad": 3}' and results[2] is None
     assert store.counts() == {"pending": 2, "queued": 0, "succeeded": 2, "failed": 1, "invalid": 0}
     assert store.totals() == {

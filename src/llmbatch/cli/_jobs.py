@@ -83,12 +83,18 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
     """Rows done / failed / pending, remote batches by state, tokens and cost."""
     with JobSession.find(job, root_of(job_root)) as session:
         store = session.store
-        j, _settings = session.stored()
+        j, settings = session.stored()
         chunks = store.batches_by_state()
         est_in, est_out = store.estimated_tokens()
+        by_provider: dict[str, dict[str, int]] = {}
+        for lane, model, state, n in store.lane_counts():
+            # The job's own provider without --model: its rows' models, under the provider's name.
+            name = settings.answered_by(lane, model if lane or settings.model else None)
+            by_provider.setdefault(name, {})[state] = by_provider.get(name, {}).get(state, 0) + n
         data = {
             "id": j["id"], "status": j["status"], "inputs": [i["path"] for i in j["inputs"]],
-            "rows": store.counts(), "batches": chunks, "usage": store.totals(), "from_cache": store.from_cache()[0],
+            "rows": store.counts(), "rows_by_provider": by_provider,
+            "batches": chunks, "usage": store.totals(), "from_cache": store.from_cache()[0],
             "estimate": {"input_tokens": est_in, "output_tokens": est_out, "cost": store.estimated_cost()},
         }  # fmt: skip
         if as_json:
@@ -100,6 +106,10 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
             f"  rows: {r['succeeded']} succeeded, {r['failed']} failed, {r['invalid']} invalid, "
             f"{r['pending'] + r['queued']} pending"
         )
+        if settings.fallbacks:
+            for name, states in by_provider.items():
+                done = ", ".join(f"{n} {s if s != 'queued' else 'in flight'}" for s, n in sorted(states.items()))
+                click.echo(f"    {name}: {done}")
         cached, saved = store.from_cache()
         if cached:
             click.echo(f"  from the cache: {cached} of the succeeded rows, not sent (${saved:.4f} when first paid for)")

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 import click
 
 from .._exceptions import ConfigError
-from .._text import parse_size
+from .._text import parse_duration, parse_size
 from ..jobs import default_job_root
 from ..pricing import Estimate
 
 __all__ = [
+    "DURATION",
     "SIZE",
     "api_key_option",
     "cache_path_option",
@@ -64,6 +65,26 @@ class _Size(click.ParamType):
 
 
 SIZE = _Size()
+
+
+class _Duration(click.ParamType):
+    """A duration in seconds, given as `90s`, `30m`, `6h`, `1d` or a bare number of seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            seconds = parse_duration(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} is not a positive duration", param, ctx)
+        return seconds
+
+
+DURATION = _Duration()
 
 cache_path_option = click.option(
     "--cache-path",

@@ -15,6 +15,7 @@ from ..jobs import EXIT_INTERRUPTED, EXIT_OK, JobSession, JobSettings, make_prog
 from ..providers import PROVIDER_NAMES
 from ._engine_options import ENGINE_HELP, EngineOptionsCommand, engine_config_options, engine_options
 from ._options import (
+    DURATION,
     SIZE,
     api_key_option,
     cache_path_option,
@@ -151,6 +152,22 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     type=SIZE,
     default=None,
     help="Most bytes the cache stores, e.g. 500MB; the answers used least recently go first [default: 2GB].",
+)
+@click.option(
+    "--fallback",
+    "fallbacks",
+    multiple=True,
+    metavar="PROVIDER/MODEL",
+    help="Repeatable. Rows that fail for good at the provider for a reason another may not have (expired, "
+    "cancelled, 5xx, quota) go to this one, as this model; a 400 does not fail over. Key and base URL "
+    "from its environment (e.g. ANTHROPIC_API_KEY).",
+)
+@click.option(
+    "--fallback-after",
+    type=DURATION,
+    default=None,
+    help="Cancel a batch not finished after this long (e.g. 6h) and send the rows it has not answered "
+    "to the next --fallback; rows it answered are kept.",
 )
 @click.option("--skip-invalid", is_flag=True, help="Send the valid rows even if some are invalid.")
 @click.option(

@@ -108,7 +108,8 @@ async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:
     rows = store.chunk_rows(chunk.id)
     by_id = {r.remote_id or r.custom_id: r for r in rows}
     tariff = ctx.tariff(chunk.model)
-    outcome = Outcome(settings.max_attempts, user_cancelled=(store.job() or {}).get("status") == "cancelled")
+    user_cancelled = (store.job() or {}).get("status") == "cancelled"
+    outcome = Outcome(settings.max_attempts, user_cancelled=user_cancelled, cut=bool(chunk.cut))
     seen: set[int] = set()
     unkeyed: list[dict[str, Any]] = []  # result lines without a custom_id, in the order they came
     keyed = 0

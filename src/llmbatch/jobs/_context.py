@@ -63,6 +63,8 @@ class RunContext:
     clock: Callable[[], float] = time.monotonic
     #: The response cache, when the job runs with one: answers succeeded rows are kept in it.
     cache: ResponseCache | None = None
+    #: Which of the job's providers this is: 0 its own, n its n-th fallback (`_failover.py`).
+    lane: int = 0
     _tariffs: dict[tuple[str, bool], Tariff] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +77,7 @@ class RunContext:
         prices: PriceTable | None,
         say: Callable[[str], None],
         cache: ResponseCache | None = None,
+        lane: int = 0,
     ) -> RunContext:
         if prices is None:
             prices = PriceTable.load(settings.price_file).for_provider(settings.provider)
@@ -103,6 +106,7 @@ class RunContext:
             cache=cache,
             min_requests=limits.min_requests,
             hard_max_requests=limits.max_requests,
+            lane=lane,
         )
 
     @property
@@ -124,4 +128,6 @@ class RunContext:
     def unpriced_models(self) -> list[str]:
         if not self.provider.billed:
             return []
-        return [m for m in self.store.models() if self.prices.lookup(m) is None]
+        # A fallback is sent as its one model; the job's own provider, as its rows' models.
+        models = [self.settings.model] if self.lane and self.settings.model else self.store.models(lane=self.lane)
+        return [m for m in models if self.prices.lookup(m) is None]

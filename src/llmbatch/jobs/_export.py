@@ -8,7 +8,7 @@ import mmap
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -19,7 +19,16 @@ from ._settings import JobSettings
 from ._store import JobStore
 from ._verify import check_results
 
-__all__ = ["ResultReader", "error_line", "export", "line_id", "output_lines", "output_paths", "with_id"]
+__all__ = [
+    "ResultReader",
+    "error_line",
+    "export",
+    "line_id",
+    "output_lines",
+    "output_paths",
+    "with_id",
+    "with_provider",
+]
 
 
 def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None = None) -> tuple[Path, Path]:
@@ -34,10 +43,18 @@ def output_paths(inputs: list[Path], settings: JobSettings, job_dir: Path | None
     return out, err
 
 
-def output_lines(store: JobStore, inputs: list[Path], *, check: bool = True) -> Iterator[tuple[str, bytes]]:
+def output_lines(
+    store: JobStore,
+    inputs: list[Path],
+    *,
+    check: bool = True,
+    answered_by: Callable[[int, str | None], str] | None = None,
+) -> Iterator[tuple[str, bytes]]:
     """(row state, output line) of every row, in input order: its result line when it succeeded,
     the provider's error line (or one naming its file and line) when it failed or was invalid,
-    a `not_run` error line when the job stopped before it ran.
+    a `not_run` error line when the job stopped before it ran. With `answered_by` (a job with
+    fallbacks: `JobSettings.answered_by`), each line the provider answered also says which
+    provider and model did, as `"provider": "anthropic/claude-sonnet-4-5"`.
 
     Raises DamagedResults before the first line when a result file rows point into is missing,
     cut or changed since it was downloaded (`check`: False when the caller just checked)."""
@@ -51,6 +68,8 @@ def output_lines(store: JobStore, inputs: list[Path], *, check: bool = True) -> 
             state = row.state
             if state in ("succeeded", "failed", "invalid") and row.result is not None:
                 line = results.line(row.result)
+                if answered_by is not None and state != "invalid":
+                    line = with_provider(line, answered_by(row.lane, row.model))
             elif state in ("failed", "invalid"):
                 where = f"{inputs[row.file_no].name}:{row.line}" if row.file_no >= 0 else "a call"
                 line = error_line(row.custom_id, "invalid_request", f"{where}: {row.error}")
@@ -66,7 +85,8 @@ def export(store: JobStore, inputs: list[Path], settings: JobSettings) -> tuple[
     tmp_out, tmp_err = out_path.with_name(out_path.name + ".part"), err_path.with_name(err_path.name + ".part")
     any_errors = False
     with open(tmp_out, "wb") as out, open(tmp_err, "wb") as err:
-        for state, line in output_lines(store, inputs, check=False):
+        by = settings.answered_by if settings.fallbacks else None
+        for state, line in output_lines(store, inputs, check=False, answered_by=by):
             if state in ("failed", "invalid"):
                 err.write(line + b"\n")
                 any_errors = True
@@ -163,6 +183,15 @@ def with_id(line: bytes, job_id: str, idx: int) -> bytes:
     if isinstance(rec.get("id"), str) and rec["id"]:
         return line
     return orjson.dumps({"id": line_id(job_id, idx), **{k: v for k, v in rec.items() if k != "id"}})
+
+
+def with_provider(line: bytes, provider: str) -> bytes:
+    """`line` (a JSON object) with `"provider"` last; appended to the bytes, not re-serialized."""
+    line = line.rstrip()
+    if not line.endswith(b"}"):
+        return line
+    rec_end = b"," if line[:-1].rstrip() != b"{" else b""
+    return line[:-1] + rec_end + b'"provider":' + orjson.dumps(provider) + b"}"
 
 
 def error_line(custom_id: str | None, code: str, message: str) -> bytes:

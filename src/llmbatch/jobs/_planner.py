@@ -124,6 +124,6 @@ def plan(ctx: RunContext, *, full_only: bool = False, limit: int | None = None, 
             prefix = f"{ctx.job_id}-c"
             tag = f"{prefix}{store.last_chunk_no(prefix) + 1:05d}"
             idxs = [r.idx for r in pack.rows]
-            store.plan_chunk(tag, endpoint, model, idxs, pack.nbytes, pack.est_in, pack.est_out, est_cost)
+            store.plan_chunk(tag, endpoint, model, idxs, pack.nbytes, pack.est_in, pack.est_out, est_cost, ctx.lane)
             planned += 1
     return planned > 0

@@ -74,6 +74,10 @@ class Chunk:
     created_at: int
     submitted_at: int | None
     finished_at: int | None
+    #: Which provider holds it: 0 the job's own, n its n-th fallback (`_failover.py`).
+    lane: int = 0
+    #: 1 once `--fallback-after` cancelled its batch: what it did not answer goes to the next provider.
+    cut: int = 0
 
 
 class CheckedRow(NamedTuple):
@@ -192,6 +196,9 @@ class ExportRow(NamedTuple):
     state: str
     result: Result | None
     error: str | None
+    #: Which provider's answer it holds (`_failover.py`), and the model it was sent as.
+    lane: int = 0
+    model: str | None = None
 
 
 class ResultFile(NamedTuple):
@@ -243,6 +250,9 @@ class Failure(NamedTuple):
     result: Result
     error: str
     idx: int
+    #: Failed for a reason another provider may not have (expired, cancelled, 5xx, quota): a
+    #: job with fallbacks sends it to the next one (`_failover.py`).
+    failover: bool = False
 
 
 class Retry(NamedTuple):
@@ -287,6 +297,9 @@ class Outcome:
     refund: list[Retry] = field(default_factory=list)
     #: Successful results that matched no row: their usage is spent all the same.
     unmatched: Usage = field(default_factory=Usage)
+    #: The batch was cut off by `--fallback-after`: rows it did not answer fail at once, for the
+    #: next provider, instead of being tried here again.
+    cut: bool = False
 
     def give_up_or_retry(
         self, idx: int, attempts: int, result: Result, message: str, *, cut_off: bool = False, refund: bool = False
@@ -298,10 +311,10 @@ class Outcome:
         """
         if refund or (cut_off and self.user_cancelled):
             self.refund.append(Retry(message, idx))
-        elif attempts < self.max_attempts:
+        elif attempts < self.max_attempts and not self.cut:
             self.retry.append(Retry(message, idx))
         else:
-            self.failed.append(Failure(result, message, idx))
+            self.failed.append(Failure(result, message, idx, failover=True))
 
     def describe(self) -> str:
         return (

@@ -14,7 +14,7 @@ when the provider has none. A chunk never gets two remote batches.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from ._collect import poll, release_uploads
 from ._context import RunContext
 from ._direct import run_direct
 from ._export import export
+from ._failover import Lane, check_lanes, cut_overdue, move_failed
 from ._planner import plan
 from ._progress import LiveProgress, PlainProgress, Snapshot
 from ._records import IN_FLIGHT, Chunk
@@ -57,7 +58,8 @@ class RunOutcome:
 
 
 class JobRunner:
-    """Runs one job to its end, against one provider."""
+    """Runs one job to its end, against its provider, then each of its fallbacks in turn for the
+    rows the one before could not answer (`_failover.py`)."""
 
     def __init__(
         self,
@@ -70,9 +72,17 @@ class JobRunner:
         say: Callable[[str], None] = print,
         progress: PlainProgress | LiveProgress | None = None,
         cache: ResponseCache | None = None,
+        fallbacks: Sequence[Lane] = (),
     ) -> None:
         self.progress = progress or PlainProgress(say)
         self.ctx = RunContext.of(store, job_dir, settings, provider, prices, self.progress.message, cache)
+        # One context per provider, sharing the store; `ctx` is the one the job is on. Answers
+        # from a fallback are not kept in the cache: its keys are of the rows as first sent.
+        self.lanes = [self.ctx] + [
+            RunContext.of(store, job_dir, f.settings, f.provider, f.prices, self.progress.message, lane=n)
+            for n, f in enumerate(fallbacks, start=1)
+        ]
+        self._started: list[Provider] = []
         (job_dir / "chunks").mkdir(exist_ok=True)
         (job_dir / "results").mkdir(exist_ok=True)
 
@@ -124,18 +134,55 @@ class JobRunner:
 
     def export(self) -> tuple[Path, Path]:
         """Writes the job's output and errors files (see `export`)."""
-        return export(self.store, self.ctx.inputs, self.settings)
+        return export(self.store, self.ctx.inputs, self.lanes[0].settings)
 
     # -- the run -------------------------------------------------------------------------
 
     async def run(self) -> RunOutcome:
         """Plans, submits, polls and collects until every row is final (or the budget stops it)."""
+        try:
+            return await self._run()
+        finally:
+            for provider in self._started:
+                await provider.aclose()
+            self._started.clear()
+
+    async def enter_lane(self, lane: int) -> None:
+        """Moves the run to the provider of lane `lane`, starting it (the job's own provider is
+        started by whoever runs the job)."""
+        ctx = self.lanes[lane]
+        if lane and ctx.provider not in self._started:
+            await ctx.provider.start()
+            self._started.append(ctx.provider)
+        self.ctx = ctx
+
+    async def fail_over(self) -> bool:
+        """Sends the rows that failed at one provider for a reason the next may not have to the
+        next (`_failover.py`); returns whether there were any."""
+        lane = self.store.failover_lane(len(self.lanes) - 1)
+        if lane is None:
+            return False
+        to = self.lanes[lane + 1]
+        moved, refused = move_failed(self.store, self.ctx.inputs, to)
+        self.ctx.say(
+            f"failover: {moved} rows failed at {self.settings.answered_by(lane, None)}; sending them to "
+            f"{to.settings.provider}/{to.settings.model}"
+            + (f" ({refused} more it cannot run stay failed)" if refused else "")
+        )
+        await self.enter_lane(lane + 1)
+        return True
+
+    async def _run(self) -> RunOutcome:
+        await self.enter_lane(check_lanes(self.store, self.lanes[0].settings))
         await self.start()
         first, longest = self.poll_waits()
         delay = first
         while True:
             progressed = await self.round()
             if self._done():
+                if await self.fail_over():
+                    await self.start()
+                    continue
                 break
             if await self._budget_stopped():
                 self.store.set_job(status="budget_stopped")
@@ -158,7 +205,7 @@ class JobRunner:
     def _check_prices(self) -> None:
         if self.settings.max_cost is None:
             return
-        missing = self.ctx.unpriced_models()
+        missing = [m for ctx in self.lanes for m in ctx.unpriced_models()]
         if missing:
             raise ConfigError(
                 f"--max-cost needs prices, and there are none for {', '.join(missing)}: "
@@ -198,6 +245,7 @@ class JobRunner:
         """One round of the steps: submit what is planned, poll (unless `poll` is False), plan
         (only full chunks with `full_only`), send the last few rows directly (when `direct`);
         returns whether anything moved."""
+        await cut_overdue(self.ctx, self.ctx.lane < len(self.lanes) - 1)
         progressed = await self.submit()
         if poll:
             progressed |= await self.poll()
@@ -257,6 +305,15 @@ class JobRunner:
     async def cancel(self) -> int:
         """Cancels every remote batch of the job, then collects what they finished before the
         cancel; returns how many were cancelled. The caller holds the job's lock."""
+        try:
+            await self.enter_lane(check_lanes(self.store, self.lanes[0].settings))
+            return await self._cancel()
+        finally:
+            for provider in self._started:
+                await provider.aclose()
+            self._started.clear()
+
+    async def _cancel(self) -> int:
         n = 0
         for chunk in self.store.chunks(("submitted",)):
             if chunk.batch_id and (chunk.remote_status or "") not in _TERMINAL:

@@ -131,9 +131,20 @@ def _v5(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE rows ADD COLUMN saved_cost REAL NOT NULL DEFAULT 0")
 
 
+def _v6(db: sqlite3.Connection) -> None:
+    """Cross-provider failover (`_failover.py`): each row's `lane` (0: the job's provider, n: its
+    n-th `--fallback`) and `failover` 1 when it failed for good for a reason another provider
+    may not have (expired, cancelled, 5xx, quota); each chunk's `lane`, and `cut` 1 once
+    `--fallback-after` cancelled its batch (rows it did not answer go to the next provider)."""
+    db.execute("ALTER TABLE rows ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE rows ADD COLUMN failover INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE chunks ADD COLUMN lane INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE chunks ADD COLUMN cut INTEGER NOT NULL DEFAULT 0")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

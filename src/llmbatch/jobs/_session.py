@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
 from ._cache import ResponseCache, answer_from_cache, cache_scope
 from ._export import export
+from ._failover import Lane, lane_settings
 from ._ingest import IngestReport, ingest
 from ._lock import JobLock, lock_held
 from ._progress import LiveProgress, PlainProgress
@@ -208,6 +209,8 @@ class Prepared:
     ingest: IngestReport | None = None
     #: The response cache, when the job runs with one (the session closes it).
     cache: ResponseCache | None = None
+    #: The providers rows fail over to, in order (`--fallback`), not started.
+    fallbacks: list[Lane] = field(default_factory=list)
 
 
 class JobSession:
@@ -359,7 +362,7 @@ class JobSession:
             self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
         provider = make_provider(settings, self.dir, self.api_key)
         cache = self._answer_from_cache(settings)
-        models = self.store.models()
+        models = self.store.models(lane=0)
         prices = price_table(
             settings.price_file, settings.price_input, settings.price_output, models, settings.provider,
             settings.price_as,
@@ -368,7 +371,21 @@ class JobSession:
         estimate.cached_rows, estimate.cached_cost = self.store.from_cache()
         if provider.billed:
             estimate.cost(prices)
-        return Prepared(job, settings, provider, prices, estimate, report, cache)
+        return Prepared(job, settings, provider, prices, estimate, report, cache, self.fallbacks(settings))
+
+    def fallbacks(self, settings: JobSettings) -> list[Lane]:
+        """The job's fallback providers (not started), each with its prices. A fallback of the job's
+        own provider uses the job's key; another provider's key comes from its environment."""
+        found = []
+        for lane in range(1, len(settings.fallbacks) + 1):
+            lane_s = lane_settings(settings, lane)
+            key = self.api_key if lane_s.provider == settings.provider else None
+            provider = make_provider(lane_s, self.dir, key)
+            prices = price_table(
+                settings.price_file, settings.price_input, settings.price_output, [lane_s.model or ""], lane_s.provider
+            )
+            found.append(Lane(lane_s, provider, prices))
+        return found
 
     def _answer_from_cache(self, settings: JobSettings) -> ResponseCache | None:
         """Opens the response cache when the job runs with one, and answers from it every
@@ -410,7 +427,7 @@ class JobSession:
     def runner(self, prepared: Prepared, progress: PlainProgress | LiveProgress | None = None) -> JobRunner:
         return JobRunner(
             self.store, self.dir, prepared.settings, prepared.provider, prices=prepared.prices,
-            progress=progress or PlainProgress(self.say), cache=prepared.cache,
+            progress=progress or PlainProgress(self.say), cache=prepared.cache, fallbacks=prepared.fallbacks,
         )  # fmt: skip
 
     def calls_runner(self, settings: JobSettings) -> JobRunner:
@@ -434,7 +451,7 @@ class JobSession:
         returns how many were cancelled. The caller holds the lock."""
         _job, settings = self.stored()
         provider = make_provider(settings, self.dir, self.api_key)
-        runner = JobRunner(self.store, self.dir, settings, provider, say=self.say)
+        runner = JobRunner(self.store, self.dir, settings, provider, say=self.say, fallbacks=self.fallbacks(settings))
         async with provider_started(provider):
             return await runner.cancel()
 

@@ -78,10 +78,28 @@ class JobSettings(BaseModel):
     """The cache's SQLite file (default `$LLMBATCH_HOME/cache.sqlite`)."""
     cache_max_size: int | None = Field(None, gt=0)
     """Bytes the cache may store before it evicts the answers used least recently (default 2 GB)."""
+    fallbacks: list[str] = Field(default_factory=list)
+    """Providers to fail over to, in order, as `provider/model` (`--fallback`): rows that fail
+    for good at one provider for a reason another may not have (expired, cancelled, 5xx, quota)
+    are sent to the next (`_failover.py`). Not part of the job's identity: a re-run may add them."""
+    fallback_after: float | None = Field(None, gt=0)
+    """Seconds after which a batch not finished is cancelled and the rows it has not answered
+    go to the next fallback (`--fallback-after`); None: batches run their whole window."""
     output: Path | None = None
     """Where results go (default: next to the first input, `NAME.results.jsonl`)."""
     errors: Path | None = None
     """Where final failures go (default: next to the first input, `NAME.errors.jsonl`)."""
+
+    def lane_provider(self, lane: int) -> tuple[str, str | None]:
+        """(provider, model) of lane `lane`: 0 the job's own (its `--model`, if any), n its n-th fallback."""
+        if lane == 0:
+            return self.provider, self.model
+        provider, _, model = self.fallbacks[lane - 1].partition("/")
+        return provider, model
+
+    def answered_by(self, lane: int, model: str | None) -> str:
+        """`provider/model` of a row sent as `model` to lane `lane`, as its result line records it."""
+        return f"{self.lane_provider(lane)[0]}/{model}" if model else self.lane_provider(lane)[0]
 
     def local_engine_options(self) -> dict[str, Any]:
         """The stored engine options the job's engine takes. A job made before options were
@@ -91,6 +109,29 @@ class JobSettings(BaseModel):
 
         taken = ENGINE_OPTIONS[self.engine].model_fields if self.engine in ENGINE_OPTIONS else {}
         return {k: v for k, v in self.engine_options.items() if k in taken}
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _fallback_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        from ..providers import PROVIDERS
+
+        for name in value:
+            provider, sep, model = name.partition("/")
+            if not sep or not model or provider not in PROVIDERS or provider == "local":
+                raise ValueError(
+                    f"--fallback {name!r}: give a provider and a model, PROVIDER/MODEL, with PROVIDER one of "
+                    f"{', '.join(p for p in PROVIDERS if p != 'local')} (e.g. anthropic/claude-sonnet-4-5)"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"--fallback: each provider/model once, not {', '.join(value)}")
+        return value
+
+    @field_validator("fallback_after")
+    @classmethod
+    def _fallback_after_needs_one(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not info.data.get("fallbacks"):
+            raise ValueError("--fallback-after needs a --fallback to send the rows to")
+        return value
 
     @field_validator("engine")
     @classmethod

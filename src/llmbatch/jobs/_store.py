@@ -299,9 +299,12 @@ class JobStore:
         """The custom_ids of rows not final yet (pending or queued)."""
         return {cid for (cid,) in self._db.execute("SELECT custom_id FROM rows WHERE state IN ('pending', 'queued')")}
 
-    def models(self) -> list[str]:
-        """Every model the job's valid rows name."""
-        return [m for (m,) in self._db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+    def models(self, lane: int | None = None) -> list[str]:
+        """Every model the job's valid rows name (those with the provider of `lane` only, when given)."""
+        if lane is None:
+            return [m for (m,) in self._db.execute("SELECT DISTINCT model FROM rows WHERE model IS NOT NULL")]
+        query = "SELECT DISTINCT model FROM rows WHERE model IS NOT NULL AND lane=?"
+        return [m for (m,) in self._db.execute(query, (lane,))]
 
     def known_ids(self, custom_ids: Sequence[str]) -> set[str]:
         """Which of these custom_ids the job already has rows for."""
@@ -426,12 +429,62 @@ class JobStore:
 
     def export_rows(self) -> Iterator[ExportRow]:
         """Every row, in input order, with its result or error."""
-        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error in self._db.execute(
-            "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error "
-            "FROM rows ORDER BY idx"
+        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error, lane, model in self._db.execute(
+            "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error, "
+            "lane, model FROM rows ORDER BY idx"
         ):
             result = ResultRef(rfile, roff, rlen) if rfile is not None else blob
-            yield _as_export_row((idx, file_no, line, cid, state, result, error))
+            yield _as_export_row((idx, file_no, line, cid, state, result, error, lane, model))
+
+    # -- failover across providers (`_failover.py`) ---------------------------------------
+
+    def active_lane(self) -> int:
+        """The provider the job is on: the lane of its rows not final yet (one lane at a time
+        has any), else the furthest lane a row reached."""
+        lane = self._one("SELECT MIN(lane) FROM rows WHERE state IN ('pending', 'queued')")
+        return int(lane if lane is not None else self._one("SELECT COALESCE(MAX(lane), 0) FROM rows"))
+
+    def failover_lane(self, below: int) -> int | None:
+        """The lowest lane under `below` with rows that failed for a reason the next provider
+        may not have (None: none)."""
+        lane = self._one("SELECT MIN(lane) FROM rows WHERE state='failed' AND failover=1 AND lane < ?", (below,))
+        return None if lane is None else int(lane)
+
+    def failover_rows(self, lane: int, after: int, limit: int) -> list[DirectRow]:
+        """Rows of `lane` that failed and may go to the next provider, past `after`, in input order."""
+        return [
+            DirectRow._make(r)
+            for r in self._db.execute(
+                "SELECT idx, file_no, offset, length, custom_id, remote_id, rewrite, endpoint, model, attempts "
+                "FROM rows WHERE state='failed' AND failover=1 AND lane=? AND idx > ? ORDER BY idx LIMIT ?",
+                (lane, after, limit),
+            )
+        ]
+
+    def fail_over(
+        self, lane: int, model: str, moved: Sequence[tuple[str | None, int | None, int]], kept: Sequence[int]
+    ) -> None:
+        """Sends failed rows to lane `lane` as pending rows of `model`, each with (the id the
+        provider is sent, its size as sent, idx), their attempts and results cleared; the rows
+        `kept` (the next provider refuses them) stay failed for good. One transaction."""
+        with self._tx() as db:
+            n = db.executemany(
+                "UPDATE rows SET state='pending', lane=?, model=?, rewrite=1, remote_id=?, wire_length=?, attempts=0, "
+                "failover=0, chunk_id=NULL, result=NULL, result_file=NULL, result_offset=NULL, result_length=NULL, "
+                "error=NULL WHERE idx=? AND state='failed' AND failover=1 AND lane=?",
+                [(lane, model, rid, wire, idx, lane - 1) for rid, wire, idx in moved],
+            ).rowcount
+            if n != len(moved):
+                raise StateError(f"expected to move {len(moved)} failed rows to fallback {lane}, moved {n}")
+            db.executemany("UPDATE rows SET failover=0 WHERE idx=?", [(i,) for i in kept])
+            self._event(db, "failover", f"{n} failed rows to fallback {lane} ({model}), {len(kept)} refused by it")
+
+    def lane_counts(self) -> list[tuple[int, str | None, str, int]]:
+        """(lane, model, state, rows) of the valid rows, by the provider they are with."""
+        return self._db.execute(
+            "SELECT lane, model, state, COUNT(*) FROM rows WHERE state != 'invalid' GROUP BY lane, model, state "
+            "ORDER BY lane, model, state"
+        ).fetchall()
 
     # -- chunks --------------------------------------------------------------------------
 
@@ -541,13 +594,14 @@ class JobStore:
         est_in: int,
         est_out: int,
         cost: float,
+        lane: int = 0,
     ) -> int:
         """Records a chunk and queues its rows, in one transaction (the plan survives a crash)."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO chunks (tag, endpoint, model, rows, bytes, est_input, est_output, est_cost, state, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
-                (tag, endpoint, model, len(idxs), nbytes, est_in, est_out, cost, int(time.time())),
+                "created_at, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'planned', ?, ?)",
+                (tag, endpoint, model, len(idxs), nbytes, est_in, est_out, cost, int(time.time()), lane),
             )
             chunk_id = int(cur.lastrowid or 0)
             # The chunk is every pending row of its endpoint and model between its first and last
@@ -669,9 +723,9 @@ class JobStore:
             outcome.refund,
         )
         db.executemany(
-            "UPDATE rows SET state='failed', result=?, result_file=?, result_offset=?, result_length=?, error=? "
-            "WHERE idx=? AND state='queued'",
-            [(*_result_columns(r.result), *r[1:]) for r in outcome.failed],
+            "UPDATE rows SET state='failed', result=?, result_file=?, result_offset=?, result_length=?, error=?, "
+            "failover=? WHERE idx=? AND state='queued'",
+            [(*_result_columns(r.result), r.error, int(r.failover), r.idx) for r in outcome.failed],
         )
 
     def result_file(self, path: str, size: int, sha256: str, file_id: str, chunk_id: int) -> int:
