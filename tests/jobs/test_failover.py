@@ -255,3 +255,23 @@ def test_kill_9_during_the_failover_submission_then_resume_sends_no_second_batch
     assert moved and sorted(_sent(fake)) == sorted(r["custom_id"] for r in moved)
     found = [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%found batch%'")]
     assert found, "the resumed run should have found the batch by its tag"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--fallback", "claude-sonnet-4-5"], "--fallback 'claude-sonnet-4-5': give a provider and a model"),
+        (["--fallback", "local/echo"], "PROVIDER one of openai,"),
+        (["--fallback", "anthropic/a", "--fallback", "anthropic/a"], "name each provider/model once"),
+        (["--fallback-after", "1h"], "--fallback-after needs a --fallback"),
+        (["--fallback", "anthropic/a", "--fallback-after", "soon"], "invalid duration 'soon'"),
+    ],
+)
+def test_bad_fallback_options_are_refused_naming_what_and_why(args: list[str], says: str, tmp_path: Path) -> None:
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl([chat_line(0)]))
+    cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", *args]
+    proc = subprocess.run(cmd, env=_env(tmp_path / "home", "http://127.0.0.1:9"), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())

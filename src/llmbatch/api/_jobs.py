@@ -408,7 +408,9 @@ class Job:
 
     def _records(self, states: Collection[str] | None) -> Iterator[dict[str, Any]]:
         with self._session() as session:
-            for state, line in output_lines(session.store, session.inputs()):
+            settings = session.stored()[1]
+            by = settings.answered_by if settings.fallbacks else None  # which provider answered, as files say
+            for state, line in output_lines(session.store, session.inputs(), answered_by=by):
                 if states is None or state in states:
                     yield orjson.loads(line)
 

@@ -434,7 +434,7 @@ class JobSession:
         """The runner of a job of calls (`named`): records `settings`, no inputs to read."""
         self._record_settings(settings)
         provider = make_provider(settings, self.dir, self.api_key)
-        return JobRunner(self.store, self.dir, settings, provider, say=self.say)
+        return JobRunner(self.store, self.dir, settings, provider, say=self.say, fallbacks=self.fallbacks(settings))
 
     def dry_run(self, prepared: Prepared) -> list[Chunk]:
         """Plans the chunks and sends nothing; returns the chunks planned so far."""

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
+from .._exceptions import ConfigError
+
 __all__ = ["JobSettings"]
 
 
@@ -118,19 +120,19 @@ class JobSettings(BaseModel):
         for name in value:
             provider, sep, model = name.partition("/")
             if not sep or not model or provider not in PROVIDERS or provider == "local":
-                raise ValueError(
+                raise ConfigError(
                     f"--fallback {name!r}: give a provider and a model, PROVIDER/MODEL, with PROVIDER one of "
                     f"{', '.join(p for p in PROVIDERS if p != 'local')} (e.g. anthropic/claude-sonnet-4-5)"
                 )
         if len(set(value)) != len(value):
-            raise ValueError(f"--fallback: each provider/model once, not {', '.join(value)}")
+            raise ConfigError(f"--fallback: name each provider/model once, not {', '.join(value)}")
         return value
 
     @field_validator("fallback_after")
     @classmethod
     def _fallback_after_needs_one(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and not info.data.get("fallbacks"):
-            raise ValueError("--fallback-after needs a --fallback to send the rows to")
+            raise ConfigError("--fallback-after needs a --fallback to send the rows to")
         return value
 
     @field_validator("engine")
