@@ -275,3 +275,23 @@ def test_bad_fallback_options_are_refused_naming_what_and_why(args: list[str], s
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())
+
+
+def test_run_file_fails_over_and_its_records_say_who_answered(
+    primary: tuple[str, FakeAnthropic], server: ServerProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Python API takes the same settings: `fallbacks`, and its records name the provider."""
+    from llmbatch import run_file
+
+    url, _fake = primary
+    for k, v in _env(tmp_path / "home", server.base_url).items():
+        monkeypatch.setenv(k, v)
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl([chat_line(0, "EXPIRE zero"), chat_line(1, "text one")]))
+    job = run_file(
+        inp, provider="anthropic", model=MODEL, base_url=url, fallbacks=[FALLBACK], max_attempts=1, poll_interval=0.05
+    )
+    assert [(r["custom_id"], r["provider"]) for r in job.results()] == [
+        ("row-0", FALLBACK),
+        ("row-1", f"anthropic/{MODEL}"),
+    ]
