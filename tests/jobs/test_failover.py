@@ -138,6 +138,13 @@ def test_rows_the_primary_expires_or_5xxs_are_answered_by_the_fallback_once_in_o
     again = _run(inp, url, home, server.base_url, "--max-attempts", "2", "--batch-size", "5")
     assert again.returncode == 1, again.stderr
     assert len(fake.batches) == batches_before and len(_fallback_batches(server, job_id)) == 1
+    # With another fallback in its place, the job is refused: its rows' batches are at the first one.
+    env = _env(home, server.base_url)
+    cmd = _cmd(inp, url, "--max-attempts", "2", "--batch-size", "5")
+    cmd[cmd.index(FALLBACK)] = "openai/gpt-4.1-mini"
+    other = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2, other.stderr
+    assert "went to fallbacks as gpt-4o-mini" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_one_budget_covers_both_providers_each_at_its_own_prices(

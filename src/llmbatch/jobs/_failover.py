@@ -98,6 +98,14 @@ def check_lanes(store: JobStore, settings: JobSettings) -> int:
             f"this job's rows are with its fallback {lane}, and this run names {len(settings.fallbacks)} fallbacks: "
             "run it with the --fallback options it was started with"
         )
+    # Its batches there are polled at the provider this run names for that lane: the same one.
+    sent_as = [m for lane_no in range(1, lane + 1) for m in store.models(lane=lane_no)]
+    named = [settings.lane_provider(n)[1] for n in range(1, lane + 1)]
+    if any(m not in named for m in sent_as):
+        raise ConfigError(
+            f"this job's rows went to fallbacks as {', '.join(sorted(set(sent_as)))}, and this run names "
+            f"{', '.join(settings.fallbacks[:lane])} first: run it with the --fallback options it was started with"
+        )
     return lane
 
 
