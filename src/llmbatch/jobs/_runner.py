@@ -165,7 +165,7 @@ class JobRunner:
         to = self.lanes[lane + 1]
         moved, refused = move_failed(self.store, self.ctx.inputs, to)
         self.ctx.say(
-            f"failover: {moved} rows failed at {self.settings.answered_by(lane, None)}; sending them to "
+            f"failover: {moved} rows failed at {self.lanes[lane].settings.provider}; sending them to "
             f"{to.settings.provider}/{to.settings.model}"
             + (f" ({refused} more it cannot run stay failed)" if refused else "")
         )
