@@ -70,6 +70,9 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="Send every row with this model (an Azure deployment name); a provider/ prefix picks the provider.",
 )
 @click.option("--api-version", default=None, help="azure: dated API version [env OPENAI_API_VERSION; unset: v1].")
+@click.option(
+    "--gcs-uri", default=None, help="vertex: gs://bucket/prefix for inputs and outputs [env LLMBATCH_VERTEX_GCS_URI]."
+)
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
 @click.option(

@@ -155,7 +155,8 @@ def remove_job(job: str, job_root: Path) -> Path:
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
     """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
-    options = {"api_version": settings.api_version} if settings.api_version else {}
+    given = {"api_version": settings.api_version, "gcs_uri": settings.gcs_uri}
+    options = {k: v for k, v in given.items() if v}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
         engine_config=settings.local_engine_options(), **options,

@@ -21,6 +21,8 @@ class JobSettings(BaseModel):
     """Sent as every row's model (an Azure deployment name, or one model for a whole file)."""
     api_version: str | None = None
     """azure: the dated API version (default OPENAI_API_VERSION; unset: the v1 API)."""
+    gcs_uri: str | None = None
+    """vertex: where chunk inputs and job outputs go, gs://bucket/prefix (default LLMBATCH_VERTEX_GCS_URI)."""
     engine: str = Field("auto", validate_default=True)
     """local: the engine of the in-process server; "auto" is resolved when the settings are made
     (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).

@@ -55,6 +55,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ProviderSpec("gemini", "._gemini", "GeminiBatchProvider", extra="gemini", sdk="google.genai"),
         ProviderSpec("together", "._together", "TogetherBatchProvider", extra="together", sdk="together"),
         ProviderSpec("mistral", "._mistral", "MistralBatchProvider", extra="mistral", sdk="mistralai"),
+        ProviderSpec("vertex", "._vertex", "VertexBatchProvider", extra="vertex", sdk="google.cloud.storage"),
     )
 }
 
