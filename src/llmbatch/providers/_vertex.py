@@ -6,11 +6,11 @@ A batch is a `batchPredictionJob`: its input is a JSONL object in Cloud Storage 
 translation, `_gemini_translate`); Vertex writes `predictions.jsonl` files into a folder it
 makes under the job's output prefix (`outputInfo.gcsOutputDirectory`), one line per request
 in no promised order: `{"status": "", "processed_time", "request", "response"}`, or a
-non-empty `status` holding the error of a request that failed. Extra fields of an input line
-come back with its output line, so each result is matched by its `key`; a line that comes back
-without one is matched by its echoed `request` against the chunk's input (read back from
-Cloud Storage), and one that matches no request goes to the runner without an id (its row is
-sent again, its usage counted).
+non-empty `status` holding the error of a request that failed. Each result is matched by the
+`key` of its input line, which Vertex is expected to pass through (extra fields of an input
+line come back with its output line); a line that comes back without one is matched by its
+echoed `request` against the chunk's input (read back from Cloud Storage), and one that matches
+no request goes to the runner without an id (its row is sent again, its usage counted).
 
 Where things go (`--gcs-uri gs://bucket/prefix`, or LLMBATCH_VERTEX_GCS_URI): a chunk's input
 is `<prefix>/<tag>/input.jsonl`, with its model in the object's metadata (the runner hands
