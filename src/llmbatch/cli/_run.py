@@ -83,6 +83,9 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     "--s3-uri", default=None, help="bedrock: s3://bucket/prefix for inputs and outputs [env LLMBATCH_BEDROCK_S3_URI]."
 )
 @click.option("--role-arn", default=None, help="bedrock: IAM role the jobs run as [env LLMBATCH_BEDROCK_ROLE_ARN].")
+@click.option(
+    "--gcs-uri", default=None, help="vertex: gs://bucket/prefix for inputs and outputs [env LLMBATCH_VERTEX_GCS_URI]."
+)
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
 @click.option(

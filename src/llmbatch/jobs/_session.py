@@ -156,7 +156,12 @@ def remove_job(job: str, job_root: Path) -> Path:
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
     """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
-    given = {"api_version": settings.api_version, "s3_uri": settings.s3_uri, "role_arn": settings.role_arn}
+    given = {
+        "api_version": settings.api_version,
+        "s3_uri": settings.s3_uri,
+        "role_arn": settings.role_arn,
+        "gcs_uri": settings.gcs_uri,
+    }
     options = {k: v for k, v in given.items() if v}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
