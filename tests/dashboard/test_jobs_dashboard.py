@@ -13,50 +13,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
-from conftest import chat_line, free_port, jsonl
+from conftest import DashboardProc, chat_line, dashboard_env, free_port, jsonl
 
 CLI = [sys.executable, "-m", "llmbatch"]
 FIXTURE_V0 = Path(__file__).parent.parent / "jobs" / "fixtures" / "job_v0"
-
-
-def env_for(home: Path) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    env.update(LLMBATCH_HOME=str(home), NO_PROXY="127.0.0.1,localhost", OPENAI_API_KEY="test")
-    return env
-
-
-class Dashboard:
-    def __init__(self, home: Path, log: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        out = open(log, "wb")
-        cmd = [*CLI, "dashboard", "--port", str(self.port), "--home", str(home), *args]
-        self.proc = subprocess.Popen(cmd, env=env_for(home), stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        self.log = log
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(self.base + "/", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise AssertionError(f"dashboard did not start:\n{log.read_text()}")
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.base + path, timeout=30, **kwargs)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -65,9 +28,9 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def dashboard(home: Path, tmp_path: Path) -> Iterator[Dashboard]:
+def dashboard(home: Path, tmp_path: Path) -> Iterator[DashboardProc]:
     (home / "jobs").mkdir(parents=True)
-    d = Dashboard(home, tmp_path / "dashboard.log")
+    d = DashboardProc(home, tmp_path / "dashboard.log")
     yield d
     d.stop()
 
@@ -88,7 +51,7 @@ def test_a_running_job_is_watched_without_blocking_it(server_factory, dashboard,
     run = subprocess.Popen(
         [*CLI, "run", str(inp), "--provider", "openai", "--base-url", server.base_url, "--batch-size", "20",
          "--max-attempts", "1", "--poll-interval", "0.05", "--skip-invalid"],
-        env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dashboard_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     seen: list[tuple[int, int, int]] = []
     job = None
@@ -115,7 +78,8 @@ def test_a_running_job_is_watched_without_blocking_it(server_factory, dashboard,
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
 
-    status = json.loads(subprocess.run([*CLI, "status", job, "--json"], env=env_for(home), capture_output=True).stdout)
+    shown_status = subprocess.run([*CLI, "status", job, "--json"], env=dashboard_env(home), capture_output=True)
+    status = json.loads(shown_status.stdout)
     r = status["rows"]
     assert done_of(dashboard.get("/").text, job) == (r["succeeded"], r["failed"] + r["invalid"], 140)
     page = dashboard.get(f"/jobs/{job}").text
@@ -171,7 +135,7 @@ def test_the_pages_tolerate_what_they_find(dashboard, home) -> None:  # type: ig
 def test_a_bind_beyond_loopback_needs_a_flag(tmp_path: Path) -> None:
     proc = subprocess.run(
         [*CLI, "dashboard", "--host", "0.0.0.0", "--port", str(free_port()), "--home", str(tmp_path)],
-        env=env_for(tmp_path), capture_output=True, text=True, timeout=60,
+        env=dashboard_env(tmp_path), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--allow-remote" in proc.stderr and "0.0.0.0" in proc.stderr
