@@ -139,3 +139,17 @@ def test_a_bind_beyond_loopback_needs_a_flag(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--allow-remote" in proc.stderr and "0.0.0.0" in proc.stderr
+
+
+def test_the_commands_name_a_job_root_that_is_not_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmbatch.dashboard import commands_for
+
+    monkeypatch.setenv("LLMBATCH_HOME", str(tmp_path / "home"))
+    assert commands_for("job_1", tmp_path / "home" / "jobs")["resume"] == "llmbatch resume job_1"
+    other = tmp_path / "my jobs"
+    assert commands_for("job_1", other) == {
+        "resume": f"llmbatch resume job_1 --job-dir '{other}'",
+        "status": f"llmbatch status job_1 --job-dir '{other}'",
+        "cancel": f"llmbatch cancel job_1 --job-dir '{other}'",
+        "export": f"llmbatch results job_1 --job-dir '{other}'",
+    }

@@ -38,7 +38,7 @@ def _cumulative(view: JobView) -> tuple[list[tuple[float, int, int, float]], flo
 
 
 def _x_label(points: list[tuple[float, int, int, float]], name: str) -> str:
-    return f"{name} since the job was created (0 to {points[-1][0]:.3g})"
+    return f"{name} since created (0 to {points[-1][0]:.3g})"
 
 
 def rows_chart(view: JobView) -> Markup:
@@ -59,9 +59,9 @@ def spend_chart(view: JobView) -> Markup:
     estimate as flat lines where there are ones."""
     points, _unit, name = _cumulative(view)
     end = points[-1][0]
-    series = [Series("spent (cents)", "#2563eb", [(x, 100 * c) for x, _, _, c in points])]
+    series = [Series("spent (\u00a2)", "#2563eb", [(x, 100 * c) for x, _, _, c in points])]
     if view.estimate:
-        series.append(Series("estimate (cents)", "#6b7280", [(0.0, 100 * view.estimate), (end, 100 * view.estimate)]))
+        series.append(Series("estimate (\u00a2)", "#6b7280", [(0.0, 100 * view.estimate), (end, 100 * view.estimate)]))
     if view.cap is not None:
-        series.append(Series("--max-cost (cents)", "#d97706", [(0.0, 100 * view.cap), (end, 100 * view.cap)]))
+        series.append(Series("--max-cost (\u00a2)", "#d97706", [(0.0, 100 * view.cap), (end, 100 * view.cap)]))
     return line_chart(series, height=160, x_label=_x_label(points, name), title=f"Spend of {view.id} over time")
