@@ -96,9 +96,9 @@ class LocalProvider(OpenAIBatchProvider):
         if self.engine == "echo":
             what = "no model: each answer echoes its request's text"
         elif models:
-            what = f"model {', '.join(models)}"
+            what = f"it serves {', '.join(models)}"
         else:
-            what = "its model"
+            what = "with its model"
         return f"local: the {self.engine} engine answers every row ({what})"
 
     async def aclose(self) -> None:
