@@ -46,13 +46,15 @@ class JobRun:
         self._cancelling = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
+        #: What is true of the job's batches once the run stops (the provider's `after_interrupt`).
+        self._after = "remote batches keep running"
 
     def __call__(self) -> None:
         session = JobSession(self.job_dir, api_key=self.api_key, say=self._say)
         try:
             self._run(session)
         except KeyboardInterrupt as exc:
-            self._say("interrupted: remote batches keep running; resume() or `llmbatch resume` goes on")
+            self._say(f"interrupted: {self._after}; resume() or `llmbatch resume` goes on")
             self.interrupt = exc
         except Exception as exc:
             log.debug("job %s: the run stopped", self.job_id, exc_info=True)
@@ -73,6 +75,7 @@ class JobRun:
     def _run(self, session: JobSession) -> int:
         """Runs the job to its end; returns `llmbatch run`'s exit code."""
         prepared = session.prepare(self.settings, skip_hint="pass skip_invalid=True")
+        self._after = prepared.provider.after_interrupt
         for line in prepared.estimate.summary_lines():
             self._say(line)
         return asyncio.run(self._main(session, session.runner(prepared)))
@@ -95,7 +98,7 @@ class JobRun:
                     out, _err = session.export()
                     self._say(f"cancelled {self.cancelled} remote batches; results so far in {out}")
                 else:
-                    self._say("stopped: remote batches keep running; resume() or `llmbatch resume` goes on")
+                    self._say(f"stopped: {self._after}; resume() or `llmbatch resume` goes on")
                 return EXIT_INTERRUPTED
             finally:
                 with self._guard:

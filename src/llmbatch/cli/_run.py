@@ -53,7 +53,8 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
         except KeyboardInterrupt:
             progress.close()  # the live block ends before the last word, not after it
             click.echo(
-                f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {session.id}", err=True
+                f"\ninterrupted: {prepared.provider.after_interrupt}. Resume with: llmbatch resume {session.id}",
+                err=True,
             )
             return EXIT_INTERRUPTED
         except BaseException:
@@ -88,6 +89,13 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
 )
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
+@click.option(
+    "--echo-latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="echo: seconds added per request (a demo of a run's progress without a model).",
+)
 @click.option(
     "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
 )
@@ -177,6 +185,9 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     2 usage, configuration or invalid input; 3 the budget stopped the job; 130 Ctrl+C.
     """
     opts["engine_options"] = engine_config_options(opts) or None
+    echo_latency = opts.pop("echo_latency")
+    if echo_latency:  # only when given, like the other engine options (the job's id hashes them)
+        opts["engine_options"] = {**(opts["engine_options"] or {}), "echo_latency": echo_latency}
     settings = settings_for(list(inputs), **opts)
     if settings.provider == "local":
         notice = resolve_engine(opts["engine"])[1]

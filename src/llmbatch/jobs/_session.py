@@ -71,11 +71,17 @@ def settings_for(
     The provider is the one named, else a `provider/` prefix on the model or the first row's
     model, else `local`; the base URL the one given, else the provider's environment variable.
     """
-    provider = provider or _provider_of_model(options.get("model"), inputs) or "local"
+    provider = provider or provider_of(inputs, options.get("model"))
     cls = provider_class(provider)
     env = getattr(cls, "base_url_env", None)
     base_url = base_url or (os.environ.get(env) if env else None)
     return JobSettings(provider=provider, base_url=base_url, **{k: v for k, v in options.items() if v is not None})
+
+
+def provider_of(inputs: list[Path], model: str | None = None) -> str:
+    """The provider a job on `inputs` runs on when none is named: a `provider/` prefix on
+    `model` or the first row's model, else `local` (`run` and `estimate` agree)."""
+    return _provider_of_model(model, inputs) or "local"
 
 
 def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
