@@ -343,6 +343,8 @@ class VertexBatchProvider(GeminiBatchProvider):
             metadata={"display_name": b.display_name or ""},
             created_at=int(b.create_time.timestamp()) if b.create_time else int(time.time()),
             input_file_id=inputs[0] if inputs else None,
+            # Vertex fills completionStats as instances finish; a job that shows none yet says nothing
+            counts_live=stats is not None,
         )
 
     # -- results ---------------------------------------------------------------------------
