@@ -7,7 +7,7 @@ string and its length instead, which is enough to recognise it.
 
 from __future__ import annotations
 
-__all__ = ["clip", "ECHO_LIMIT"]
+__all__ = ["clip", "plural", "ECHO_LIMIT"]
 
 #: Characters of a caller's string kept in a message.
 ECHO_LIMIT = 200
@@ -22,3 +22,8 @@ def clip(value: object, *, quote: bool = False, limit: int = ECHO_LIMIT) -> str:
         return repr(value) if quote else value
     head = value[:limit] + "…"
     return f"{head!r} ({len(value)} characters)" if quote else f"{head} ({len(value)} characters)"
+
+
+def plural(n: int, noun: str) -> str:
+    """`n` and the noun, singular for one: "1 invalid row", "2 invalid rows", "1,000 rows"."""
+    return f"{n:,} {noun if n == 1 else noun + 's'}"

@@ -12,7 +12,7 @@ import click
 from ..jobs import default_job_root
 from ..pricing import Estimate
 
-__all__ = ["api_key_option", "job_root_option", "price_options", "print_estimate", "root_of", "say"]
+__all__ = ["AGE", "api_key_option", "job_root_option", "price_options", "print_estimate", "root_of", "say"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +34,29 @@ def root_of(given: Path | None) -> Path:
     """Where jobs live: as given (`--job-dir`), else `$LLMBATCH_HOME/jobs`."""
     return given or default_job_root()
 
+
+class _Age(click.ParamType):
+    """A duration as people write it: 30s, 45m, 12h, 7d, 2w (a bare number is days)."""
+
+    name = "age"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = text[-1:] if text[-1:] in self._UNITS else "d"
+        number = text[:-1] if text[-1:] in self._UNITS else text
+        try:
+            seconds = float(number) * self._UNITS[unit]
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:
+            self.fail(f"{value!r} is not an age: a number with s, m, h, d or w (e.g. 7d)", param, ctx)
+        return seconds
+
+
+AGE = _Age()
 
 api_key_option = click.option(
     "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."

@@ -137,4 +137,10 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     session, created = JobSession.open(list(inputs), settings, root_of(job_root), api_key=api_key, say=say)
     say(f"{'new' if created else 'resuming'} job {session.id} ({session.dir})")
     with session:
-        sys.exit(run_job(session, settings, dry_run=dry_run))
+        try:
+            code = run_job(session, settings, dry_run=dry_run)
+        except BaseException:
+            if session.forget_if_unused():  # a new job refused before it sent anything is not kept
+                say(f"job {session.id} not kept: nothing was sent")
+            raise
+        sys.exit(code)
