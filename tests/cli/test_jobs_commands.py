@@ -119,3 +119,22 @@ def test_rm_refuses_batches_still_running_remotely_and_prune_keeps_them(server_f
     assert "no job 'job_0000000000000000'" in forced.stderr
     assert listed(tmp_path) == {}
     assert server.client().batches.retrieve(batch.id).status != "cancelled"  # left running, as said
+
+
+def test_run_forwards_through_the_openai_engine_with_its_upstream_options(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`run --engine openai` takes --upstream-url and --upstream-api-key (a real upstream: an
+    echo `llmbatch serve` that wants that key); the key is not stored with the job."""
+    key = "upstream-key-not-to-be-stored"
+    upstream = server_factory(keys=[key])
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl([chat_line(i) for i in range(3)]))
+    proc = subprocess.run(
+        [*CLI, "run", str(inp), "--engine", "openai", "--upstream-url", upstream.base_url, *POLL],
+        env={**env_for(tmp_path), "LLMBATCH_UPSTREAM_API_KEY": key}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    answers = [line for line in inp.with_suffix(".results.jsonl").read_text().splitlines() if line]
+    assert len(answers) == 3 and all('"status_code": 200' in a or '"status_code":200' in a for a in answers)
+    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
+    stored = b"".join(p.read_bytes() for p in job_dir.glob("job.sqlite*"))
+    assert key.encode() not in stored

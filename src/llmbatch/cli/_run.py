@@ -73,6 +73,15 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
 @click.option(
+    "--upstream-url", default=None, help="openai: base URL of the OpenAI-compatible API it forwards to, with /v1."
+)
+@click.option(
+    "--upstream-api-key",
+    envvar="LLMBATCH_UPSTREAM_API_KEY",
+    default=None,
+    help="openai: key sent upstream [env LLMBATCH_UPSTREAM_API_KEY]; never stored (resume: --api-key or the env).",
+)
+@click.option(
     "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
 )
 @click.option("--base-url", default=None, help="The provider's API base URL [env: its own, e.g. OPENAI_BASE_URL].")
@@ -127,8 +136,13 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
 @price_options
 def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dry_run: bool, **opts: Any) -> None:
     """Run OpenAI-format batch JSONL files as one durable job; re-running resumes it."""
-    opts["engine_options"] = engine_config_options(opts) or None
+    upstream_url, upstream_key = opts.pop("upstream_url"), opts.pop("upstream_api_key")
+    # The upstream URL is an engine option (and part of the job's identity); its key is not
+    # stored: the local provider takes it as its key, as `resume --api-key` gives it again.
+    config = {**engine_config_options(opts), **({"upstream_url": upstream_url} if upstream_url else {})}
+    opts["engine_options"] = config or None
     settings = settings_for(list(inputs), **opts)
+    api_key = api_key or (upstream_key if settings.provider == "local" else None)
     if settings.provider == "local":
         notice = resolve_engine(opts["engine"])[1]
         if notice:

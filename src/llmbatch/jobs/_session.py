@@ -119,11 +119,18 @@ def check_config(settings: JobSettings, job_dir: Path, api_key: str | None = Non
 
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
-    """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
+    """The provider a job runs on. Keys come from the argument, then the provider's environment
+    variable. On the local provider with the openai engine, the key is the one sent upstream
+    (default LLMBATCH_UPSTREAM_API_KEY): keys are never stored with a job."""
     options = {"api_version": settings.api_version} if settings.api_version else {}
+    engine_config = settings.local_engine_options()
+    if settings.provider == "local" and settings.engine == "openai":
+        upstream_key = api_key or os.environ.get("LLMBATCH_UPSTREAM_API_KEY")
+        if upstream_key:
+            engine_config = {**engine_config, "upstream_api_key": upstream_key}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
-        engine_config=settings.local_engine_options(), **options,
+        engine_config=engine_config, **options,
     )  # fmt: skip
 
 
