@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..jobs import EXIT_INTERRUPTED, JobLock, JobRunner, JobSession, JobSettings, provider_started
+from ._errors import python_names
 
 __all__ = ["JobRun", "blocking", "loop_running"]
 
@@ -29,9 +30,20 @@ class JobRun:
     """
 
     def __init__(
-        self, job_dir: Path, job_id: str, lock: JobLock, api_key: str | None, settings: JobSettings | None
+        self,
+        job_dir: Path,
+        job_id: str,
+        lock: JobLock,
+        api_key: str | None,
+        settings: JobSettings | None,
+        *,
+        new: bool = False,
     ) -> None:
         self.job_dir = job_dir
+        #: Whether `run_file` created the job for this run: if it fails before sending anything,
+        #: the job is not kept (`forgotten`), as with `llmbatch run`.
+        self.new = new
+        self.forgotten = False
         self.job_id = job_id
         self.lock = lock
         self.api_key = api_key
@@ -58,10 +70,14 @@ class JobRun:
             self.interrupt = exc
         except Exception as exc:
             log.debug("job %s: the run stopped", self.job_id, exc_info=True)
-            self.error = exc
+            self.error = python_names(exc)
         finally:
-            session.close()
             self.lock.release()
+            session.new = self.new
+            if (self.error is not None or self.interrupt is not None) and session.forget_if_unused():
+                self.forgotten = True
+                self._say("not kept: nothing was sent")
+            session.close()
             self.done.set()
 
     def stop(self, *, cancel: bool = False) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .._text import plural
 from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table, provider_of
 from ..pricing import LONG_PROMPT_TOKENS, Estimate
 from ..providers import PROVIDER_NAMES, provider_class
@@ -20,7 +21,8 @@ _SHOWN_PROBLEMS = 50
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+# Inputs are checked by `ingest`, as `run` checks them: one line, the same words.
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--default-output-tokens",
     type=click.IntRange(min=1),
@@ -76,5 +78,5 @@ def estimate(
     if not billed and not named:
         click.echo("To price these rows at a provider's batch rates instead, name it: --provider openai (or another).")
     if report.invalid:
-        click.echo(f"{report.invalid} invalid rows (not counted above)", err=True)
+        click.echo(f"{plural(report.invalid, 'invalid row')} (not counted above)", err=True)
         sys.exit(EXIT_USAGE)

@@ -97,6 +97,15 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     help="echo: seconds added per request (a demo of a run's progress without a model).",
 )
 @click.option(
+    "--upstream-url", default=None, help="openai: base URL of the OpenAI-compatible API it forwards to, with /v1."
+)
+@click.option(
+    "--upstream-api-key",
+    envvar="LLMBATCH_UPSTREAM_API_KEY",
+    default=None,
+    help="openai: key sent upstream [env LLMBATCH_UPSTREAM_API_KEY]; never stored (resume: --api-key or the env).",
+)
+@click.option(
     "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
 )
 @click.option("--base-url", default=None, help="The provider's API base URL [env: its own, e.g. OPENAI_BASE_URL].")
@@ -184,11 +193,16 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     Exit codes: 0 every row succeeded; 1 some rows finally failed (outputs written);
     2 usage, configuration or invalid input; 3 the budget stopped the job; 130 Ctrl+C.
     """
-    opts["engine_options"] = engine_config_options(opts) or None
+    upstream_url, upstream_key = opts.pop("upstream_url"), opts.pop("upstream_api_key")
+    # The upstream URL is an engine option (and part of the job's identity); its key is not
+    # stored: the local provider takes it as its key, as `resume --api-key` gives it again.
+    config = {**engine_config_options(opts), **({"upstream_url": upstream_url} if upstream_url else {})}
+    opts["engine_options"] = config or None
     echo_latency = opts.pop("echo_latency")
     if echo_latency:  # only when given, like the other engine options (the job's id hashes them)
         opts["engine_options"] = {**(opts["engine_options"] or {}), "echo_latency": echo_latency}
     settings = settings_for(list(inputs), **opts)
+    api_key = api_key or (upstream_key if settings.provider == "local" else None)
     if settings.provider == "local":
         notice = resolve_engine(opts["engine"])[1]
         if notice:
@@ -197,4 +211,10 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     session, created = JobSession.open(list(inputs), settings, root_of(job_root), api_key=api_key, say=say)
     say(f"{'new' if created else 'resuming'} job {session.id} ({session.dir})")
     with session:
-        sys.exit(run_job(session, settings, dry_run=dry_run))
+        try:
+            code = run_job(session, settings, dry_run=dry_run)
+        except BaseException:
+            if session.forget_if_unused():  # a new job refused before it sent anything is not kept
+                say(f"job {session.id} not kept: nothing was sent")
+            raise
+        sys.exit(code)

@@ -255,6 +255,21 @@ class JobStore:
             if "status" in columns:
                 self._event(db, "job", f"job status {columns['status']}")
 
+    def sent_anything(self) -> bool:
+        """Whether the job ever sent a request out: a chunk past planning (an upload may exist)
+        or a row answered (directly, or by a batch). A job that never did can be removed or
+        replaced without losing anything but the reading of its inputs."""
+        return bool(
+            self._one(
+                "SELECT EXISTS(SELECT 1 FROM chunks WHERE state != 'planned') "
+                "OR EXISTS(SELECT 1 FROM rows WHERE state IN ('succeeded', 'failed'))"
+            )
+        )
+
+    def last_activity(self) -> float:
+        """When the job last did anything (its newest event; every step records one)."""
+        return float(self._one("SELECT COALESCE(MAX(at), 0) FROM events"))
+
     # -- rows ----------------------------------------------------------------------------
 
     def clear_rows(self) -> None:
