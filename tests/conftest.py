@@ -249,6 +249,17 @@ class EngineHandle:
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def until(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:  # generous: CI is busy
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     """A headless Chromium (Debian's `chromium` + `chromium-driver`, through Selenium) that saves
@@ -281,3 +292,42 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+# -- the local jobs dashboard (`llmbatch dashboard`) -------------------------------------------
+
+
+def dashboard_env(home: Path) -> dict[str, str]:
+    """The environment of `llmbatch` commands on the jobs in `home` (run against fake OpenAI-like servers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.update(LLMBATCH_HOME=str(home), NO_PROXY="127.0.0.1,localhost", OPENAI_API_KEY="test")
+    return env
+
+
+class DashboardProc:
+    """A running `llmbatch dashboard` process over the jobs in `home` (started on a free port)."""
+
+    def __init__(self, home: Path, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        out = open(log, "wb")
+        cmd = [sys.executable, "-m", "llmbatch", "dashboard", "--port", str(self.port), "--home", str(home), *args]
+        self.proc = subprocess.Popen(cmd, env=dashboard_env(home), stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        self.log = log
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(self.base + "/", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"dashboard did not start:\n{log.read_text()}")
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -7,6 +7,9 @@ input before spending anything), so both reject exactly the same rows for the sa
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +17,28 @@ from typing import Any
 
 import orjson
 
+from ._exceptions import InputError
 from ._text import clip
 from .engines import KNOWN_ENDPOINTS
 
-__all__ = ["RowProblem", "check_row", "iter_lines", "iter_lines_with_offsets", "request_key", "samples"]
+__all__ = [
+    "RowProblem",
+    "check_row",
+    "input_stat",
+    "iter_lines",
+    "iter_lines_with_offsets",
+    "not_jsonl",
+    "request_key",
+    "samples",
+]
 
 _BOM = b"\xef\xbb\xbf"
 #: Endpoints whose answer has no sampling in it: the same request always gets the same answer.
 _UNSAMPLED_ENDPOINTS = frozenset({"/v1/embeddings", "/v1/moderations"})
+#: orjson's position suffix: a row is one line, so "line 1" says nothing and the column is enough.
+_JSON_WHERE = re.compile(r": line \d+ column (\d+) \(char \d+\)$")
+#: Non-blank lines looked at to tell a file that is not JSONL at all from one with a bad line.
+_SNIFF_LINES = 5
 
 
 @dataclass(slots=True)
@@ -31,6 +48,17 @@ class RowProblem:
     code: str
     message: str
     param: str | None = None
+
+
+def input_stat(path: Path) -> os.stat_result:
+    """The input file's stat; InputError naming it when it cannot be read or is not a file."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the input file: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a file")
+    return st
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -70,7 +98,8 @@ def check_row(raw: bytes, endpoint: str | None = None) -> tuple[dict[str, Any] |
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return None, [RowProblem("invalid_json_line", f"not valid JSON ({exc})")]
+        where = _JSON_WHERE.sub(r" at column \1", str(exc))
+        return None, [RowProblem("invalid_json_line", f"not valid JSON ({where})")]
     if not isinstance(obj, dict):
         return None, [RowProblem("invalid_json_line", f"expected a JSON object, got {type(obj).__name__}")]
     problems: list[RowProblem] = []
@@ -128,3 +157,38 @@ def samples(endpoint: str, body: dict[str, Any]) -> bool:
         return False
     temperature = body.get("temperature")
     return not (isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature == 0)
+
+
+def not_jsonl(path: Path) -> str | None:
+    """Why the file is not JSONL at all (None: it may be): none of its first few non-blank lines
+    is a JSON object, as in a CSV file, a JSON array or plain text. One message then says so,
+    instead of one `invalid_json_line` per line."""
+    seen: list[tuple[int, bytes]] = []
+    for n, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            if isinstance(orjson.loads(raw), dict):
+                return None
+        except orjson.JSONDecodeError:
+            pass
+        seen.append((n, raw))
+        if len(seen) == _SNIFF_LINES:
+            break
+    if not seen:
+        return None
+    n, first = seen[0]
+    text = first.decode("utf-8", "replace")
+    suffix = path.suffix.lower()
+    commas = (b"," in first or b"\t" in first) and not first.lstrip().startswith((b"{", b"["))
+    if suffix in (".csv", ".tsv") or commas:
+        what = "it looks like CSV; convert each row to a request line first"
+    elif first.lstrip().startswith(b"[") or suffix == ".json":
+        what = "a JSON array or document? write each request object on a line of its own"
+    else:
+        what = "llmbatch reads OpenAI batch JSONL"
+    lines = f"its first {len(seen)} non-blank lines are" if len(seen) > 1 else "its only non-blank line is"
+    return (
+        f"not JSONL (one JSON request object per line): {lines} not JSON objects "
+        f"(line {n}: {clip(text, quote=True, limit=60)}); {what}"
+    )

@@ -12,7 +12,7 @@ import re
 
 from ._exceptions import ConfigError
 
-__all__ = ["clip", "ECHO_LIMIT", "parse_size"]
+__all__ = ["clip", "plural", "ECHO_LIMIT", "parse_size"]
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -48,3 +48,8 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ConfigError(f"invalid size {text!r}: use bytes or a unit such as 200MB, 1GiB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def plural(n: int, noun: str) -> str:
+    """`n` and the noun, singular for one: "1 invalid row", "2 invalid rows", "1,000 rows"."""
+    return f"{n:,} {noun if n == 1 else noun + 's'}"

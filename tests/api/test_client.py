@@ -251,3 +251,40 @@ def test_a_client_job_shows_in_the_cli(tmp_path: Path) -> None:
     assert [json.loads(x)["response"]["body"]["choices"][0]["message"]["content"] for x in lines] == [
         f"c {i}" for i in range(3)
     ]
+
+
+def test_a_job_name_moves_to_another_provider_until_it_sends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A try that fails without a key records nothing; a named job that never sent anything is
+    replaced by one on another provider; one that sent says how to remove it. Errors name the
+    Python parameters, not the CLI's flags. A closed client's job is listed as finished."""
+    from llmbatch import ConfigError
+    from llmbatch.jobs import list_jobs
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    jobs = tmp_path / "jobs"
+    unreachable = "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError) as raised:
+        AsyncBatchClient("my-eval", provider="openai", base_url=unreachable, job_dir=jobs)
+    assert "api_key=" in str(raised.value) and "--api-key" not in str(raised.value), raised.value
+    assert not jobs.exists() or list_jobs(jobs) == []
+
+    async def opened_and_closed() -> None:  # made with a key, closed without a call: nothing sent
+        async with AsyncBatchClient("my-eval", provider="openai", base_url=unreachable, api_key="k", job_dir=jobs):
+            pass
+
+    asyncio.run(opened_and_closed())
+    (listed,) = list_jobs(jobs)
+    assert listed["settings"]["provider"] == "openai"
+
+    async def ask_locally() -> Any:
+        config = BatchConfig(send_delay=0, poll_interval=0.05)
+        async with AsyncBatchClient("my-eval", provider="local", engine="echo", job_dir=jobs, config=config) as c:
+            return await _ask(c, "hello")
+
+    assert asyncio.run(ask_locally()).choices[0].message.content == "hello"
+    (listed,) = list_jobs(jobs)
+    assert (listed["settings"]["provider"], listed["status"]) == ("local", "finished")
+
+    with pytest.raises(ConfigError) as raised:
+        AsyncBatchClient("my-eval", provider="openai", base_url=unreachable, api_key="k", job_dir=jobs)
+    assert "llmbatch jobs rm api-my-eval" in str(raised.value), raised.value

@@ -360,12 +360,15 @@ def test_invalid_rows_raise_naming_file_and_line(tmp_path: Path) -> None:
     assert "skip_invalid=True" in message
     assert not (tmp_path / "input.results.jsonl").exists()
 
-    job = run_file(inp, wait=False, **FAST)  # the same job: its rows were read once
+    assert not any((tmp_path / "home" / "jobs").iterdir())  # a refused new job is not kept
+
+    job = run_file(inp, wait=False, **FAST)  # from a background run: the same, from wait()
     with pytest.raises(InputError, match="2 invalid rows"):
         job.wait()
     status = job.status()
-    assert (status.state, status.invalid, status.pending, status.succeeded) == ("stopped", 2, 4, 0)
+    assert (status.state, status.invalid, status.pending, status.succeeded) == ("stopped", 0, 0, 0)
     assert status.error is not None and "input.jsonl:3" in status.error
+    assert not job.dir.exists()
 
     job = run_file(inp, skip_invalid=True, **FAST)
     assert job.wait() == 1

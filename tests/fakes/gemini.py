@@ -108,6 +108,8 @@ class FakeBatch:
     output: dict[str, Any] | None = None
     expire: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)
+    #: Requests answered so far while RUNNING (one more each poll), as `batchStats` reports them.
+    running_done: int = 0
 
     @property
     def name(self) -> str:
@@ -116,7 +118,7 @@ class FakeBatch:
     def operation(self) -> dict[str, Any]:
         kind = "GenerateContentBatch" if self.kind == "generate" else "EmbedContentBatch"
         failed = sum(1 for r in self.results if "error" in r)
-        done = len(self.results)
+        done = len(self.results) or self.running_done
         meta: dict[str, Any] = {
             "@type": f"type.googleapis.com/google.ai.generativelanguage.v1beta.{kind}",
             "model": self.model,
@@ -365,6 +367,8 @@ class GeminiFake:
                 b.state = "BATCH_STATE_RUNNING"
             if b.state == "BATCH_STATE_RUNNING" and b.polls > self.pending_polls + self.running_polls:
                 self._finish(b)
+            elif b.state == "BATCH_STATE_RUNNING":
+                b.running_done = min(len(b.requests) - 1, b.polls - self.pending_polls)
             return JSONResponse(b.operation())
 
     async def _list_batches(self, request: Request) -> Response:

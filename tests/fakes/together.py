@@ -229,6 +229,8 @@ class TogetherFake(OpenAILikeFake):
                 self._finish(b, "EXPIRED", partial=True)
             else:
                 self._finish(b, "COMPLETED", partial=False)
+        elif b["status"] == "IN_PROGRESS":  # Together reports a percentage done while it runs
+            b["progress"] = min(99.0, 100.0 * (n - self.validate_polls) / (self.progress_polls + 1))
         elif b["status"] == "CANCELING":
             self._finish(b, "CANCELLED", partial=True)
         return JSONResponse(self._job(b))

@@ -272,13 +272,19 @@ def test_kill_9_during_the_failover_submission_then_resume_sends_no_second_batch
         (["--fallback", "anthropic/a", "--fallback", "anthropic/a"], "name each provider/model once"),
         (["--fallback-after", "1h"], "--fallback-after needs a --fallback"),
         (["--fallback", "anthropic/a", "--fallback-after", "soon"], "invalid duration 'soon'"),
+        (["--fallback", "gemini/gemini-2.5-flash"], "the gemini provider needs an API key"),
     ],
 )
 def test_bad_fallback_options_are_refused_naming_what_and_why(args: list[str], says: str, tmp_path: Path) -> None:
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl([chat_line(0)]))
     cmd = [sys.executable, "-m", "llmbatch", "run", str(inp), "--provider", "openai", *args]
-    proc = subprocess.run(cmd, env=_env(tmp_path / "home", "http://127.0.0.1:9"), capture_output=True, text=True)
+    env = {
+        k: v
+        for k, v in _env(tmp_path / "home", "http://127.0.0.1:9").items()
+        if not k.startswith(("GEMINI_", "GOOGLE_"))
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())

@@ -16,7 +16,7 @@ def test_runner_adopts_upload_and_batch_made_before_a_crash(server_factory, tmp_
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(jsonl([chat_line(i) for i in range(30)]))
     settings = JobSettings(provider="openai", base_url=server.base_url, batch_size=10, poll_interval=0.05)
-    session, _ = JobSession.open([inp], settings, tmp_path / "jobs")
+    session, _ = JobSession.open([inp], settings, tmp_path / "jobs", api_key="k")
     store, job_dir = session.store, session.dir
     ingest(store, [inp], settings)
 

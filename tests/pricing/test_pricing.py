@@ -304,6 +304,26 @@ def test_provider_scoped_prices() -> None:
     assert all("@" not in k for k in table.for_provider("groq").models)
 
 
+def test_gemini_on_vertex_has_its_own_prices() -> None:
+    """Vertex prices Gemini models itself (2.0 Flash costs more there than on the Gemini API); its
+    batch jobs cost half, the long-prompt tier included."""
+    from llmbatch.pricing import PriceTable
+
+    table = PriceTable.load()
+    vertex, gemini = table.for_provider("vertex"), table.for_provider("gemini")
+    flash = vertex.lookup("gemini-2.0-flash-001")
+    assert flash is not None and (flash.input, flash.output, flash.batch_input, flash.batch_output) == (
+        0.15,
+        0.6,
+        0.075,
+        0.3,
+    )
+    assert gemini.lookup("gemini-2.0-flash").input == 0.1  # type: ignore[union-attr]
+    pro = vertex.lookup("gemini-2.5-pro")
+    assert pro is not None and pro.provider == "vertex" and pro.tier(300_000).batch_output == 7.5
+    assert vertex.lookup("gemini-2.5-flash-lite").batch_input == 0.05  # type: ignore[union-attr]
+
+
 def test_mistral_and_together_batch_discounts_follow_their_docs() -> None:
     """Mistral batches cost half of direct for every model; Together's only for the models it lists."""
     from llmbatch.pricing import PriceTable

@@ -142,7 +142,7 @@ def thirty_row_job(tmp_path: Path, provider: str, url: str, model: str) -> tuple
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(jsonl([chat_line(i, model=model) for i in range(30)]))
     settings = JobSettings(provider=provider, base_url=url, batch_size=10, poll_interval=0.05)
-    session, _ = JobSession.open([inp], settings, tmp_path / "jobs")
+    session, _ = JobSession.open([inp], settings, tmp_path / "jobs", api_key=KEY)
     store, job_dir = session.store, session.dir
     ingest(store, [inp], settings)
     return store, job_dir, settings

@@ -827,6 +827,19 @@ def test_cli_runs_chunks_retries_and_maps_long_ids(tmp_path: Path) -> None:
     assert_one_batch_per_chunk(tmp_path, fake)
 
 
+def test_cli_progress_says_anthropic_reports_none_until_a_batch_ends(tmp_path: Path) -> None:
+    """Anthropic's counts stay 0 (all `processing`) until the batch ends: the progress line says
+    the progress is unknown until then, instead of a 0 that looks hung."""
+    app, _fake = anthropic_fake(end_after_polls=4)
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl([chat_line(i, model=MODEL) for i in range(3)]))
+    with serve_app(app) as url:
+        proc = llmbatch_run(tmp_path, inp, url)
+    assert proc.returncode == 0, proc.stderr
+    running = [line for line in proc.stderr.splitlines() if "1 in_progress" in line]
+    assert running and all("progress unknown until the end" in line for line in running), proc.stderr
+
+
 def test_cli_reports_unsupported_rows_at_ingest(tmp_path: Path) -> None:
     app, fake = anthropic_fake(end_after_polls=1)
     rows = [chat_line(i, model=MODEL) for i in range(4)]

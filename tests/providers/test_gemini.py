@@ -542,6 +542,28 @@ def test_inline_batch_round_trip(start: Start, tmp_path: Path) -> None:
     assert args == {"text": "Thanks TOOL"}
 
 
+def test_a_running_batch_reports_its_batch_stats(start: Start, tmp_path: Path) -> None:
+    """The counts in `metadata.batchStats` (which the SDK's BatchJob leaves out) move while the
+    batch runs: the progress display shows rows done before the batch ends."""
+    _fake, root = start(pending_polls=1, running_polls=3)
+    chunk = write_chunk(tmp_path / "job_t-c00001.jsonl", [gemini_line(i) for i in range(5)])
+
+    async def go(p: GeminiBatchProvider) -> list[tuple[RemoteStatus, bool, int, int]]:
+        file_id = await p.upload("job_t-c00001", chunk)
+        batch = await p.create_batch("job_t-c00001", "job_t", file_id, "/v1/chat/completions")
+        seen = []
+        while not batch.status.terminal:
+            batch = await p.get_batch(batch.id)
+            seen.append((batch.status, batch.counts_live, batch.total, batch.completed))
+        return seen
+
+    seen = with_adapter(root, go)
+    running = [s for s in seen if s[0] is RemoteStatus.IN_PROGRESS]
+    assert running and all(live and total == 5 for _s, live, total, _c in running), seen
+    assert [c for *_x, c in running] == [1, 2, 3], seen
+    assert seen[-1][0] is RemoteStatus.COMPLETED and seen[-1][3] == 5, seen
+
+
 @pytest.mark.parametrize("limit", [{"inline_max_bytes": 100}, {"inline_max_requests": 5}], ids=["bytes", "requests"])
 def test_file_batch_round_trip_and_find_upload(start: Start, tmp_path: Path, limit: dict[str, int]) -> None:
     """Above the inline limits a chunk is uploaded with the Files API, tagged `TAG|MODEL`, and

@@ -147,6 +147,27 @@ def test_failed_validation_reports_the_reason(fake: TogetherFake) -> None:
                               "message": "line 1: each line must hold exactly custom_id and body"}]  # fmt: skip
 
 
+def test_a_running_batch_reports_its_share_done(fake: TogetherFake, tmp_path: Path) -> None:
+    """Together gives no counts while a batch runs, only `progress` (0-100): the adapter passes it
+    on as a fraction, which the runner turns into rows for the progress display."""
+    fake.progress_polls = 3
+    path = chunk_file(tmp_path, [chat_line(i, model=MODEL) for i in range(4)], "a.jsonl")
+
+    async def scenario(p: TogetherBatchProvider) -> list[float | None]:
+        made = await p.create_batch("t-c00001", "job", await p.upload("t-c00001", path), CHAT)
+        shares = []
+        batch = made
+        while not batch.status.terminal:
+            batch = await p.get_batch(made.id)
+            if batch.status is RemoteStatus.IN_PROGRESS:
+                shares.append(batch.fraction_done)
+        return shares
+
+    shares = with_adapter(provider(fake), scenario)
+    assert all(s is not None for s in shares) and any(0 < s < 1 for s in shares), shares  # type: ignore[operator]
+    assert shares == sorted(shares), shares  # type: ignore[type-var]
+
+
 def test_cancel_goes_through_canceling(fake: TogetherFake, tmp_path: Path) -> None:
     fake.progress_polls = 50
     with_adapter(provider(fake), lambda p: check_cancel(p, tmp_path, MODEL))

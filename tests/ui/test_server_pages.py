@@ -4,28 +4,13 @@ and never see another key's batch. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 
-from conftest import ARTIFACTS, chat_line, jsonl, run_batch, upload, wait_batch
+from conftest import ARTIFACTS, chat_line, jsonl, run_batch, until, upload, wait_batch
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]  # one Chromium at a time
 
 A, B = "sk-page-a", "sk-page-b"
-
-
-def until(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:  # generous: CI is busy
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 def test_dashboard_in_a_browser(server_factory, browser) -> None:  # type: ignore[no-untyped-def]

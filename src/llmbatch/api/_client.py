@@ -35,10 +35,20 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
-from .._exceptions import BudgetExceeded, ConfigError
+from .._exceptions import BudgetExceeded, ConfigError, LLMBatchError
 from .._rows import request_key
-from ..jobs import JobSession, JobSettings, RequestRow, ResultReader, RowRules, default_job_root, provider_started
+from ..jobs import (
+    IN_FLIGHT,
+    JobSession,
+    JobSettings,
+    RequestRow,
+    ResultReader,
+    RowRules,
+    default_job_root,
+    provider_started,
+)
 from ..providers import split_model
+from ._errors import python_names
 
 __all__ = ["AsyncBatchClient", "BatchClient", "BatchConfig"]
 
@@ -173,9 +183,12 @@ class AsyncBatchClient:
             direct_below=direct_below,
         )
         self.job_id = f"api-{job}"
-        self._session = JobSession.named(
-            self.job_id, self.settings, Path(job_dir or default_job_root()), api_key=api_key, say=self._say
-        )
+        try:
+            self._session = JobSession.named(
+                self.job_id, self.settings, Path(job_dir or default_job_root()), api_key=api_key, say=self._say
+            )
+        except LLMBatchError as exc:
+            raise python_names(exc) from None
         try:
             self._session.lock.acquire()
         except BaseException:
@@ -258,6 +271,7 @@ class AsyncBatchClient:
                     except TimeoutError:
                         pass
             except BaseException as exc:  # a fatal error (bad key, refused batch): every caller hears it
+                python_names(exc)
                 for call in [*self._new, *self._waiting.values()]:
                     if not call.future.done():
                         call.future.set_exception(exc if isinstance(exc, Exception) else ConfigError(str(exc)))
@@ -339,15 +353,19 @@ class AsyncBatchClient:
     async def aclose(self) -> None:
         """Sends what is still waiting, waits for every outstanding call, then stops."""
         self._closing = True
-        if self._task is not None:
-            assert self._wake is not None
-            self._wake.set()
-            try:
-                await self._task
-            finally:
-                self._task = None
-        self._session.lock.release()
-        self._session.close()
+        try:
+            if self._task is not None:
+                assert self._wake is not None
+                self._wake.set()
+                try:
+                    await self._task
+                finally:
+                    self._task = None
+            if not self.store.pending_count() and not self.store.chunks(("planned", *IN_FLIGHT)):
+                self.store.set_job(status="finished")  # every call answered: not listed as running
+        finally:
+            self._session.lock.release()
+            self._session.close()
 
 
 class _Completions:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..jobs import EXIT_INTERRUPTED, JobLock, JobRunner, JobSession, JobSettings, provider_started
+from ._errors import python_names
 
 __all__ = ["JobRun", "blocking", "loop_running"]
 
@@ -29,9 +30,20 @@ class JobRun:
     """
 
     def __init__(
-        self, job_dir: Path, job_id: str, lock: JobLock, api_key: str | None, settings: JobSettings | None
+        self,
+        job_dir: Path,
+        job_id: str,
+        lock: JobLock,
+        api_key: str | None,
+        settings: JobSettings | None,
+        *,
+        new: bool = False,
     ) -> None:
         self.job_dir = job_dir
+        #: Whether `run_file` created the job for this run: if it fails before sending anything,
+        #: the job is not kept (`forgotten`), as with `llmbatch run`.
+        self.new = new
+        self.forgotten = False
         self.job_id = job_id
         self.lock = lock
         self.api_key = api_key
@@ -46,20 +58,26 @@ class JobRun:
         self._cancelling = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
+        #: What is true of the job's batches once the run stops (the provider's `after_interrupt`).
+        self._after = "remote batches keep running"
 
     def __call__(self) -> None:
         session = JobSession(self.job_dir, api_key=self.api_key, say=self._say)
         try:
             self._run(session)
         except KeyboardInterrupt as exc:
-            self._say("interrupted: remote batches keep running; resume() or `llmbatch resume` goes on")
+            self._say(f"interrupted: {self._after}; resume() or `llmbatch resume` goes on")
             self.interrupt = exc
         except Exception as exc:
             log.debug("job %s: the run stopped", self.job_id, exc_info=True)
-            self.error = exc
+            self.error = python_names(exc)
         finally:
-            session.close()
             self.lock.release()
+            session.new = self.new
+            if (self.error is not None or self.interrupt is not None) and session.forget_if_unused():
+                self.forgotten = True
+                self._say("not kept: nothing was sent")
+            session.close()
             self.done.set()
 
     def stop(self, *, cancel: bool = False) -> None:
@@ -73,6 +91,7 @@ class JobRun:
     def _run(self, session: JobSession) -> int:
         """Runs the job to its end; returns `llmbatch run`'s exit code."""
         prepared = session.prepare(self.settings, skip_hint="pass skip_invalid=True")
+        self._after = prepared.provider.after_interrupt
         for line in prepared.estimate.summary_lines():
             self._say(line)
         return asyncio.run(self._main(session, session.runner(prepared)))
@@ -95,7 +114,7 @@ class JobRun:
                     out, _err = session.export()
                     self._say(f"cancelled {self.cancelled} remote batches; results so far in {out}")
                 else:
-                    self._say("stopped: remote batches keep running; resume() or `llmbatch resume` goes on")
+                    self._say(f"stopped: {self._after}; resume() or `llmbatch resume` goes on")
                 return EXIT_INTERRUPTED
             finally:
                 with self._guard:

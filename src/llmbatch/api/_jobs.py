@@ -43,6 +43,7 @@ from ..jobs import (
     output_lines,
     settings_for,
 )
+from ._errors import python_names
 from ._job_run import JobRun, blocking, loop_running
 
 __all__ = ["Job", "JobStatus", "run_file"]
@@ -66,7 +67,9 @@ class JobStatus:
     state: str
     """`ingesting` (reading and checking its rows) or `running`, while a process runs it; else
     `finished` (every row is final), `budget_stopped` (`max_cost` held the rest back),
-    `cancelled`, or `stopped` (interrupted, killed or stopped by an error: `resume()` goes on)."""
+    `cancelled`, or `stopped` (interrupted, killed or stopped by an error: `resume()` goes on).
+    A new job whose first run failed before sending anything (invalid rows, a missing key) is
+    not kept: it reads `stopped` with no rows, and `error` says why."""
     succeeded: int
     """Rows answered successfully."""
     failed: int
@@ -149,11 +152,14 @@ def run_file(
     paths = _input_paths(inputs)
     job_settings = _settings(paths, provider, model, settings)
     root = Path(job_dir) if job_dir is not None else default_job_root()
-    session, created = JobSession.open(paths, job_settings, root, api_key=api_key)
+    try:
+        session, created = JobSession.open(paths, job_settings, root, api_key=api_key)
+    except LLMBatchError as exc:
+        raise python_names(exc) from None
     session.close()
     log.info("%s job %s (%s)", "new" if created else "resuming", session.id, session.dir)
     job = Job(session.dir, api_key=api_key)
-    job._start(job_settings, api_key, wait=wait)
+    job._start(job_settings, api_key, wait=wait, new=created)
     return job
 
 
@@ -204,6 +210,10 @@ class Job:
 
     def status(self) -> JobStatus:
         """Rows by state, remote batches by state, tokens and cost, now."""
+        run = self._run
+        if run is not None and run.forgotten:
+            # Refused before it sent anything (invalid rows, a missing key): not kept, no rows.
+            return JobStatus(self._id, "stopped", 0, 0, 0, 0, {}, 0, 0, 0.0, 0.0, str(run.error or run.interrupt))
         with self._session() as session:
             job, _settings = session.stored()
             store = session.store
@@ -261,6 +271,11 @@ class Job:
         """
         if not self._wait_done(timeout):
             raise TimeoutError(f"job {self._id} is still running after {timeout} s")
+        run = self._run
+        if run is not None and run.forgotten:
+            if run.error is not None:
+                raise run.error
+            return EXIT_INTERRUPTED
         with self._session() as session:
             job, _settings = session.stored()
             counts = session.store.counts()
@@ -351,13 +366,14 @@ class Job:
         self._say(f"cancelled {n} remote batches; results so far in {out}")
         return n
 
-    def _start(self, settings: JobSettings | None, api_key: str | None, *, wait: bool) -> None:
-        """Runs the job (recording `settings` first, when given) under its lock."""
+    def _start(self, settings: JobSettings | None, api_key: str | None, *, wait: bool, new: bool = False) -> None:
+        """Runs the job (recording `settings` first, when given) under its lock; `new`: the
+        job was created for this run (it is not kept if the run fails before sending anything)."""
         if self._run is not None and not self._run.done.is_set():
             raise JobBusy(f"job {self._id} is already running in this process; wait() waits for it")
         lock = JobLock(self._dir)
         lock.acquire()  # here, so that "already running" is raised to the caller whether or not it waits
-        run = self._run = JobRun(self._dir, self._id, lock, api_key, settings)
+        run = self._run = JobRun(self._dir, self._id, lock, api_key, settings, new=new)
         if wait and not loop_running():
             run()
         else:

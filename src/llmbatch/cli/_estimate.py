@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table
+from .._text import plural
+from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table, provider_of
 from ..pricing import LONG_PROMPT_TOKENS, Estimate
-from ..providers import PROVIDER_NAMES
+from ..providers import PROVIDER_NAMES, provider_class
 from ._options import price_options, print_estimate
 
 __all__ = ["estimate"]
@@ -20,7 +21,8 @@ _SHOWN_PROBLEMS = 50
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+# Inputs are checked by `ingest`, as `run` checks them: one line, the same words.
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--default-output-tokens",
     type=click.IntRange(min=1),
@@ -33,7 +35,8 @@ _SHOWN_PROBLEMS = 50
     "--provider",
     type=click.Choice(PROVIDER_NAMES),
     default=None,
-    help="Price at this provider's rates, and check rows by its rules too.",
+    help="Price at this provider's rates, and check rows by its rules too [default: the one `run` picks: "
+    "a provider/ prefix on the rows' model, else local, which bills nothing].",
 )
 def estimate(
     inputs: tuple[Path, ...],
@@ -48,8 +51,11 @@ def estimate(
 
     Exits 2 when some rows are invalid (each is listed with its file and line).
     """
-    rules = RowRules(provider=provider, default_output_tokens=default_output_tokens)
     paths = list(inputs)
+    named = provider is not None
+    # The provider `run` would use: rows without a provider/ prefix run locally, at no cost.
+    provider = provider or provider_of(paths)
+    rules = RowRules(provider=provider, default_output_tokens=default_output_tokens)
     # The rows go through `run`'s own reading and checking, into a scratch store: memory
     # stays flat however large the input, and run and estimate cannot disagree.
     with tempfile.TemporaryDirectory(prefix="llmbatch-estimate-") as tmp:
@@ -61,9 +67,16 @@ def estimate(
             store.close()
     for problem in report.problems or []:
         click.echo(problem, err=True)
-    table = price_table(price_file, price_input, price_output, est.by_model, provider, price_as)
-    est.cost(table)
-    print_estimate(est, billed=True, err=False)
+    # Prices given with no provider named are for pricing these rows: they are used.
+    priced = price_file is not None or price_input is not None or price_output is not None or price_as is not None
+    bills = provider_class(provider).billed
+    billed = bills or (priced and not named)
+    if billed:
+        at = provider if bills else None  # prices given for rows that would run locally: as given
+        est.cost(price_table(price_file, price_input, price_output, est.by_model, at, price_as))
+    print_estimate(est, billed=billed, err=False)
+    if not billed and not named:
+        click.echo("To price these rows at a provider's batch rates instead, name it: --provider openai (or another).")
     if report.invalid:
-        click.echo(f"{report.invalid} invalid rows (not counted above)", err=True)
+        click.echo(f"{plural(report.invalid, 'invalid row')} (not counted above)", err=True)
         sys.exit(EXIT_USAGE)

@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 import orjson
 
-from .._exceptions import JobBusy
-from ..jobs import EXIT_FAILED_ROWS, EXIT_OK, JobSession, list_jobs, remove_job
-from ._options import api_key_option, job_root_option, root_of, say
+from .._exceptions import JobBusy, LLMBatchError
+from .._text import plural
+from ..jobs import EXIT_FAILED_ROWS, EXIT_OK, EXIT_USAGE, JobSession, list_jobs, prune_jobs, remove_job
+from ._options import AGE, api_key_option, job_root_option, root_of, say
 from ._run import run_job
 
 __all__ = ["cancel", "jobs", "results", "resume", "status", "wait"]
@@ -49,7 +50,8 @@ def wait(job: str, api_key: str | None, job_root: Path | None) -> None:
 @job_root_option
 @click.pass_context
 def jobs(ctx: click.Context, job_root: Path | None) -> None:
-    """List jobs, newest first (`jobs rm JOB` removes one)."""
+    """List jobs, newest first; `jobs rm JOB...` removes jobs, `jobs prune` old ones."""
+    ctx.obj = job_root
     if ctx.invoked_subcommand is not None:
         return
     for j in list_jobs(root_of(job_root)):
@@ -61,18 +63,66 @@ def jobs(ctx: click.Context, job_root: Path | None) -> None:
         total = sum(c.values())
         inputs = ", ".join(Path(i["path"]).name for i in j["inputs"])
         click.echo(
-            f"{j['id']}  {when}  {j['status']:<14} "
+            f"{j['id']}  {when}  {j['state']:<14} "
             f"{c['succeeded']}/{total} succeeded, {c['failed'] + c['invalid']} failed  {inputs}"
         )
 
 
+def _root(ctx: click.Context, job_root: Path | None) -> Path:
+    """--job-dir given after the subcommand, else before it (`jobs --job-dir D rm ...`)."""
+    return root_of(job_root or ctx.obj)
+
+
 @jobs.command("rm")
-@click.argument("job")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB...")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Remove a job even while batches of it still run at its provider: they are left running there "
+    "(billed; results never collected). Without it, `llmbatch cancel JOB` first.",
+)
 @job_root_option
-def remove(job: str, job_root: Path | None) -> None:
-    """Remove a job: its store, chunk and result files (the results files next to its inputs stay)."""
-    job_dir = remove_job(job, root_of(job_root))
-    say(f"removed job {job} ({job_dir})")
+@click.pass_context
+def remove(ctx: click.Context, job_ids: tuple[str, ...], force: bool, job_root: Path | None) -> None:
+    """Remove jobs: each one's store, chunk and result files (the results files next to its inputs stay)."""
+    root = _root(ctx, job_root)
+    failed = 0
+    for job in job_ids:
+        try:
+            r = remove_job(job, root, force=force)
+        except LLMBatchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        say(f"removed job {job} ({r.dir})")
+        if r.left_running:
+            say(f"left running at the provider: {', '.join(r.left_running)}")
+    if failed:
+        sys.exit(EXIT_USAGE)
+
+
+@jobs.command("prune")
+@click.option(
+    "--older-than",
+    type=AGE,
+    default="7d",
+    show_default=True,
+    help="Idle for longer than this: a number with s, m, h, d or w (30m, 12h, 7d).",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@job_root_option
+@click.pass_context
+def prune(ctx: click.Context, older_than: float, dry_run: bool, job_root: Path | None) -> None:
+    """Remove jobs idle for a while that finished or never sent anything.
+
+    Jobs stopped part-way, budget-stopped, cancelled, running or damaged are kept (they can
+    be resumed or looked at); `jobs rm` removes those.
+    """
+    removed = prune_jobs(_root(ctx, job_root), older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        say(f"{verb} job {r.id} ({r.reason}; {r.dir})")
+    say(f"{verb} {plural(len(removed), 'job')}" + ("" if removed else " (none finished or unsent and idle that long)"))
 
 
 @click.command()

@@ -12,6 +12,7 @@ import click
 from .. import __version__
 from .._exceptions import LLMBatchError
 from ._cache import cache
+from ._dashboard import dashboard
 from ._estimate import estimate
 from ._jobs import cancel, jobs, results, resume, status, wait
 from ._run import run
@@ -26,7 +27,7 @@ def cli() -> None:
     """Run large numbers of LLM requests cheaply and reliably."""
 
 
-for _command in (serve, run, estimate, resume, wait, jobs, status, cancel, results, cache):
+for _command in (serve, run, estimate, resume, wait, jobs, status, cancel, results, cache, dashboard):
     cli.add_command(_command)
 
 

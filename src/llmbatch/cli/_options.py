@@ -15,6 +15,7 @@ from ..jobs import default_job_root
 from ..pricing import Estimate
 
 __all__ = [
+    "AGE",
     "DURATION",
     "SIZE",
     "api_key_option",
@@ -92,6 +93,30 @@ cache_path_option = click.option(
     default=None,
     help="The response cache's SQLite file [default: $LLMBATCH_HOME/cache.sqlite].",
 )
+
+
+class _Age(click.ParamType):
+    """A duration as people write it: 30s, 45m, 12h, 7d, 2w (a bare number is days)."""
+
+    name = "age"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = text[-1:] if text[-1:] in self._UNITS else "d"
+        number = text[:-1] if text[-1:] in self._UNITS else text
+        try:
+            seconds = float(number) * self._UNITS[unit]
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:
+            self.fail(f"{value!r} is not an age: a number with s, m, h, d or w (e.g. 7d)", param, ctx)
+        return seconds
+
+
+AGE = _Age()
 
 api_key_option = click.option(
     "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."

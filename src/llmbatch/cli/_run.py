@@ -54,7 +54,8 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
         except KeyboardInterrupt:
             progress.close()  # the live block ends before the last word, not after it
             click.echo(
-                f"\ninterrupted: remote batches keep running. Resume with: llmbatch resume {session.id}", err=True
+                f"\ninterrupted: {prepared.provider.after_interrupt}. Resume with: llmbatch resume {session.id}",
+                err=True,
             )
             return EXIT_INTERRUPTED
         except BaseException:
@@ -84,8 +85,27 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     "--s3-uri", default=None, help="bedrock: s3://bucket/prefix for inputs and outputs [env LLMBATCH_BEDROCK_S3_URI]."
 )
 @click.option("--role-arn", default=None, help="bedrock: IAM role the jobs run as [env LLMBATCH_BEDROCK_ROLE_ARN].")
+@click.option(
+    "--gcs-uri", default=None, help="vertex: gs://bucket/prefix for inputs and outputs [env LLMBATCH_VERTEX_GCS_URI]."
+)
 @click.option("--engine", default="auto", show_default=True, help=f"local: {ENGINE_HELP}")
 @engine_options
+@click.option(
+    "--echo-latency",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="echo: seconds added per request (a demo of a run's progress without a model).",
+)
+@click.option(
+    "--upstream-url", default=None, help="openai: base URL of the OpenAI-compatible API it forwards to, with /v1."
+)
+@click.option(
+    "--upstream-api-key",
+    envvar="LLMBATCH_UPSTREAM_API_KEY",
+    default=None,
+    help="openai: key sent upstream [env LLMBATCH_UPSTREAM_API_KEY]; never stored (resume: --api-key or the env).",
+)
 @click.option(
     "--completion-window", default="24h", show_default=True, help="Window asked of the provider (OpenAI: only 24h)."
 )
@@ -190,8 +210,16 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     Exit codes: 0 every row succeeded; 1 some rows finally failed (outputs written);
     2 usage, configuration or invalid input; 3 the budget stopped the job; 130 Ctrl+C.
     """
-    opts["engine_options"] = engine_config_options(opts) or None
+    upstream_url, upstream_key = opts.pop("upstream_url"), opts.pop("upstream_api_key")
+    # The upstream URL is an engine option (and part of the job's identity); its key is not
+    # stored: the local provider takes it as its key, as `resume --api-key` gives it again.
+    config = {**engine_config_options(opts), **({"upstream_url": upstream_url} if upstream_url else {})}
+    opts["engine_options"] = config or None
+    echo_latency = opts.pop("echo_latency")
+    if echo_latency:  # only when given, like the other engine options (the job's id hashes them)
+        opts["engine_options"] = {**(opts["engine_options"] or {}), "echo_latency": echo_latency}
     settings = settings_for(list(inputs), **opts)
+    api_key = api_key or (upstream_key if settings.provider == "local" else None)
     if settings.provider == "local":
         notice = resolve_engine(opts["engine"])[1]
         if notice:
@@ -200,4 +228,10 @@ def run(inputs: tuple[Path, ...], api_key: str | None, job_root: Path | None, dr
     session, created = JobSession.open(list(inputs), settings, root_of(job_root), api_key=api_key, say=say)
     say(f"{'new' if created else 'resuming'} job {session.id} ({session.dir})")
     with session:
-        sys.exit(run_job(session, settings, dry_run=dry_run))
+        try:
+            code = run_job(session, settings, dry_run=dry_run)
+        except BaseException:
+            if session.forget_if_unused():  # a new job refused before it sent anything is not kept
+                say(f"job {session.id} not kept: nothing was sent")
+            raise
+        sys.exit(code)

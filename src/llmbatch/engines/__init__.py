@@ -40,6 +40,7 @@ from ._options import (
     parse_adapters,
 )
 from ._packaged import INSTALL_LOCAL, INSTALL_TRANSFORMERS, INSTALL_VLLM
+from ._request import hex_id
 
 __all__ = [
     "CHAT",
@@ -71,6 +72,7 @@ __all__ = [
     "resolve_engine",
     "error_body",
     "usage_from_body",
+    "hex_id",
 ]
 
 

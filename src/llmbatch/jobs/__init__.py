@@ -12,8 +12,9 @@ from ._cache import DEFAULT_CACHE_MAX_SIZE, CacheStats, ResponseCache, cache_sco
 from ._export import ResultReader, export, line_id, output_lines, output_paths
 from ._ingest import IngestReport, RowRules, ingest, remote_id_for
 from ._lock import JobLock, lock_held
+from ._manage import Removed, list_jobs, prune_jobs, remove_job
 from ._progress import LiveProgress, PlainProgress, Snapshot, make_progress
-from ._records import CHUNK_STATES, ROW_STATES, CheckedRow, Chunk, RequestRow, Result, ResultRef
+from ._records import CHUNK_STATES, IN_FLIGHT, ROW_STATES, CheckedRow, Chunk, RequestRow, Result, ResultRef
 from ._runner import (
     EXIT_BUDGET,
     EXIT_FAILED_ROWS,
@@ -28,11 +29,10 @@ from ._session import (
     Prepared,
     default_job_root,
     job_id_for,
-    list_jobs,
     make_provider,
     price_table,
+    provider_of,
     provider_started,
-    remove_job,
     settings_for,
 )
 from ._settings import JobSettings
@@ -51,6 +51,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "IN_FLIGHT",
     "ROW_STATES",
     "SCHEMA_VERSION",
     "CheckedRow",
@@ -64,6 +65,7 @@ __all__ = [
     "LiveProgress",
     "PlainProgress",
     "Prepared",
+    "Removed",
     "RequestRow",
     "Result",
     "ResultReader",
@@ -85,7 +87,9 @@ __all__ = [
     "output_lines",
     "output_paths",
     "price_table",
+    "provider_of",
     "provider_started",
+    "prune_jobs",
     "remote_id_for",
     "remove_job",
     "settings_for",

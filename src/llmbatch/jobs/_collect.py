@@ -86,10 +86,11 @@ async def poll(ctx: RunContext) -> bool:
         except ProviderError as exc:
             ctx.say(f"chunk {chunk.tag}: polling failed: {exc}; will try again")
             continue
-        seen = (batch.status.value, batch.completed, batch.failed)
+        completed, failed = _answered(ctx, chunk, batch)
+        seen = (batch.status.value, completed, failed)
         if seen != (chunk.remote_status, chunk.remote_completed, chunk.remote_failed):
             ctx.store.update_chunk(
-                chunk.id, remote_status=batch.status.value, remote_completed=batch.completed, remote_failed=batch.failed
+                chunk.id, remote_status=batch.status.value, remote_completed=completed, remote_failed=failed
             )
             progressed = True
         if batch.status.terminal:
@@ -100,6 +101,19 @@ async def poll(ctx: RunContext) -> bool:
                 continue
             progressed = True
     return progressed
+
+
+def _answered(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> tuple[int, int]:
+    """(completed, failed) rows of a polled batch, for the progress display; a batch whose
+    provider says nothing before it ends is noted in `ctx.progress_unknown`."""
+    if batch.counts_live or batch.status.terminal:
+        ctx.progress_unknown.discard(chunk.id)
+        return batch.completed, batch.failed
+    if batch.fraction_done is not None:  # a percentage of the chunk's rows (Together)
+        ctx.progress_unknown.discard(chunk.id)
+        return min(round(batch.fraction_done * chunk.rows), chunk.rows), 0
+    ctx.progress_unknown.add(chunk.id)
+    return 0, 0
 
 
 async def collect(ctx: RunContext, chunk: Chunk, batch: RemoteBatch) -> None:

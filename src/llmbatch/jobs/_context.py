@@ -59,6 +59,11 @@ class RunContext:
     #: Result files already downloaded this run (file id -> where), by the audit reading which
     #: rows a lost batch holds: collecting that batch uses them instead of downloading again.
     fetched: dict[str, Path] = field(default_factory=dict)
+    #: Submitted chunks whose provider reports no progress before the batch ends (their
+    #: completed counts stay 0 until then): the progress display says so.
+    progress_unknown: set[int] = field(default_factory=set)
+    #: Chunks the budget has held back, each said once (`_submit._over_budget`).
+    budget_said: set[str] = field(default_factory=set)
     #: Seconds on a clock that only goes forward (pauses are measured on it; tests may set their own).
     clock: Callable[[], float] = time.monotonic
     #: The response cache, when the job runs with one: answers succeeded rows are kept in it.

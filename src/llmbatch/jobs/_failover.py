@@ -53,7 +53,7 @@ def lane_settings(settings: JobSettings, lane: int) -> JobSettings:
         return settings
     provider, model = settings.lane_provider(lane)
     same = provider == settings.provider
-    keep = {"base_url", "api_version", "s3_uri", "role_arn"}
+    keep = {"base_url", "api_version", "s3_uri", "role_arn", "gcs_uri"}
     return settings.model_copy(
         update={
             "provider": provider, "model": model, "engine": "echo", "engine_options": {}, "price_as": None,

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._exceptions import InputError
 from .._rows import _BOM as BOM
-from .._rows import check_row, request_key, samples
+from .._rows import check_row, input_stat, not_jsonl, request_key, samples
 from ..pricing import estimate_row
 from ..providers import Provider, provider_class, split_model
 from ._records import CheckedRow, InputRow
@@ -35,6 +36,7 @@ __all__ = ["IngestReport", "RowRules", "ingest"]
 _RANGE_BYTES = 8 << 20
 #: Inputs smaller than this are checked in-process.
 _POOL_MIN_BYTES = 16 << 20
+_EMPTY = "no requests: the file is empty"
 
 
 @dataclass
@@ -198,7 +200,14 @@ def ingest(
     if rules.provider is not None:
         provider_class(rules.provider)  # a missing SDK is a configuration error, said once
     report = IngestReport(problems=[])
-    sizes = [p.stat().st_size for p in inputs]
+    sizes = [input_stat(p).st_size for p in inputs]
+    for path, size in zip(inputs, sizes):
+        # Said once, before any row is read: an empty file (the server refuses it as
+        # `empty_file`), or one that is not JSONL at all (a CSV would be an error per line).
+        if size == 0:
+            raise InputError(f"{path}: {_EMPTY}")
+        if (why := not_jsonl(path)) is not None:
+            raise InputError(f"{path}: {why}")
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if sum(sizes) >= _POOL_MIN_BYTES and _can_fork() else 0
     tasks = [
@@ -208,6 +217,7 @@ def ingest(
     ]
     idx = 0
     line_base = [0] * len(inputs)
+    rows_in = [0] * len(inputs)
 
     names = [p.name for p in inputs]
 
@@ -215,6 +225,7 @@ def ingest(
         nonlocal idx
         base = line_base[file_no]
         line_base[file_no] += lines
+        rows_in[file_no] += len(rows)
         batch = [_input_row((idx + n, file_no, base + r[0], *r[1:])) for n, r in enumerate(rows)]
         idx += len(rows)
         problems = [(file_no, r.line, r.error or "") for r in batch if r.state == "invalid"]
@@ -239,6 +250,9 @@ def ingest(
             while window:
                 done_no, fut = window.popleft()
                 store_range(done_no, *fut.result())
+    for path, n in zip(inputs, rows_in):
+        if not n:  # blank lines only
+            raise InputError(f"{path}: {_EMPTY}")
     report.rows = idx
     report.invalid = store.invalid_count()
     return report

@@ -62,6 +62,8 @@ def lock_held(job_dir: Path) -> bool:
     It can only be told by taking the lock for an instant; `JobLock.acquire` waits out such
     an instant, so a probe never makes a starting run fail.
     """
+    if not job_dir.is_dir():
+        return False  # a removed job (filelock would make its directory again for the probe)
     probe = filelock.FileLock(job_dir / "lock", thread_local=False)
     try:
         probe.acquire(timeout=0)

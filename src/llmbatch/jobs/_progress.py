@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +25,14 @@ class Snapshot:
     batches: dict[str, int] = field(default_factory=dict)
     spent: float = 0.0
     cap: float | None = None
+    #: Batches in flight whose provider reports no progress until they end (their rows count
+    #: as done only then).
+    unknown: int = 0
 
 
 class _Rate:
-    """Rows per second since the first snapshot, for the ETA."""
+    """Rows per second since the first snapshot, for the ETA: the rows still to do at the rate
+    observed so far (rows answered inside running batches count as they are reported)."""
 
     def __init__(self) -> None:
         self._start: tuple[float, int] | None = None
@@ -41,12 +46,14 @@ class _Rate:
         rate = (snap.done - d0) / (now - t0) if now > t0 else 0
         if rate <= 0:
             return "?"
-        secs = int((snap.total - snap.done) / rate)
+        secs = math.ceil((snap.total - snap.done) / rate)  # rows left: at least a second, never 0m00s
         return f"{secs // 3600}h{secs % 3600 // 60:02d}m" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s"
 
 
 def _describe(snap: Snapshot, eta: str) -> str:
     batches = ", ".join(f"{n} {s}" for s, n in sorted(snap.batches.items())) or "none in flight"
+    if snap.unknown:
+        batches += f" ({snap.unknown} with progress unknown until the end: the provider reports none before)"
     cap = f" of ${snap.cap:.2f} cap" if snap.cap is not None else ""
     return (
         f"{snap.done}/{snap.total} rows done ({snap.failed} failed); batches: {batches}; "
@@ -55,18 +62,28 @@ def _describe(snap: Snapshot, eta: str) -> str:
 
 
 class PlainProgress:
-    """One log line whenever something changed (not a terminal: CI logs, cron mail)."""
+    """Log lines as the job moves (not a terminal: CI logs, cron mail): one whenever its batches,
+    failures or spend change, and as rows finish, one per tenth of the rows done or per
+    `every` seconds, whichever comes first, so that a long job logs tens of lines, not one a poll."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, say: Callable[[str], None], *, every: float = 60.0) -> None:
         self.say = say
+        self.every = every
         self._rate = _Rate()
-        self._last = ""
+        self._last: tuple[object, ...] | None = None
+        self._last_at = 0.0
 
     def update(self, snap: Snapshot) -> None:
-        line = _describe(snap, "")
-        if line != self._last:
-            self._last = line
-            self.say(_describe(snap, self._rate.eta(snap)))
+        eta = self._rate.eta(snap)  # every snapshot, so the rate is measured from the first
+        tenth = snap.done * 10 // snap.total if snap.total else 0
+        shape = (tuple(sorted(snap.batches.items())), snap.failed, snap.spent, snap.unknown, tenth)
+        now = time.monotonic()
+        if self._last is not None and (snap.done, *shape) == self._last:
+            return  # nothing moved
+        if self._last is None or shape != self._last[1:] or now - self._last_at >= self.every:
+            self._last = (snap.done, *shape)
+            self._last_at = now
+            self.say(_describe(snap, eta))
 
     def message(self, text: str) -> None:
         self.say(text)

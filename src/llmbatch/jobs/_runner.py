@@ -216,6 +216,9 @@ class JobRunner:
         """Checks the prices a budget needs, sorts out what an earlier run left behind, then
         sends the first chunk at once."""
         self._check_prices()
+        who = await self.ctx.provider.answered_by()
+        if who:
+            self.ctx.say(who)
         # A file of results cut or deleted since an earlier run: said (and downloaded again) now,
         # not after a run of hours. Only the sizes here; the export checks the hashes too.
         await self.repair_results(hashes=False)
@@ -289,14 +292,22 @@ class JobRunner:
     def report(self) -> None:
         """Tells the progress display where the job stands."""
         c = self.store.counts()
+        total = sum(c.values())
+        # Rows finish inside a running batch long before it ends: its provider's counts (as last
+        # polled) count them, so the figure moves as they finish, not only when a batch ends.
+        running = self.store.chunks(("submitted",))
+        answered = sum(ch.remote_completed + ch.remote_failed for ch in running)
+        failed_running = sum(ch.remote_failed for ch in running)
+        final_failed = c["failed"] + c["invalid"]
         self.progress.update(
             Snapshot(
-                total=sum(c.values()),
-                done=c["succeeded"] + c["failed"] + c["invalid"],
-                failed=c["failed"] + c["invalid"],
+                total=total,
+                done=min(total, c["succeeded"] + final_failed + answered),
+                failed=final_failed + failed_running,
                 batches=self.store.batches_by_state(("planned", *IN_FLIGHT)),
                 spent=self.store.totals()["cost"],
                 cap=self.settings.max_cost,
+                unknown=sum(1 for ch in running if ch.id in self.ctx.progress_unknown),
             )
         )
 

@@ -22,15 +22,16 @@ from typing import Any
 
 import orjson
 
-from .._exceptions import ConfigError, DamagedJob, InputError, InvalidRows, JobBusy
+from .._exceptions import ConfigError, InvalidRows, JobBusy
 from .._paths import llmbatch_home
-from .._rows import iter_lines
+from .._rows import input_stat, iter_lines
+from .._text import plural
 from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
 from ._cache import ResponseCache, answer_from_cache, cache_scope
 from ._export import export
 from ._failover import Lane, lane_settings
-from ._ingest import IngestReport, ingest
+from ._ingest import IngestReport, RowRules, ingest
 from ._lock import JobLock, lock_held
 from ._progress import LiveProgress, PlainProgress
 from ._records import Chunk
@@ -41,14 +42,13 @@ from ._store import JobStore
 __all__ = [
     "CHUNKING",
     "JobSession",
+    "check_config",
     "Prepared",
     "default_job_root",
     "job_id_for",
-    "list_jobs",
     "make_provider",
     "price_table",
     "provider_started",
-    "remove_job",
     "settings_for",
 ]
 
@@ -72,11 +72,17 @@ def settings_for(
     The provider is the one named, else a `provider/` prefix on the model or the first row's
     model, else `local`; the base URL the one given, else the provider's environment variable.
     """
-    provider = provider or _provider_of_model(options.get("model"), inputs) or "local"
+    provider = provider or provider_of(inputs, options.get("model"))
     cls = provider_class(provider)
     env = getattr(cls, "base_url_env", None)
     base_url = base_url or (os.environ.get(env) if env else None)
     return JobSettings(provider=provider, base_url=base_url, **{k: v for k, v in options.items() if v is not None})
+
+
+def provider_of(inputs: list[Path], model: str | None = None) -> str:
+    """The provider a job on `inputs` runs on when none is named: a `provider/` prefix on
+    `model` or the first row's model, else `local` (`run` and `estimate` agree)."""
+    return _provider_of_model(model, inputs) or "local"
 
 
 def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
@@ -98,12 +104,7 @@ def _provider_of_model(model: str | None, inputs: list[Path]) -> str | None:
 def _describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
     described = []
     for p in inputs:
-        try:
-            st = p.stat()
-        except OSError as exc:
-            raise InputError(f"{p}: cannot read the input file: {exc.strerror or exc}") from exc
-        if not p.is_file():
-            raise InputError(f"{p}: not a file")
+        st = input_stat(p)
         described.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return described
 
@@ -117,51 +118,36 @@ def job_id_for(inputs: list[dict[str, Any]], settings: JobSettings) -> str:
     return "job_" + hashlib.sha256(key).hexdigest()[:16]
 
 
-def list_jobs(job_root: Path) -> list[dict[str, Any]]:
-    """Every job under `job_root`, newest first, with row counts. A job whose store cannot be
-    read is listed too, with `damaged` saying why (and no counts)."""
-    jobs: list[dict[str, Any]] = []
-    if not job_root.is_dir():
-        return jobs
-    for d in job_root.iterdir():
-        db = d / "job.sqlite"
-        if not db.exists():
-            continue
-        try:
-            store = JobStore(db)
-            try:
-                job = store.job()
-                if job is not None:
-                    jobs.append({**job, "counts": store.counts(), "dir": str(d)})
-            finally:
-                store.close()
-        except DamagedJob as exc:
-            jobs.append({"id": d.name, "created_at": int(db.stat().st_mtime), "dir": str(d), "damaged": str(exc)})
-    return sorted(jobs, key=lambda j: j["created_at"], reverse=True)
-
-
-def remove_job(job: str, job_root: Path) -> Path:
-    """Deletes a job's directory (its store, chunk and result files); its results and errors
-    files, next to its inputs, stay. Refuses while a process runs the job."""
-    job_dir = job_root / job
-    if job in ("", ".", "..") or Path(job).name != job or not (job_dir / "job.sqlite").is_file():
-        raise ConfigError(f"no job {job!r} under {job_root}: `llmbatch jobs` lists them")
-    try:
-        if lock_held(job_dir):
-            raise JobBusy(f"job {job} is running; stop it (or `llmbatch cancel {job}`) before removing it")
-    except DamagedJob:
-        pass  # an unusable lock file goes with the rest
-    shutil.rmtree(job_dir)
-    return job_dir
+def check_config(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> None:
+    """What can be checked before a job exists: the provider (its SDK, its key) and, for the
+    local provider, its engine and the engine's options. Raises ConfigError."""
+    make_provider(settings, job_dir, api_key)
+    if settings.provider == "local":
+        RowRules.of(settings)  # makes the engine (not started): its options are checked
+    for lane in range(1, len(settings.fallbacks) + 1):  # each fallback's SDK and key too
+        fallback = lane_settings(settings, lane)
+        make_provider(fallback, job_dir, api_key if fallback.provider == settings.provider else None)
 
 
 def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = None) -> Provider:
-    """The provider a job runs on. Keys come from the argument, then the provider's environment variable."""
-    given = {"api_version": settings.api_version, "s3_uri": settings.s3_uri, "role_arn": settings.role_arn}
+    """The provider a job runs on. Keys come from the argument, then the provider's environment
+    variable. On the local provider with the openai engine, the key is the one sent upstream
+    (default LLMBATCH_UPSTREAM_API_KEY): keys are never stored with a job."""
+    given = {
+        "api_version": settings.api_version,
+        "s3_uri": settings.s3_uri,
+        "role_arn": settings.role_arn,
+        "gcs_uri": settings.gcs_uri,
+    }
     options = {k: v for k, v in given.items() if v}
+    engine_config = settings.local_engine_options()
+    if settings.provider == "local" and settings.engine == "openai":
+        upstream_key = api_key or os.environ.get("LLMBATCH_UPSTREAM_API_KEY")
+        if upstream_key:
+            engine_config = {**engine_config, "upstream_api_key": upstream_key}
     return create_provider(
         settings.provider, api_key=api_key, base_url=settings.base_url, job_dir=job_dir, engine=settings.engine,
-        engine_config=settings.local_engine_options(), **options,
+        engine_config=engine_config, **options,
     )  # fmt: skip
 
 
@@ -230,6 +216,8 @@ class JobSession:
         self.store = JobStore(db)
         self.lock = JobLock(job_dir)
         self.cache: ResponseCache | None = None
+        #: Whether this session created the job (`open`): a failed first run then removes it.
+        self.new = False
 
     @classmethod
     def open(
@@ -248,6 +236,7 @@ class JobSession:
         """
         described = _describe_inputs(inputs)
         job_dir = job_root / job_id_for(described, settings)
+        check_config(settings, job_dir, api_key)  # before the job exists: a refused one leaves none
         job_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(job_dir / "job.sqlite")
         try:
@@ -256,7 +245,9 @@ class JobSession:
                 store.create_job(job_dir.name, described, settings.model_dump(mode="json"))
         finally:
             store.close()
-        return cls(job_dir, api_key=api_key, say=say), created
+        session = cls(job_dir, api_key=api_key, say=say)
+        session.new = created
+        return session, created
 
     @classmethod
     def find(
@@ -281,14 +272,28 @@ class JobSession:
         """Opens, creating it when new, a job of calls made through the Python API: it has no
         input files, and its name is its id. Its provider cannot change between runs."""
         job_dir = job_root / name
+        check_config(settings, job_dir, api_key)  # before the name is taken: a refused one takes none
         job_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(job_dir / "job.sqlite")
         try:
             job = store.job()
+            if job is not None and (was := job["settings"].get("provider")) != settings.provider:
+                if store.sent_anything():
+                    raise ConfigError(
+                        f"job {name!r} has sent requests on the {was} provider, so it cannot move to "
+                        f"{settings.provider}: use another job name, or remove it first with "
+                        f"`llmbatch jobs rm {name}` (its stored results go with it)"
+                    )
+                # Nothing was ever sent (a try that failed, say without a key): nothing is lost.
+                if lock_held(job_dir):
+                    raise JobBusy(f"job {name!r} is in use by another client; close it first")
+                store.close()
+                shutil.rmtree(job_dir)
+                job_dir.mkdir(parents=True)
+                store = JobStore(job_dir / "job.sqlite")
+                job = None
             if job is None:
                 store.create_job(name, [], settings.model_dump(mode="json"))
-            elif (was := job["settings"].get("provider")) != settings.provider:
-                raise ConfigError(f"job {name!r} runs on the {was} provider, not {settings.provider}: use another name")
         finally:
             store.close()
         return cls(job_dir, api_key=api_key, say=say)
@@ -353,9 +358,8 @@ class JobSession:
             more = f"\n  ... and {invalid - len(shown):,} more" if invalid > len(shown) else ""
             if not settings.skip_invalid:
                 raise InvalidRows(
-                    f"{invalid} invalid rows; nothing was sent. Fix them, or {skip_hint} to send the valid rows:\n  "
-                    + "\n  ".join(shown)
-                    + more,
+                    f"{plural(invalid, 'invalid row')}; nothing was sent. "
+                    f"Fix them, or {skip_hint} to send the valid rows:\n  " + "\n  ".join(shown) + more,
                     count=invalid,
                     problems=shown,
                 )
@@ -421,7 +425,7 @@ class JobSession:
         self.store.clear_rows()  # an interrupted ingest starts over
         report = ingest(self.store, [Path(i["path"]) for i in job["inputs"]], settings)
         self.store.set_job(status="ingested")
-        self.say(f"job {job['id']}: {report.rows:,} rows read, {report.invalid:,} invalid")
+        self.say(f"job {job['id']}: {plural(report.rows, 'row')} read, {report.invalid:,} invalid")
         return report
 
     def runner(self, prepared: Prepared, progress: PlainProgress | LiveProgress | None = None) -> JobRunner:
@@ -454,6 +458,23 @@ class JobSession:
         runner = JobRunner(self.store, self.dir, settings, provider, say=self.say, fallbacks=self.fallbacks(settings))
         async with provider_started(provider):
             return await runner.cancel()
+
+    def forget_if_unused(self) -> bool:
+        """After a run that failed: removes the job when this session created it and it never
+        sent anything, so a refused configuration or input (a bad engine option, invalid rows,
+        an empty file) leaves no job to list or to resume. The caller has released the job's
+        lock. Returns whether it was removed."""
+        if not self.new:
+            return False
+        try:
+            with self.lock:  # taken again: a process that took the job since keeps it
+                if self.store.sent_anything():
+                    return False
+                self.store.close()
+                shutil.rmtree(self.dir, ignore_errors=True)
+        except JobBusy:
+            return False
+        return True
 
     def export(self, output: Path | None = None) -> tuple[Path, Path]:
         """Writes the results (and errors) files from the store; `output` overrides where."""

@@ -27,6 +27,8 @@ class JobSettings(BaseModel):
     """bedrock: where chunk inputs and job outputs go, s3://bucket/prefix (default LLMBATCH_BEDROCK_S3_URI)."""
     role_arn: str | None = None
     """bedrock: the IAM role its jobs run as (default LLMBATCH_BEDROCK_ROLE_ARN)."""
+    gcs_uri: str | None = None
+    """vertex: where chunk inputs and job outputs go, gs://bucket/prefix (default LLMBATCH_VERTEX_GCS_URI)."""
     engine: str = Field("auto", validate_default=True)
     """local: the engine of the in-process server; "auto" is resolved when the settings are made
     (llamacpp with the packaged model when installed, else echo; see `engines.resolve_engine`).

@@ -41,7 +41,10 @@ from ._records import (
 )
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 
-__all__ = ["JobStore", "SCHEMA_VERSION"]
+__all__ = ["JobStore", "READ_TIMEOUT", "SCHEMA_VERSION"]
+
+#: Seconds a read-only connection waits on a lock (a WAL being recovered) before giving up.
+READ_TIMEOUT = 2.0
 
 
 _CHUNK_COLUMNS = ", ".join(Chunk.__slots__)  # type: ignore[attr-defined]
@@ -120,9 +123,14 @@ def _marks(values: Sequence[object]) -> str:
 class JobStore:
     """The SQLite file of one job; the only place that knows its SQL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """Opens (creating and migrating) the job's store; `read_only` opens it for watching only
+        (see `_open_read_only`)."""
         self.path = path
         self._lock = threading.RLock()
+        if read_only:
+            self._db = self._open_read_only(path)
+            return
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -131,6 +139,42 @@ class JobStore:
         except BaseException:
             self._db.close()
             raise
+
+    @staticmethod
+    def _open_read_only(path: Path) -> sqlite3.Connection:
+        """A connection that can neither write nor migrate the store, for a process watching a job
+        that another may be running (`llmbatch dashboard`).
+
+        `mode=ro`, not `immutable=1`: immutable tells SQLite the file never changes, so it skips
+        the locks and the WAL and reads pages half-written by a running job. A WAL reader never
+        blocks the writer; the short busy timeout only covers a WAL being recovered. The schema
+        must be this release's: an older store is migrated by a command that may write
+        (`llmbatch status JOB`), a newer one is not ours to read.
+        """
+        uri = path.resolve().as_uri() + "?mode=ro"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=READ_TIMEOUT)
+        try:
+            db.execute("PRAGMA query_only=ON")
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version != SCHEMA_VERSION:
+                job = path.parent.name
+                raise StateError(
+                    f"job {job}: its store has schema {version}, this llmbatch reads {SCHEMA_VERSION}: "
+                    + (
+                        "upgrade llmbatch to read it"
+                        if version > SCHEMA_VERSION
+                        else f"`llmbatch status {job}` upgrades it (or it is still being created)"
+                    )
+                )
+        except sqlite3.Error as exc:
+            db.close()
+            if _is_damage(exc):
+                raise damaged(path, exc) from exc
+            raise
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def _migrate(self) -> None:
         """Brings the schema to `SCHEMA_VERSION`, one transaction for all the steps it needs.
@@ -210,6 +254,21 @@ class JobStore:
             db.execute(f"UPDATE job SET {', '.join(f'{k}=?' for k in columns)}", tuple(columns.values()))
             if "status" in columns:
                 self._event(db, "job", f"job status {columns['status']}")
+
+    def sent_anything(self) -> bool:
+        """Whether the job ever sent a request out: a chunk past planning (an upload may exist)
+        or a row answered (directly, or by a batch). A job that never did can be removed or
+        replaced without losing anything but the reading of its inputs."""
+        return bool(
+            self._one(
+                "SELECT EXISTS(SELECT 1 FROM chunks WHERE state != 'planned') "
+                "OR EXISTS(SELECT 1 FROM rows WHERE state IN ('succeeded', 'failed'))"
+            )
+        )
+
+    def last_activity(self) -> float:
+        """When the job last did anything (its newest event; every step records one)."""
+        return float(self._one("SELECT COALESCE(MAX(at), 0) FROM events"))
 
     # -- rows ----------------------------------------------------------------------------
 
@@ -848,6 +907,55 @@ class JobStore:
         return self._db.execute(
             "SELECT at, kind, chunk_id, message FROM events ORDER BY seq DESC LIMIT ?", (limit,)
         ).fetchall()[::-1]
+
+    # -- watching a job (read-only) ------------------------------------------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """One consistent view of the job for several reads: a read transaction. In WAL mode it
+        never blocks the writer, but while it is open the writer's checkpoints cannot reset the
+        WAL, so keep it to the reads (never across rendering a page)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
+    def finished_by_chunk(self) -> list[tuple[float, int, int, float]]:
+        """(when, succeeded, failed, cost) of the rows each chunk finished, oldest first: what the
+        job did over time, for a chart. `when` is the chunk's last event in the job's log (its
+        collection); its unmatched results' cost counts with it. Rows finished outside any chunk
+        (direct calls) count at the last `direct` event, invalid rows at the job's creation."""
+        when = dict(
+            self._db.execute("SELECT chunk_id, MAX(at) FROM events WHERE chunk_id IS NOT NULL GROUP BY chunk_id")
+        )
+        unmatched = dict(self._db.execute("SELECT id, unmatched_cost FROM chunks WHERE unmatched_cost > 0"))
+        direct_at = self._one("SELECT MAX(at) FROM events WHERE kind='direct'")
+        created_at = self._one("SELECT MIN(at) FROM events")
+        steps: list[tuple[float, int, int, float]] = []
+        for chunk_id, invalid, ok, bad, cost in self._db.execute(
+            "SELECT chunk_id, state='invalid', SUM(state='succeeded'), SUM(state!='succeeded'), COALESCE(SUM(cost), 0) "
+            "FROM rows WHERE state IN ('succeeded', 'failed', 'invalid') GROUP BY chunk_id, state='invalid'"
+        ):
+            at = created_at if invalid else when.get(chunk_id) if chunk_id is not None else direct_at
+            steps.append((float(at or created_at or 0), int(ok), int(bad), float(cost) + unmatched.pop(chunk_id, 0.0)))
+        steps += [(float(when.get(c) or created_at or 0), 0, 0, float(cost)) for c, cost in unmatched.items()]
+        return sorted(steps)
+
+    def failures(self, after: int = -1, limit: int = 50) -> list[tuple[int, int, int, str | None, str, str | None]]:
+        """(idx, file_no, line, custom_id, state, error) of the failed and invalid rows past row
+        `after`, in input order, at most `limit` of them."""
+        return self._db.execute(
+            "SELECT idx, file_no, line, custom_id, state, error FROM rows "
+            "WHERE state IN ('failed', 'invalid') AND idx > ? ORDER BY idx LIMIT ?",
+            (after, limit),
+        ).fetchall()
+
+    def last_event_at(self, kind: str | None = None, message: str | None = None) -> float | None:
+        """When the job's log last recorded an event (of `kind`, with `message`, where given)."""
+        query = "SELECT MAX(at) FROM events WHERE (?1 IS NULL OR kind=?1) AND (?2 IS NULL OR message=?2)"
+        return self._one(query, (kind, message))  # type: ignore[no-any-return]
 
 
 # Every public method reports a damaged file as DamagedJob, naming the job and what to do.

@@ -45,14 +45,16 @@ def write_chunk_file(ctx: RunContext, chunk: Chunk) -> Path:
 
 
 def _over_budget(ctx: RunContext, chunk: Chunk) -> bool:
-    """Whether sending `chunk` could take spend past `--max-cost` (and say so, once)."""
+    """Whether sending `chunk` could take spend past `--max-cost` (and say so, once a chunk)."""
     cap = ctx.settings.max_cost
     if cap is None:
         return False
     committed = ctx.store.totals()["cost"] + ctx.store.in_flight_cost()
     if committed + chunk.est_cost <= cap:
         return False
-    if not ctx.budget_blocked:
+    # Said once a chunk: the run looks again (and asks here again) each time a batch ends.
+    if chunk.tag not in ctx.budget_said:
+        ctx.budget_said.add(chunk.tag)
         ctx.say(
             f"budget: chunk {chunk.tag} (est. ${chunk.est_cost:.4f}) would take spend to "
             f"${committed + chunk.est_cost:.4f}, past the ${cap:.2f} cap; holding it back"

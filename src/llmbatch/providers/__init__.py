@@ -56,6 +56,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ProviderSpec("together", "._together", "TogetherBatchProvider", extra="together", sdk="together"),
         ProviderSpec("mistral", "._mistral", "MistralBatchProvider", extra="mistral", sdk="mistralai"),
         ProviderSpec("bedrock", "._bedrock", "BedrockBatchProvider", extra="bedrock", sdk="boto3"),
+        ProviderSpec("vertex", "._vertex", "VertexBatchProvider", extra="vertex", sdk="google.cloud.storage"),
     )
 }
 

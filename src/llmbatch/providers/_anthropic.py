@@ -100,6 +100,9 @@ def _remote(b: MessageBatch) -> RemoteBatch:
         total=c.processing + c.succeeded + c.errored + c.canceled + c.expired,
         completed=c.succeeded,
         failed=c.errored + c.canceled + c.expired,
+        # Anthropic documents its requests as `processing` until the whole batch ends: counts
+        # that have not moved say nothing (progress unknown until the end), ones that have are real.
+        counts_live=c.succeeded + c.errored + c.canceled + c.expired > 0,
         created_at=_unix(b.created_at),
     )
 

@@ -59,6 +59,15 @@ class RemoteBatch:
     created_at: int = 0
     #: The upload the batch runs (None where the provider does not say).
     input_file_id: str | None = None
+    #: Whether `completed` and `failed` count the rows answered so far while the batch runs
+    #: (OpenAI-compatible `request_counts`, Gemini's `batchStats`, Mistral's counts). False where
+    #: the provider says nothing before the end: the progress display then says so instead of
+    #: showing a 0 that looks hung. An adapter whose poll carries counts sets it (a new adapter,
+    #: e.g. Bedrock's or Vertex's, fills `completed`/`failed` and sets it, or leaves both alone).
+    counts_live: bool = False
+    #: The share of the batch's requests answered (0 to 1) where the provider gives a percentage
+    #: instead of counts (Together's `progress`); the runner turns it into rows.
+    fraction_done: float | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,9 @@ class Provider(ABC):
     #: one and there are as many as the chunk's rows, the runner matches them by position.
     #: Otherwise (and for other providers) such lines match no row; their usage still counts.
     unkeyed_results_in_order: ClassVar[bool] = False
+    #: What is true of the job's batches when a run is interrupted (Ctrl+C), for the line that
+    #: says how to resume.
+    after_interrupt: ClassVar[str] = "remote batches keep running"
     #: Bytes a batch takes besides its requests (an envelope around them), so that a chunk's
     #: planned bytes are what the provider receives.
     wire_envelope: ClassVar[int] = 0
@@ -172,6 +184,11 @@ class Provider(ABC):
 
     async def aclose(self) -> None:
         """Releases what `start` acquired."""
+
+    async def answered_by(self) -> str | None:
+        """Once started, what answers the batches where the provider's name does not say it
+        (the local provider: its engine and model); None: nothing worth saying."""
+        return None
 
     @abstractmethod
     async def upload(self, tag: str, path: Path) -> str:

@@ -38,6 +38,7 @@ import httpx
 import orjson
 import pydantic
 from google import genai
+from google.genai import batches as genai_batches
 from google.genai import errors as genai_errors
 from google.genai import types
 
@@ -322,7 +323,28 @@ class GeminiBatchProvider(Provider):
         return await self._call("listing batches", scan)
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
-        return self._remote(await self._call("polling a batch", lambda: self._aio.batches.get(name=batch_id)))
+        job, stats = await self._call("polling a batch", lambda: self._get_with_stats(batch_id))
+        remote = self._remote(job)
+        if stats and not remote.status.terminal:  # an ended batch's counts come from its results
+            remote.total = _int(stats.get("requestCount"))
+            remote.completed = _int(stats.get("successfulRequestCount"))
+            remote.failed = _int(stats.get("failedRequestCount"))
+            remote.counts_live = True
+        return remote
+
+    async def _get_with_stats(self, batch_id: str) -> tuple[types.BatchJob, dict[str, Any]]:
+        """The batch and its `metadata.batchStats` (request counts that move while it runs),
+        which the SDK's BatchJob leaves out: the same GET `batches.get` makes, read here first.
+        An SDK without that internal call gives the batch without its counts."""
+        api = getattr(self._aio, "_api_client", None)
+        to_job = getattr(genai_batches, "_BatchJob_from_mldev", None)
+        if api is None or to_job is None or getattr(api, "vertexai", False):
+            return await self._aio.batches.get(name=batch_id), {}
+        response = await api.async_request("get", batch_id, {}, None)
+        raw = orjson.loads(response.body) if response.body else {}
+        stats = (raw.get("metadata") or {}).get("batchStats") if isinstance(raw, dict) else None
+        job = types.BatchJob._from_response(response=to_job(raw), kwargs={})
+        return job, stats if isinstance(stats, dict) else {}
 
     async def cancel(self, batch_id: str) -> RemoteBatch:
         await self._call("cancelling a batch", lambda: self._aio.batches.cancel(name=batch_id))
@@ -550,3 +572,11 @@ class _EmbeddingGroups:
             tokens += _count(count)
         body = gt.embedding_body(vectors, model=self.model, prompt_tokens=tokens)
         return _chat.result_line(cid, 200, body, native=items)
+
+
+def _int(value: Any) -> int:
+    """An int64 that JSON carries as a string ("12"); 0 for anything else."""
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0

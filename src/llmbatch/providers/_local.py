@@ -39,6 +39,12 @@ class LocalProvider(OpenAIBatchProvider):
     name = "local"
     billed = False
     max_poll_interval = 0.5
+    # The server runs inside the client's process: it stops with it, and resuming restarts it,
+    # and it goes on from the rows its journal kept.
+    after_interrupt = (
+        "the local server stopped with this run, so nothing runs until the job is resumed; "
+        "the rows it answered are kept"
+    )
 
     def __init__(
         self,
@@ -81,6 +87,19 @@ class LocalProvider(OpenAIBatchProvider):
             await asyncio.sleep(0.01)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self._client = openai.AsyncOpenAI(api_key="local", base_url=self.base_url, max_retries=3, timeout=600)
+
+    async def answered_by(self) -> str | None:
+        try:
+            models = [m.id async for m in self._client.models.list()]
+        except openai.OpenAIError:
+            models = []
+        if self.engine == "echo":
+            what = "no model: each answer echoes its request's text"
+        elif models:
+            what = f"it serves {', '.join(models)}"
+        else:
+            what = "with its model"
+        return f"local: the {self.engine} engine answers every row ({what})"
 
     async def aclose(self) -> None:
         if self._task is not None and self._server is not None:

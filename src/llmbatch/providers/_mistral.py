@@ -344,6 +344,7 @@ def _remote(job: Any) -> RemoteBatch:
         total=job.total_requests or 0,
         completed=job.succeeded_requests or 0,
         failed=job.failed_requests or 0,
+        counts_live=True,  # succeeded_requests / failed_requests move while the job runs
         errors=errors,
         metadata={str(k): str(v) for k, v in metadata.items()},
         created_at=job.created_at or 0,

@@ -43,6 +43,8 @@ def _remote(b: Any) -> RemoteBatch:
         total=counts.total if counts else 0,
         completed=counts.completed if counts else 0,
         failed=counts.failed if counts else 0,
+        # request_counts move while the batch runs (an llmbatch server writes them every 0.25 s).
+        counts_live=counts is not None,
         errors=errors,
         metadata=dict(b.metadata or {}),
         created_at=b.created_at,

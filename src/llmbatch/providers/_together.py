@@ -207,6 +207,8 @@ def _remote(job: Any) -> RemoteBatch:
         errors=errors,
         created_at=_unix(job.created_at),
         input_file_id=job.input_file_id or None,
+        # Together gives no counts, only a percentage (0-100) of the batch done.
+        fraction_done=min(max(float(job.progress), 0.0), 100.0) / 100 if job.progress is not None else None,
     )
 
 

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..engines import CHAT, RESPONSES, EngineResponse, TextDelta
-from ..engines._request import hex_id
+from ..engines import CHAT, RESPONSES, EngineResponse, TextDelta, hex_id
 from ._errors import APIError
 
 if TYPE_CHECKING:
