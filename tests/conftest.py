@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import openai
@@ -186,6 +187,63 @@ def run_batch(
     f = upload(client, data)
     b = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h", **kwargs)  # type: ignore[arg-type]
     return wait_batch(client, b.id)
+
+
+# -- `llmbatch run` killed with SIGKILL and started again (tests/jobs, tests/providers) ----------
+
+
+class CreateCounting(Protocol):
+    """A provider fake that records its requests and counts the batches it made."""
+
+    @property
+    def calls(self) -> list[tuple[str, str]]: ...
+
+    @property
+    def creates(self) -> int: ...
+
+
+def kill_then_finish(
+    cmd: list[str],
+    env: dict[str, str] | Callable[[int], dict[str, str]],
+    *,
+    attempts: int,
+    seed: int,
+    pause: tuple[float, float] = (0.0, 0.5),
+    fake: CreateCounting | None = None,
+    min_kills: int = 3,
+    timeout: float = 120,
+) -> int:
+    """Starts `cmd` up to `attempts` times (`env`, or `env(attempt)`) and SIGKILLs it each time at a
+    random moment `pause` seconds in; with `fake`, only once it has reached the fake (its imports
+    take a while), and on every other attempt right after the fake made a batch, before the client
+    can record it. Then runs `cmd` to its end, which must succeed after at least `min_kills`
+    kills. Returns the number of kills (fewer than `attempts` where the job ended by itself)."""
+    env_of = env if callable(env) else lambda _attempt: env
+    rng = random.Random(seed)
+    kills = 0
+    for attempt in range(attempts):
+        proc = subprocess.Popen(cmd, env=env_of(attempt), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if fake is None:
+            time.sleep(rng.uniform(*pause))
+        else:
+            calls, creates = len(fake.calls), fake.creates
+            deadline = time.monotonic() + 20
+            while proc.poll() is None and len(fake.calls) == calls and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if attempt % 2 == 0:
+                while proc.poll() is None and fake.creates == creates and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            else:
+                time.sleep(rng.uniform(*pause))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    final = subprocess.run(cmd, env=env_of(attempts), capture_output=True, text=True, timeout=timeout)
+    assert final.returncode == 0, final.stderr
+    assert kills >= min_kills, "the job finished too soon to test anything: make it longer"
+    return kills
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")

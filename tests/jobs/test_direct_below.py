@@ -35,7 +35,8 @@ def test_retries_below_threshold_use_the_direct_api(server_factory, tmp_path: Pa
     assert len(list(server.client().batches.list())) == 1  # the failed rows did not make a second batch
     metrics = server.http().get("/metrics").text
     direct = sum(
-        int(n) for n in re.findall(r'source="direct",endpoint="/v1/chat/completions",status="200"\} (\d+)', metrics)
+        int(float(n))
+        for n in re.findall(r'endpoint="/v1/chat/completions",source="direct",status="200"\} ([\d.]+)', metrics)
     )
     (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
     # Rows answered directly carry no batch's line id: theirs is derived from the job and the row.

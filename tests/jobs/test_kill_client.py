@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import chat_line, jsonl
+from conftest import chat_line, jsonl, kill_then_finish
 
 
 def _run_cmd(inp: Path, server, home: Path) -> tuple[list[str], dict[str, str]]:  # type: ignore[no-untyped-def]
@@ -38,19 +34,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(server_f
     inp.write_bytes(jsonl([chat_line(i) for i in range(rows)]))
     home = tmp_path / "home"
     cmd, env = _run_cmd(inp, server, home)
-    rng = random.Random(1234)
-    kills = 0
-    for _ in range(25):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.8))
-        if proc.poll() is not None:
-            break  # finished before we could kill it
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert final.returncode == 0, final.stderr
-    assert kills >= 3, "the job finished too soon to test anything: make it longer"
+    kills = kill_then_finish(cmd, env, attempts=25, seed=1234, pause=(0.05, 0.8), timeout=180)
 
     out = [json.loads(line) for line in (tmp_path / "input.results.jsonl").read_text().splitlines()]
     assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(rows)]

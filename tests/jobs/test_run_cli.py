@@ -193,9 +193,9 @@ def test_expired_rows_are_retried_in_new_batches(server_factory, tmp_path: Path)
 @pytest.mark.parametrize("attempts", [[], ["--max-attempts", "1"]], ids=["default-attempts", "one-attempt"])
 def test_interrupt_cancel_and_resume(server_factory, tmp_path: Path, attempts: list[str]) -> None:  # type: ignore[no-untyped-def]
     """A user's cancel does not use up the cut-off rows' attempts: resume runs them."""
-    # 100 rows, 2 at a time, 0.2 s each: the batch runs ~10 s, long enough for Ctrl+C, `jobs` and
-    # `cancel` to reach it while it runs even on a loaded machine (tests run in parallel).
-    server = server_factory("--echo-latency", "0.2", "--max-concurrency", "2")
+    # 100 rows, 2 at a time, 0.3 s each: the batch runs ~15 s, long enough for Ctrl+C, `jobs` and
+    # `cancel` (each a new process: seconds on a loaded machine) to reach it while it runs.
+    server = server_factory("--echo-latency", "0.3", "--max-concurrency", "2")
     rows = [chat_line(i) for i in range(100)]
     inp = write_input(tmp_path, rows)
     cmd = [

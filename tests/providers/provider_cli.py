@@ -1,8 +1,10 @@
-"""Helpers the Together and Mistral adapter tests share (test_together.py, test_mistral.py).
+"""Helpers the provider adapter tests share: the adapter against an HTTP fake, `llmbatch run`
+as a subprocess against the same fake (its job store, one remote batch per chunk, the checks
+after a run killed with SIGKILL: `conftest.kill_then_finish` kills it), live tiny jobs, and a
+job store rolled back.
 
-Both run their adapter against an HTTP fake (tests/fakes/together.py, tests/fakes/mistral.py)
-and `llmbatch run --provider NAME` as a subprocess against the same fake; the fakes take the
-same row markers (`FAIL400`, `FAIL429`) and keep the same state (tests/fakes/_openai_like.py).
+Together and Mistral's fakes (tests/fakes/together.py, tests/fakes/mistral.py) take the same row
+markers (`FAIL400`, `FAIL429`) and keep the same state (tests/fakes/_openai_like.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -29,6 +32,7 @@ from llmbatch.jobs import JobRunner, JobSession, JobSettings, JobStore, ingest
 from llmbatch.providers import Provider, RemoteBatch, RemoteStatus
 
 KEY = "test-key"
+CLI = [sys.executable, "-m", "llmbatch"]
 CHAT = "/v1/chat/completions"
 #: The chunk tag of the batches the adapter-level tests make.
 TAG = "x-c00001"
@@ -185,14 +189,53 @@ def run_cli(provider: str, tmp_path: Path, url: str, inp: Path, *extra: str) -> 
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def found_events(tmp_path: Path) -> list[str]:
-    """The job's "found upload/batch" events: what reconciliation adopted."""
+def model_run_cmd(inp: Path, url: str, model: str, *extra: str) -> list[str]:
+    """`llmbatch run INP --model PROVIDER/MODEL` (the provider named by the model) against `url`."""
+    return [*CLI, "run", str(inp), "--model", model, "--base-url", url, "--poll-interval", "0.05", *extra]
+
+
+def job_db(tmp_path: Path) -> sqlite3.Connection:
+    """The store of the one job under tmp_path/home (the CLI's LLMBATCH_HOME)."""
     (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    db = sqlite3.connect(job_dir / "job.sqlite")
+    return sqlite3.connect(job_dir / "job.sqlite")
+
+
+def job_query(tmp_path: Path, sql: str) -> list[Any]:
+    """The rows `sql` selects from the job's store."""
+    db = job_db(tmp_path)
     try:
-        return [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%: found %'")]
+        return list(db.execute(sql))
     finally:
         db.close()
+
+
+def chunk_sizes(tmp_path: Path) -> list[int]:
+    return [n for (n,) in job_query(tmp_path, "SELECT rows FROM chunks ORDER BY tag")]
+
+
+def found_events(tmp_path: Path, like: str = "%: found %") -> list[str]:
+    """The job's "found upload/batch" events (`like`: which): what reconciliation adopted."""
+    return [m for (m,) in job_query(tmp_path, f"SELECT message FROM events WHERE message LIKE '{like}'")]
+
+
+def assert_one_remote_per_chunk(tmp_path: Path, names: Iterable[str], name_of: Callable[[str], str] = str) -> None:
+    """Each chunk of the job has exactly one remote job or batch, called `name_of(tag)`, and no
+    other: `names` are the remote ones'."""
+    counts = Counter(names)
+    assert set(counts.values()) == {1}, counts
+    assert sorted(counts) == sorted(name_of(tag) for (tag,) in job_query(tmp_path, "SELECT tag FROM chunks"))
+
+
+def check_killed_job(tmp_path: Path, n: int) -> list[str]:
+    """After `kill_then_finish` on a job of `n` chat rows the echoing fake answers `hello I`: every
+    row is there once, in order, and at least one kill landed between a batch's creation and its
+    record (the job found the batch afterwards). Returns the "found batch" events."""
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
+    assert all(r["response"]["body"]["choices"][0]["message"]["content"] == f"hello {i}" for i, r in enumerate(out))
+    found = found_events(tmp_path, "%found batch%")
+    assert found, "no kill landed between a batch's creation and its record: the test tested nothing"
+    return found
 
 
 def run_marked_job(provider: str, tmp_path: Path, url: str, fail400: str, **params: Any) -> None:
@@ -263,6 +306,25 @@ def run_live_job(provider: str, tmp_path: Path, model: str, **params: Any) -> No
     assert proc.returncode == 0, proc.stderr
     out = read_lines(tmp_path / "input.results.jsonl")
     assert [r["response"]["status_code"] for r in out] == [200, 200]
+
+
+def run_live_tiny_job(
+    provider: str, tmp_path: Path, model: str, n: int, poll_interval: int, env: dict[str, str], timeout: float
+) -> list[dict[str, Any]]:
+    """`n` rows on the provider's real batch API (`env`: its credentials), each asking for the word
+    `okI`, run once (--max-attempts 1): every row answered, in order, with its word. Returns the
+    results."""
+    rows = [chat_line(i, f"Reply with the single word: ok{i}", model=model, max_tokens=10) for i in range(n)]
+    inp = tmp_path / "input.jsonl"
+    inp.write_bytes(jsonl(rows))
+    env = {**env, "LLMBATCH_HOME": str(tmp_path / "home")}
+    cmd = [*CLI, "run", str(inp), "--provider", provider, "--poll-interval", str(poll_interval), "--max-attempts", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    out = read_lines(tmp_path / "input.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    assert all(f"ok{i}" in r["response"]["body"]["choices"][0]["message"]["content"] for i, r in enumerate(out))
+    return out
 
 
 # -- a job store rolled back to an older copy (issue 13) -------------------------------------

@@ -11,11 +11,7 @@ import asyncio
 import base64
 import json
 import os
-import random
-import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,9 +22,9 @@ import httpx
 import pytest
 from fakes._serve import serve_app
 from fakes.anthropic import FakeAnthropic, anthropic_fake
-from provider_cli import check_store_rollback
+from provider_cli import CLI, check_killed_job, check_store_rollback, job_db, read_lines, run_live_tiny_job
 
-from conftest import chat_line, jsonl
+from conftest import chat_line, jsonl, kill_then_finish
 from llmbatch._exceptions import ConfigError, ProviderError
 from llmbatch.jobs import JobRunner, JobSession, JobSettings
 from llmbatch.providers import RemoteStatus, create_provider
@@ -399,10 +395,6 @@ def rows_of(n: int, prefix: str = "r", model: str = MODEL, **texts: str) -> list
     return [chat_line(f"{prefix}{i}", texts.get(f"{prefix}{i}"), model=model) for i in range(n)]
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 async def upload(p: AnthropicBatchProvider, folder: Path, tag: str, rows: list[dict[str, Any]]) -> str:
     return await p.upload(tag, write_chunk(folder, tag, rows))
 
@@ -751,8 +743,6 @@ def test_direct(served: tuple[str, FakeAnthropic]) -> None:
 
 # -- llmbatch run end to end ---------------------------------------------------------------
 
-CLI = [sys.executable, "-m", "llmbatch"]
-
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_"))}
@@ -765,11 +755,6 @@ def llmbatch_run(
 ) -> subprocess.CompletedProcess[str]:
     cmd = [*CLI, "run", str(inp), "--provider", "anthropic", "--base-url", url, "--poll-interval", "0.05", *extra]
     return subprocess.run(cmd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-
-
-def job_db(tmp_path: Path) -> sqlite3.Connection:
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    return sqlite3.connect(job_dir / "job.sqlite")
 
 
 def assert_one_batch_per_chunk(tmp_path: Path, fake: FakeAnthropic) -> None:
@@ -899,41 +884,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
     rows = [chat_line(i, model=MODEL) for i in range(n)]
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl(rows))
-    cmd = [*CLI, "run", str(inp), "--provider", "anthropic", "--batch-size", "40", "--max-in-flight", "3",
-           "--poll-interval", "0.05", "--base-url"]  # fmt: skip
-    rng = random.Random(7)
-    kills = 0
     with serve_app(app) as url:
-        for attempt in range(6):
-            proc = subprocess.Popen(
-                [*cmd, url], env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            calls, creates = len(fake.calls), fake.creates
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and len(fake.calls) == calls and time.monotonic() < deadline:
-                time.sleep(0.005)  # until this process reaches the API (its imports take a while)
-            if attempt % 2 == 0:  # right after a batch is made, before its answer is recorded
-                while proc.poll() is None and fake.creates == creates and time.monotonic() < deadline:
-                    time.sleep(0.002)
-            else:
-                time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is not None:
-                break
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        final = subprocess.run([*cmd, url], env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    assert kills >= 4, "the job finished too soon to test anything"
-
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
-    assert all(r["response"]["body"]["choices"][0]["message"]["content"] == f"hello {i}" for i, r in enumerate(out))
+        cmd = [*CLI, "run", str(inp), "--provider", "anthropic", "--batch-size", "40", "--max-in-flight", "3",
+               "--poll-interval", "0.05", "--base-url", url]  # fmt: skip
+        kills = kill_then_finish(cmd, cli_env(tmp_path), attempts=6, seed=7, fake=fake, min_kills=4)
+    found = check_killed_job(tmp_path, n)
     assert_one_batch_per_chunk(tmp_path, fake)
-    db = job_db(tmp_path)
-    found = [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%found batch%'")]
-    db.close()
-    assert found, "no kill landed between a batch's creation and its record: the test tested nothing"
     assert any(path.startswith("/v1/messages/batches?") for _m, path in fake.calls), (
         "no batch was looked for by listing"
     )
@@ -1030,16 +986,8 @@ def test_live_tiny_job(tmp_path: Path) -> None:
     if not key:
         pytest.skip("ANTHROPIC_API_KEY is not set")
     model = os.environ.get("LLMBATCH_LIVE_ANTHROPIC_MODEL", MODEL)
-    rows = [chat_line(i, f"Reply with the single word: ok{i}", model=model, max_tokens=10) for i in range(2)]
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
     env = {**cli_env(tmp_path), "ANTHROPIC_API_KEY": key}
-    cmd = [*CLI, "run", str(inp), "--provider", "anthropic", "--poll-interval", "10", "--max-attempts", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == ["row-0", "row-1"]
-    assert all(f"ok{i}" in r["response"]["body"]["choices"][0]["message"]["content"] for i, r in enumerate(out))
+    out = run_live_tiny_job("anthropic", tmp_path, model, 2, 10, env, 3600)
     assert all(r["response"]["body"]["usage"]["prompt_tokens"] > 0 for r in out)
 
 

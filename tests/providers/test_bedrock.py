@@ -10,13 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
-import signal
-import sqlite3
 import subprocess
-import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +19,18 @@ from typing import Any
 import pytest
 from fakes._serve import serve_app
 from fakes.bedrock import ROLE_ARN, FakeBedrock, bedrock_fake
+from provider_cli import (
+    CLI,
+    assert_one_remote_per_chunk,
+    check_killed_job,
+    chunk_sizes,
+    job_query,
+    model_run_cmd,
+    read_lines,
+    run_live_tiny_job,
+)
 
-from conftest import chat_line, jsonl
+from conftest import chat_line, jsonl, kill_then_finish
 from llmbatch._exceptions import ConfigError
 from llmbatch.pricing import PriceTable
 from llmbatch.providers import RemoteStatus, create_provider
@@ -59,10 +64,6 @@ def aws_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
             monkeypatch.delenv(k)
     for k, v in AWS_ENV.items():
         monkeypatch.setenv(k, v)
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 # -- translation ---------------------------------------------------------------------------
@@ -303,8 +304,6 @@ def test_stop_failure_and_expiry(tmp_path: Path) -> None:
 
 # -- llmbatch run end to end ---------------------------------------------------------------
 
-CLI = [sys.executable, "-m", "llmbatch"]
-
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "LLMBATCH_BEDROCK_"))}
@@ -314,36 +313,15 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cmd(inp: Path, url: str, *extra: str) -> list[str]:
-    return [*CLI, "run", str(inp), "--model", f"bedrock/{MODEL}", "--base-url", url, "--poll-interval", "0.05",
-            *extra]  # fmt: skip
-
-
-def job_db(tmp_path: Path) -> sqlite3.Connection:
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    return sqlite3.connect(job_dir / "job.sqlite")
+    return model_run_cmd(inp, url, f"bedrock/{MODEL}", *extra)
 
 
 def assert_one_job_per_chunk(tmp_path: Path, fake: FakeBedrock) -> None:
     """Each chunk has exactly one job on the fake, named for it, holding its rows."""
-    db = job_db(tmp_path)
-    try:
-        chunks = list(db.execute("SELECT tag, batch_id, rows FROM chunks"))
-    finally:
-        db.close()
-    names = Counter(j.name for j in fake.jobs.values())
-    assert set(names.values()) == {1}, names
-    assert sorted(names) == sorted(job_name(tag) for tag, _b, _n in chunks)
+    assert_one_remote_per_chunk(tmp_path, (j.name for j in fake.jobs.values()), job_name)
     records = fake.job_records()
-    for tag, batch_id, n in chunks:
+    for tag, batch_id, n in job_query(tmp_path, "SELECT tag, batch_id, rows FROM chunks"):
         assert len(records[batch_id.rsplit("/", 1)[1]]) == n, tag
-
-
-def chunk_sizes(tmp_path: Path) -> list[int]:
-    db = job_db(tmp_path)
-    try:
-        return [n for (n,) in db.execute("SELECT rows FROM chunks ORDER BY tag")]
-    finally:
-        db.close()
 
 
 def test_cli_runs_a_job_every_row_once_in_order(tmp_path: Path) -> None:
@@ -457,37 +435,10 @@ def test_sigkill_at_random_moments_creates_no_second_job(tmp_path: Path) -> None
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl([chat_line(i) for i in range(n)]))
     cmd_extra = ("--batch-size", "100", "--max-in-flight", "3")
-    rng = random.Random(11)
-    kills = 0
     with serve_app(app) as url:
-        cmd = run_cmd(inp, url, *cmd_extra)
-        for attempt in range(5):
-            proc = subprocess.Popen(cmd, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            calls, creates = len(fake.calls), fake.creates
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and len(fake.calls) == calls and time.monotonic() < deadline:
-                time.sleep(0.005)  # until this process reaches the fake (its imports take a while)
-            if attempt % 2 == 0:  # right after a job is made, before its answer arrives
-                while proc.poll() is None and fake.creates == creates and time.monotonic() < deadline:
-                    time.sleep(0.002)
-            else:
-                time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is not None:
-                break
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        final = subprocess.run(cmd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    assert kills >= 3, "the job finished too soon to test anything"
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
-    assert all(r["response"]["body"]["choices"][0]["message"]["content"] == f"hello {i}" for i, r in enumerate(out))
+        kill_then_finish(run_cmd(inp, url, *cmd_extra), cli_env(tmp_path), attempts=5, seed=11, fake=fake)
+    check_killed_job(tmp_path, n)
     assert_one_job_per_chunk(tmp_path, fake)
-    db = job_db(tmp_path)
-    found = [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%found batch%'")]
-    db.close()
-    assert found, "no kill landed between a job's creation and its record: the test tested nothing"
     assert any(path.startswith("/model-invocation-jobs?") for _m, path in fake.calls)
 
 
@@ -499,18 +450,8 @@ def test_live_tiny_job(tmp_path: Path) -> None:
     """A real Bedrock batch job (Bedrock wants at least 100 records; costs about a cent on Claude
     Haiku). Needs AWS credentials, LLMBATCH_BEDROCK_S3_URI and LLMBATCH_BEDROCK_ROLE_ARN; it can
     take hours."""
-    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
     for k in ("LLMBATCH_BEDROCK_S3_URI", "LLMBATCH_BEDROCK_ROLE_ARN"):
         if not os.environ.get(k):
             pytest.skip(f"{k} is not set")
     model = os.environ.get("LLMBATCH_LIVE_BEDROCK_MODEL", MODEL)
-    rows = [chat_line(i, f"Reply with the single word: ok{i}", model=f"bedrock/{model}", max_tokens=10)
-            for i in range(100)]  # fmt: skip
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
-    cmd = [*CLI, "run", str(inp), "--provider", "bedrock", "--poll-interval", "60", "--max-attempts", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=24 * 3600)
-    assert proc.returncode == 0, proc.stderr
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
-    assert all(f"ok{i}" in r["response"]["body"]["choices"][0]["message"]["content"] for i, r in enumerate(out))
+    run_live_tiny_job("bedrock", tmp_path, f"bedrock/{model}", 100, 60, dict(os.environ), 24 * 3600)

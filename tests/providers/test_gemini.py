@@ -12,10 +12,7 @@ import asyncio
 import base64
 import json
 import os
-import random
-import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,9 +26,9 @@ from typing import Any, TypeVar
 import pytest
 from fakes._serve import serve_app
 from fakes.gemini import GeminiFake, embedding_of
-from provider_cli import check_store_rollback
+from provider_cli import check_store_rollback, found_events, job_query, read_lines
 
-from conftest import chat_line, jsonl
+from conftest import chat_line, jsonl, kill_then_finish
 from llmbatch._exceptions import ConfigError, ProviderError
 from llmbatch.jobs import JobSettings, JobStore
 from llmbatch.providers import RemoteStatus, create_provider
@@ -824,17 +821,8 @@ def run_cli(tmp_path: Path, inp: Path, root: str, *extra: str, env: dict[str, st
     )
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def chunk_tags(tmp_path: Path) -> set[str]:
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    db = sqlite3.connect(job_dir / "job.sqlite")
-    try:
-        return {tag for (tag,) in db.execute("SELECT tag FROM chunks")}
-    finally:
-        db.close()
+    return {tag for (tag,) in job_query(tmp_path, "SELECT tag FROM chunks")}
 
 
 def text_of(rec: dict[str, Any]) -> str:
@@ -994,20 +982,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(start: S
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl([gemini_line(i) for i in range(n)]))
     cmd = run_cmd(inp, root, "--batch-size", "20", "--max-in-flight", "2")
-    rng = random.Random(4321)
-    kills = 0
-    for attempt in range(10):
-        env = cli_env(tmp_path, LLMBATCH_GEMINI_INLINE_MAX_BYTES="0" if attempt % 2 else "")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 2.2))
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    final = subprocess.run(cmd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    assert kills >= 3, "the job finished too soon to test anything: make it longer"
+
+    def env(attempt: int) -> dict[str, str]:
+        return cli_env(tmp_path, LLMBATCH_GEMINI_INLINE_MAX_BYTES="0" if attempt % 2 else "")
+
+    kills = kill_then_finish(cmd, env, attempts=10, seed=4321, pause=(1.0, 2.2))
 
     out = read_lines(tmp_path / "input.results.jsonl")
     assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
@@ -1017,9 +996,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(start: S
     assert set(names) == chunk_tags(tmp_path)
     sent = fake.sent_keys()
     assert len(sent) == n and set(sent) == {f"row-{i}" for i in range(n)}
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    with sqlite3.connect(job_dir / "job.sqlite") as db:
-        found = [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%found%'")]
+    found = found_events(tmp_path, "%found%")
     print(f"{kills} kills; {len(fake.files)} files; reconciliations: {found}")
 
 

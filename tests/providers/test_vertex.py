@@ -13,13 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
-import signal
-import sqlite3
 import subprocess
-import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +22,17 @@ from typing import Any
 import pytest
 from fakes._serve import serve_app
 from fakes.vertex import LOCATION, PROJECT, FakeVertex, service_account_file, vertex_fake
+from provider_cli import (
+    CLI,
+    assert_one_remote_per_chunk,
+    check_killed_job,
+    job_query,
+    model_run_cmd,
+    read_lines,
+    run_live_tiny_job,
+)
 
-from conftest import chat_line, jsonl
+from conftest import chat_line, jsonl, kill_then_finish
 from llmbatch._exceptions import ConfigError
 from llmbatch.providers import RemoteStatus, create_provider
 from llmbatch.providers._vertex import VertexBatchProvider, input_line, label_value, translate_line
@@ -62,10 +66,6 @@ def google_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
             monkeypatch.delenv(k)
     for k, v in GOOGLE_ENV.items():
         monkeypatch.setenv(k, v)
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 @pytest.fixture
@@ -303,8 +303,6 @@ def test_direct_calls_go_to_vertex_generate_content(served: tuple[str, FakeVerte
 
 # -- llmbatch run end to end ---------------------------------------------------------------
 
-CLI = [sys.executable, "-m", "llmbatch"]
-
 
 def cli_env(tmp_path: Path, url: str) -> dict[str, str]:
     env = _clean(dict(os.environ))
@@ -317,26 +315,13 @@ def cli_env(tmp_path: Path, url: str) -> dict[str, str]:
 
 
 def run_cmd(inp: Path, url: str, *extra: str) -> list[str]:
-    return [*CLI, "run", str(inp), "--model", f"vertex/{MODEL}", "--base-url", url, "--poll-interval", "0.05",
-            *extra]  # fmt: skip
-
-
-def job_db(tmp_path: Path) -> sqlite3.Connection:
-    (job_dir,) = (tmp_path / "home" / "jobs").iterdir()
-    return sqlite3.connect(job_dir / "job.sqlite")
+    return model_run_cmd(inp, url, f"vertex/{MODEL}", *extra)
 
 
 def assert_one_job_per_chunk(tmp_path: Path, fake: FakeVertex) -> None:
     """Each chunk has exactly one job on the fake, named and labelled for it, holding its rows."""
-    db = job_db(tmp_path)
-    try:
-        chunks = list(db.execute("SELECT tag, batch_id, rows FROM chunks"))
-    finally:
-        db.close()
-    names = Counter(j.display_name for j in fake.jobs.values())
-    assert set(names.values()) == {1}, names
-    assert sorted(names) == sorted(tag for tag, _b, _n in chunks)
-    for tag, batch_id, n in chunks:
+    assert_one_remote_per_chunk(tmp_path, (j.display_name for j in fake.jobs.values()))
+    for tag, batch_id, n in job_query(tmp_path, "SELECT tag, batch_id, rows FROM chunks"):
         job = fake.jobs[batch_id.rsplit("/", 1)[1]]
         assert job.labels["llmbatch_chunk"] == tag and len(job.keys) == n, tag
 
@@ -385,38 +370,11 @@ def test_sigkill_at_random_moments_creates_no_second_job(tmp_path: Path) -> None
     n = 300
     inp = tmp_path / "input.jsonl"
     inp.write_bytes(jsonl([chat_line(i) for i in range(n)]))
-    rng = random.Random(11)
-    kills = 0
     with serve_app(app) as url:
-        env = cli_env(tmp_path, url)
         cmd = run_cmd(inp, url, "--batch-size", "30", "--max-in-flight", "3")
-        for attempt in range(5):
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            calls, creates = len(fake.calls), fake.creates
-            deadline = time.monotonic() + 20
-            while proc.poll() is None and len(fake.calls) == calls and time.monotonic() < deadline:
-                time.sleep(0.005)  # until this process reaches the fake (its imports take a while)
-            if attempt % 2 == 0:  # right after a job is made, before its answer arrives
-                while proc.poll() is None and fake.creates == creates and time.monotonic() < deadline:
-                    time.sleep(0.002)
-            else:
-                time.sleep(rng.uniform(0.0, 0.5))
-            if proc.poll() is not None:
-                break
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-        final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    assert kills >= 3, "the job finished too soon to test anything"
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [f"row-{i}" for i in range(n)]
-    assert all(r["response"]["body"]["choices"][0]["message"]["content"] == f"hello {i}" for i, r in enumerate(out))
+        kill_then_finish(cmd, cli_env(tmp_path, url), attempts=5, seed=11, fake=fake)
+    check_killed_job(tmp_path, n)
     assert_one_job_per_chunk(tmp_path, fake)
-    db = job_db(tmp_path)
-    found = [m for (m,) in db.execute("SELECT message FROM events WHERE message LIKE '%found batch%'")]
-    db.close()
-    assert found, "no kill landed between a job's creation and its record: the test tested nothing"
     assert any("filter=labels.llmbatch_chunk" in path for _m, path in fake.calls)
 
 
@@ -428,19 +386,8 @@ def test_live_tiny_job(tmp_path: Path) -> None:
     """A real Vertex batch job of three rows (a fraction of a cent on Gemini Flash). Needs Google
     credentials (ADC), GOOGLE_CLOUD_PROJECT and LLMBATCH_VERTEX_GCS_URI (a bucket in the job's
     region); queued jobs can take hours."""
-    env = {**os.environ, "LLMBATCH_HOME": str(tmp_path / "home")}
     for k in ("LLMBATCH_VERTEX_GCS_URI", "GOOGLE_CLOUD_PROJECT"):
         if not os.environ.get(k):
             pytest.skip(f"{k} is not set")
     model = os.environ.get("LLMBATCH_LIVE_VERTEX_MODEL", "gemini-2.5-flash-lite")
-    rows = [
-        chat_line(i, f"Reply with the single word: ok{i}", model=f"vertex/{model}", max_tokens=10) for i in range(3)
-    ]
-    inp = tmp_path / "input.jsonl"
-    inp.write_bytes(jsonl(rows))
-    cmd = [*CLI, "run", str(inp), "--provider", "vertex", "--poll-interval", "30", "--max-attempts", "1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=24 * 3600)
-    assert proc.returncode == 0, proc.stderr
-    out = read_lines(tmp_path / "input.results.jsonl")
-    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
-    assert all(f"ok{i}" in r["response"]["body"]["choices"][0]["message"]["content"] for i, r in enumerate(out))
+    run_live_tiny_job("vertex", tmp_path, f"vertex/{model}", 3, 30, dict(os.environ), 24 * 3600)

@@ -36,6 +36,7 @@ from ._request import (
     stop_strings,
 )
 from ._request import BadRequest as _BadRequest  # by its local name: the token-counting code raises it too
+from ._responses import response_object
 
 if TYPE_CHECKING:
     from ._options import EchoOptions
@@ -472,41 +473,9 @@ class EchoEngine(Engine):
 
         text, output_tokens, cut = _generate(tok, reply, reply_tokens, max_output_tokens, ())
         _check_answer_size(len(text), "max_output_tokens", "the echoed input")
-        status = "incomplete" if cut else "completed"
-        out = {
-            "id": hex_id("resp_"),
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": status,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-            "instructions": instructions,
-            "max_output_tokens": max_output_tokens,
-            "model": model,
-            "output": [
-                {
-                    "type": "message",
-                    "id": hex_id("msg_"),
-                    "status": status,
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-                }
-            ],
-            "parallel_tool_calls": True,
-            "temperature": body.get("temperature", 1.0),
-            "tool_choice": "auto",
-            "tools": [],
-            "top_p": body.get("top_p", 1.0),
-            "metadata": body.get("metadata") or {},
-            "usage": {
-                "input_tokens": input_tokens,
-                # cache_write_tokens: newer openai SDKs declare it required in this object.
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                "output_tokens": output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": input_tokens + output_tokens,
-            },
-        }
+        # The same response object the model engines answer with (they echo the request's
+        # parameters back the same way).
+        out = response_object(body, text=text, cut=cut, input_tokens=input_tokens, output_tokens=output_tokens)
         return EngineResponse(200, out, Usage(input_tokens, output_tokens, 0, 0))
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from .._paths import llmbatch_home
 from ._export import ResultReader
 from ._records import Outcome
 from ._settings import JobSettings
-from ._store import JobStore
+from ._store import JobStore, write_tx
 
 if TYPE_CHECKING:
     from ._context import RunContext
@@ -219,17 +219,9 @@ class ResponseCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """One short write transaction: other jobs' processes wait for it at most the busy timeout."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        return write_tx(self._db, self._lock)
 
     # -- answers -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ caller thinks it is; intent (`uploading`, `creating`) is recorded before each re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sqlite3
@@ -120,6 +121,21 @@ def _marks(values: Sequence[object]) -> str:
     return ", ".join("?" * len(values))
 
 
+@contextmanager
+def write_tx(db: sqlite3.Connection, lock: contextlib.AbstractContextManager[Any]) -> Iterator[sqlite3.Connection]:
+    """One short write transaction (BEGIN IMMEDIATE ... COMMIT) on `db`, one thread at a time:
+    other processes on the same file wait for it at most their busy timeout. (The job store and
+    the response cache both use it.)"""
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
 class JobStore:
     """The SQLite file of one job; the only place that knows its SQL."""
 
@@ -202,17 +218,8 @@ class JobStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction (BEGIN IMMEDIATE ... COMMIT)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return write_tx(self._db, self._lock)
 
     def _event(self, db: sqlite3.Connection, kind: str, message: str, chunk_id: int | None = None) -> None:
         db.execute(

@@ -36,7 +36,15 @@ from typing import Any
 
 import orjson
 
-from ._chat import HTTP_STATUS_OF_ERROR, chat_completion, error_result, not_run_line, parse_data_url, result_line
+from ._chat import (
+    HTTP_STATUS_OF_ERROR,
+    NEUTRAL_PARAMS,
+    chat_completion,
+    error_result,
+    not_run_line,
+    parse_data_url,
+    result_line,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -66,19 +74,6 @@ _FINISH = {
 #: Error types `_chat.HTTP_STATUS_OF_ERROR` does not know.
 _MORE_ERROR_STATUS = {"conflict_error": 409, "memory_path_conflict_error": 409, "memory_precondition_failed_error": 412}
 
-#: Parameters that are fine at these values (OpenAI's defaults); any other value is refused.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "stream": (False,),
-    "logprobs": (False,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "store": (False,),
-    "logit_bias": ({},),
-    "metadata": ({},),
-    "modalities": (["text"],),
-    "service_tier": ("auto", "default"),
-}
 #: Why the parameters Anthropic has no counterpart for are refused.
 _NO_COUNTERPART = {
     "n": "Anthropic returns one choice per request",
@@ -139,7 +134,7 @@ def translate_request(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for key, value in body.items():
         if key in _TRANSLATED or value is None:
             continue
-        if key in _NEUTRAL and value in _NEUTRAL[key]:
+        if key in NEUTRAL_PARAMS and value in NEUTRAL_PARAMS[key]:
             continue
         if key in _NO_COUNTERPART:
             reasons.append(f"{key}={_short(value)}: {_NO_COUNTERPART[key]}")

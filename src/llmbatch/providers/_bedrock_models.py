@@ -37,7 +37,7 @@ from enum import StrEnum
 from typing import Any
 
 from ._anthropic_translate import Untranslatable, chat_completion_of, translate_request
-from ._chat import chat_completion, text_of
+from ._chat import NEUTRAL_PARAMS, chat_completion, text_of
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -67,21 +67,9 @@ _FAMILIES = (
     (re.compile(r"(^|[.:/])mistral\.(mistral|mixtral)"), Family.MISTRAL),
     (re.compile(r"(^|[.:/])amazon\.nova-(micro|lite|pro|premier|2-lite)"), Family.NOVA),
 )
-#: Parameters fine at these values (OpenAI's defaults); others are refused for the native families.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "stream": (False,),
-    "logprobs": (False,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "store": (False,),
-    "logit_bias": ({},),
-    "metadata": ({},),
-    "modalities": (["text"],),
-    "parallel_tool_calls": (True, False),
-    "service_tier": ("auto", "default"),
-    "response_format": ({"type": "text"},),
-}
+#: Parameters fine at these values; others are refused for the native families (which have no
+#: tools, so either parallel_tool_calls changes nothing).
+_NEUTRAL: dict[str, tuple[Any, ...]] = {**NEUTRAL_PARAMS, "parallel_tool_calls": (True, False)}
 _TAKEN = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _FINISH = {"stop": "stop", "length": "length", "end_turn": "stop", "stop_sequence": "stop",

@@ -21,6 +21,7 @@ import orjson
 
 __all__ = [
     "HTTP_STATUS_OF_ERROR",
+    "NEUTRAL_PARAMS",
     "chat_completion",
     "content_part_reasons",
     "error_body",
@@ -58,6 +59,21 @@ HTTP_STATUS_OF_ERROR = {
     "timeout_error": 504,
     "deadline_exceeded": 504,
     "overloaded_error": 529,
+}
+
+#: Chat parameters at values that change nothing (OpenAI's defaults): a provider without the
+#: parameter takes it at these values and refuses any other.
+NEUTRAL_PARAMS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "stream": (False,),
+    "logprobs": (False,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "store": (False,),
+    "logit_bias": ({},),
+    "metadata": ({},),
+    "modalities": (["text"],),
+    "service_tier": ("auto", "default"),
 }
 
 #: OpenAI's error type for a 4xx status, where the provider's error names none (other 4xx:

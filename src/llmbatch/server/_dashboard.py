@@ -79,25 +79,24 @@ async def static(name: str) -> Response:
 
 @router.get("/ui")
 async def batches_page(request: Request) -> Response:
-    who = _guarded(request)
-    if isinstance(who, Response):
-        return who
-    table = _batches_table(request, who)
-    if isinstance(table, Response):
-        return table
-    srv = server_state(request)
-    return _html(request, "server/batches.html", **_context(request, who), **table, engine=await engine_panel(srv))
+    return await _batches_view(request, "server/batches.html", engine=True)
 
 
 @router.get("/ui/fragments/batches")
 async def batches_fragment(request: Request) -> Response:
+    return await _batches_view(request, "server/_batches_table.html")
+
+
+async def _batches_view(request: Request, template: str, *, engine: bool = False) -> Response:
+    """The batches table: in the whole page (with the engine panel), or alone for the page's polling."""
     who = _guarded(request)
     if isinstance(who, Response):
         return who
     table = _batches_table(request, who)
     if isinstance(table, Response):
         return table
-    return _html(request, "server/_batches_table.html", **_context(request, who), **table)
+    panel = {"engine": await engine_panel(server_state(request))} if engine else {}
+    return _html(request, template, **_context(request, who), **table, **panel)
 
 
 @router.get("/ui/fragments/engine")

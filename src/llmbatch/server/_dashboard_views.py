@@ -106,15 +106,16 @@ async def engine_panel(srv: ServerState) -> dict[str, Any]:
     rates = srv.meter.rates
     series = rates.series()
     now = series[-1][0] if series else time.time()
-    chart = line_chart(
-        [
-            Series("tokens/s", "#2563eb", [(t - now, tok) for t, _, tok in series]),
-            Series("rows/s", "#16a34a", [(t - now, rows) for t, rows, _ in series]),
-        ],
-        height=150,
-        x_label="seconds, last 10 minutes",
-        title="Engine throughput",
-    )
+    # Rows/s and tokens/s differ by 100x or more: each gets its own axis, or one line is flat.
+    charts = [
+        line_chart(
+            [Series(label, color, [(t - now, point[i]) for t, *point in series])],
+            height=150,
+            x_label="seconds, last 10 minutes",
+            title=f"Engine {label}",
+        )
+        for i, (label, color) in enumerate([("rows/s", "#16a34a"), ("tokens/s", "#2563eb")])
+    ]
     return {
         "engine": srv.engine.name,
         "executor": srv.config.executor,
@@ -126,7 +127,7 @@ async def engine_panel(srv: ServerState) -> dict[str, Any]:
         "queued": srv.store.rows_pending() if srv.store is not None else 0,
         "rate_1m": rates.per_second(60),
         "rate_5m": rates.per_second(300),
-        "chart": chart,
+        "charts": charts,
         "replicas": health.get("replicas"),
         "uptime": time.time() - srv.started_at,
     }
