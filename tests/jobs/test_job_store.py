@@ -268,3 +268,17 @@ def test_result_reader_refuses_a_line_past_the_end_of_a_cut_file(store: JobStore
         assert reader.line(ResultRef(file, 0, 18)) == b'{"custom_id": "a"}'
         with pytest.raises(DamagedResults, match="cut short"):
             reader.line(ResultRef(file, 19, 18))
+
+
+def test_the_cache_is_asked_only_for_rows_still_with_the_jobs_own_provider(store: JobStore) -> None:
+    """A row moved to a fallback (lane 1) keeps the key of its request as the job's own provider
+    was sent it: an answer found under that key would be exported as the fallback's."""
+    db = sqlite3.connect(store.path)
+    try:
+        with db:
+            db.execute("UPDATE rows SET request_key = CAST(custom_id AS BLOB), sampled = 0")
+            db.execute("UPDATE rows SET lane = 1 WHERE idx IN (1, 3)")
+    finally:
+        db.close()
+    found = store.cache_candidates(-1, 100, sampled=False)
+    assert [idx for idx, _cid, _key in found] == [0, 2, 4]

@@ -365,7 +365,9 @@ def remember(ctx: RunContext, outcome: Outcome) -> int:
     The cache is a saving, not a duty: a failure to write it (a full disk, a lock held past the
     timeout) is said and the job goes on."""
     cache, store = ctx.cache, ctx.store
-    if cache is None or not outcome.succeeded:
+    if cache is None or not outcome.succeeded or ctx.lane:
+        # A fallback's answers: the rows' keys are their requests as the job's own provider was
+        # sent them, so they would be kept under another provider's request.
         return 0
     sampled = ctx.settings.cache == "all"
     keys = store.cache_keys([s.idx for s in outcome.succeeded])

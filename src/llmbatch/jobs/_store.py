@@ -431,10 +431,12 @@ class JobStore:
 
     def cache_candidates(self, after: int, limit: int, *, sampled: bool) -> list[tuple[int, str, bytes]]:
         """(idx, custom_id, request key) of pending rows past `after` that the cache may answer,
-        in input order, at most `limit` (rows whose answer is sampled only with `sampled`)."""
+        in input order, at most `limit` (rows whose answer is sampled only with `sampled`). Only
+        rows still with the job's own provider: a row moved to a fallback has its key as the job's
+        provider was sent it, and an answer found under it would be labelled as the fallback's."""
         return self._db.execute(
             "SELECT idx, custom_id, request_key FROM rows WHERE state='pending' AND request_key IS NOT NULL "
-            "AND (sampled = 0 OR ?) AND idx > ? ORDER BY idx LIMIT ?",
+            "AND lane = 0 AND (sampled = 0 OR ?) AND idx > ? ORDER BY idx LIMIT ?",
             (sampled, after, limit),
         ).fetchall()
 
