@@ -31,15 +31,16 @@ def clip(value: object, *, quote: bool = False, limit: int = ECHO_LIMIT) -> str:
     return f"{head!r} ({len(value)} characters)" if quote else f"{head} ({len(value)} characters)"
 
 
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '30m', '6h', '1.5d' -> seconds; a bare number is seconds."""
+def parse_duration(text: str, *, bare: str = "s") -> float:
+    """'90s', '30m', '6h', '1.5d', '2w' -> seconds; a bare number is in `bare` units."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _DURATION_UNITS:
-        raise ConfigError(f"invalid duration {text!r}: use seconds or a unit such as 90s, 30m, 6h, 1d")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    unit = (m.group(2).lower() or bare) if m else ""
+    if not m or unit not in _DURATION_UNITS:
+        raise ConfigError(f"invalid duration {text!r}: a number with s, m, h, d or w, such as 90s, 30m, 6h, 7d")
+    return float(m.group(1)) * _DURATION_UNITS[unit]
 
 
 def parse_size(text: str) -> int:

@@ -69,18 +69,22 @@ SIZE = _Size()
 
 
 class _Duration(click.ParamType):
-    """A duration in seconds, given as `90s`, `30m`, `6h`, `1d` or a bare number of seconds."""
+    """A duration in seconds, given as `90s`, `30m`, `6h`, `1d`, `2w` or a bare number in `bare`
+    units; `positive`: 0 is refused."""
 
     name = "duration"
+
+    def __init__(self, *, bare: str = "s", positive: bool = True) -> None:
+        self.bare, self.positive = bare, positive
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, (int, float)):
             return float(value)
         try:
-            seconds = parse_duration(str(value))
+            seconds = parse_duration(str(value), bare=self.bare)
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
-        if seconds <= 0:
+        if self.positive and seconds <= 0:
             self.fail(f"{value!r} is not a positive duration", param, ctx)
         return seconds
 
@@ -95,28 +99,8 @@ cache_path_option = click.option(
 )
 
 
-class _Age(click.ParamType):
-    """A duration as people write it: 30s, 45m, 12h, 7d, 2w (a bare number is days)."""
-
-    name = "age"
-    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        text = str(value).strip().lower()
-        unit = text[-1:] if text[-1:] in self._UNITS else "d"
-        number = text[:-1] if text[-1:] in self._UNITS else text
-        try:
-            seconds = float(number) * self._UNITS[unit]
-        except ValueError:
-            seconds = -1.0
-        if not seconds >= 0:
-            self.fail(f"{value!r} is not an age: a number with s, m, h, d or w (e.g. 7d)", param, ctx)
-        return seconds
-
-
-AGE = _Age()
+#: An age: a bare number is days (`jobs prune --older-than 7`), 0 allowed.
+AGE = _Duration(bare="d", positive=False)
 
 api_key_option = click.option(
     "--api-key", default=None, help="The provider's API key [env: the provider's, e.g. OPENAI_API_KEY]."
