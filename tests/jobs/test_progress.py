@@ -71,6 +71,7 @@ def test_live_line_moves_as_rows_finish_on_a_terminal(tmp_path: Path) -> None:
     assert any(0 < n < ROWS for n in seen), f"the live line never moved between 0 and {ROWS}: {sorted(set(seen))}"
     assert re.search(r"ETA \d+m\d\ds", text), "no ETA from the observed rate"
     assert "local: the echo engine answers every row" in text
+    assert "_progress.py" not in text  # rich's log would name its own source line beside messages
     assert len(read_lines(tmp_path / "input.results.jsonl")) == ROWS
 
 

@@ -96,7 +96,7 @@ class LiveProgress:
     """A live status block on a terminal; messages scroll above it."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)  # no "_progress.py:116" beside each message
         self._rate = _Rate()
         self._live = Live(Text("starting..."), console=self.console, refresh_per_second=4, transient=False)
         self._live.start()
