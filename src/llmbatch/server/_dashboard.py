@@ -67,6 +67,11 @@ def _context(request: Request, who: Viewer) -> dict[str, Any]:
     return {"who": who, "csrf": csrf_token(request, who)}
 
 
+def _error_page(request: Request, who: Viewer, exc: APIError) -> HTMLResponse:
+    """The API's refusal (a batch or file not found for this key, a bad CSRF token) as a page."""
+    return _html(request, "server/error.html", exc.status, message=str(exc), **_context(request, who))
+
+
 @router.get("/")
 async def root() -> Response:
     return RedirectResponse("/ui", status_code=307)
@@ -152,7 +157,7 @@ async def _batch(batch_id: str, request: Request, template: str) -> Response:
     try:
         b = srv.batch(batch_id, who.owner)
     except APIError as exc:
-        return _html(request, "server/error.html", exc.status, message=str(exc), **_context(request, who))
+        return _error_page(request, who, exc)
     return _html(
         request, template, **_context(request, who), view=BatchView(b), chart=batch_chart(srv, b),
         errors=error_lines(srv, b), files=_files_of(srv, b.input_file_id, b.output_file_id, b.error_file_id),
@@ -176,7 +181,7 @@ async def cancel(batch_id: str, request: Request) -> Response:
         check_csrf(request, who, token if isinstance(token, str) else None)
         _batches.cancel(server_state(request), batch_id, who.owner)
     except APIError as exc:
-        return _html(request, "server/error.html", exc.status, message=str(exc), **_context(request, who))
+        return _error_page(request, who, exc)
     return RedirectResponse(f"/ui/batches/{quote(batch_id)}", status_code=303)
 
 
@@ -189,7 +194,7 @@ async def download(file_id: str, request: Request) -> Response:
     try:
         f = srv.file(file_id, who.owner)
     except APIError as exc:
-        return _html(request, "server/error.html", exc.status, message=str(exc), **_context(request, who))
+        return _error_page(request, who, exc)
     return _FileResponse(files_dir(srv.config) / f.id, media_type="application/octet-stream", filename=f.filename)
 
 
@@ -231,7 +236,7 @@ async def logout(request: Request) -> Response:
     try:
         check_csrf(request, who, token if isinstance(token, str) else None)
     except APIError as exc:
-        return _html(request, "server/error.html", exc.status, message=str(exc), **_context(request, who))
+        return _error_page(request, who, exc)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response
