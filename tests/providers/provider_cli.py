@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -101,6 +102,55 @@ async def run_batch(p: Provider, tmp_path: Path, path: Path, endpoint: str = CHA
         if file_id:
             await p.download(file_id, tmp_path / name)
     return statuses
+
+
+@dataclass
+class Lifecycle:
+    """What `lifecycle` saw: the upload's id, the ended batch, the batch found by its tag after
+    the create, each status as seen (the create's first), and the job's batches listed."""
+
+    file_id: str
+    batch: RemoteBatch
+    found: RemoteBatch | None
+    statuses: list[RemoteStatus]
+    listed: list[RemoteBatch]
+
+
+async def lifecycle(p: Provider, tag: str, job: str, chunk: Path, out: Path) -> Lifecycle:
+    """One chunk through an object-store adapter (Bedrock's, Vertex's): upload; its lookups
+    before and after the create (another tag finds nothing); polls until it ends; downloads its
+    results to `out`; lists the job's batches; deletes the upload."""
+    since = int(time.time())
+    file_id = await p.upload(tag, chunk)
+    assert await p.find_upload(tag, since) == file_id
+    assert await p.find_upload(f"{job}-c00002", since) is None
+    assert await p.find_batch(tag, since, file_id) is None
+    b = await p.create_batch(tag, job, file_id, CHAT)
+    found = await p.find_batch(tag, since, file_id)
+    statuses = [b.status]
+    for _ in range(10):
+        b = await p.get_batch(b.id)
+        statuses.append(b.status)
+        if b.status.terminal:
+            break
+    assert b.output_file_id is not None
+    await p.download(b.output_file_id, out)
+    listed = await p.list_job_batches(job, since)
+    await p.delete_file(file_id)
+    return Lifecycle(file_id, b, found, statuses, listed)
+
+
+def assert_echoed_but_row_5(out: list[dict[str, Any]], rows: list[dict[str, Any]], prompt_tokens: int) -> None:
+    """Every row came back once; row-5 (sent as "refuse FAIL400") as its 400, the others as the
+    fakes' "hello N" answers with `prompt_tokens` counted."""
+    assert sorted(r["custom_id"] for r in out) == sorted(r["custom_id"] for r in rows)
+    for rec in out:
+        if rec["custom_id"] == "row-5":
+            assert rec["response"]["status_code"] == 400 and "FAIL400" in rec["response"]["body"]["error"]["message"]
+        else:
+            n = rec["custom_id"].split("-")[1]
+            assert rec["response"]["body"]["choices"][0]["message"]["content"] == f"hello {n}"
+            assert rec["response"]["body"]["usage"]["prompt_tokens"] == prompt_tokens
 
 
 def read_shuffled_output(path: Path) -> list[dict[str, Any]]:

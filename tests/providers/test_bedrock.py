@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,12 @@ from fakes._serve import serve_app
 from fakes.bedrock import ROLE_ARN, FakeBedrock, bedrock_fake
 from provider_cli import (
     CLI,
+    assert_echoed_but_row_5,
     assert_one_remote_per_chunk,
     check_killed_job,
     chunk_sizes,
     job_query,
+    lifecycle,
     model_run_cmd,
     read_lines,
     run_live_tiny_job,
@@ -220,49 +221,25 @@ def test_job_lifecycle_results_and_lookups(served: tuple[str, FakeBedrock], tmp_
     chunk.write_bytes(jsonl(rows))
     p = provider(url)
 
-    async def scenario() -> tuple[Any, ...]:
-        since = int(time.time())
-        file_id = await p.upload(TAG, chunk)
-        assert await p.find_upload(TAG, since) == file_id
-        assert await p.find_upload("job_0123456789abcdef-c00002", since) is None
-        assert await p.find_batch(TAG, since, file_id) is None
-        b = await p.create_batch(TAG, "job_0123456789abcdef", file_id, CHAT)
-        found = await p.find_batch(TAG, since, file_id)
-        statuses = [b.status]
-        for _ in range(10):
-            b = await p.get_batch(b.id)
-            statuses.append(b.status)
-            if b.status.terminal:
-                break
-        assert b.output_file_id is not None
-        await p.download(b.output_file_id, tmp_path / "out.jsonl")
-        listed = await p.list_job_batches("job_0123456789abcdef", since)
-        await p.delete_file(file_id)
-        return file_id, b, found, statuses, listed
-
     try:
-        file_id, b, found, statuses, listed = asyncio.run(scenario())
+        lc = asyncio.run(lifecycle(p, TAG, "job_0123456789abcdef", chunk, tmp_path / "out.jsonl"))
     finally:
         asyncio.run(p.aclose())
-    assert file_id == f"{S3}/{TAG}/{TAG}.jsonl"
-    assert found is not None and found.id == b.id
+    b = lc.batch
+    assert lc.file_id == f"{S3}/{TAG}/{TAG}.jsonl"
+    assert lc.found is not None and lc.found.id == b.id
     # Submitted at create (its first poll: Validating), then Scheduled, then ended.
-    assert statuses == [RemoteStatus.VALIDATING, RemoteStatus.IN_PROGRESS, RemoteStatus.COMPLETED]
+    assert lc.statuses == [RemoteStatus.VALIDATING, RemoteStatus.IN_PROGRESS, RemoteStatus.COMPLETED]
     (job,) = fake.jobs.values()
     assert (job.name, job.token, job.model, job.role) == (job_name(TAG), job_name(TAG), MODEL, ROLE_ARN)
     assert job.output_uri == f"{S3}/{TAG}/output/" and job.timeout_hours == 24
     assert job.status == "PartiallyCompleted" and (b.total, b.completed, b.failed) == (8, 7, 1)
     out = read_lines(tmp_path / "out.jsonl")
-    assert sorted(r["custom_id"] for r in out) == sorted(r["custom_id"] for r in rows)
+    assert_echoed_but_row_5(out, rows, prompt_tokens=2)
     for rec in out:
-        if rec["custom_id"] == "row-5":
-            assert rec["response"]["status_code"] == 400 and "FAIL400" in rec["response"]["body"]["error"]["message"]
-        else:
-            n = rec["custom_id"].split("-")[1]
-            assert rec["response"]["body"]["choices"][0]["message"]["content"] == f"hello {n}"
-            assert rec["response"]["body"]["usage"]["prompt_tokens"] == 2
+        if rec["custom_id"] != "row-5":
             assert "modelOutput" in rec["native"] and "modelInput" not in rec["native"]
-    assert [(r.id, r.metadata) for r in listed] == [(b.id, {"llmbatch_chunk": TAG})]
+    assert [(r.id, r.metadata) for r in lc.listed] == [(b.id, {"llmbatch_chunk": TAG})]
     assert ("llmbatch-test", f"runs/a/{TAG}/{TAG}.jsonl") not in fake.objects
 
 

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,12 @@ from fakes._serve import serve_app
 from fakes.vertex import LOCATION, PROJECT, FakeVertex, service_account_file, vertex_fake
 from provider_cli import (
     CLI,
+    Lifecycle,
+    assert_echoed_but_row_5,
     assert_one_remote_per_chunk,
     check_killed_job,
     job_query,
+    lifecycle,
     model_run_cmd,
     read_lines,
     run_live_tiny_job,
@@ -156,35 +158,20 @@ def test_job_lifecycle_results_and_lookups(served: tuple[str, FakeVertex], tmp_p
     chunk.write_bytes(jsonl(rows))
     p = provider(url)
 
-    async def scenario() -> tuple[Any, ...]:
-        since = int(time.time())
-        file_id = await p.upload(TAG, chunk)
-        assert await p.find_upload(TAG, since) == file_id
-        assert await p.find_upload(f"{JOB}-c00002", since) is None
-        assert await p.find_batch(TAG, since, file_id) is None
-        b = await p.create_batch(TAG, JOB, file_id, CHAT)
-        found = await p.find_batch(TAG, since, file_id)
-        statuses = [b.status]
-        for _ in range(10):
-            b = await p.get_batch(b.id)
-            statuses.append(b.status)
-            if b.status.terminal:
-                break
-        assert b.output_file_id is not None
-        await p.download(b.output_file_id, tmp_path / "out.jsonl")
-        listed = await p.list_job_batches(JOB, since)
-        await p.delete_file(file_id)
-        await p.delete_file(file_id)  # gone already: no error
-        return file_id, b, found, statuses, listed
+    async def scenario() -> Lifecycle:
+        lc = await lifecycle(p, TAG, JOB, chunk, tmp_path / "out.jsonl")
+        await p.delete_file(lc.file_id)  # gone already: no error
+        return lc
 
     try:
-        file_id, b, found, statuses, listed = asyncio.run(scenario())
+        lc = asyncio.run(scenario())
     finally:
         asyncio.run(p.aclose())
-    assert file_id == f"{GCS}/{TAG}/input.jsonl"
-    assert found is not None and found.id == b.id
+    b = lc.batch
+    assert lc.file_id == f"{GCS}/{TAG}/input.jsonl"
+    assert lc.found is not None and lc.found.id == b.id
     assert b.id.startswith(f"projects/{PROJECT}/locations/{LOCATION}/batchPredictionJobs/")
-    assert statuses == [
+    assert lc.statuses == [
         RemoteStatus.VALIDATING,
         RemoteStatus.IN_PROGRESS,
         RemoteStatus.IN_PROGRESS,
@@ -195,16 +182,8 @@ def test_job_lifecycle_results_and_lookups(served: tuple[str, FakeVertex], tmp_p
     assert job.labels == {"llmbatch_chunk": TAG, "llmbatch_job": JOB}
     assert job.output_prefix == f"{GCS}/{TAG}/output"
     assert (b.total, b.completed, b.failed) == (8, 7, 1)
-    out = read_lines(tmp_path / "out.jsonl")
-    assert sorted(r["custom_id"] for r in out) == sorted(r["custom_id"] for r in rows)
-    for rec in out:
-        if rec["custom_id"] == "row-5":
-            assert rec["response"]["status_code"] == 400 and "FAIL400" in rec["response"]["body"]["error"]["message"]
-        else:
-            n = rec["custom_id"].split("-")[1]
-            assert rec["response"]["body"]["choices"][0]["message"]["content"] == f"hello {n}"
-            assert rec["response"]["body"]["usage"]["prompt_tokens"] == 3
-    assert [(r.id, r.metadata[TAG_KEY_NAME]) for r in listed] == [(b.id, TAG)]
+    assert_echoed_but_row_5(read_lines(tmp_path / "out.jsonl"), rows, prompt_tokens=3)
+    assert [(r.id, r.metadata[TAG_KEY_NAME]) for r in lc.listed] == [(b.id, TAG)]
     assert ("llmbatch-test", f"runs/a/{TAG}/input.jsonl") not in fake.objects
     # Every call went to v1 on the fake with the token google-auth got from it.
     assert any(
