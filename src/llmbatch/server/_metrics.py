@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..engines import Engine, EngineRequest, EngineResponse
+from ._eta import Throughput
 from ._history import RateWindow
 
 if TYPE_CHECKING:
@@ -84,16 +86,26 @@ class EngineMeter:
         self.rates = RateWindow()
         #: Requests in the engine now, by source (what the dashboard shows).
         self.in_flight: Tally[str] = Tally()
+        #: Output tokens per second of busy time, by source (the estimate of a long batch's time).
+        self.throughput: defaultdict[str, Throughput] = defaultdict(Throughput)
 
     async def handle(self, engine: Engine, source: str, request: EngineRequest) -> EngineResponse:
         """`engine.handle(request)`, counted and timed."""
         t0 = time.perf_counter()
-        with self.busy(source):
-            try:
-                resp = await engine.handle(request)
-            except BaseException:
-                self.requests.labels(source, request.endpoint, "500").inc()
-                raise
+        throughput = self.throughput[source]
+        throughput.begin()
+        resp: EngineResponse | None = None
+        try:
+            with self.busy(source):
+                try:
+                    resp = await engine.handle(request)
+                except BaseException:
+                    self.requests.labels(source, request.endpoint, "500").inc()
+                    raise
+        finally:
+            usage = resp.usage if resp is not None and resp.ok else None
+            throughput.end(usage.output_tokens if usage is not None else None)
+        assert resp is not None  # handle returned (an exception went up above)
         self.record(source, request.endpoint, resp, time.perf_counter() - t0)
         return resp
 

@@ -41,7 +41,7 @@ from .._exceptions import StateError
 from ..engines import Engine, EngineRequest, EngineResponse, error_body
 from ._config import ServerConfig
 from ._disk import Backoff, free_bytes, is_disk_full
-from ._eta import OutputBudget, Throughput, estimate_line
+from ._eta import OutputBudget, estimate_line
 from ._fair import EngineSlots, Share, admit
 from ._history import ProgressHistory
 from ._ids import new_id
@@ -150,8 +150,6 @@ class BatchWorker:
         self._backoff = Backoff()
         self._retry: dict[str, _Retry] = {}
         self._tick_backoff = Backoff()
-        #: The engine's measured output tokens/s, for the estimate of a long batch's time.
-        self._throughput = Throughput()
         #: time.time() of the last write that failed for a full disk, until one succeeds.
         self.disk_full_since: float | None = None
 
@@ -363,11 +361,11 @@ class BatchWorker:
         """Logs once how long the batch's rows will take, when a rate is known and it is long."""
         if run.budget is None or run.eta_said:
             return
-        line = estimate_line(batch_id, run.budget, rows_left, self._throughput)
+        line = estimate_line(batch_id, run.budget, rows_left, self.meter.throughput["batch"])
         if line is not None:
             log.info(line)
             run.eta_said = True
-        elif self._throughput.tokens_per_second() is not None:
+        elif self.meter.throughput["batch"].tokens_per_second() is not None:
             run.eta_said = True  # measured, and short: nothing to say, now or later
 
     # -- running -------------------------------------------------------------------------
@@ -452,14 +450,7 @@ class BatchWorker:
                 obj = orjson.loads(raw)
                 custom_id = obj["custom_id"]
                 request = EngineRequest(endpoint, obj["body"], custom_id, len(raw))
-                self._throughput.begin()
-                answer: EngineResponse | None = None
-                try:
-                    answer = await self.meter.handle(self.engine, "batch", request)
-                finally:
-                    usage = answer.usage if answer is not None and answer.ok else None
-                    self._throughput.end(usage.output_tokens if usage is not None else None)
-                resp = answer
+                resp = await self.meter.handle(self.engine, "batch", request)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug fails its row, never the batch
