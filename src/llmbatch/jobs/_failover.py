@@ -27,7 +27,7 @@ from ..providers import Provider, RemoteStatus, provider_class
 from ._context import RunContext
 from ._ingest import remote_id_for
 from ._outgoing import RequestLines
-from ._settings import JobSettings
+from ._settings import PROVIDER_OPTIONS, JobSettings
 from ._store import JobStore
 
 __all__ = ["Lane", "check_lanes", "cut_overdue", "lane_settings", "move_failed"]
@@ -53,7 +53,7 @@ def lane_settings(settings: JobSettings, lane: int) -> JobSettings:
         return settings
     provider, model = settings.lane_provider(lane)
     same = provider == settings.provider
-    keep = {"base_url", "api_version", "s3_uri", "role_arn", "gcs_uri"}
+    keep = {"base_url", *PROVIDER_OPTIONS}
     return settings.model_copy(
         update={
             "provider": provider, "model": model, "engine": "echo", "engine_options": {}, "price_as": None,

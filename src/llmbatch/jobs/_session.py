@@ -36,7 +36,7 @@ from ._lock import JobLock, lock_held
 from ._progress import LiveProgress, PlainProgress
 from ._records import Chunk
 from ._runner import JobRunner, RunOutcome
-from ._settings import JobSettings
+from ._settings import PROVIDER_OPTIONS, JobSettings
 from ._store import JobStore
 
 __all__ = [
@@ -133,13 +133,7 @@ def make_provider(settings: JobSettings, job_dir: Path, api_key: str | None = No
     """The provider a job runs on. Keys come from the argument, then the provider's environment
     variable. On the local provider with the openai engine, the key is the one sent upstream
     (default LLMBATCH_UPSTREAM_API_KEY): keys are never stored with a job."""
-    given = {
-        "api_version": settings.api_version,
-        "s3_uri": settings.s3_uri,
-        "role_arn": settings.role_arn,
-        "gcs_uri": settings.gcs_uri,
-    }
-    options = {k: v for k, v in given.items() if v}
+    options = {k: v for k in PROVIDER_OPTIONS if (v := getattr(settings, k))}
     engine_config = settings.local_engine_options()
     if settings.provider == "local" and settings.engine == "openai":
         upstream_key = api_key or os.environ.get("LLMBATCH_UPSTREAM_API_KEY")

@@ -9,7 +9,10 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .._exceptions import ConfigError
 
-__all__ = ["JobSettings"]
+__all__ = ["JobSettings", "PROVIDER_OPTIONS"]
+
+#: Settings passed to the provider's adapter as they are, where given (one provider reads each).
+PROVIDER_OPTIONS = ("api_version", "s3_uri", "role_arn", "gcs_uri")
 
 
 class JobSettings(BaseModel):
