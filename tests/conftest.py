@@ -318,6 +318,33 @@ def until(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> An
         time.sleep(0.1)
 
 
+def page_text(browser: Any, css: str) -> str | None:
+    """The text of the element `css` selects, or None while it is missing or htmx is swapping it
+    out (a poll through `until` reads it again next time instead of failing on a stale element)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return browser.find_element(By.CSS_SELECTOR, css).text  # type: ignore[no-any-return]
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
+def click(browser: Any, by: str, value: str) -> None:
+    """Clicks the element once it is there, finding it again if htmx swapped it out between
+    finding and clicking (a refreshed table or header replaces its elements every few seconds)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            browser.find_element(by, value).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    until(attempt, what=f"{value} to click")
+
+
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     """A headless Chromium (Debian's `chromium` + `chromium-driver`, through Selenium) that saves

@@ -9,21 +9,16 @@ import sys
 
 import pytest
 
-from conftest import ARTIFACTS, DashboardProc, chat_line, dashboard_env, jsonl, until
+from conftest import ARTIFACTS, DashboardProc, chat_line, click, dashboard_env, jsonl, page_text, until
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]  # one Chromium at a time
 
 
 def test_jobs_dashboard_in_a_browser(server_factory, browser, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     def text(css: str) -> str | None:
-        """The element's text, or None while htmx is swapping it out (read again next time)."""
-        try:
-            return browser.find_element(By.CSS_SELECTOR, css).text  # type: ignore[no-any-return]
-        except (NoSuchElementException, StaleElementReferenceException):
-            return None
+        return page_text(browser, css)
 
     server = server_factory("--echo-latency", "0.05", "--max-concurrency", "2", "--echo-fail-rate", "0.05")
     home = tmp_path / "home"
@@ -52,7 +47,7 @@ def test_jobs_dashboard_in_a_browser(server_factory, browser, tmp_path) -> None:
         assert until(lambda: text(f"#job-{job} .status")) == "running"
         browser.save_screenshot(str(ARTIFACTS / "jobs-list.png"))
 
-        browser.find_element(By.LINK_TEXT, job).click()
+        click(browser, By.LINK_TEXT, job)
         until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "svg.chart path")) >= 2, what="the job's charts")
         assert until(lambda: text("#cmd-resume")) == f"llmbatch resume {job}"
         assert until(lambda: text("#cmd-cancel")) == f"llmbatch cancel {job}"

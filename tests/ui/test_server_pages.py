@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARTIFACTS, chat_line, jsonl, run_batch, until, upload, wait_batch
+from conftest import ARTIFACTS, chat_line, click, jsonl, page_text, run_batch, until, upload, wait_batch
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]  # one Chromium at a time
 
@@ -34,17 +34,17 @@ def test_dashboard_in_a_browser(server_factory, browser) -> None:  # type: ignor
     # Progress moves without a reload: htmx swaps the table; a marker set on the page survives.
     browser.execute_script("window.__notReloaded = true")
     cell = f"#row-{running.id} .progress-text"
-    first = browser.find_element(By.CSS_SELECTOR, cell).text
-    until(lambda: browser.find_element(By.CSS_SELECTOR, cell).text != first, what=f"progress past {first!r}")
+    first = until(lambda: page_text(browser, cell), what="the progress cell")
+    until(lambda: page_text(browser, cell) not in (None, first), what=f"progress past {first!r}")
     assert browser.execute_script("return window.__notReloaded") is True
     browser.save_screenshot(str(ARTIFACTS / "server-batches.png"))
 
-    browser.find_element(By.LINK_TEXT, running.id).click()
+    click(browser, By.LINK_TEXT, running.id)
     until(lambda: browser.find_elements(By.CSS_SELECTOR, "svg.chart path"), what="the batch's chart")
     status = "#batch h1 .status"
-    until(lambda: browser.find_element(By.CSS_SELECTOR, status).text == "completed", what="completed on the page")
+    until(lambda: page_text(browser, status) == "completed", what="completed on the page")
     browser.save_screenshot(str(ARTIFACTS / "server-batch.png"))
-    browser.find_element(By.ID, "file-output").click()
+    click(browser, By.ID, "file-output")
     name = f"batch_{running.id}_output.jsonl"
     saved = until(lambda: (browser.downloads / name).is_file() and (browser.downloads / name), what="the download")
     output = a.files.content(a.batches.retrieve(running.id).output_file_id).content
@@ -54,9 +54,9 @@ def test_dashboard_in_a_browser(server_factory, browser) -> None:  # type: ignor
     f = upload(a, jsonl([chat_line(i) for i in range(400)]))
     doomed = a.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     browser.get(f"{base}/ui/batches/{doomed.id}")
-    browser.find_element(By.ID, "cancel").click()
+    click(browser, By.ID, "cancel")
     browser.switch_to.alert.accept()
-    until(lambda: browser.find_element(By.CSS_SELECTOR, status).text in ("cancelling", "cancelled"), what="cancel")
+    until(lambda: page_text(browser, status) in ("cancelling", "cancelled"), what="cancel")
     assert wait_batch(a, doomed.id).status == "cancelled"
     until(lambda: browser.find_elements(By.ID, "errors"), what="the error lines of the cancelled rows")
     browser.save_screenshot(str(ARTIFACTS / "server-batch-cancelled.png"))
