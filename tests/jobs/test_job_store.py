@@ -6,10 +6,12 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from llmbatch._exceptions import DamagedResults, StateError
-from llmbatch.jobs import CheckedRow, JobStore, ResultReader, ResultRef
+from llmbatch.jobs import CheckedRow, JobStore, ResponseCache, ResultReader, ResultRef
+from llmbatch.jobs._cache import Entry, answer_from_cache, keep_answers
 from llmbatch.jobs._export import _OPEN_MAPS
 from llmbatch.jobs._records import Failure, InputRow, Outcome, Retry, Success
 
@@ -270,15 +272,62 @@ def test_result_reader_refuses_a_line_past_the_end_of_a_cut_file(store: JobStore
             reader.line(ResultRef(file, 19, 18))
 
 
-def test_the_cache_is_asked_only_for_rows_still_with_the_jobs_own_provider(store: JobStore) -> None:
-    """A row moved to a fallback (lane 1) keeps the key of its request as the job's own provider
-    was sent it: an answer found under that key would be exported as the fallback's."""
+def _cached(store: JobStore, cache: ResponseCache, answered: list[int]) -> None:
+    """Gives rows their custom_ids as request keys and keeps an answer in `cache` for rows `answered`."""
     db = sqlite3.connect(store.path)
     try:
         with db:
             db.execute("UPDATE rows SET request_key = CAST(custom_id AS BLOB), sampled = 0")
+    finally:
+        db.close()
+    record = {"response": {"status_code": 200, "body": {"answer": "é"}}, "error": None}
+    cache.store(
+        "s", [Entry(f"row-{i}".encode(), CHAT, MODEL, orjson.dumps(record), 3, 4, 0, 0, 0.25) for i in answered]
+    )
+
+
+def test_the_cache_answers_only_rows_still_with_the_jobs_own_provider(store: JobStore, tmp_path: Path) -> None:
+    """A row moved to a fallback (lane 1) keeps the key of its request as the job's own provider
+    was sent it: an answer found under that key would be exported as the fallback's. The answers
+    taken read back as the rows' own lines, under their custom_ids, marked cached."""
+    db = sqlite3.connect(store.path)
+    try:
+        with db:
             db.execute("UPDATE rows SET lane = 1 WHERE idx IN (1, 3)")
     finally:
         db.close()
-    found = store.cache_candidates(-1, 100, sampled=False)
-    assert [idx for idx, _cid, _key in found] == [0, 2, 4]
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        _cached(store, cache, [0, 1, 2, 3, 4])
+        assert answer_from_cache(store, cache, "s", sampled=False) == (3, 0.75)
+        assert answer_from_cache(store, cache, "other scope", sampled=False) == (0, 0.75)
+        assert store.outcomes(["row-0"]) == []  # answered, but not readable before its record is copied in
+        assert keep_answers(store, cache) == 0
+        assert cache.stats().hits == 3
+    assert [state for state, *_ in rows(store).values()] == [
+        "succeeded",
+        "pending",
+        "succeeded",
+        "pending",
+        "succeeded",
+    ]
+    with ResultReader(store) as reader:
+        lines = {cid: orjson.loads(reader.line(result)) for cid, _s, result, _e in store.outcomes(["row-0", "row-4"])}
+    want = {"id": None, "cached": True, "response": {"status_code": 200, "body": {"answer": "é"}}, "error": None}
+    assert lines == {cid: {**want, "custom_id": cid} for cid in ("row-0", "row-4")}
+    assert store.from_cache() == (3, 0.75)
+
+
+def test_an_answer_gone_from_the_cache_before_it_is_copied_sends_its_row(store: JobStore, tmp_path: Path) -> None:
+    """Between a row taking an answer and its record being copied in (a run killed there, or
+    another job's eviction), the answer may go: the row goes back to pending, to be sent."""
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:
+        _cached(store, cache, [0, 1, 2])
+        assert answer_from_cache(store, cache, "s", sampled=False)[0] == 3
+        assert cache.clear() == 3
+        assert keep_answers(store, cache) == 3
+    assert {state for state, *_ in rows(store).values()} == {"pending"}
+    assert store.from_cache() == (0, 0.0)
+    with ResponseCache(tmp_path / "cache.sqlite") as cache:  # the job resumed without --cache
+        _cached(store, cache, [0, 1])
+        assert answer_from_cache(store, cache, "s", sampled=False)[0] == 2
+    assert keep_answers(store, None) == 2 and store.pending_count() == 5

@@ -112,3 +112,36 @@ def test_a_file_left_empty_by_a_crash_gets_the_schema(tmp_path: Path) -> None:
         assert store.job() is None and store.schema_version() == SCHEMA_VERSION
     finally:
         store.close()
+
+
+def test_rows_answered_from_the_cache_before_version_7_keep_their_lines(tmp_path: Path) -> None:
+    """Version 6 kept a cached row's whole line; version 7 keeps the cache's compressed record and
+    makes the line when it is read. The migration turns one into the other: the line reads the same."""
+    from llmbatch.jobs import CheckedRow, ResultReader
+    from llmbatch.jobs._records import InputRow
+
+    path = tmp_path / "job.sqlite"
+    store = JobStore(path)
+    store.create_job("job_v6", [{"path": str(tmp_path / "in.jsonl"), "size": 1, "mtime_ns": 1}], {"provider": "local"})
+    checked = CheckedRow("row-0", None, 0, "/v1/chat/completions", "m", 10, 20, 0, "pending", None)
+    store.insert_checked([InputRow.of(0, 0, 1, 0, 99, checked)], ["in.jsonl"])
+    store.close()
+    line = (
+        b'{"id":null,"custom_id":"row-0","cached":true,'
+        b'"response":{"status_code":200,"body":{"a":"\xc3\xa9"}},"error":null}'
+    )
+    db = sqlite3.connect(path)
+    with db:  # the row as version 6 left it
+        db.execute("UPDATE rows SET state='succeeded', from_cache=1, saved_cost=0.5, result=?", (line,))
+        db.execute("ALTER TABLE rows DROP COLUMN answer")
+        db.execute("PRAGMA user_version = 6")
+    db.close()
+    store = JobStore(path)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        with ResultReader(store) as reader:
+            ((cid, state, result, _error),) = store.outcomes(["row-0"])
+            assert (cid, state) == ("row-0", "succeeded") and orjson.loads(reader.line(result)) == orjson.loads(line)
+        assert store.from_cache() == (1, 0.5)
+    finally:
+        store.close()

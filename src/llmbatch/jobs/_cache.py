@@ -12,9 +12,13 @@ short `BEGIN IMMEDIATE` transaction). An answer is found by two things:
 What is kept is the answer's result record without its `id` and `custom_id` (they belong to
 the row that asked), zlib-compressed, with the usage and cost it was paid for. Copies, not
 references to the job's result files: those go when a job is removed (`llmbatch jobs rm`), and
-an answer of ~1 KB compresses to ~400 bytes. The file is bounded (`--cache-max-size`): past
-it, the answers used least recently are deleted until it is 10% under, and the space freed is
-given back to the file system (incremental vacuum).
+an answer of ~1 KB compresses to ~400 bytes. A job that takes answers copies them into its own
+store as they are kept (compressed; made into lines when its results are read), in two SQL
+statements with the cache attached: first each row points at its answer (before planning),
+then, once the first batch is on its way, the records are copied and the answers marked used.
+
+The file is bounded (`--cache-max-size`): past it, the answers used least recently are deleted
+until it is 10% under, and the space freed is given back to the file system (incremental vacuum).
 
 Only answers that do not depend on chance are kept by default (`deterministic`: temperature 0,
 or a seed, or an endpoint that does not sample): reusing a sampled answer would make a re-run
@@ -23,6 +27,7 @@ look reproducible when it was one draw. `all` keeps sampled ones too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -52,6 +57,7 @@ __all__ = [
     "Hit",
     "ResponseCache",
     "answer_from_cache",
+    "keep_answers",
     "cache_scope",
     "default_cache_path",
     "remember",
@@ -68,8 +74,8 @@ _EVICT_TO = 0.9
 #: An answer used again within this many seconds of its last use is not marked again: LRU to
 #: the hour, where marking each use would rewrite 100,000 rows on a re-run of 100,000.
 _TOUCH_AFTER = 3600.0
-#: Keys asked of SQLite per query; rows read from the job store per page.
-_PART, _PAGE = 500, 5000
+#: Keys asked of SQLite per query (`lookup`).
+_PART = 500
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE answers (
@@ -327,34 +333,73 @@ class ResponseCache:
 # -- a job's side ------------------------------------------------------------------------
 
 
-def cached_line(custom_id: str, record: bytes) -> bytes:
-    """A row's result line made from a kept record: under the row's own custom_id, marked
-    `"cached": true`, with no id (the export gives it one derived from the job and the row).
-    Put together as bytes: a re-run may take 100,000 answers from the cache."""
-    return b'{"id":null,"custom_id":' + orjson.dumps(custom_id) + b',"cached":true,' + record[1:]
+#: Rows answered from the cache whose record is not copied in yet.
+_WAITING = "FROM main.rows WHERE from_cache=1 AND result IS NULL"
+
+
+@contextlib.contextmanager
+def _with_cache(store: JobStore, cache: ResponseCache | None) -> Iterator[sqlite3.Connection]:
+    """The job's store with the cache (if any) attached as `cache`, on a connection of its own
+    (the store's connection is shared by the job's threads; an ATTACH there would change what
+    their statements see). Answers move between the two in SQL, not a row at a time through
+    Python: 100,000 of them in well under a second."""
+    db = sqlite3.connect(store.path, isolation_level=None, timeout=30)
+    try:
+        if cache is not None:
+            db.execute("ATTACH DATABASE ? AS cache", (str(cache.path),))
+        yield db
+    finally:
+        db.close()
 
 
 def answer_from_cache(store: JobStore, cache: ResponseCache, scope: str, *, sampled: bool) -> tuple[int, float]:
-    """Looks every pending row up in the cache and records those it answers as succeeded, a
-    page at a time, each page in one transaction, before anything is planned: a run killed
-    after the lookup finds them answered, or looks them up again, and never sends them.
+    """Answers every pending row of the job's own provider that the cache holds an answer for
+    (in `scope`; sampled rows only with `sampled`), in one statement, before anything is
+    planned: each such row is succeeded, `from_cache`, and points at its answer (`rows.answer`),
+    whose record `keep_answers` copies in once the job's first batch is on its way. A run killed
+    in between finds the rows answered and copies the records then; none of them is ever sent.
 
-    Returns (rows answered, what their answers cost when they were paid for)."""
-    answered, saved, after = 0, 0.0, -1
-    while True:
-        page = store.cache_candidates(after, _PAGE, sampled=sampled)
-        if not page:
-            return answered, saved
-        after = page[-1][0]
-        hits = cache.lookup(scope, list({key for _idx, _cid, key in page}))
-        answers = [
-            (cached_line(cid, hit.record), hit.cost, idx)
-            for idx, cid, key in page
-            if (hit := hits.get(key)) is not None
-        ]
-        if answers:
-            answered += store.answer_from_cache(answers)
-            saved += sum(a[1] for a in answers)
+    Rows moved to a fallback are not looked up: their keys are their requests as the job's own
+    provider was sent them, and an answer found under one would be labelled as the fallback's.
+
+    Returns (rows answered now, what their answers cost when they were paid for)."""
+    with _with_cache(store, cache) as conn, write_tx(conn, contextlib.nullcontext()) as db:
+        n = db.execute(
+            "UPDATE rows SET state='succeeded', from_cache=1, answer=a.id, saved_cost=a.cost, error=NULL "
+            "FROM cache.answers a WHERE a.scope=? AND a.key=rows.request_key AND rows.state='pending' "
+            "AND rows.lane=0 AND (rows.sampled=0 OR ?)",
+            (scope, sampled),
+        ).rowcount
+        return n, float(db.execute(f"SELECT COALESCE(SUM(saved_cost), 0) {_WAITING}").fetchone()[0])
+
+
+def keep_answers(store: JobStore, cache: ResponseCache | None) -> int:
+    """Copies the records of the answers rows took from the cache (`answer_from_cache`) into the
+    job's store, so that its results no longer depend on the cache, and marks those answers used
+    (LRU, to the hour). A row whose answer has gone from the cache since (cleared, evicted by
+    another job, or the job runs without `--cache` now) goes back to pending, to be sent.
+    Returns how many rows went back."""
+    with _with_cache(store, cache) as conn:
+        if conn.execute(f"SELECT 1 {_WAITING} LIMIT 1").fetchone() is None:
+            return 0
+        with write_tx(conn, contextlib.nullcontext()) as db:
+            if cache is not None:
+                now = time.time()
+                waiting = f"SELECT answer {_WAITING}"
+                found = f"SELECT COUNT(*) FROM cache.answers WHERE id IN ({waiting})"
+                db.execute(f"UPDATE cache.totals SET hits = hits + ({found})")
+                db.execute(
+                    f"UPDATE cache.answers SET used_at=? WHERE used_at < ? AND id IN ({waiting})",
+                    (now, now - cache.touch_after),
+                )
+                db.execute(
+                    "UPDATE rows SET result=r.record FROM cache.records r WHERE r.id=rows.answer "
+                    "AND rows.from_cache=1 AND rows.result IS NULL"
+                )
+            return db.execute(
+                "UPDATE rows SET state='pending', from_cache=0, saved_cost=0, answer=NULL "
+                "WHERE from_cache=1 AND result IS NULL"
+            ).rowcount
 
 
 def remember(ctx: RunContext, outcome: Outcome) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from .._exceptions import DamagedResults
-from ._records import Result, ResultRef
+from ._records import CachedResult, Result, ResultRef
 from ._settings import JobSettings
 from ._store import JobStore
 from ._verify import check_results
@@ -124,7 +124,7 @@ class ResultReader:
 
     def line(self, result: Result) -> bytes:
         if not isinstance(result, ResultRef):
-            return result
+            return result.line() if isinstance(result, CachedResult) else result
         maps = self.maps
         m = maps.get(result.file)
         if m is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .._exceptions import ConfigError, ProviderError
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteStatus
-from ._cache import ResponseCache
+from ._cache import ResponseCache, keep_answers
 from ._collect import poll, release_uploads
 from ._context import RunContext
 from ._direct import run_direct
@@ -243,6 +243,11 @@ class JobRunner:
         if first:
             await self.submit()
             self.plan(direct=False)  # the same round: the rows left are not "the last few"
+        # The answers rows took from the cache are copied in while the provider starts on the
+        # first batch; any the cache lost since go back to pending, and are planned next round.
+        lost = await asyncio.to_thread(keep_answers, self.store, self.lanes[0].cache)  # a connection of its own
+        if lost:
+            self.ctx.say(f"cache: {lost:,} answers went from the cache before they were copied; sending those rows")
 
     async def round(self, *, full_only: bool = False, poll: bool = True, direct: bool = True) -> bool:
         """One round of the steps: submit what is planned, poll (unless `poll` is False), plan

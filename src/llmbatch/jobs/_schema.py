@@ -5,7 +5,10 @@ opens it, in one transaction."""
 from __future__ import annotations
 
 import sqlite3
+import zlib
 from collections.abc import Callable
+
+import orjson
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
 
@@ -142,9 +145,25 @@ def _v6(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE chunks ADD COLUMN cut INTEGER NOT NULL DEFAULT 0")
 
 
+def _v7(db: sqlite3.Connection) -> None:
+    """The response cache copies its answers in by reference first (`_cache.answer_from_cache`):
+    `answer`, the cache's id of the answer a row takes, and `result` then holds the answer's
+    compressed record (`CachedResult`), not its line. Rows answered from the cache before
+    version 7 hold their lines: each becomes the record it was made of."""
+    db.execute("ALTER TABLE rows ADD COLUMN answer INTEGER")
+    rows = db.execute("SELECT idx, result FROM rows WHERE from_cache = 1 AND result IS NOT NULL").fetchall()
+    packed = []
+    for idx, line in rows:
+        record = orjson.loads(line)
+        for name in ("id", "custom_id", "cached"):
+            record.pop(name, None)
+        packed.append((zlib.compress(orjson.dumps(record)), idx))
+    db.executemany("UPDATE rows SET result = ? WHERE idx = ?", packed)
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

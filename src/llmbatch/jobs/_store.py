@@ -25,6 +25,7 @@ from .._exceptions import DamagedJob, StateError
 from ._records import (
     IN_FLIGHT,
     ROW_STATES,
+    CachedResult,
     CheckedRow,
     Chunk,
     ChunkRow,
@@ -62,8 +63,16 @@ def _result_columns(result: Result) -> tuple[bytes | None, int | None, int | Non
     return result, None, None, None
 
 
-def _result(blob: bytes | None, rfile: int | None, roff: int | None, rlen: int | None) -> Result | None:
-    return ResultRef(rfile, roff or 0, rlen or 0) if rfile is not None else blob
+def _result(
+    blob: bytes | None, rfile: int | None, roff: int | None, rlen: int | None, cached: int = 0, cid: str | None = None
+) -> Result | None:
+    """A row's result from its columns: a reference into a result file, the answer of the
+    response cache it was answered from (`cached`: its record is `blob`), or its line."""
+    if rfile is not None:
+        return ResultRef(rfile, roff or 0, rlen or 0)
+    if cached and blob is not None:
+        return CachedResult(cid, blob)
+    return blob
 
 
 # Records made from rows by the hundred thousand: tuple.__new__ builds them without a Python-level
@@ -353,12 +362,13 @@ class JobStore:
         found: list[tuple[str, str, Result | None, str | None]] = []
         for i in range(0, len(custom_ids), 500):
             part = custom_ids[i : i + 500]
-            for cid, state, blob, rfile, roff, rlen, error in self._db.execute(
-                "SELECT custom_id, state, result, result_file, result_offset, result_length, error FROM rows "
-                f"WHERE state IN ('succeeded', 'failed', 'invalid') AND custom_id IN ({_marks(part)})",
+            for cid, state, blob, rfile, roff, rlen, error, cached in self._db.execute(
+                "SELECT custom_id, state, result, result_file, result_offset, result_length, error, from_cache "
+                f"FROM rows WHERE state IN ('succeeded', 'failed', 'invalid') AND custom_id IN ({_marks(part)}) "
+                "AND NOT (from_cache = 1 AND result IS NULL)",  # a cached answer not copied in yet
                 part,
             ):
-                found.append((cid, state, _result(blob, rfile, roff, rlen), error))
+                found.append((cid, state, _result(blob, rfile, roff, rlen, cached, cid), error))
         return found
 
     def unfinished_ids(self) -> set[str]:
@@ -429,27 +439,6 @@ class JobStore:
 
     # -- the response cache (`_cache.py`) ---------------------------------------------------
 
-    def cache_candidates(self, after: int, limit: int, *, sampled: bool) -> list[tuple[int, str, bytes]]:
-        """(idx, custom_id, request key) of pending rows past `after` that the cache may answer,
-        in input order, at most `limit` (rows whose answer is sampled only with `sampled`). Only
-        rows still with the job's own provider: a row moved to a fallback has its key as the job's
-        provider was sent it, and an answer found under it would be labelled as the fallback's."""
-        return self._db.execute(
-            "SELECT idx, custom_id, request_key FROM rows WHERE state='pending' AND request_key IS NOT NULL "
-            "AND lane = 0 AND (sampled = 0 OR ?) AND idx > ? ORDER BY idx LIMIT ?",
-            (sampled, after, limit),
-        ).fetchall()
-
-    def answer_from_cache(self, answers: Sequence[tuple[bytes, float, int]]) -> int:
-        """Records (result line, what it cost when first paid for, idx) of rows the cache
-        answered as succeeded, in one transaction; returns how many were still pending."""
-        with self._tx() as db:
-            return db.executemany(
-                "UPDATE rows SET state='succeeded', result=?, from_cache=1, saved_cost=?, error=NULL "
-                "WHERE idx=? AND state='pending'",
-                answers,
-            ).rowcount
-
     def cache_keys(self, idxs: Sequence[int]) -> dict[int, tuple[bytes | None, int, str, str]]:
         """idx -> (request key, sampled, endpoint, model) of these rows."""
         found: dict[int, tuple[bytes | None, int, str, str]] = {}
@@ -497,11 +486,11 @@ class JobStore:
 
     def export_rows(self) -> Iterator[ExportRow]:
         """Every row, in input order, with its result or error."""
-        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error, lane, model in self._db.execute(
+        for idx, file_no, line, cid, state, blob, rfile, roff, rlen, error, lane, model, cached in self._db.execute(
             "SELECT idx, file_no, line, custom_id, state, result, result_file, result_offset, result_length, error, "
-            "lane, model FROM rows ORDER BY idx"
+            "lane, model, from_cache FROM rows ORDER BY idx"
         ):
-            result = ResultRef(rfile, roff, rlen) if rfile is not None else blob
+            result = _result(blob, rfile, roff, rlen, cached, cid)
             yield _as_export_row((idx, file_no, line, cid, state, result, error, lane, model))
 
     # -- failover across providers (`_failover.py`) ---------------------------------------
