@@ -61,11 +61,25 @@ def test_a_rerun_sends_only_the_rows_it_has_no_answer_for(server_factory, tmp_pa
     # batch price) and not 20's: the budget counts only what is sent.
     second = _rows("b-", 20, changed={4, 11})
     inp = write_input(tmp_path, second, "second.jsonl")
+    # `estimate` says beforehand what `run --cache` will send; it only reads the cache.
+    with ResponseCache(tmp_path / "cache.sqlite") as c:
+        before = c.stats()
+    est = llmbatch(
+        tmp_path, "estimate", str(inp), "--provider", "openai", "--base-url", server.base_url, *_cache_args(tmp_path)
+    )
+    assert est.returncode == 0, est.stderr
+    assert "Estimate: 2 rows" in est.stdout and "Cache: 18 rows answered from the response cache" in est.stdout
+    with ResponseCache(tmp_path / "cache.sqlite") as c:
+        assert c.stats().hits == before.hits == 0
+    elsewhere = llmbatch(tmp_path, "estimate", str(inp), "--provider", "openai", *_cache_args(tmp_path))
+    assert "Estimate: 20 rows" in elsewhere.stdout and "Cache:" not in elsewhere.stdout  # another server's answers
     proc = run_openai(tmp_path, inp, server, *_cache_args(tmp_path), "--max-cost", "0.002")
     assert proc.returncode == 0, proc.stderr
     assert _sent(server, "b-") == ["b-11", "b-4"]
     assert "Estimate: 2 rows" in proc.stderr
     assert "Cache: 18 rows answered from the response cache" in proc.stderr
+    with ResponseCache(tmp_path / "cache.sqlite") as c:
+        assert c.stats().hits == 18
 
     out = read_lines(tmp_path / "second.results.jsonl")
     assert [r["custom_id"] for r in out] == [r["custom_id"] for r in second]

@@ -324,6 +324,7 @@ def test_an_answer_gone_from_the_cache_before_it_is_copied_sends_its_row(store: 
         _cached(store, cache, [0, 1, 2])
         assert answer_from_cache(store, cache, "s", sampled=False)[0] == 3
         assert cache.clear() == 3
+        _cached(store, cache, [9])  # another answer, which takes the first id freed
         assert keep_answers(store, cache) == 3
     assert {state for state, *_ in rows(store).values()} == {"pending"}
     assert store.from_cache() == (0, 0.0)

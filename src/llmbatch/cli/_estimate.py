@@ -9,10 +9,22 @@ from pathlib import Path
 import click
 
 from .._text import plural
-from ..jobs import EXIT_USAGE, JobStore, RowRules, ingest, price_table, provider_of
+from ..jobs import (
+    EXIT_USAGE,
+    JobSettings,
+    JobStore,
+    ResponseCache,
+    RowRules,
+    cache_scope,
+    default_cache_path,
+    ingest,
+    price_table,
+    provider_of,
+)
+from ..jobs._cache import answer_from_cache
 from ..pricing import LONG_PROMPT_TOKENS, Estimate
 from ..providers import PROVIDER_NAMES, provider_class
-from ._options import price_options, print_estimate
+from ._options import cache_path_option, price_options, print_estimate
 
 __all__ = ["estimate"]
 
@@ -38,6 +50,18 @@ _SHOWN_PROBLEMS = 50
     help="Price at this provider's rates, and check rows by its rules too [default: the one `run` picks: "
     "a provider/ prefix on the rows' model, else local, which bills nothing].",
 )
+@click.option("--model", default=None, help="Estimate the rows as sent as this model, as `run --model` sends them.")
+@click.option("--base-url", default=None, help="With --cache: the provider's base URL `run` is given.")
+@click.option(
+    "--cache",
+    type=click.Choice(["deterministic", "all", "off"]),
+    is_flag=False,
+    flag_value="deterministic",
+    default=None,
+    help="Leave out the rows `run --cache` would answer from the response cache, and say what they cost "
+    "when first answered (the cache is only read).",
+)
+@cache_path_option
 def estimate(
     inputs: tuple[Path, ...],
     default_output_tokens: int,
@@ -46,6 +70,10 @@ def estimate(
     price_output: float | None,
     provider: str | None,
     price_as: str | None,
+    model: str | None,
+    base_url: str | None,
+    cache: str | None,
+    cache_path: Path | None,
 ) -> None:
     """Validate rows and estimate tokens and cost, offline; sends nothing.
 
@@ -55,14 +83,17 @@ def estimate(
     named = provider is not None
     # The provider `run` would use: rows without a provider/ prefix run locally, at no cost.
     provider = provider or provider_of(paths)
-    rules = RowRules(provider=provider, default_output_tokens=default_output_tokens)
+    rules = RowRules(provider=provider, model=model, default_output_tokens=default_output_tokens)
     # The rows go through `run`'s own reading and checking, into a scratch store: memory
     # stays flat however large the input, and run and estimate cannot disagree.
     with tempfile.TemporaryDirectory(prefix="llmbatch-estimate-") as tmp:
         store = JobStore(Path(tmp) / "estimate.sqlite")
         try:
             report = ingest(store, paths, rules, max_problems=_SHOWN_PROBLEMS)
+            if cache not in (None, "off"):
+                _look_up(store, JobSettings(provider=provider, model=model, base_url=base_url, cache=cache), cache_path)
             est = Estimate.from_totals(store.estimate_by_model(LONG_PROMPT_TOKENS))
+            est.cached_rows, est.cached_cost = store.from_cache()
         finally:
             store.close()
     for problem in report.problems or []:
@@ -80,3 +111,13 @@ def estimate(
     if report.invalid:
         click.echo(f"{plural(report.invalid, 'invalid row')} (not counted above)", err=True)
         sys.exit(EXIT_USAGE)
+
+
+def _look_up(store: JobStore, settings: JobSettings, cache_path: Path | None) -> None:
+    """Marks the rows the response cache answers as `run --cache` would (in the scratch store; the
+    cache's answers are not marked used). No cache file yet: none are."""
+    path = cache_path or default_cache_path()
+    if not path.is_file():
+        return
+    with ResponseCache(path) as cache:
+        answer_from_cache(store, cache, cache_scope(settings), sampled=settings.cache == "all")

@@ -363,7 +363,9 @@ def answer_from_cache(store: JobStore, cache: ResponseCache, scope: str, *, samp
     provider was sent them, and an answer found under one would be labelled as the fallback's.
 
     Returns (rows answered now, what their answers cost when they were paid for)."""
-    with _with_cache(store, cache) as conn, write_tx(conn, contextlib.nullcontext()) as db:
+    # One statement, so one transaction of its own, which writes the job's store and only reads
+    # the cache (other jobs go on writing it meanwhile).
+    with _with_cache(store, cache) as db:
         n = db.execute(
             "UPDATE rows SET state='succeeded', from_cache=1, answer=a.id, saved_cost=a.cost, error=NULL "
             "FROM cache.answers a WHERE a.scope=? AND a.key=rows.request_key AND rows.state='pending' "
@@ -392,9 +394,10 @@ def keep_answers(store: JobStore, cache: ResponseCache | None) -> int:
                     f"UPDATE cache.answers SET used_at=? WHERE used_at < ? AND id IN ({waiting})",
                     (now, now - cache.touch_after),
                 )
+                # The key too: an id freed by a deletion may be another answer's by now.
                 db.execute(
-                    "UPDATE rows SET result=r.record FROM cache.records r WHERE r.id=rows.answer "
-                    "AND rows.from_cache=1 AND rows.result IS NULL"
+                    "UPDATE rows SET result=r.record FROM cache.answers a JOIN cache.records r ON r.id=a.id "
+                    "WHERE a.id=rows.answer AND a.key=rows.request_key AND rows.from_cache=1 AND rows.result IS NULL"
                 )
             return db.execute(
                 "UPDATE rows SET state='pending', from_cache=0, saved_cost=0, answer=NULL "
