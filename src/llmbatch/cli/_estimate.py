@@ -15,13 +15,13 @@ from ..jobs import (
     JobStore,
     ResponseCache,
     RowRules,
+    answer_from_cache,
     cache_scope,
     default_cache_path,
     ingest,
     price_table,
     provider_of,
 )
-from ..jobs._cache import answer_from_cache
 from ..pricing import LONG_PROMPT_TOKENS, Estimate
 from ..providers import PROVIDER_NAMES, provider_class
 from ._options import cache_path_option, price_options, print_estimate

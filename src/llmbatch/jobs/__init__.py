@@ -8,7 +8,14 @@ every front end runs a job through; `JobRunner` is its loop; the other modules a
 
 from __future__ import annotations
 
-from ._cache import DEFAULT_CACHE_MAX_SIZE, CacheStats, ResponseCache, cache_scope, default_cache_path
+from ._cache import (
+    DEFAULT_CACHE_MAX_SIZE,
+    CacheStats,
+    ResponseCache,
+    answer_from_cache,
+    cache_scope,
+    default_cache_path,
+)
 from ._export import ResultReader, export, line_id, output_lines, output_paths
 from ._ingest import IngestReport, RowRules, ingest, remote_id_for
 from ._lock import JobLock, lock_held
@@ -44,6 +51,7 @@ __all__ = [
     "DEFAULT_CACHE_MAX_SIZE",
     "CacheStats",
     "ResponseCache",
+    "answer_from_cache",
     "cache_scope",
     "default_cache_path",
     "EXIT_BUDGET",

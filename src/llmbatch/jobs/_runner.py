@@ -14,6 +14,7 @@ when the provider has none. A chunk never gets two remote batches.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,9 +244,21 @@ class JobRunner:
         if first:
             await self.submit()
             self.plan(direct=False)  # the same round: the rows left are not "the last few"
-        # The answers rows took from the cache are copied in while the provider starts on the
-        # first batch; any the cache lost since go back to pending, and are planned next round.
-        lost = await asyncio.to_thread(keep_answers, self.store, self.lanes[0].cache)  # a connection of its own
+        await self.keep_answers()
+
+    async def keep_answers(self) -> None:
+        """Copies in the answers rows took from the cache, while the provider starts on the first
+        batch (`_cache.keep_answers`); any the cache lost since go back to pending, and are
+        planned next round. The cache is a saving, not a duty: where it cannot be read (a lock
+        held past the timeout, a damaged file), those rows are sent instead."""
+        cache = self.lanes[0].cache
+        try:
+            lost = await asyncio.to_thread(keep_answers, self.store, cache)  # a connection of its own
+        except sqlite3.Error as exc:
+            if cache is None:
+                raise
+            self.ctx.say(f"the response cache {cache.path} could not be read ({exc}); sending the rows it answered")
+            lost = await asyncio.to_thread(keep_answers, self.store, None)
         if lost:
             self.ctx.say(f"cache: {lost:,} answers went from the cache before they were copied; sending those rows")
 

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,7 +396,11 @@ class JobSession:
                 self.cache.close()
             self.cache = ResponseCache(settings.cache_path, settings.cache_max_size)
         self.cache.max_size = settings.cache_max_size or self.cache.max_size
-        n, saved = answer_from_cache(self.store, self.cache, cache_scope(settings), sampled=settings.cache == "all")
+        try:
+            n, saved = answer_from_cache(self.store, self.cache, cache_scope(settings), sampled=settings.cache == "all")
+        except sqlite3.OperationalError as exc:  # a lock held past the timeout: a saving missed, not an error
+            self.say(f"the response cache {self.cache.path} could not be read ({exc}); no rows answered from it")
+            n, saved = 0, 0.0
         if n:
             self.say(
                 f"cache: {n:,} rows answered from {self.cache.path}, not sent (they cost ${saved:.4f} when paid for)"
