@@ -100,6 +100,26 @@ def test_a_rerun_sends_only_the_rows_it_has_no_answer_for(server_factory, tmp_pa
     assert data["estimate"]["output_tokens"] == 2000  # the two rows sent, not the twenty
 
 
+def test_a_job_run_again_with_cache_keeps_the_answers_it_already_has(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Run first without --cache, then the same input again with it (the README's order): the
+    job's answers go into the cache then, without sending anything again, and the next job finds them."""
+    server = server_factory()
+    inp = write_input(tmp_path, _rows("a-", 6), "first.jsonl")
+    assert run_openai(tmp_path, inp, server).returncode == 0
+    again = run_openai(tmp_path, inp, server, *_cache_args(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "cache: kept the answers of 6 rows this job answered before" in again.stderr
+    assert len(sent_custom_ids(server)) == 6  # nothing sent twice
+    with ResponseCache(tmp_path / "cache.sqlite") as c:
+        assert c.stats().entries == 6
+    third = run_openai(tmp_path, inp, server, *_cache_args(tmp_path))  # the same cache: nothing to keep
+    assert third.returncode == 0 and "kept the answers" not in third.stderr
+    edited = write_input(tmp_path, _rows("b-", 6, changed={2}), "second.jsonl")
+    proc = run_openai(tmp_path, edited, server, *_cache_args(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert _sent(server, "b-") == ["b-2"]
+
+
 def test_sampled_answers_are_reused_only_with_cache_all(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = server_factory()
 

@@ -33,7 +33,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ import orjson
 from .._exceptions import StateError
 from .._paths import llmbatch_home
 from ._export import ResultReader
-from ._records import Outcome
+from ._records import Outcome, Success
 from ._settings import JobSettings
 from ._store import JobStore, write_tx
 
@@ -58,6 +58,7 @@ __all__ = [
     "ResponseCache",
     "answer_from_cache",
     "keep_answers",
+    "keep_earlier_answers",
     "cache_scope",
     "default_cache_path",
     "remember",
@@ -74,8 +75,8 @@ _EVICT_TO = 0.9
 #: An answer used again within this many seconds of its last use is not marked again: LRU to
 #: the hour, where marking each use would rewrite 100,000 rows on a re-run of 100,000.
 _TOUCH_AFTER = 3600.0
-#: Keys asked of SQLite per query (`lookup`).
-_PART = 500
+#: Keys asked of SQLite per query (`lookup`); rows read from a job's store per page.
+_PART, _PAGE = 500, 5000
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE answers (
@@ -405,6 +406,10 @@ def keep_answers(store: JobStore, cache: ResponseCache | None) -> int:
             ).rowcount
 
 
+#: Where a failure to keep answers is said.
+Say = Callable[[str], None]
+
+
 def remember(ctx: RunContext, outcome: Outcome) -> int:
     """Keeps the answers of `outcome`'s succeeded rows (applied to the store already) in the
     job's response cache, if it has one: those with a key that, unless the job caches `all`,
@@ -412,16 +417,30 @@ def remember(ctx: RunContext, outcome: Outcome) -> int:
 
     The cache is a saving, not a duty: a failure to write it (a full disk, a lock held past the
     timeout) is said and the job goes on."""
-    cache, store = ctx.cache, ctx.store
-    if cache is None or not outcome.succeeded or ctx.lane:
+    if ctx.cache is None or not outcome.succeeded or ctx.lane:
         # A fallback's answers: the rows' keys are their requests as the job's own provider was
         # sent them, so they would be kept under another provider's request.
         return 0
-    sampled = ctx.settings.cache == "all"
-    keys = store.cache_keys([s.idx for s in outcome.succeeded])
+    return _keep(ctx.store, ctx.cache, ctx.settings, outcome.succeeded, ctx.say)
+
+
+def keep_earlier_answers(store: JobStore, cache: ResponseCache, settings: JobSettings, say: Say) -> int:
+    """Keeps in the cache the answers a job got before it ran with this cache (a job run first
+    without `--cache`, then again with it): its own provider's, a page at a time. Returns how
+    many were new there."""
+    added, after = 0, -1
+    while page := store.answered_rows(after, _PAGE):
+        after = page[-1].idx
+        added += _keep(store, cache, settings, page, say)
+    return added
+
+
+def _keep(store: JobStore, cache: ResponseCache, settings: JobSettings, succeeded: Sequence[Success], say: Say) -> int:
+    sampled = settings.cache == "all"
+    keys = store.cache_keys([s.idx for s in succeeded])
     entries: list[Entry] = []
     with ResultReader(store) as reader:
-        for s in outcome.succeeded:
+        for s in succeeded:
             key, row_sampled, endpoint, model = keys.get(s.idx, (None, 0, "", ""))
             if key is None or (row_sampled and not sampled):
                 continue
@@ -431,7 +450,7 @@ def remember(ctx: RunContext, outcome: Outcome) -> int:
             usage = (s.input_tokens, s.output_tokens, s.cached_tokens, s.reasoning_tokens)
             entries.append(Entry(key, endpoint, model, orjson.dumps(rec), *usage, s.cost))
     try:
-        return cache.store(cache_scope(ctx.settings), entries)
+        return cache.store(cache_scope(settings), entries)
     except (sqlite3.Error, OSError) as exc:
-        ctx.say(f"the response cache {cache.path} could not keep {len(entries)} answers: {exc}")
+        say(f"the response cache {cache.path} could not keep {len(entries)} answers: {exc}")
         return 0

@@ -29,7 +29,7 @@ from .._rows import input_stat, iter_lines
 from .._text import plural
 from ..pricing import LONG_PROMPT_TOKENS, Estimate, PriceTable
 from ..providers import Provider, create_provider, provider_class, split_model
-from ._cache import ResponseCache, answer_from_cache, cache_scope
+from ._cache import ResponseCache, answer_from_cache, cache_scope, keep_earlier_answers
 from ._export import export
 from ._failover import Lane, lane_settings
 from ._ingest import IngestReport, RowRules, ingest
@@ -340,6 +340,7 @@ class JobSession:
         Raises InvalidRows (naming the first rows by file and line; `skip_hint` says how to
         send the valid ones anyway), ConfigError for bad settings or a missing key.
         """
+        caches_anew = settings is not None and self._caches_anew(settings)
         if settings is not None:
             n = self._record_settings(settings)
             if n:
@@ -360,7 +361,7 @@ class JobSession:
                 )
             self.say("skipping the invalid rows (failed, in the errors file):\n  " + "\n  ".join(shown) + more)
         provider = make_provider(settings, self.dir, self.api_key)
-        cache = self._answer_from_cache(settings)
+        cache = self._answer_from_cache(settings, caches_anew)
         models = self.store.models(lane=0)
         prices = price_table(
             settings.price_file, settings.price_input, settings.price_output, models, settings.provider,
@@ -386,9 +387,20 @@ class JobSession:
             found.append(Lane(lane_s, provider, prices))
         return found
 
-    def _answer_from_cache(self, settings: JobSettings) -> ResponseCache | None:
+    def _caches_anew(self, settings: JobSettings) -> bool:
+        """Whether this run keeps answers in a cache the job's earlier runs did not keep theirs
+        in (it ran without `--cache`, or with another cache or mode)."""
+        job = self.store.job()
+        if settings.cache == "off" or job is None:
+            return False
+        before = JobSettings.model_validate(job["settings"])
+        return (before.cache, before.cache_path) != (settings.cache, settings.cache_path)
+
+    def _answer_from_cache(self, settings: JobSettings, caches_anew: bool = False) -> ResponseCache | None:
         """Opens the response cache when the job runs with one, and answers from it every
-        pending row it holds an answer for, before anything is planned."""
+        pending row it holds an answer for, before anything is planned. `caches_anew`: the job
+        ran before without this cache, and the answers it got then are kept in it first (a
+        finished job run again with `--cache` fills the cache for the next one)."""
         if settings.cache == "off":
             return None
         if self.cache is None or self.cache.path != (settings.cache_path or self.cache.path):
@@ -396,6 +408,8 @@ class JobSession:
                 self.cache.close()
             self.cache = ResponseCache(settings.cache_path, settings.cache_max_size)
         self.cache.max_size = settings.cache_max_size or self.cache.max_size
+        if caches_anew and (kept := keep_earlier_answers(self.store, self.cache, settings, self.say)):
+            self.say(f"cache: kept the answers of {kept:,} rows this job answered before it ran with this cache")
         try:
             n, saved = answer_from_cache(self.store, self.cache, cache_scope(settings), sampled=settings.cache == "all")
         except sqlite3.OperationalError as exc:  # a lock held past the timeout: a saving missed, not an error

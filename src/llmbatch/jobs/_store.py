@@ -40,6 +40,7 @@ from ._records import (
     Result,
     ResultFile,
     ResultRef,
+    Success,
 )
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -438,6 +439,19 @@ class JobStore:
         return {k: a + b for k, a, b in zip(keys, rows, unmatched)}
 
     # -- the response cache (`_cache.py`) ---------------------------------------------------
+
+    def answered_rows(self, after: int, limit: int) -> list[Success]:
+        """Rows past `after` that the job's own provider answered (not the cache, not a fallback)
+        and that have a request key, in input order, at most `limit`, with their usage and cost."""
+        return [
+            Success(_result(blob, rfile, roff, rlen), inp, out, cached, reasoning, cost, idx)
+            for blob, rfile, roff, rlen, inp, out, cached, reasoning, cost, idx in self._db.execute(
+                "SELECT result, result_file, result_offset, result_length, input_tokens, output_tokens, "
+                "cached_tokens, reasoning_tokens, cost, idx FROM rows WHERE state='succeeded' AND from_cache=0 "
+                "AND lane=0 AND request_key IS NOT NULL AND idx > ? ORDER BY idx LIMIT ?",
+                (after, limit),
+            )
+        ]
 
     def cache_keys(self, idxs: Sequence[int]) -> dict[int, tuple[bytes | None, int, str, str]]:
         """idx -> (request key, sampled, endpoint, model) of these rows."""
