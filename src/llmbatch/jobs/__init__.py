@@ -31,6 +31,7 @@ from ._runner import (
     JobRunner,
     RunOutcome,
 )
+from ._schema import SCHEMA_VERSION
 from ._session import (
     JobSession,
     Prepared,
@@ -43,7 +44,7 @@ from ._session import (
     settings_for,
 )
 from ._settings import JobSettings
-from ._store import SCHEMA_VERSION, JobStore
+from ._store import JobStore
 from ._verify import check_results, find_damage
 
 __all__ = [

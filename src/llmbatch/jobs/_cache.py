@@ -46,7 +46,8 @@ from .._paths import llmbatch_home
 from ._export import ResultReader
 from ._records import Outcome, Success
 from ._settings import JobSettings
-from ._store import JobStore, write_tx
+from ._store import JobStore
+from ._store_base import write_tx
 
 if TYPE_CHECKING:
     from ._context import RunContext
