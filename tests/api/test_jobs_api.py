@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -195,6 +196,29 @@ def test_results_wait_for_a_run_in_progress(server_factory, tmp_path: Path) -> N
     assert all(r["error"]["code"] == "not_run" for r in now if r["response"] is None)
     assert_all_echoed(list(job.results()), rows)  # waits for the run to end
     assert job.status().state == "finished"
+
+
+def test_status_counts_rows_a_running_batch_has_answered(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Rows finish inside a batch long before it ends and is collected: `status()`, `progress`
+    and `llmbatch status` say how many, as the server last reported, while they are still pending."""
+    server = slow_server(server_factory)
+    rows = [chat_line(i) for i in range(120)]  # one batch of ~3 s
+    job = run_file(write_input(tmp_path, rows), provider="openai", base_url=server.base_url, wait=False, **FAST)
+
+    def answered_inside() -> JobStatus | None:
+        s = job.status()
+        return s if s.answered_remotely and s.pending == 120 else None
+
+    status = wait_for(answered_inside, 30, "rows answered inside the running batch")
+    assert 0 < status.answered_remotely < 120 and status.done == 0
+    cli = subprocess.run(
+        [sys.executable, "-m", "llmbatch", "status", job.id], capture_output=True, text=True, timeout=60
+    )
+    assert re.search(r"120 pending \((\d+) of them answered in batches still running", cli.stdout), cli.stdout
+    assert job.wait(timeout=60) == 0
+    status = job.status()
+    assert (status.succeeded, status.pending, status.answered_remotely) == (120, 0, 0)
+    assert "answered in batches still running" not in job.progress
 
 
 # -- jobs started elsewhere ----------------------------------------------------------------

@@ -120,6 +120,37 @@ def test_a_job_run_again_with_cache_keeps_the_answers_it_already_has(server_fact
     assert _sent(server, "b-") == ["b-2"]
 
 
+def test_rows_repeating_an_earlier_row_are_sent_once(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With --cache, a row that repeats an earlier row of the same job (another id, the same
+    request) is not sent: it takes the first one's answer once that is in. Sampled rows are each
+    sent: asking twice is how a job samples twice."""
+    server = server_factory()
+    rows = _rows("a-", 4) + _rows("b-", 4)  # b-i repeats a-i
+    rows += [chat_line("s-0", "pick a number"), chat_line("s-1", "pick a number")]  # sampled (temperature 1)
+    inp = write_input(tmp_path, rows, "repeats.jsonl")
+    est = llmbatch(tmp_path, "estimate", str(inp), "--provider", "openai", *_cache_args(tmp_path))
+    assert "Estimate: 6 rows" in est.stdout and "Repeats: 4 rows repeat an earlier row" in est.stdout, est.stdout
+    proc = run_openai(tmp_path, inp, server, *_cache_args(tmp_path), "--batch-size", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(sent_custom_ids(server)) == ["a-0", "a-1", "a-2", "a-3", "s-0", "s-1"]
+    assert "Estimate: 6 rows" in proc.stderr and "Repeats: 4 rows repeat an earlier row" in proc.stderr
+    out = read_lines(tmp_path / "repeats.results.jsonl")
+    assert [r["custom_id"] for r in out] == [r["custom_id"] for r in rows]
+    assert [content(r) for r in out] == [r["body"]["messages"][0]["content"] for r in rows]
+    assert [bool(r.get("cached")) for r in out] == [False] * 4 + [True] * 4 + [False] * 2
+    by_id = {r["custom_id"]: r for r in out}
+    for i in range(4):  # the first's own usage, under an id of the repeat's own
+        assert by_id[f"b-{i}"]["response"]["body"]["usage"] == by_id[f"a-{i}"]["response"]["body"]["usage"]
+    assert len({r["id"] for r in out}) == len(rows)
+    data = json.loads(llmbatch(tmp_path, "status", _job_of(tmp_path, inp), "--json").stdout)
+    assert data["from_cache"] == 4 and data["rows"]["succeeded"] == 10
+
+    # Without --cache, every row is sent.
+    plain = write_input(tmp_path, _rows("c-", 2) + _rows("d-", 2), "plain.jsonl")
+    assert run_openai(tmp_path, plain, server).returncode == 0
+    assert _sent(server, "c-") == ["c-0", "c-1"] and _sent(server, "d-") == ["d-0", "d-1"]
+
+
 def test_sampled_answers_are_reused_only_with_cache_all(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server = server_factory()
 

@@ -332,3 +332,26 @@ def test_an_answer_gone_from_the_cache_before_it_is_copied_sends_its_row(store: 
         _cached(store, cache, [0, 1])
         assert answer_from_cache(store, cache, "s", sampled=False)[0] == 2
     assert keep_answers(store, None) == 2 and store.pending_count() == 5
+
+
+def test_a_repeat_is_held_until_its_first_row_is_final_and_sent_if_that_failed(store: JobStore) -> None:
+    """Rows with one request key: the first is sent, the others wait for it (`hold_repeats`);
+    when it fails they are released, and the next hold makes the next one the first."""
+    db = sqlite3.connect(store.path)
+    try:
+        with db:
+            db.execute("UPDATE rows SET request_key = X'6b', sampled = 0")
+            db.execute("UPDATE rows SET sampled = 1 WHERE idx = 4")  # sampled: never held
+    finally:
+        db.close()
+    assert store.hold_repeats() == 3
+    assert [r.idx for r in store.pending_rows(CHAT, MODEL)] == [0, 4]
+    assert store.pending_count() == 5 and store.sendable_count() == 2
+    assert [e.rows for e in store.estimate_by_model(10_000)] == [2]
+    assert not store.repeats_ready() and store.release_repeats() == 0
+    cid = plan(store, "c1", [0])
+    submit(store, cid)
+    store.collect(cid, Outcome(1, failed=[Failure(b"{}", "boom", 0)]), "completed")
+    assert store.repeats_ready() and store.release_repeats() == 3
+    assert store.hold_repeats() == 2 and [r.idx for r in store.pending_rows(CHAT, MODEL)] == [1, 4]
+    assert store.release_repeats(every=True) == 2 and store.sendable_count() == 4

@@ -133,6 +133,8 @@ def test_rows_answered_from_the_cache_before_version_7_keep_their_lines(tmp_path
     db = sqlite3.connect(path)
     with db:  # the row as version 6 left it
         db.execute("UPDATE rows SET state='succeeded', from_cache=1, saved_cost=0.5, result=?", (line,))
+        db.execute("DROP INDEX rows_repeats")  # and what versions 7 and 8 added
+        db.execute("ALTER TABLE rows DROP COLUMN repeat_of")
         db.execute("ALTER TABLE rows DROP COLUMN answer")
         db.execute("PRAGMA user_version = 6")
     db.close()

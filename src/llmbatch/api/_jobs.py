@@ -90,6 +90,9 @@ class JobStatus:
     estimated_cost: float
     """USD estimated, before sending, for every batch planned so far."""
     error: str | None = None
+    answered_remotely: int = 0
+    """Rows of `pending` that batches still running have answered already, as their providers
+    last reported (their results are collected when each batch ends)."""
     """The error that stopped this process's last run of the job, if one did."""
 
     @property
@@ -221,6 +224,7 @@ class Job:
             totals = store.totals()
             batches = store.batches_by_state()
             estimated = store.estimated_cost()
+            answered_remotely, _failed = store.answered_in_running_batches()
         run = self._run
         running = (run is not None and not run.done.is_set()) or lock_held(self._dir)
         stored = job["status"]
@@ -241,6 +245,7 @@ class Job:
             cost=float(totals["cost"]),
             estimated_cost=estimated,
             error=str(error) if (error := self._run_error(stored)) is not None else None,
+            answered_remotely=answered_remotely,
         )
 
     @property
@@ -249,7 +254,9 @@ class Job:
         s = self.status()
         batches = ", ".join(f"{n} {state}" for state, n in sorted(s.batches.items())) or "none"
         return (
-            f"{s.state}; {s.done:,}/{s.total:,} rows done ({s.failed + s.invalid:,} failed); "
+            f"{s.state}; {s.done:,}/{s.total:,} rows done ({s.failed + s.invalid:,} failed"
+            + (f"; {s.answered_remotely:,} more answered in batches still running" if s.answered_remotely else "")
+            + "); "
             f"batches: {batches}; spent ${s.cost:.4f} of est. ${s.estimated_cost:.4f}"
         )
 

@@ -58,8 +58,8 @@ _SHOWN_PROBLEMS = 50
     is_flag=False,
     flag_value="deterministic",
     default=None,
-    help="Leave out the rows `run --cache` would answer from the response cache, and say what they cost "
-    "when first answered (the cache is only read).",
+    help="Leave out the rows `run --cache` would answer from the response cache (saying what they cost when "
+    "first answered) and the rows repeating an earlier row; the cache is only read.",
 )
 @cache_path_option
 def estimate(
@@ -94,6 +94,7 @@ def estimate(
                 _look_up(store, JobSettings(provider=provider, model=model, base_url=base_url, cache=cache), cache_path)
             est = Estimate.from_totals(store.estimate_by_model(LONG_PROMPT_TOKENS))
             est.cached_rows, est.cached_cost = store.from_cache()
+            est.repeated_rows = store.held_repeats()
         finally:
             store.close()
     for problem in report.problems or []:
@@ -114,10 +115,11 @@ def estimate(
 
 
 def _look_up(store: JobStore, settings: JobSettings, cache_path: Path | None) -> None:
-    """Marks the rows the response cache answers as `run --cache` would (in the scratch store; the
-    cache's answers are not marked used). No cache file yet: none are."""
+    """Marks the rows the response cache answers, and the rows repeating an earlier row, as `run
+    --cache` would (in the scratch store; the cache's answers are not marked used). No cache file
+    yet: no row is answered from it."""
     path = cache_path or default_cache_path()
-    if not path.is_file():
-        return
-    with ResponseCache(path) as cache:
-        answer_from_cache(store, cache, cache_scope(settings), sampled=settings.cache == "all")
+    if path.is_file():
+        with ResponseCache(path) as cache:
+            answer_from_cache(store, cache, cache_scope(settings), sampled=settings.cache == "all")
+    store.hold_repeats()

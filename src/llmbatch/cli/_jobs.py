@@ -145,6 +145,7 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
             "id": j["id"], "status": j["status"], "inputs": [i["path"] for i in j["inputs"]],
             "rows": store.counts(), "rows_by_provider": by_provider,
             "batches": chunks, "usage": store.totals(), "from_cache": store.from_cache()[0],
+            "answered_in_running_batches": store.answered_in_running_batches()[0],
             "estimate": {"input_tokens": est_in, "output_tokens": est_out, "cost": store.estimated_cost()},
         }  # fmt: skip
         if as_json:
@@ -152,9 +153,11 @@ def status(job: str, as_json: bool, job_root: Path | None) -> None:
             return
         r = data["rows"]
         click.echo(f"job {j['id']} ({j['status']})")
+        inside = data["answered_in_running_batches"]
         click.echo(
             f"  rows: {r['succeeded']} succeeded, {r['failed']} failed, {r['invalid']} invalid, "
             f"{r['pending'] + r['queued']} pending"
+            + (f" ({inside} of them answered in batches still running, collected when each ends)" if inside else "")
         )
         if settings.fallbacks:
             for name, states in by_provider.items():

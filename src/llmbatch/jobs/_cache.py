@@ -369,8 +369,8 @@ def answer_from_cache(store: JobStore, cache: ResponseCache, scope: str, *, samp
     # the cache (other jobs go on writing it meanwhile).
     with _with_cache(store, cache) as db:
         n = db.execute(
-            "UPDATE rows SET state='succeeded', from_cache=1, answer=a.id, saved_cost=a.cost, error=NULL "
-            "FROM cache.answers a WHERE a.scope=? AND a.key=rows.request_key AND rows.state='pending' "
+            "UPDATE rows SET state='succeeded', from_cache=1, answer=a.id, saved_cost=a.cost, error=NULL, "
+            "repeat_of=NULL FROM cache.answers a WHERE a.scope=? AND a.key=rows.request_key AND rows.state='pending' "
             "AND rows.lane=0 AND (rows.sampled=0 OR ?)",
             (scope, sampled),
         ).rowcount

@@ -28,7 +28,7 @@ async def run_direct(ctx: RunContext) -> bool:
     """
     store, settings = ctx.store, ctx.settings
     limit = settings.direct_below
-    pending = store.pending_count()
+    pending = store.sendable_count()
     # Not before the audit: a lost batch (a rolled-back store) may hold these rows.
     if not pending or ctx.budget_blocked or not ctx.audited:
         return False

@@ -88,7 +88,7 @@ def plan(ctx: RunContext, *, full_only: bool = False, limit: int | None = None, 
     (`run_direct`), or refused when direct calls are off.
     """
     store, settings = ctx.store, ctx.settings
-    if direct and settings.direct_below and store.pending_count() <= settings.direct_below:
+    if direct and settings.direct_below and store.sendable_count() <= settings.direct_below:
         return False  # few enough left: the direct API sends them now instead
     planned = 0
     for endpoint, model, left in store.pending_group_counts():

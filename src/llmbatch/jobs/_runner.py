@@ -22,7 +22,7 @@ from pathlib import Path
 from .._exceptions import ConfigError, ProviderError
 from ..pricing import PriceTable, Tariff
 from ..providers import Provider, RemoteStatus
-from ._cache import ResponseCache, keep_answers
+from ._cache import ResponseCache, answer_from_cache, cache_scope, keep_answers
 from ._collect import poll, release_uploads
 from ._context import RunContext
 from ._direct import run_direct
@@ -246,6 +246,28 @@ class JobRunner:
             self.plan(direct=False)  # the same round: the rows left are not "the last few"
         await self.keep_answers()
 
+    async def answer_repeats(self) -> bool:
+        """Rows held back as repeats of an earlier row (`JobStore.hold_repeats`) whose first row is
+        final now: those whose answer the cache holds take it, the others (the first failed, or
+        its answer could not be kept) are sent themselves. Returns whether any moved."""
+        if not self.store.repeats_ready():
+            return False
+        own = self.lanes[0]
+        answered = 0
+        if own.cache is not None:
+            scope, sampled = cache_scope(own.settings), own.settings.cache == "all"
+            try:
+                answered, _saved = await asyncio.to_thread(
+                    answer_from_cache, self.store, own.cache, scope, sampled=sampled
+                )
+            except sqlite3.OperationalError as exc:  # a lock held past the timeout: they are sent instead
+                self.ctx.say(f"the response cache {own.cache.path} could not be read ({exc})")
+            await self.keep_answers()
+        released = self.store.release_repeats()
+        if released:
+            self.ctx.say(f"{released:,} rows repeat rows that got no answer to share; sending them too")
+        return bool(answered or released)
+
     async def keep_answers(self) -> None:
         """Copies in the answers rows took from the cache, while the provider starts on the first
         batch (`_cache.keep_answers`); any the cache lost since go back to pending, and are
@@ -270,6 +292,7 @@ class JobRunner:
         progressed = await self.submit()
         if poll:
             progressed |= await self.poll()
+            progressed |= await self.answer_repeats()
         progressed |= self.plan(full_only=full_only)
         if direct:
             progressed |= await self.run_direct()
@@ -314,8 +337,7 @@ class JobRunner:
         # Rows finish inside a running batch long before it ends: its provider's counts (as last
         # polled) count them, so the figure moves as they finish, not only when a batch ends.
         running = self.store.chunks(("submitted",))
-        answered = sum(ch.remote_completed + ch.remote_failed for ch in running)
-        failed_running = sum(ch.remote_failed for ch in running)
+        answered, failed_running = self.store.answered_in_running_batches()
         final_failed = c["failed"] + c["invalid"]
         self.progress.update(
             Snapshot(

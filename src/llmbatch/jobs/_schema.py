@@ -161,9 +161,18 @@ def _v7(db: sqlite3.Connection) -> None:
     db.executemany("UPDATE rows SET result = ? WHERE idx = ?", packed)
 
 
+def _v8(db: sqlite3.Connection) -> None:
+    """Rows that repeat an earlier row of the job (the same request, not sampled), with the
+    response cache on: `repeat_of` the idx of the first, which alone is sent; the repeat takes
+    its answer from the cache once the first's is there, or is sent after all when the first
+    fails (`JobStore.hold_repeats`)."""
+    db.execute("ALTER TABLE rows ADD COLUMN repeat_of INTEGER")
+    db.execute("CREATE INDEX rows_repeats ON rows(repeat_of) WHERE repeat_of IS NOT NULL")
+
+
 #: Ordered migrations: `MIGRATIONS[n]` takes a database from version n to n + 1. Append a
 #: function for each schema change, never edit one that shipped: job databases made by every
 #: earlier release must open (tests/jobs/test_store_migrations.py opens one).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8)
 #: The schema version this release writes (`PRAGMA user_version`).
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -369,6 +369,7 @@ class JobSession:
         )  # fmt: skip
         estimate = Estimate.from_totals(self.store.estimate_by_model(LONG_PROMPT_TOKENS))
         estimate.cached_rows, estimate.cached_cost = self.store.from_cache()
+        estimate.repeated_rows = self.store.held_repeats()
         if provider.billed:
             estimate.cost(prices)
         return Prepared(job, settings, provider, prices, estimate, report, cache, self.fallbacks(settings))
@@ -402,6 +403,7 @@ class JobSession:
         ran before without this cache, and the answers it got then are kept in it first (a
         finished job run again with `--cache` fills the cache for the next one)."""
         if settings.cache == "off":
+            self.store.release_repeats(every=True)  # held by a run with the cache: sent after all
             return None
         if self.cache is None or self.cache.path != (settings.cache_path or self.cache.path):
             if self.cache is not None:
@@ -418,6 +420,11 @@ class JobSession:
         if n:
             self.say(
                 f"cache: {n:,} rows answered from {self.cache.path}, not sent (they cost ${saved:.4f} when paid for)"
+            )
+        held = self.store.hold_repeats()
+        if held:
+            self.say(
+                f"cache: {held:,} rows repeat an earlier row of this job; it is sent once and they take its answer"
             )
         return self.cache
 

@@ -31,7 +31,7 @@ from ._records import (
     Result,
     Success,
 )
-from ._store_base import as_chunk_row, as_export_row, as_pending, marks, row_result, translating
+from ._store_base import SENDABLE, as_chunk_row, as_export_row, as_pending, marks, row_result, translating
 from ._store_chunks import ChunkStore
 
 __all__ = ["JobStore"]
@@ -200,15 +200,15 @@ class JobStore(ChunkStore):
         return found
 
     def estimate_by_model(self, long_prompt: int) -> list[ModelEstimate]:
-        """Estimated tokens of the valid rows to send, by model (rows answered from the cache are
-        not sent); "long" rows have more than `long_prompt` input tokens."""
+        """Estimated tokens of the valid rows to send, by model (rows answered from the cache, and
+        rows repeating an earlier one, are not sent); "long" rows have more than `long_prompt` input tokens."""
         return [
             ModelEstimate._make(r)
             for r in self._db.execute(
                 "SELECT model, COUNT(*), SUM(est_input), SUM(est_output), SUM(uncapped), SUM(est_input > ?1), "
                 "SUM(CASE WHEN est_input > ?1 THEN est_input ELSE 0 END), "
                 "SUM(CASE WHEN est_input > ?1 THEN est_output ELSE 0 END) FROM rows "
-                "WHERE state != 'invalid' AND from_cache = 0 GROUP BY model ORDER BY model",
+                "WHERE state != 'invalid' AND from_cache = 0 AND repeat_of IS NULL GROUP BY model ORDER BY model",
                 (long_prompt,),
             )
         ]
@@ -217,13 +217,13 @@ class JobStore(ChunkStore):
         """Estimated (input, output) tokens of every valid row to send (not answered from the cache)."""
         row = self._db.execute(
             "SELECT COALESCE(SUM(est_input),0), COALESCE(SUM(est_output),0) FROM rows "
-            "WHERE state!='invalid' AND from_cache=0"
+            "WHERE state!='invalid' AND from_cache=0 AND repeat_of IS NULL"
         ).fetchone()
         return int(row[0]), int(row[1])
 
     def pending_estimates(self) -> list[tuple[str, int, int]]:
-        """(model, estimated input, output tokens) of each pending row."""
-        return self._db.execute("SELECT model, est_input, est_output FROM rows WHERE state='pending'").fetchall()
+        """(model, estimated input, output tokens) of each pending row to send (`SENDABLE`)."""
+        return self._db.execute(f"SELECT model, est_input, est_output FROM rows WHERE {SENDABLE}").fetchall()
 
     def row_of_custom_id(self, custom_id: str) -> tuple[int, int, int] | None:
         """(idx, file_no, line) of a valid row with this custom_id."""
@@ -260,6 +260,48 @@ class JobStore(ChunkStore):
             )
         ]
 
+    def hold_repeats(self) -> int:
+        """Holds back the pending rows that repeat an earlier row of the job still to be answered
+        (the same request key, not sampled, with the job's own provider): only the first is sent,
+        and each repeat points at it (`repeat_of`) until its answer can be taken from the cache
+        (`_cache.answer_repeats`). Sampled rows are never held: asking twice is how a job samples twice.
+        Returns how many rows are held now."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rows SET repeat_of = f.first FROM (SELECT request_key, MIN(idx) AS first FROM rows "
+                "WHERE state IN ('pending', 'queued') AND lane = 0 AND sampled = 0 AND request_key IS NOT NULL "
+                "AND repeat_of IS NULL GROUP BY request_key HAVING COUNT(*) > 1) AS f "
+                "WHERE rows.request_key = f.request_key AND rows.idx > f.first AND rows.state = 'pending' "
+                "AND rows.lane = 0 AND rows.sampled = 0 AND rows.repeat_of IS NULL"
+            )
+        return self.held_repeats()
+
+    def held_repeats(self) -> int:
+        """Pending rows held back because they repeat an earlier row (`hold_repeats`)."""
+        return int(self._one("SELECT COUNT(*) FROM rows WHERE repeat_of IS NOT NULL AND state = 'pending'"))
+
+    def repeats_ready(self) -> bool:
+        """Whether a held repeat's first row is final (its answer may be in the cache now)."""
+        return (
+            self._db.execute(
+                "SELECT 1 FROM rows r JOIN rows f ON f.idx = r.repeat_of WHERE r.repeat_of IS NOT NULL "
+                "AND r.state = 'pending' AND f.state IN ('succeeded', 'failed', 'invalid') LIMIT 1"
+            ).fetchone()
+            is not None
+        )
+
+    def release_repeats(self, *, every: bool = False) -> int:
+        """Sends the held repeats whose first row is final and whose answer the cache did not
+        give them (it failed, or its answer could not be kept): they are rows to send again. With
+        `every`, all held repeats (a run without the cache). Returns how many."""
+        first_final = (
+            ""
+            if every
+            else (" AND repeat_of IN (SELECT idx FROM rows WHERE state IN ('succeeded', 'failed', 'invalid'))")
+        )
+        with self._tx() as db:
+            return db.execute(f"UPDATE rows SET repeat_of = NULL WHERE repeat_of IS NOT NULL{first_final}").rowcount
+
     def cache_keys(self, idxs: Sequence[int]) -> dict[int, tuple[bytes | None, int, str, str]]:
         """idx -> (request key, sampled, endpoint, model) of these rows."""
         found: dict[int, tuple[bytes | None, int, str, str]] = {}
@@ -281,17 +323,17 @@ class JobStore(ChunkStore):
         return [(e, m) for e, m, _n in self.pending_group_counts()]
 
     def pending_group_counts(self) -> list[tuple[str, str, int]]:
-        """(endpoint, model, pending rows) of each pair that has pending rows, in order of their first row."""
+        """(endpoint, model, pending rows to send) of each pair that has some, in order of their first row."""
         return self._db.execute(
-            "SELECT endpoint, model, COUNT(*) FROM rows WHERE state='pending' GROUP BY endpoint, model "
-            "ORDER BY MIN(idx)"
+            f"SELECT endpoint, model, COUNT(*) FROM rows WHERE {SENDABLE} GROUP BY endpoint, model ORDER BY MIN(idx)"
         ).fetchall()
 
     def pending_rows(self, endpoint: str, model: str, after: int = -1, limit: int = -1) -> list[PendingRow]:
-        """Pending rows of an endpoint and model past `after`, in input order, at most `limit` of them (-1: all)."""
+        """Pending rows to send (`SENDABLE`) of an endpoint and model past `after`, in input order, at
+        most `limit` of them (-1: all)."""
         cur = self._db.execute(
             "SELECT idx, COALESCE(wire_length, length + 1), est_input, est_output FROM rows "
-            "WHERE state='pending' AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
+            f"WHERE {SENDABLE} AND endpoint=? AND model=? AND idx > ? ORDER BY idx LIMIT ?",
             (endpoint, model, after, limit),
         )
         return list(map(as_pending, cur))

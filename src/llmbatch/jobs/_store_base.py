@@ -28,6 +28,7 @@ from ._schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = [
     "READ_TIMEOUT",
+    "SENDABLE",
     "StoreBase",
     "as_chunk_row",
     "as_export_row",
@@ -39,6 +40,10 @@ __all__ = [
     "translating",
     "write_tx",
 ]
+
+#: Pending rows that are to be sent: not those repeating an earlier row of the job, which wait
+#: for its answer (`JobStore.hold_repeats`). Planning and the direct API take only these.
+SENDABLE = "state='pending' AND repeat_of IS NULL"
 
 #: Seconds a read-only connection waits on a lock (a WAL being recovered) before giving up.
 READ_TIMEOUT = 2.0

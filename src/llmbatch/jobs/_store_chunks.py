@@ -18,7 +18,7 @@ from ._records import (
     Outcome,
     ResultFile,
 )
-from ._store_base import StoreBase, marks, result_columns
+from ._store_base import SENDABLE, StoreBase, marks, result_columns
 
 __all__ = ["ChunkStore"]
 
@@ -148,7 +148,7 @@ class ChunkStore(StoreBase):
             # row (the planner takes them in order), so one range UPDATE queues them all.
             queued = db.execute(
                 "UPDATE rows SET state='queued', chunk_id=?, attempts=attempts+1 "
-                "WHERE state='pending' AND endpoint=? AND model=? AND idx BETWEEN ? AND ?",
+                f"WHERE {SENDABLE} AND endpoint=? AND model=? AND idx BETWEEN ? AND ?",
                 (chunk_id, endpoint, model, idxs[0], idxs[-1]),
             ).rowcount
             if queued != len(idxs):
@@ -208,6 +208,15 @@ class ChunkStore(StoreBase):
                 f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE state IN ({marks(states)}) ORDER BY id", tuple(states)
             ).fetchall()
         return [Chunk(*r) for r in rows]
+
+    def answered_in_running_batches(self) -> tuple[int, int]:
+        """(rows answered, of them failed) inside the batches still running, as their providers
+        last reported: rows finish there long before their batch ends and is collected."""
+        done, failed = self._db.execute(
+            "SELECT COALESCE(SUM(remote_completed + remote_failed), 0), COALESCE(SUM(remote_failed), 0) "
+            "FROM chunks WHERE state='submitted'"
+        ).fetchone()
+        return int(done), int(failed)
 
     def batches_by_state(self, states: Sequence[str] | None = None) -> dict[str, int]:
         """How many chunks are in each state; a submitted chunk counts under its remote status
@@ -336,12 +345,17 @@ class ChunkStore(StoreBase):
             self._event(db, "collected", f"chunk {chunk_id}: {outcome.describe()}", chunk_id)
 
     def pending_count(self) -> int:
+        """Rows not sent yet: those to send, and repeats waiting for their first's answer."""
         return int(self._one("SELECT COUNT(*) FROM rows WHERE state='pending'"))
 
+    def sendable_count(self) -> int:
+        """Pending rows to send (`SENDABLE`)."""
+        return int(self._one(f"SELECT COUNT(*) FROM rows WHERE {SENDABLE}"))
+
     def start_direct(self, groups: Sequence[tuple[str, str]] | None = None) -> list[DirectRow]:
-        """Queues the pending rows for the direct API (chunk_id NULL) and returns them: every one,
-        or those of the (endpoint, model) `groups`."""
-        where = "state='pending'"
+        """Queues the pending rows to send for the direct API (chunk_id NULL) and returns them: every
+        one, or those of the (endpoint, model) `groups`."""
+        where = SENDABLE
         params: list[str] = []
         if groups is not None:
             where += f" AND (endpoint, model) IN (VALUES {', '.join('(?, ?)' for _ in groups) or '(NULL, NULL)'})"

@@ -350,6 +350,8 @@ class Estimate:
     #: their answers cost when they were paid for.
     cached_rows: int = 0
     cached_cost: float = 0.0
+    #: Rows repeating an earlier row of the job, which take its answer (not counted above).
+    repeated_rows: int = 0
 
     def add(self, model: str, row: RowEstimate) -> None:
         """Counts one row for `model`."""
@@ -454,6 +456,11 @@ class Estimate:
             lines.append(
                 f"Cache: {_plural(self.cached_rows, 'row')} answered from the response cache, not sent "
                 f"(not counted above; they cost {_usd(self.cached_cost)} when first answered)."
+            )
+        if self.repeated_rows:
+            lines.append(
+                f"Repeats: {_plural(self.repeated_rows, 'row')} repeat an earlier row of this job, which is sent once; "
+                "they take its answer (not counted above)."
             )
         if self.uncapped_rows:
             lines.append(
