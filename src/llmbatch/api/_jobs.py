@@ -90,10 +90,10 @@ class JobStatus:
     estimated_cost: float
     """USD estimated, before sending, for every batch planned so far."""
     error: str | None = None
+    """The error that stopped this process's last run of the job, if one did."""
     answered_remotely: int = 0
     """Rows of `pending` that batches still running have answered already, as their providers
     last reported (their results are collected when each batch ends)."""
-    """The error that stopped this process's last run of the job, if one did."""
 
     @property
     def total(self) -> int:
