@@ -24,7 +24,7 @@ from ..jobs import (
 )
 from ..pricing import LONG_PROMPT_TOKENS, Estimate
 from ..providers import PROVIDER_NAMES, provider_class
-from ._options import cache_path_option, price_options, print_estimate
+from ._options import cache_option, cache_path_option, price_options, print_estimate
 
 __all__ = ["estimate"]
 
@@ -52,14 +52,9 @@ _SHOWN_PROBLEMS = 50
 )
 @click.option("--model", default=None, help="Estimate the rows as sent as this model, as `run --model` sends them.")
 @click.option("--base-url", default=None, help="With --cache: the provider's base URL `run` is given.")
-@click.option(
-    "--cache",
-    type=click.Choice(["deterministic", "all", "off"]),
-    is_flag=False,
-    flag_value="deterministic",
-    default=None,
-    help="Leave out the rows `run --cache` would answer from the response cache (saying what they cost when "
-    "first answered) and the rows repeating an earlier row; the cache is only read.",
+@cache_option(
+    "Leave out the rows `run --cache` would answer from the response cache (saying what they cost when "
+    "first answered) and the rows repeating an earlier row; the cache is only read."
 )
 @cache_path_option
 def estimate(

@@ -19,6 +19,7 @@ __all__ = [
     "DURATION",
     "SIZE",
     "api_key_option",
+    "cache_option",
     "cache_path_option",
     "job_root_option",
     "price_options",
@@ -90,6 +91,19 @@ class _Duration(click.ParamType):
 
 
 DURATION = _Duration()
+
+
+def cache_option(help: str) -> Callable[[F], F]:
+    """`--cache [deterministic|all|off]` (a bare `--cache` is deterministic), saying `help`."""
+    return click.option(
+        "--cache",
+        type=click.Choice(["deterministic", "all", "off"]),
+        is_flag=False,
+        flag_value="deterministic",
+        default=None,
+        help=help,
+    )
+
 
 cache_path_option = click.option(
     "--cache-path",

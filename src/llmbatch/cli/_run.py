@@ -18,6 +18,7 @@ from ._options import (
     DURATION,
     SIZE,
     api_key_option,
+    cache_option,
     cache_path_option,
     job_root_option,
     price_options,
@@ -157,14 +158,9 @@ def run_job(session: JobSession, settings: JobSettings | None = None, *, dry_run
     default=None,
     help="USD cap: stop before the next submission's estimate would pass it.",
 )
-@click.option(
-    "--cache",
-    type=click.Choice(["deterministic", "all", "off"]),
-    is_flag=False,
-    flag_value="deterministic",
-    default=None,
-    help="Answer rows from the response cache shared by jobs, and keep new answers there: "
-    "`--cache` (deterministic) for rows at temperature 0 or with a seed, `--cache all` for sampled rows too.",
+@cache_option(
+    "Answer rows from the response cache shared by jobs, and keep new answers there: "
+    "`--cache` (deterministic) for rows at temperature 0 or with a seed, `--cache all` for sampled rows too."
 )
 @cache_path_option
 @click.option(
