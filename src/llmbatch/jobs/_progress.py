@@ -100,8 +100,10 @@ class LiveProgress:
         self._rate = _Rate()
         self._live = Live(Text("starting..."), console=self.console, refresh_per_second=4, transient=False)
         self._live.start()
+        self._shown = False
 
     def update(self, snap: Snapshot) -> None:
+        self._shown = True
         width = 30
         filled = int(width * snap.done / snap.total) if snap.total else width
         bar = "#" * filled + "-" * (width - filled)
@@ -116,6 +118,9 @@ class LiveProgress:
         self.console.log(text)
 
     def close(self) -> None:
+        # A run with nothing to wait for (every row answered from the cache) never showed
+        # progress: its "starting..." goes instead of staying on the screen.
+        self._live.transient = not self._shown
         self._live.stop()
 
 
