@@ -48,6 +48,18 @@ def rows(store: JobStore) -> dict[int, tuple[str, int, int | None, str | None]]:
         db.close()
 
 
+def execute(store: JobStore, *statements: str) -> None:
+    """Runs `statements` in one transaction on a connection of the test's own, as a row that
+    another release or another process wrote would be."""
+    db = sqlite3.connect(store.path)
+    try:
+        with db:
+            for statement in statements:
+                db.execute(statement)
+    finally:
+        db.close()
+
+
 def plan(store: JobStore, tag: str, idxs: list[int]) -> int:
     return store.plan_chunk(tag, CHAT, MODEL, idxs, 99 * len(idxs), 10 * len(idxs), 20 * len(idxs), 0.5)
 
@@ -274,12 +286,7 @@ def test_result_reader_refuses_a_line_past_the_end_of_a_cut_file(store: JobStore
 
 def _cached(store: JobStore, cache: ResponseCache, answered: list[int]) -> None:
     """Gives rows their custom_ids as request keys and keeps an answer in `cache` for rows `answered`."""
-    db = sqlite3.connect(store.path)
-    try:
-        with db:
-            db.execute("UPDATE rows SET request_key = CAST(custom_id AS BLOB), sampled = 0")
-    finally:
-        db.close()
+    execute(store, "UPDATE rows SET request_key = CAST(custom_id AS BLOB), sampled = 0")
     record = {"response": {"status_code": 200, "body": {"answer": "é"}}, "error": None}
     cache.store(
         "s", [Entry(f"row-{i}".encode(), CHAT, MODEL, orjson.dumps(record), 3, 4, 0, 0, 0.25) for i in answered]
@@ -290,12 +297,7 @@ def test_the_cache_answers_only_rows_still_with_the_jobs_own_provider(store: Job
     """A row moved to a fallback (lane 1) keeps the key of its request as the job's own provider
     was sent it: an answer found under that key would be exported as the fallback's. The answers
     taken read back as the rows' own lines, under their custom_ids, marked cached."""
-    db = sqlite3.connect(store.path)
-    try:
-        with db:
-            db.execute("UPDATE rows SET lane = 1 WHERE idx IN (1, 3)")
-    finally:
-        db.close()
+    execute(store, "UPDATE rows SET lane = 1 WHERE idx IN (1, 3)")
     with ResponseCache(tmp_path / "cache.sqlite") as cache:
         _cached(store, cache, [0, 1, 2, 3, 4])
         assert answer_from_cache(store, cache, "s", sampled=False) == (3, 0.75)
@@ -337,13 +339,8 @@ def test_an_answer_gone_from_the_cache_before_it_is_copied_sends_its_row(store: 
 def test_a_repeat_is_held_until_its_first_row_is_final_and_sent_if_that_failed(store: JobStore) -> None:
     """Rows with one request key: the first is sent, the others wait for it (`hold_repeats`);
     when it fails they are released, and the next hold makes the next one the first."""
-    db = sqlite3.connect(store.path)
-    try:
-        with db:
-            db.execute("UPDATE rows SET request_key = X'6b', sampled = 0")
-            db.execute("UPDATE rows SET sampled = 1 WHERE idx = 4")  # sampled: never held
-    finally:
-        db.close()
+    # One request key for every row; row 4 sampled, so never held.
+    execute(store, "UPDATE rows SET request_key = X'6b', sampled = 0", "UPDATE rows SET sampled = 1 WHERE idx = 4")
     assert store.hold_repeats() == 3
     assert [r.idx for r in store.pending_rows(CHAT, MODEL)] == [0, 4]
     assert store.pending_count() == 5 and store.sendable_count() == 2

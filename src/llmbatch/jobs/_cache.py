@@ -47,7 +47,7 @@ from ._export import ResultReader
 from ._records import Outcome, Success
 from ._settings import JobSettings
 from ._store import JobStore
-from ._store_base import write_tx
+from ._store_base import marks, write_tx
 
 if TYPE_CHECKING:
     from ._context import RunContext
@@ -109,10 +109,6 @@ CREATE TRIGGER answers_in AFTER INSERT ON answers
 CREATE TRIGGER answers_out AFTER DELETE ON answers
     BEGIN UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size; DELETE FROM records WHERE id = OLD.id; END;
 """
-
-
-def _marks(values: Sequence[object]) -> str:
-    return "(" + ", ".join("?" * len(values)) + ")"
 
 
 def default_cache_path() -> Path:
@@ -242,9 +238,9 @@ class ResponseCache:
             part = list(keys[i : i + _PART])
             query = (
                 "SELECT a.id, a.key, a.input_tokens, a.output_tokens, a.cost, a.used_at, r.record FROM answers a "
-                "JOIN records r ON r.id = a.id WHERE a.scope=? AND a.key IN "
+                f"JOIN records r ON r.id = a.id WHERE a.scope=? AND a.key IN ({marks(part)})"
             )
-            for rowid, key, inp, out, cost, used_at, record in self._db.execute(query + _marks(part), (scope, *part)):
+            for rowid, key, inp, out, cost, used_at, record in self._db.execute(query, (scope, *part)):
                 found[key] = Hit(zlib.decompress(record), inp, out, cost)
                 if used_at < now - self.touch_after:
                     stale.append(rowid)
@@ -253,7 +249,7 @@ class ResponseCache:
                 db.execute("UPDATE totals SET hits = hits + ?", (len(found),))
                 for i in range(0, len(stale), _PART):
                     part = stale[i : i + _PART]
-                    db.execute("UPDATE answers SET used_at=? WHERE id IN " + _marks(part), (now, *part))
+                    db.execute(f"UPDATE answers SET used_at=? WHERE id IN ({marks(part)})", (now, *part))
         return found
 
     def store(self, scope: str, entries: Sequence[Entry]) -> int:

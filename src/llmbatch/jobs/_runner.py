@@ -244,7 +244,7 @@ class JobRunner:
         if first:
             await self.submit()
             self.plan(direct=False)  # the same round: the rows left are not "the last few"
-        await self.keep_answers()
+        await self.copy_cached_answers()
 
     async def answer_repeats(self) -> bool:
         """Rows held back as repeats of an earlier row (`JobStore.hold_repeats`) whose first row is
@@ -262,13 +262,13 @@ class JobRunner:
                 )
             except sqlite3.OperationalError as exc:  # a lock held past the timeout: they are sent instead
                 self.ctx.say(f"the response cache {own.cache.path} could not be read ({exc})")
-            await self.keep_answers()
+            await self.copy_cached_answers()
         released = self.store.release_repeats()
         if released:
             self.ctx.say(f"{released:,} rows repeat rows that got no answer to share; sending them too")
         return bool(answered or released)
 
-    async def keep_answers(self) -> None:
+    async def copy_cached_answers(self) -> None:
         """Copies in the answers rows took from the cache, while the provider starts on the first
         batch (`_cache.keep_answers`); any the cache lost since go back to pending, and are
         planned next round. The cache is a saving, not a duty: where it cannot be read (a lock
